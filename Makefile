@@ -1,0 +1,31 @@
+# One-command setup and test. `make test` creates .venv (Python 3.11), installs every
+# dependency from requirements*.txt (skipped when nothing changed), and runs pytest.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.r2former-installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast bench demo parity clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing dependencies into $(VENV) (log: $(VENV)/install.log)"
+	@$(PIP) install -r requirements-dev.txt > $(VENV)/install.log 2>&1 || (tail -40 $(VENV)/install.log; exit 1)
+	@$(PIP) install --no-deps --no-build-isolation -e . >> $(VENV)/install.log 2>&1 || (tail -40 $(VENV)/install.log; exit 1)
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest test $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/model_speed.py
+
+parity: $(STAMP)
+	$(VENV)/bin/r2former check-parity ../shared/official_ref
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,115 @@
+"""Transformer building blocks shared by the backbone and the reranker.
+
+Parameter names follow timm's `Block` (norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2),
+so checkpoints load by name. Attention uses the fused `scaled_dot_product_attention`; blocks
+also offer a *rows* forward that computes the output of only the first few tokens (everything
+else only provides keys and values), which is all the last block of each stack is needed for.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYER_NORM_EPS = 1e-6
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def _split(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return F.linear(x, weight, bias).reshape(b, n, -1, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self._split(x, self.qkv.weight, self.qkv.bias).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    def forward_rows(self, x: torch.Tensor, rows: int, return_probs: bool = False):
+        """Attention output for the first `rows` tokens only (all tokens serve as keys/values).
+
+        With `return_probs` also returns the softmax attention of those rows, (B, heads, rows, N).
+        """
+        b, n, c = x.shape
+        w, bias = self.qkv.weight, self.qkv.bias
+        q = self._split(x[:, :rows], w[:c], bias[:c])[0]
+        k, v = self._split(x, w[c:], bias[c:]).unbind(0)
+        if return_probs:
+            probs = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
+            out = probs @ v
+        else:
+            probs = None
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = self.proj(out.transpose(1, 2).reshape(b, rows, c))
+        return out, probs
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)); x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+    def forward_rows(self, x: torch.Tensor, rows: int, return_probs: bool = False):
+        """Block output for the first `rows` tokens; the others only contribute keys/values."""
+        attn_out, probs = self.attn.forward_rows(self.norm1(x), rows, return_probs)
+        y = x[:, :rows] + attn_out
+        return y + self.mlp(self.norm2(y)), probs
+
+
+def sincos_embed_2d(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    """2-D sine-cosine embedding of normalised coordinates, as the R2Former reranker uses it.
+
+    Each coordinate u gets [sin(u w_k), cos(u w_k)], w_k = 10000^(-k / (dim/4)), k < dim/4;
+    the result is [e(x), e(y)] with `dim` values.
+    """
+    quarter = dim // 4
+    omega = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float32, device=x.device) / quarter))
+    omega = omega.to(x.dtype)
+    ax = x.unsqueeze(-1) * omega
+    ay = y.unsqueeze(-1) * omega
+    return torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=-1)
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
+def init_linear_layers(module: nn.Module) -> None:
+    """timm-style initialisation: truncated normal weights, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,134 @@
+"""The R2Former reranking transformer, computed without the official memory blow-ups.
+
+For each (query, reference) pair with N local tokens per side:
+  C = cosine(query tokens, reference tokens)                                  (N x N)
+  each query token i takes its P best references j, each reference token j its P best
+  query tokens i; a pair becomes v = [xq, yq, aq, xr, yr, ar, C_ij] (7 values), embedded by
+  pair_head (7 -> d) plus a sin-cos embedding of the reference token's (x, y);
+  block-1 (`blocks_2`) reduces each token's P pair embeddings to one token (a class token);
+  the token's query-side (x, y) of its best pair is embedded and added; block-2 (`blocks`)
+  aggregates the 2N tokens with another class token; `decoder_pred` gives 2 logits.
+
+Efficient form: pair_head is linear, so v @ W splits into a query-token term, a reference-token
+term and a correlation term. Those are computed once per token and gathered by the top-P
+indices: no N x N x 7 tensor, no argsort, no int64 index tensors broadcast to 7 channels.
+The query side is shared by all K candidates. Block stacks use fused attention, and the last
+block of each stack only computes its class-token output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import LAYER_NORM_EPS, Block, init_linear_layers, sincos_embed_2d, trunc_normal_
+
+
+@dataclass
+class RerankOutput:
+    """Scores of K (query, candidate) pairs."""
+    logits: torch.Tensor        # (K, classes)
+    match_prob: torch.Tensor    # (K,) probability of "same place"
+    global_score: torch.Tensor  # (K,) cosine of the global descriptors
+    final_score: torch.Tensor   # (K,) r * global + (1 - r) * match_prob, r = clamp(ratio, .1, .9)
+
+
+class Reranker(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.rerank_dim
+        self.dim = d
+        self.partners = cfg.rerank_partners
+        self.num_classes = cfg.rerank_classes
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.cls_token_2 = nn.Parameter(torch.zeros(1, 1, d))
+        # Present in the official state dict, never used in its forward.
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 2 * cfg.num_local + 1, d), requires_grad=False)
+        self.ratio = nn.Parameter(torch.full((1,), 0.5))
+        self.blocks = nn.ModuleList(Block(d, cfg.rerank_heads) for _ in range(cfg.rerank_depth))
+        self.blocks_2 = nn.ModuleList(Block(d, cfg.rerank_heads) for _ in range(cfg.rerank_pair_depth))
+        self.decoder_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.pair_head = nn.Linear(7, d)
+        self.pair_head_2 = nn.Linear(d, d)
+        self.decoder_pred = nn.Linear(d, cfg.rerank_classes)
+
+    def reset_parameters(self) -> None:
+        init_linear_layers(self)
+        trunc_normal_(self.cls_token)
+        trunc_normal_(self.cls_token_2)
+        nn.init.constant_(self.ratio, 0.5)
+
+    @staticmethod
+    def _stack(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        """Run a block stack and return the class-token (row 0) output."""
+        for block in blocks[:-1]:
+            x = block(x)
+        return blocks[-1].forward_rows(x, rows=1)[0][:, 0]
+
+    def _query_terms(self, xl: torch.Tensor):
+        coords = xl[..., :3].clamp(0, 1)
+        w = self.pair_head.weight
+        a_q = coords @ w[:, :3].T                                    # (Bq, N, d)
+        pe_q = sincos_embed_2d(coords[..., 0], coords[..., 1], self.dim)  # (Bq, N, d)
+        return F.normalize(xl[..., 3:], dim=-1), a_q, pe_q
+
+    def logits(self, xl: torch.Tensor, yl: torch.Tensor, query_terms=None) -> torch.Tensor:
+        """Logits (B, classes) for B pairs. `xl` may have batch 1 (shared query) or B."""
+        b, n, _ = yl.shape
+        p = self.partners
+        xf, a_q, pe_q = query_terms if query_terms is not None else self._query_terms(xl)
+        xf, a_q, pe_q = (t.expand(b, -1, -1) for t in (xf, a_q, pe_q))   # views when shared
+        w = self.pair_head.weight
+        y_coords = yl[..., :3].clamp(0, 1)
+        yf = F.normalize(yl[..., 3:], dim=-1)
+        b_r = y_coords @ w[:, 3:6].T + sincos_embed_2d(y_coords[..., 0], y_coords[..., 1], self.dim)
+        w_c, bias = w[:, 6], self.pair_head.bias
+
+        corr = torch.matmul(xf, yf.transpose(1, 2))                   # (B, N, N)
+        val_q, idx_q = corr.topk(p, dim=2)                            # per query token: best refs
+        val_r, idx_r = corr.topk(p, dim=1)                            # per ref token: best queries
+        val_r, idx_r = val_r.transpose(1, 2), idx_r.transpose(1, 2)   # (B, N, P)
+
+        bi = torch.arange(b, device=yl.device)[:, None, None]
+        q_side = a_q[:, :, None, :] + b_r[bi, idx_q] + val_q[..., None] * w_c    # (B, N, P, d)
+        r_side = a_q[bi, idx_r] + b_r[:, :, None, :] + val_r[..., None] * w_c    # (B, N, P, d)
+        emb = torch.cat([q_side, r_side], dim=1) + bias
+
+        seq = emb.reshape(b * 2 * n, p, self.dim)
+        seq = torch.cat([self.cls_token_2.expand(seq.shape[0], -1, -1), seq], dim=1)
+        tokens = self.pair_head_2(self.decoder_norm(self._stack(self.blocks_2, seq))).reshape(b, 2 * n, self.dim)
+
+        # Token position: the query-side (x, y) of each token's best pair.
+        pe_tokens = torch.cat([pe_q, pe_q[bi[..., 0], idx_r[..., 0]]], dim=1)
+        x = torch.cat([self.cls_token.expand(b, -1, -1), tokens + pe_tokens], dim=1)
+        return self.decoder_pred(self.decoder_norm(self._stack(self.blocks, x)))
+
+    def scores(self, logits: torch.Tensor, global_score: torch.Tensor) -> RerankOutput:
+        if self.num_classes == 1:
+            prob = torch.sigmoid(logits[:, 0])
+        else:
+            prob = torch.softmax(logits, dim=-1)[:, 1]
+        r = self.ratio.clamp(0.1, 0.9)
+        return RerankOutput(logits=logits, match_prob=prob, global_score=global_score,
+                            final_score=r * global_score + (1 - r) * prob)
+
+    def forward(self, xg: torch.Tensor, xl: torch.Tensor, yg: torch.Tensor, yl: torch.Tensor) -> RerankOutput:
+        """B pairs (xg[i], xl[i]) vs (yg[i], yl[i]); differentiable (used by training)."""
+        global_score = F.cosine_similarity(xg, yg, dim=-1, eps=1e-8)
+        return self.scores(self.logits(xl, yl), global_score)
+
+    def rerank_query(self, q_global: torch.Tensor, q_local: torch.Tensor, c_global: torch.Tensor,
+                     c_local: torch.Tensor, chunk: int = 25) -> RerankOutput:
+        """One query (G,), (N, L) against K candidates (K, G), (K, N, L).
+
+        The query-side terms are computed once; candidates go through in chunks of `chunk` pairs
+        to bound peak memory (the result does not depend on the chunk size).
+        """
+        query_terms = self._query_terms(q_local[None])
+        logits = torch.cat([self.logits(q_local[None], c_local[s:s + chunk], query_terms)
+                            for s in range(0, c_local.shape[0], chunk)], dim=0)
+        global_score = F.cosine_similarity(q_global[None], c_global, dim=-1, eps=1e-8)
+        return self.scores(logits, global_score)
