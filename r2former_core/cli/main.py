@@ -1,0 +1,80 @@
+"""`r2former`: the offline command line (build maps, localize, evaluate, train, developer checks).
+
+Each subcommand lives in its own module of this package exposing
+    add_parser(subparsers) -> argparse.ArgumentParser   (sets `func=run` as default)
+    run(args) -> int                                     (exit status)
+Expected failures raise `CliError` (or one of the project's error types) and print one line.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..logging_setup import setup_logging
+
+# Subcommand modules, in the order `--help` lists them. A module that is absent is skipped, so
+# the CLI keeps working while later subcommands are developed.
+SUBCOMMANDS = ["build_map", "localize", "eval", "synth", "train", "launch", "check_parity"]
+
+
+class CliError(RuntimeError):
+    """An expected failure: printed as one line, exit status 2."""
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    from ..model.checkpoint import CheckpointError
+    errors: list[type[BaseException]] = [CliError, CheckpointError, FileNotFoundError, PermissionError]
+    try:
+        from ..mapdb import MapError
+        errors.append(MapError)
+    except ImportError:
+        pass
+    try:
+        from ..data.errors import DataError
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="r2former",
+        description="R2Former visual localization, offline: build maps from image folders or rosbag2 files, "
+                    "localize images against them, evaluate recall, train models, check parity.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging verbosity (default INFO)")
+    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line (for log collectors)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__package__}.{name}":
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, json_lines=args.log_json)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        logging.getLogger("r2former").error("interrupted")
+        return 130
+    except expected_errors() as exc:
+        print(f"r2former {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
