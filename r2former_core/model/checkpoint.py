@@ -63,9 +63,9 @@ def _short_list(items: list[str], limit: int = 8) -> str:
 
 def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
     """Raise CheckpointError unless `state` has exactly the keys and shapes of `expected`."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = sorted(f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+    missing = sorted(to_official_key(k) for k in set(expected) - set(state))
+    unexpected = sorted(to_official_key(k) for k in set(state) - set(expected))
+    misshaped = sorted(f"{to_official_key(k)} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
                        for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
     if missing or unexpected or misshaped:
         parts = []
