@@ -1,0 +1,54 @@
+"""Localization state with hysteresis (pure Python, no ROS).
+
+    not_localized --(localized_after consecutive accepted)--> localized
+    localized     --(lost_after consecutive rejected)------> lost
+    lost          --(localized_after consecutive accepted)--> localized
+
+A single accepted or rejected result never flips the state on its own unless the thresholds are 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NOT_LOCALIZED = "not_localized"
+LOCALIZED = "localized"
+LOST = "lost"
+STATES = (NOT_LOCALIZED, LOCALIZED, LOST)
+
+
+@dataclass(frozen=True)
+class Transition:
+    previous: str
+    current: str
+
+
+class LocalizationStateMachine:
+    def __init__(self, localized_after: int = 2, lost_after: int = 5):
+        if localized_after < 1 or lost_after < 1:
+            raise ValueError(f"localized_after ({localized_after}) and lost_after ({lost_after}) must be >= 1")
+        self.localized_after = localized_after
+        self.lost_after = lost_after
+        self.state = NOT_LOCALIZED
+        self.accepted_streak = 0
+        self.rejected_streak = 0
+
+    def update(self, accepted: bool) -> Transition | None:
+        """Feed one result; returns the transition when the state changed, else None."""
+        if accepted:
+            self.accepted_streak += 1
+            self.rejected_streak = 0
+        else:
+            self.rejected_streak += 1
+            self.accepted_streak = 0
+        previous = self.state
+        if self.state != LOCALIZED and self.accepted_streak >= self.localized_after:
+            self.state = LOCALIZED
+        elif self.state == LOCALIZED and self.rejected_streak >= self.lost_after:
+            self.state = LOST
+        return Transition(previous, self.state) if self.state != previous else None
+
+    def reset(self) -> None:
+        """Back to not_localized (e.g. after a map reload: old evidence says nothing about the new map)."""
+        self.state = NOT_LOCALIZED
+        self.accepted_streak = 0
+        self.rejected_streak = 0
