@@ -27,8 +27,9 @@ TUM_HEADER = "# timestamp tx ty tz qx qy qz qw"
 CSV_FULL_COLUMNS = ("name", "x", "y", "z", "qx", "qy", "qz", "qw")
 CSV_PLANAR_COLUMNS = ("name", "x", "y", "yaw")
 
-# Below this |dot| gap, slerp falls back to normalized linear interpolation (sin(theta) ~ 0).
-_SLERP_LINEAR_THRESHOLD = 0.9995
+# Below this half-angle (radians) slerp falls back to normalized linear interpolation: sin(theta)
+# would be ~0, and the nlerp error (~theta^3) is far below float precision anyway.
+_SLERP_LINEAR_ANGLE = 1e-6
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,10 +118,11 @@ def slerp(q0: np.ndarray, q1: np.ndarray, t: float | np.ndarray) -> np.ndarray:
     t = np.asarray(t, dtype=np.float64)[..., None]
     dot = np.sum(q0 * q1, axis=-1, keepdims=True)
     q1 = np.where(dot < 0.0, -q1, q1)  # shortest path: q and -q are the same rotation
-    dot = np.abs(dot)
-    theta = np.arccos(np.clip(dot, -1.0, 1.0))
+    # half-angle between q0 and q1, accurate also when they are nearly equal (unlike arccos(dot))
+    theta = 2.0 * np.arctan2(np.linalg.norm(q1 - q0, axis=-1, keepdims=True),
+                             np.linalg.norm(q1 + q0, axis=-1, keepdims=True))
     sin_theta = np.sin(theta)
-    linear = dot > _SLERP_LINEAR_THRESHOLD
+    linear = theta < _SLERP_LINEAR_ANGLE
     safe_sin = np.where(linear, 1.0, sin_theta)
     w0 = np.where(linear, 1.0 - t, np.sin((1.0 - t) * theta) / safe_sin)
     w1 = np.where(linear, t, np.sin(t * theta) / safe_sin)

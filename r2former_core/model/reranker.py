@@ -54,6 +54,7 @@ class Reranker(nn.Module):
         self.pair_head = nn.Linear(7, d)
         self.pair_head_2 = nn.Linear(d, d)
         self.decoder_pred = nn.Linear(d, cfg.rerank_classes)
+        self.pair_batch = 4096   # block-1 sequences per slice (speed only; results do not depend on it)
 
     def reset_parameters(self) -> None:
         init_linear_layers(self)
@@ -98,8 +99,11 @@ class Reranker(nn.Module):
         emb = torch.cat([q_side, r_side], dim=1) + bias
 
         seq = emb.reshape(b * 2 * n, p, self.dim)
-        seq = torch.cat([self.cls_token_2.expand(seq.shape[0], -1, -1), seq], dim=1)
-        tokens = self.pair_head_2(self.decoder_norm(self._stack(self.blocks_2, seq))).reshape(b, 2 * n, self.dim)
+        # Block-1 runs on many tiny sequences; slices that fit in cache are much faster.
+        step = self.pair_batch
+        tokens = torch.cat([self._stack(self.blocks_2, torch.cat([self.cls_token_2.expand(len(part), -1, -1), part], 1))
+                            for part in seq.split(step)], dim=0)
+        tokens = self.pair_head_2(self.decoder_norm(tokens)).reshape(b, 2 * n, self.dim)
 
         # Token position: the query-side (x, y) of each token's best pair.
         pe_tokens = torch.cat([pe_q, pe_q[bi[..., 0], idx_r[..., 0]]], dim=1)
