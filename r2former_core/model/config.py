@@ -42,6 +42,11 @@ class ModelConfig:
         return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
 
     @property
+    def local_tokens(self) -> int:
+        """Local tokens per image at the configured input size (num_local, or fewer patches)."""
+        return min(self.num_local, self.grid[0] * self.grid[1])
+
+    @property
     def local_values(self) -> int:
         """Values per local token: x, y, attention, then the projected feature."""
         return 3 + self.local_dim

@@ -1,0 +1,47 @@
+"""Options shared by several subcommands (model, device, sources)."""
+from __future__ import annotations
+
+import argparse
+
+from ..device import DEVICE_CHOICES
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="weights file: the official checkpoint (CVPR23_DeitS_Rerank.pth), DeiT ImageNet weights, or a "
+                        "model saved by r2former (.safetensors). Default: $R2FORMER_MODEL, else the project's demo "
+                        "model in models/")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                   help="where the model runs: auto (CUDA when available, with fp16), cpu or cuda (default auto)")
+
+
+def add_source_options(p: argparse.ArgumentParser, what: str, poses_required: bool) -> None:
+    g = p.add_argument_group(f"{what} source (an image folder or a rosbag2)")
+    g.add_argument("--images", default=None, help="folder of PNG/JPEG images (or a VG-benchmark folder with "
+                                                  "UTM coordinates in the file names)")
+    g.add_argument("--poses", default=None,
+                   help="poses of --images: TUM (timestamp tx ty tz qx qy qz qw; image files named by timestamp) or CSV "
+                        "with a header name,x,y,z,qx,qy,qz,qw or name,x,y,yaw" + ("" if poses_required else
+                                                                                  " (optional)"))
+    g.add_argument("--bag", default=None, help="rosbag2 directory (sqlite3 or mcap)")
+    g.add_argument("--image-topic", default=None, help="image topic in --bag (sensor_msgs/Image or CompressedImage)")
+    g.add_argument("--pose-topic", default=None,
+                   help="pose topic in --bag (Odometry, PoseStamped or PoseWithCovarianceStamped), interpolated at the "
+                        "image stamps")
+    g.add_argument("--pose-tolerance", type=float, default=0.05,
+                   help="seconds an image may lie outside the pose samples and still get a pose (default 0.05)")
+
+
+def open_source_from_args(args, require_poses: bool):
+    from ..data.sources import open_source
+    from .main import CliError
+    if not args.images and not args.bag:
+        raise CliError("give a source: --images DIR [--poses FILE] or --bag BAG --image-topic T")
+    return open_source(images=args.images, poses=args.poses, bag=args.bag, image_topic=args.image_topic,
+                       pose_topic=args.pose_topic, tolerance=args.pose_tolerance, require_poses=require_poses)
+
+
+def load_model_from_args(args):
+    from ..model import load_model
+    from ..model.zoo import resolve_model_path
+    return load_model(resolve_model_path(args.model), device=args.device)

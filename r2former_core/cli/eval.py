@@ -1,0 +1,53 @@
+"""`r2former eval`: recall@1/5/10 per reranking mode on a query set with ground-truth poses."""
+from __future__ import annotations
+
+import argparse
+
+from .common import add_model_options
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="recall@N of none / ransac / r2former reranking on queries with ground truth",
+                       description="Extract each query once, retrieve the top-K map images, rerank them with each "
+                                   "selected mode and report recall@1/5/10 (a query is recalled at N when one of its "
+                                   "first N map images lies within --threshold-m), ms per query and the median top-1 "
+                                   "error. Writes JSON and a recall@N plot beside it.")
+    p.add_argument("--map", required=True, help="map directory built with `r2former build-map`")
+    p.add_argument("--queries", default=None, help="query image folder")
+    p.add_argument("--query-poses", default=None, help="ground-truth poses of --queries (TUM or CSV)")
+    p.add_argument("--bag", default=None, help="query rosbag2 instead of a folder (with --image-topic/--pose-topic)")
+    p.add_argument("--image-topic", default=None, help="image topic of --bag")
+    p.add_argument("--pose-topic", default=None, help="ground-truth pose topic of --bag")
+    add_model_options(p)
+    p.add_argument("--rerank", default="all", choices=["none", "ransac", "r2former", "all"],
+                   help="reranking mode(s) to evaluate (default all)")
+    p.add_argument("--top-k", type=int, default=100, help="candidates retrieved and reranked per query (default 100)")
+    p.add_argument("--threshold-m", type=float, default=25.0, help="positive distance threshold in metres (default 25)")
+    p.add_argument("--out", default=None, help="JSON output path (a .png plot is written beside it)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from ..data.sources import open_source
+    from ..evaluation import evaluate, format_table, write_report
+    from ..localizer import Localizer, LocalizerConfig
+    from ..mapdb import MapDatabase
+    from .common import load_model_from_args
+    from .main import CliError
+    if not args.queries and not args.bag:
+        raise CliError("give the queries: --queries DIR --query-poses FILE, or --bag BAG")
+    source = open_source(images=args.queries, poses=args.query_poses, bag=args.bag, image_topic=args.image_topic,
+                         pose_topic=args.pose_topic, require_poses=True)
+    model = load_model_from_args(args)
+    mapdb = MapDatabase.load(args.map, expected_fingerprint=model.fingerprint)
+    localizer = Localizer(model, mapdb, LocalizerConfig(top_k=args.top_k, device=args.device))
+    modes = ("none", "ransac", "r2former") if args.rerank == "all" else (args.rerank,)
+    results = evaluate(localizer, source, modes=modes, threshold_m=args.threshold_m)
+    print(format_table(results))
+    if args.out:
+        meta = {"map": str(mapdb.info.path), "model": model.fingerprint, "top_k": args.top_k,
+                "threshold_m": args.threshold_m, "queries": source.description}
+        json_path, plot = write_report(results, args.out, meta)
+        print(f"wrote {json_path} and {plot}")
+    return 0

@@ -1,0 +1,71 @@
+"""Building a map: select keyframes of a source, extract features in batches, write atomically."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data.keyframes import select_keyframes
+from .data.sources import PosedImage, Source
+from .mapdb import MapDatabase
+from .model import R2FormerModel
+
+log = logging.getLogger(__name__)
+
+
+def _extract_batch(model: R2FormerModel, batch: list[PosedImage]) -> tuple[np.ndarray, np.ndarray]:
+    x = torch.cat([model.preprocess(r.image) for r in batch])
+    feats = model.extract(x)
+    return feats.global_desc.numpy(), feats.local.numpy()
+
+
+def keyframe_names(source: Source, min_distance: float, min_angle: float) -> set[str]:
+    """Names of the source's records kept by keyframe selection (poses only, no images read)."""
+    stamps, poses = source.poses()
+    names = list(getattr(source, "names"))
+    keep = select_keyframes(poses, min_distance=min_distance, min_angle_deg=min_angle)
+    return {names[i] for i in keep}
+
+
+def build_map(source: Source, model: R2FormerModel, out: str | Path, *, min_distance: float = 0.0,
+              min_angle: float = 0.0, batch_size: int = 8, frame_id: str = "map", index: str = "flat",
+              overwrite: bool = False, progress: bool = True) -> MapDatabase:
+    """Build the map `out` from `source`: keyframes only, features of `model`, atomic write."""
+    keep = keyframe_names(source, min_distance, min_angle)
+    if not keep:
+        raise ValueError(f"{source.description}: no posed images to build a map from")
+    cfg = model.cfg
+    est = MapDatabase.estimate_size(len(keep), cfg.global_dim, cfg.local_tokens, cfg.local_values)
+    log.info("building map %s from %d of %d images (%s): about %.1f MB on disk (%.0f kB/image), %.1f MB RAM when "
+             "loaded", out, len(keep), len(source), source.description, est["disk_bytes"] / 1e6,
+             est["disk_bytes_per_image"] / 1e3, est["ram_bytes"] / 1e6)
+    writer = MapDatabase.create(out, fingerprint=model.fingerprint, model_config=json.loads(cfg.to_json()),
+                                image_size=cfg.image_size, global_dim=cfg.global_dim, num_local=cfg.local_tokens,
+                                local_values=cfg.local_values, frame_id=frame_id, source=source.description,
+                                index=index, overwrite=overwrite, expected_count=len(keep))
+    with writer:
+        batch: list[PosedImage] = []
+
+        def flush() -> None:
+            g, loc = _extract_batch(model, batch)
+            writer.add_batch(g, loc, np.stack([r.pose for r in batch]), [r.stamp for r in batch],
+                             [r.name for r in batch], thumbnails=[r.image for r in batch])
+            batch.clear()
+
+        for record in tqdm(source, total=len(source), desc="map images", unit="img", disable=not progress):
+            if record.name not in keep:
+                continue
+            batch.append(record)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+        if writer.count == 0:
+            raise ValueError(f"{source.description}: none of the selected images could be read")
+        mapdb = writer.commit()
+    log.info("map %s: %d images", out, len(mapdb))
+    return mapdb

@@ -1,0 +1,91 @@
+"""From reranked candidates to a pose with a covariance and a confidence.
+
+* Scores are mapped to [0, 1] per rerank mode (match probability, inlier count, cosine).
+* Weights: softmax of the normalised scores of the top candidates (temperature `temperature`).
+* Agreement: the weight of the candidates within `agree_radius` of the best one. A place seen
+  by several neighbouring map images agrees; a best match whose runners-up are elsewhere does not.
+* Confidence = normalised best score x agreement.
+* Pose: the best candidate's, or (mode `weighted`) the weighted mean position of the agreeing
+  candidates with the best candidate's orientation.
+* Covariance (x y z roll pitch yaw): the weighted spatial and yaw spread of all top candidates
+  around the estimate, plus a floor from the map's keyframe spacing, inflated by 1/confidence^2
+  when the confidence is low. Symmetric positive definite by construction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .data.poses import yaw_from_quat
+
+POSE_MODES = ("best", "weighted")
+
+
+@dataclass(frozen=True)
+class PoseConfig:
+    mode: str = "weighted"        # best | weighted
+    top: int = 10                 # candidates that shape weights, agreement and covariance
+    temperature: float = 0.1      # softmax temperature over normalised scores
+    agree_radius: float = 0.0     # metres; 0 = max(5 m, 3 x keyframe spacing)
+    min_position_std: float = 0.5   # metres, added to the floor from keyframe spacing
+    min_yaw_std_deg: float = 3.0
+    roll_pitch_std_deg: float = 10.0  # not observed by place recognition
+
+
+@dataclass
+class PoseEstimate:
+    pose: np.ndarray          # (7,)
+    covariance: np.ndarray    # (6, 6)
+    confidence: float
+    agreement: float
+
+
+def normalised_scores(mode: str, rerank_scores: np.ndarray) -> np.ndarray:
+    """Map each mode's score to [0, 1]."""
+    s = np.asarray(rerank_scores, dtype=np.float64)
+    if mode == "ransac":
+        return np.clip(s, 0, 1) ** 0.5            # inlier fraction; 25% inliers is already strong
+    return np.clip(s, 0.0, 1.0)
+
+
+def _wrap(angle: np.ndarray) -> np.ndarray:
+    return (angle + np.pi) % (2 * np.pi) - np.pi
+
+
+def estimate_pose(poses: np.ndarray, scores01: np.ndarray, keyframe_spacing: float,
+                  cfg: PoseConfig = PoseConfig()) -> PoseEstimate:
+    """`poses` (K,7) and `scores01` (K,) of the reranked candidates, best first."""
+    if len(poses) == 0:
+        raise ValueError("no candidates to estimate a pose from")
+    top = min(cfg.top, len(poses))
+    p = np.asarray(poses[:top], dtype=np.float64)
+    s = np.asarray(scores01[:top], dtype=np.float64)
+    w = np.exp((s - s.max()) / cfg.temperature)
+    w /= w.sum()
+    radius = cfg.agree_radius or max(5.0, 3.0 * keyframe_spacing)
+    dist = np.linalg.norm(p[:, :2] - p[0, :2], axis=1)
+    agree = dist <= radius
+    agreement = float(w[agree].sum())
+    confidence = float(np.clip(s[0] * agreement, 0.0, 1.0))
+
+    pose = p[0].copy()
+    if cfg.mode == "weighted":
+        wa = w * agree
+        pose[:3] = (wa[:, None] * p[:, :3]).sum(0) / wa.sum()
+    elif cfg.mode != "best":
+        raise ValueError(f"unknown pose mode {cfg.mode!r}; choose one of {POSE_MODES}")
+
+    d = p[:, :3] - pose[:3]
+    spread = (w[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0)
+    yaws = yaw_from_quat(p[:, 3:])
+    yaw_spread = float((w * _wrap(yaws - yaws[0]) ** 2).sum())
+    floor = max(cfg.min_position_std, 0.5 * keyframe_spacing) ** 2
+    cov = np.zeros((6, 6))
+    cov[:3, :3] = spread + floor * np.eye(3)
+    cov[3, 3] = cov[4, 4] = np.deg2rad(cfg.roll_pitch_std_deg) ** 2
+    cov[5, 5] = yaw_spread + np.deg2rad(cfg.min_yaw_std_deg) ** 2
+    if confidence < 0.5:   # continuous inflation: x1 at 0.5, x100 at 0.05 and below
+        cov *= (0.5 / max(confidence, 0.05)) ** 2
+    cov = 0.5 * (cov + cov.T)
+    return PoseEstimate(pose=pose, covariance=cov, confidence=confidence, agreement=agreement)

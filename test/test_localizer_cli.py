@@ -1,0 +1,109 @@
+"""Offline pipeline end to end: build-map -> localize -> eval, through the CLI, with a tiny model."""
+from __future__ import annotations
+
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from r2former_core.cli.main import main
+from r2former_core.data.poses import quat_from_yaw, write_tum
+from r2former_core.localizer import Localizer, LocalizerConfig
+from r2former_core.mapdb import MapDatabase
+from r2former_core.model import save_model
+
+
+def make_images(n, seed=0, size=(120, 160)):
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(n):
+        small = rng.integers(0, 256, (size[0] // 8, size[1] // 8, 3), dtype=np.uint8)
+        images.append(cv2.resize(small, (size[1], size[0]), interpolation=cv2.INTER_CUBIC))
+    return images
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("world")
+    images = make_images(12)
+    stamps = 1_700_000_000.0 + np.arange(12) * 0.5
+    poses = np.zeros((12, 7))
+    poses[:, 0] = np.arange(12) * 3.0          # 3 m apart along x
+    poses[:, 3:] = quat_from_yaw(np.zeros(12))
+    (root / "images").mkdir()
+    for s, im in zip(stamps, images):
+        cv2.imwrite(str(root / "images" / f"{s:.6f}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+    write_tum(root / "poses.txt", stamps, poses)
+    model_path = save_model(tiny_model, root / "tiny.safetensors")
+    return root, images, poses, model_path
+
+
+def test_build_localize_eval(world, tmp_path):
+    root, images, poses, model_path = world
+    map_dir = tmp_path / "map"
+    assert main(["build-map", "--images", str(root / "images"), "--poses", str(root / "poses.txt"),
+                 "--out", str(map_dir), "--model", str(model_path), "--device", "cpu"]) == 0
+    mapdb = MapDatabase.load(map_dir)
+    assert len(mapdb) == 12
+    assert np.allclose(mapdb.poses, poses)
+    assert mapdb.thumbnail(0) is not None
+
+    out_csv = tmp_path / "results.csv"
+    assert main(["localize", "--map", str(map_dir), "--images", str(root / "images"), "--out", str(out_csv),
+                 "--model", str(model_path), "--rerank", "ransac", "--save-matches", str(tmp_path / "m")]) == 0
+    rows = list(csv.DictReader(open(out_csv)))
+    assert len(rows) == 12
+    for i, row in enumerate(rows):
+        assert int(row["best_index"]) == i                       # every image finds its own frame
+        assert abs(float(row["x"]) - poses[i, 0]) < 3.0
+        assert all(float(row[k]) > 0 for k in ("var_x", "var_y", "var_yaw"))
+    assert len(list((tmp_path / "m").glob("*.jpg"))) == 12
+
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--map", str(map_dir), "--queries", str(root / "images"), "--query-poses",
+                 str(root / "poses.txt"), "--model", str(model_path), "--out", str(report), "--threshold-m", "1"]) == 0
+    data = json.loads(report.read_text())
+    assert set(data) >= {"none", "ransac", "r2former"}
+    assert data["none"]["recall@1"] == 1.0 and data["ransac"]["recall@1"] == 1.0
+    assert 0.0 <= data["r2former"]["recall@1"] <= 1.0 and data["r2former"]["recall@10"] == 1.0
+    assert report.with_suffix(".png").stat().st_size > 0
+
+
+def test_build_map_with_keyframe_selection(world, tmp_path):
+    root, _, _, model_path = world
+    assert main(["build-map", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
+                 str(tmp_path / "kf"), "--model", str(model_path), "--min-distance", "5"]) == 0
+    assert len(MapDatabase.load(tmp_path / "kf")) == 6          # every other frame (3 m apart)
+
+
+def test_localizer_result_and_mismatched_map(world, tmp_path, tiny_config):
+    root, images, poses, model_path = world
+    main(["build-map", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
+          str(tmp_path / "map"), "--model", str(model_path)])
+    loc = Localizer.from_files(model_path, tmp_path / "map", LocalizerConfig(top_k=5, rerank="none", device="cpu"))
+    res = loc.localize(images[4])
+    assert res.best_index == 4 and len(res.candidates) == 5
+    assert res.candidates[0].score >= res.candidates[1].score
+    assert np.allclose(res.covariance, res.covariance.T) and np.all(np.linalg.eigvalsh(res.covariance) > 0)
+    assert {"extract", "search", "rerank", "pose", "total"} <= set(res.timings_ms)
+    assert len(res.matches) > 0 and res.matches.query_xy.shape[1] == 2
+    # A map built with another model is refused with a message that says what to do.
+    from r2former_core.model import build_model
+    other = save_model(build_model(tiny_config, seed=99), tmp_path / "other.safetensors")
+    code = main(["localize", "--map", str(tmp_path / "map"), "--images", str(root / "images"), "--out",
+                 str(tmp_path / "x.csv"), "--model", str(other)])
+    assert code == 2
+
+
+def test_cli_expected_failures_are_one_line(tmp_path, capsys, world):
+    root, _, _, model_path = world
+    assert main(["build-map", "--images", str(tmp_path / "missing"), "--poses", "p.txt", "--out",
+                 str(tmp_path / "m"), "--model", str(model_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("r2former build-map: error:")
+    assert main(["localize", "--map", str(tmp_path / "nomap"), "--images", str(root / "images"), "--out",
+                 str(tmp_path / "o.csv"), "--model", str(model_path)]) == 2
+    assert main(["build-map", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
+                 str(tmp_path / "m2"), "--model", str(tmp_path / "nomodel.pth")]) == 2
