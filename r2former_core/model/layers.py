@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 LAYER_NORM_EPS = 1e-6
+# Below this many keys, explicit attention beats the fused kernel's per-call overhead (CPU).
+SMALL_SEQUENCE = 16
 
 
 class Attention(nn.Module):
@@ -44,12 +46,13 @@ class Attention(nn.Module):
         w, bias = self.qkv.weight, self.qkv.bias
         q = self._split(x[:, :rows], w[:c], bias[:c])[0]
         k, v = self._split(x, w[c:], bias[c:]).unbind(0)
-        if return_probs:
+        if return_probs or n <= SMALL_SEQUENCE:
             probs = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
             out = probs @ v
         else:
-            probs = None
             out = F.scaled_dot_product_attention(q, k, v)
+        if not return_probs:
+            probs = None
         out = self.proj(out.transpose(1, 2).reshape(b, rows, c))
         return out, probs
 
