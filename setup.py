@@ -15,7 +15,7 @@ setup(
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
-        (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.xml")),
         (f"share/{PACKAGE}/rviz", glob("rviz/*.rviz")),
         (f"share/{PACKAGE}/models", glob("models/*.safetensors")),
     ],
@@ -29,6 +29,9 @@ setup(
     entry_points={
         "console_scripts": [
             "r2former = r2former_core.cli.main:main",
+            "localize = r2former_ros.localize_node:main",
+            "build_map = r2former_ros.build_map_node:main",
+            "bag_player = r2former_ros.bag_player:main",
         ],
     },
 )

@@ -42,14 +42,20 @@ def find_shared_file(relative: str) -> Path:
 
 
 def default_model_path() -> Path:
-    """The packaged demo model (`models/r2former_tiny_demo.safetensors`)."""
+    """The model used when `model_path` is empty: $R2FORMER_MODEL, else the packaged demo model
+    (`models/r2former_tiny_demo.safetensors` in the source tree or a share directory)."""
+    from r2former_core.model.zoo import default_model_path as core_default_model_path
+    found = core_default_model_path()
+    if found is not None:
+        return found
     try:
         return find_shared_file(DEMO_MODEL)
     except FileNotFoundError as exc:
         raise FileNotFoundError(
             f"the packaged default model is missing ({exc}). Set the parameter model_path to a model file "
-            "(for example `-p model_path:=/path/to/model.safetensors`), or train the demo model "
-            "(see docs/TRAINING.md) and place it at models/r2former_tiny_demo.safetensors") from None
+            "(for example `-p model_path:=/path/to/model.safetensors`) or the environment variable "
+            "R2FORMER_MODEL, or train the demo model (see docs/TRAINING.md) and place it at "
+            "models/r2former_tiny_demo.safetensors") from None
 
 
 def resolve_model_path(model_path: str) -> Path:

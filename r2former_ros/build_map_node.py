@@ -1,0 +1,375 @@
+"""`build_map`: build a localization map from a rosbag2 (offline) or from live topics.
+
+Offline (no ROS graph needed; the same code path as `r2former build-map --bag`):
+
+    build_map --bag BAG --image-topic /camera/image_raw --pose-topic /odom --out maps/campus
+              [--model M] [--min-distance 1.0] [--min-angle 15] [--device auto] [--overwrite]
+
+Live (node `r2former_map_builder`; its parameters are listed in config/build_map.yaml):
+
+    build_map --live --image-topic /camera/image_raw --pose-topic /odom --pose-type odometry
+              --out maps/campus [--duration 120] [--compressed] [--ros-args --params-file config/build_map.yaml]
+
+Live mode pairs every image with the pose interpolated at its stamp from a short pose history,
+keeps a keyframe when the camera moved `min_distance` metres or turned `min_angle` degrees since
+the last keyframe, extracts its features and appends it to the map. The map appears atomically
+(written to a temporary directory, renamed at the end) after `--duration` seconds or on Ctrl-C;
+an interrupted or empty build leaves nothing under the output name.
+Command-line options override the ROS parameters (`--ros-args -p ...`, `--params-file`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import rclpy
+from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
+from nav_msgs.msg import Odometry
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.utilities import remove_ros_args
+from sensor_msgs.msg import CompressedImage, Image
+
+from r2former_core.data.errors import DataError, ImageDecodeError
+from r2former_core.data.keyframes import select_keyframes
+from r2former_core.device import DEVICE_CHOICES
+
+from .conversions import msg_to_rgb, pose_from_msg, stamp_to_ns
+from .parameters import ParamSpec, ParameterError, declare_parameters
+from .paths import resolve_model_path
+from .pose_buffer import PoseBuffer, PoseLookup
+from .qos import RELIABILITY_CHOICES, stream_qos
+
+NODE_NAME = "r2former_map_builder"
+POSE_TYPES: dict[str, type] = {"odometry": Odometry, "pose_stamped": PoseStamped,
+                               "pose_with_covariance": PoseWithCovarianceStamped}
+WARN_THROTTLE_SEC = 5.0
+DRAIN_BUDGET_SEC = 3.0
+
+PARAMETERS: tuple[ParamSpec, ...] = (
+    ParamSpec("out", "", "output map directory (required; must not exist unless overwrite is true)", read_only=True),
+    ParamSpec("model_path", "", "model file; empty = the packaged demo model "
+              "models/r2former_tiny_demo.safetensors (use the model the localizer will use)", read_only=True),
+    ParamSpec("device", "auto", "where the model runs: auto, cpu or cuda", choices=DEVICE_CHOICES, read_only=True),
+    ParamSpec("image_topic", "image", "image topic (sensor_msgs/Image; with image_transport compressed the "
+              "CompressedImage topic <image_topic>/compressed)", read_only=True),
+    ParamSpec("image_transport", "raw", "raw (sensor_msgs/Image) or compressed (CompressedImage, jpeg/png)",
+              choices=("raw", "compressed"), read_only=True),
+    ParamSpec("pose_topic", "pose", "pose topic of the camera in the map frame", read_only=True),
+    ParamSpec("pose_type", "odometry", "message type of pose_topic: odometry (nav_msgs/Odometry), pose_stamped "
+              "(geometry_msgs/PoseStamped) or pose_with_covariance (geometry_msgs/PoseWithCovarianceStamped)",
+              choices=tuple(POSE_TYPES), read_only=True),
+    ParamSpec("min_distance", 1.0, "keyframe when the camera moved at least this far (metres) since the last "
+              "keyframe; 0 disables the criterion", min=0.0, max=1000.0, read_only=True),
+    ParamSpec("min_angle", 15.0, "keyframe when the camera turned at least this much (degrees) since the last "
+              "keyframe; 0 disables the criterion (both 0: every image)", min=0.0, max=180.0, read_only=True),
+    ParamSpec("duration", 0.0, "stop and write the map after this many seconds (0 = until Ctrl-C)",
+              min=0.0, max=1.0e6, read_only=True),
+    ParamSpec("pose_tolerance", 0.05, "an image up to this many seconds outside the pose history still takes "
+              "the nearest pose", min=0.0, max=10.0, read_only=True),
+    ParamSpec("pose_max_gap", 1.0, "never interpolate between pose samples further apart than this (seconds)",
+              min=0.0, max=60.0, read_only=True),
+    ParamSpec("pose_wait", 1.0, "how long an image waits for a pose newer than its stamp (seconds)",
+              min=0.0, max=60.0, read_only=True),
+    ParamSpec("max_pending", 30, "images waiting for their pose or for feature extraction; older ones are "
+              "dropped (counted) when more arrive", min=1, max=1000, read_only=True),
+    ParamSpec("qos_reliability", "best_effort", "reliability of the image and pose subscriptions",
+              choices=RELIABILITY_CHOICES, read_only=True),
+    ParamSpec("qos_depth", 10, "history depth of the image and pose subscriptions", min=1, max=1000,
+              read_only=True),
+    ParamSpec("frame_id", "map", "frame of the poses, recorded in the map", read_only=True),
+    ParamSpec("overwrite", False, "replace an existing map at out", read_only=True),
+)
+
+
+class BuildMapError(RuntimeError):
+    """The map cannot be built; the message says why and what to do."""
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from r2former_core.mapdb import MapError
+    from r2former_core.model.checkpoint import CheckpointError
+    return (BuildMapError, ParameterError, FileNotFoundError, DataError, MapError, CheckpointError,
+            PermissionError)
+
+
+@dataclass
+class BuildCounts:
+    images: int = 0
+    dropped: int = 0
+    no_pose: int = 0
+    not_keyframe: int = 0
+    malformed: int = 0
+    keyframes: int = 0
+    poses: int = 0
+
+
+def is_keyframe(last: np.ndarray | None, pose: np.ndarray, min_distance: float, min_angle_deg: float) -> bool:
+    """The offline keyframe rule (`select_keyframes`) applied to one new pose."""
+    if last is None:
+        return True
+    return len(select_keyframes(np.stack([last, pose]), min_distance, min_angle_deg)) == 2
+
+
+class MapBuilderNode(Node):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **kwargs)
+        v = declare_parameters(self, PARAMETERS)
+        self.values = v
+        if not v["out"]:
+            raise BuildMapError("no output map: pass --out MAP (or -p out:=MAP)")
+        from r2former_core.mapdb import MapDatabase
+        from r2former_core.model import load_model
+        self.model_path = resolve_model_path(v["model_path"])
+        self.model = load_model(self.model_path, device=v["device"])
+        cfg = self.model.cfg
+        self.writer = MapDatabase.create(
+            v["out"], fingerprint=self.model.fingerprint, model_config=json.loads(cfg.to_json()),
+            image_size=cfg.image_size, global_dim=cfg.global_dim, num_local=cfg.local_tokens,
+            local_values=cfg.local_values, frame_id=v["frame_id"], overwrite=bool(v["overwrite"]),
+            source=f"live {v['image_topic']} + {v['pose_topic']} ({v['pose_type']})")
+        self.counts = BuildCounts()
+        self.poses = PoseBuffer(tolerance=v["pose_tolerance"], max_gap=v["pose_max_gap"])
+        self._pending: deque[tuple[float, float, Image | CompressedImage]] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._drain_until = 0.0
+        self._last_key: np.ndarray | None = None
+        self.done = False
+
+        qos = stream_qos(v["qos_reliability"], v["qos_depth"])
+        if v["image_transport"] == "compressed":
+            self.create_subscription(CompressedImage, f"{v['image_topic']}/compressed", self._on_image, qos)
+        else:
+            self.create_subscription(Image, v["image_topic"], self._on_image, qos)
+        self.create_subscription(POSE_TYPES[v["pose_type"]], v["pose_topic"], self._on_pose, qos)
+        if v["duration"] > 0:
+            self._end_timer = self.create_timer(float(v["duration"]), self._on_duration)
+        self._worker = threading.Thread(target=self._work, name="r2former-map-builder", daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f"building {v['out']} from {v['image_topic']} ({v['image_transport']}) + {v['pose_topic']} "
+            f"({v['pose_type']}); keyframes every {v['min_distance']} m / {v['min_angle']} deg; model "
+            f"{self.model_path} ({self.model.fingerprint}); "
+            + (f"stops after {v['duration']} s" if v["duration"] > 0 else "Ctrl-C to finish"))
+
+    # ---------------------------------------------------------------- input
+    def _stamp(self, header) -> float:
+        ns = stamp_to_ns(header.stamp)
+        return (ns if ns else self.get_clock().now().nanoseconds) * 1e-9
+
+    def _on_pose(self, msg: Odometry | PoseStamped | PoseWithCovarianceStamped) -> None:
+        pose = msg.pose if isinstance(msg, PoseStamped) else msg.pose.pose
+        self.poses.add(self._stamp(msg.header), pose_from_msg(pose))
+        with self._cond:
+            self.counts.poses += 1
+            self._cond.notify()
+
+    def _on_image(self, msg: Image | CompressedImage) -> None:
+        with self._cond:
+            self.counts.images += 1
+            if len(self._pending) >= self.values["max_pending"]:
+                self._pending.popleft()
+                self.counts.dropped += 1
+                self.get_logger().warning("images arrive faster than keyframes are extracted: dropping the oldest; "
+                                       "raise min_distance / min_angle or max_pending",
+                                       throttle_duration_sec=WARN_THROTTLE_SEC)
+            self._pending.append((time.monotonic(), self._stamp(msg.header), msg))
+            self._cond.notify()
+
+    def _on_duration(self) -> None:
+        self._end_timer.cancel()
+        self.get_logger().info(f"duration of {self.values['duration']} s reached")
+        self.done = True
+
+    # ---------------------------------------------------------------- worker
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._stop, timeout=0.1)
+                if self._stop and (not self._pending or time.monotonic() > self._drain_until):
+                    return
+                if not self._pending:
+                    continue
+                received_at, stamp, msg = self._pending[0]
+                final = self._stop or time.monotonic() - received_at > self.values["pose_wait"]
+                status, pose = self.poses.lookup(stamp, final=final)
+                if status is PoseLookup.WAIT:
+                    self._cond.wait(0.02)
+                    continue
+                self._pending.popleft()
+                if status is PoseLookup.MISSING:
+                    self.counts.no_pose += 1
+                    self.get_logger().warning(f"no pose at image stamp {stamp:.3f}: image skipped",
+                                           throttle_duration_sec=WARN_THROTTLE_SEC)
+                    continue
+                if not is_keyframe(self._last_key, pose, self.values["min_distance"], self.values["min_angle"]):
+                    self.counts.not_keyframe += 1
+                    continue
+            try:
+                self._add(msg, stamp, pose)
+            except ImageDecodeError as exc:
+                with self._cond:
+                    self.counts.malformed += 1
+                self.get_logger().warning(f"skipping image: {exc}", throttle_duration_sec=WARN_THROTTLE_SEC)
+
+    def _add(self, msg: Image | CompressedImage, stamp: float, pose: np.ndarray) -> None:
+        from r2former_core.model import preprocess
+        rgb = msg_to_rgb(msg)
+        feats = self.model.extract(preprocess(rgb, size=self.model.cfg.image_size))
+        index = self.writer.add(feats.global_desc[0].numpy(), feats.local[0].numpy(), pose, stamp,
+                                f"{stamp:.6f}", thumbnail=rgb)
+        with self._cond:
+            self._last_key = pose
+            self.counts.keyframes += 1
+        self.get_logger().info(f"keyframe {index}: stamp {stamp:.3f} at "
+                               f"({pose[0]:.2f}, {pose[1]:.2f}, {pose[2]:.2f})")
+
+    # --------------------------------------------------------------- finish
+    def finish(self) -> bool:
+        """Stop the worker (after at most DRAIN_BUDGET_SEC of pending images) and write the map.
+
+        Returns True when a map was written, False when there was nothing to write."""
+        with self._cond:
+            self._stop = True
+            self._drain_until = time.monotonic() + DRAIN_BUDGET_SEC
+            self._cond.notify_all()
+        self._worker.join(DRAIN_BUDGET_SEC + 30.0)
+        c = self.counts
+        summary = (f"{c.images} images, {c.poses} poses: {c.keyframes} keyframes, {c.not_keyframe} too close to "
+                   f"the previous keyframe, {c.no_pose} without pose, {c.malformed} malformed, {c.dropped} dropped")
+        if self.writer.count == 0:
+            self.writer.abort()
+            self._log("error", f"no keyframes, no map written ({summary}); check the topics "
+                               f"({self.values['image_topic']}, {self.values['pose_topic']}) and pose_type")
+            return False
+        db = self.writer.commit()
+        self._log("info", f"map written: {db.path} ({len(db)} images); {summary}")
+        return True
+
+    def _log(self, level: str, message: str) -> None:
+        # After Ctrl-C the context may be shut down; the rcutils logger still works, print as a fallback.
+        try:
+            getattr(self.get_logger(), level)(message)
+        except Exception:  # noqa: BLE001
+            print(message, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- CLI
+
+# command-line option (argparse dest) -> parameter name
+OPTION_PARAMETERS = {"out": "out", "model": "model_path", "device": "device", "image_topic": "image_topic",
+                     "pose_topic": "pose_topic", "pose_type": "pose_type", "min_distance": "min_distance",
+                     "min_angle": "min_angle", "duration": "duration"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = {s.name: s.default for s in PARAMETERS}
+    p = argparse.ArgumentParser(prog="build_map", description=__doc__.split("\n\n")[0],
+                                epilog="Options left out take the ROS parameter value (live mode) or the "
+                                       "default shown.")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--bag", help="build offline from this rosbag2 folder")
+    mode.add_argument("--live", action="store_true", help="build from live topics until --duration or Ctrl-C")
+    p.add_argument("--out", help="output map directory")
+    p.add_argument("--image-topic", help=f"image topic (live default {defaults['image_topic']!r}; offline: the "
+                                         "only image topic of the bag when omitted)")
+    p.add_argument("--pose-topic", help=f"pose topic (live default {defaults['pose_topic']!r})")
+    p.add_argument("--pose-type", choices=tuple(POSE_TYPES),
+                   help=f"live: message type of the pose topic (default {defaults['pose_type']})")
+    p.add_argument("--compressed", action="store_true", help="live: subscribe <image-topic>/compressed")
+    p.add_argument("--model", help="model file (default: the packaged demo model)")
+    p.add_argument("--device", choices=DEVICE_CHOICES, help="auto, cpu or cuda (default auto)")
+    p.add_argument("--min-distance", type=float,
+                   help=f"keyframe distance in metres (default {defaults['min_distance']})")
+    p.add_argument("--min-angle", type=float, help=f"keyframe angle in degrees (default {defaults['min_angle']})")
+    p.add_argument("--duration", type=float, help="live: stop after this many seconds (default: until Ctrl-C)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing map")
+    return p
+
+
+def run_offline(args: argparse.Namespace) -> int:
+    """Delegate to the core map builder (the code behind `r2former build-map`)."""
+    defaults = {s.name: s.default for s in PARAMETERS}
+    try:
+        from r2former_core.mapping import build_map
+    except ImportError:
+        print("build_map: error: offline building needs r2former_core.mapping.build_map, which this installation "
+              "lacks; use `r2former build-map --bag ...`", file=sys.stderr)
+        return 2
+    from r2former_core.data.sources import open_source
+    from r2former_core.model import load_model
+    if not args.out:
+        print("build_map: error: --out MAP is required", file=sys.stderr)
+        return 2
+    try:
+        model = load_model(resolve_model_path(args.model or ""), device=args.device or defaults["device"])
+        source = open_source(bag=args.bag, image_topic=args.image_topic, pose_topic=args.pose_topic)
+        build_map(source, model, args.out,
+                  min_distance=args.min_distance if args.min_distance is not None else defaults["min_distance"],
+                  min_angle=args.min_angle if args.min_angle is not None else defaults["min_angle"],
+                  overwrite=args.overwrite, progress=sys.stderr.isatty())
+    except (*_expected_errors(), ValueError) as exc:
+        print(f"build_map: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("build_map: interrupted; no map written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def parameter_overrides(args: argparse.Namespace) -> list[Parameter]:
+    """Options given on the command line, as parameter overrides (they win over --params-file)."""
+    overrides = [Parameter(param, value=getattr(args, dest)) for dest, param in OPTION_PARAMETERS.items()
+                 if getattr(args, dest) is not None]
+    if args.compressed:
+        overrides.append(Parameter("image_transport", value="compressed"))
+    if args.overwrite:
+        overrides.append(Parameter("overwrite", value=True))
+    return overrides
+
+
+def run_live(args: argparse.Namespace, argv: list[str]) -> int:
+    rclpy.init(args=argv)
+    node: MapBuilderNode | None = None
+    try:
+        node = MapBuilderNode(parameter_overrides=parameter_overrides(args))
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        while rclpy.ok() and not node.done:
+            executor.spin_once(timeout_sec=0.1)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except _expected_errors() as exc:
+        rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot build the map: {exc}")
+        return 2
+    finally:
+        written = False
+        if node is not None:
+            try:
+                written = node.finish()
+            except _expected_errors() as exc:
+                print(f"build_map: error: {exc}", file=sys.stderr)
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0 if written else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv if argv is None else argv
+    args = build_parser().parse_args(remove_ros_args(argv)[1:])
+    if args.live:
+        return run_live(args, argv)
+    return run_offline(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""build_map --live: images + poses from topics become a map (keyframes, interpolated poses)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from rostools import NodeProcess, RosProbe, save_tiny_model, synthetic_images
+
+pytestmark = pytest.mark.ros
+
+from geometry_msgs.msg import PoseStamped  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
+
+from r2former_ros.conversions import pose_msg, rgb_to_image_msg, sec_to_stamp  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory, tiny_model):
+    return save_tiny_model(tiny_model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture
+def probe():
+    p = RosProbe("build_map_probe")
+    yield p
+    p.close()
+
+
+def test_live_build_map_keyframes_and_interpolated_poses(tmp_path, probe, model_file, tiny_model):
+    from r2former_core.mapdb import MapDatabase
+    out = tmp_path / "live_map"
+    node = NodeProcess("r2former_ros.build_map_node",
+                       ["--live", "--image-topic", "/cam/image", "--pose-topic", "/cam/pose", "--pose-type",
+                        "pose_stamped", "--out", str(out), "--model", str(model_file), "--device", "cpu",
+                        "--min-distance", "1.0", "--min-angle", "0",
+                        "--ros-args", "-p", "qos_reliability:=reliable"], tmp_path / "logs")
+    try:
+        pose_pub = probe.publisher(PoseStamped, "/cam/pose")
+        image_pub = probe.publisher(Image, "/cam/image")
+        assert probe.wait_for_subscriber("/cam/image", 30) and probe.wait_for_subscriber("/cam/pose", 5), \
+            node.output()
+        time.sleep(0.5)
+        images = synthetic_images(20, seed=5)
+        for k in range(21):   # poses every 0.1 s, 0.5 m apart; images half-way between poses
+            msg = PoseStamped()
+            msg.header.stamp = sec_to_stamp(100.0 + 0.1 * k)
+            msg.header.frame_id = "map"
+            msg.pose = pose_msg([0.5 * k, 0, 0, 0, 0, 0, 1])
+            pose_pub.publish(msg)
+            if k < 20:
+                img = rgb_to_image_msg(images[k])
+                img.header.stamp = sec_to_stamp(100.05 + 0.1 * k)
+                image_pub.publish(img)
+            time.sleep(0.03)
+        time.sleep(2.0)
+        code, seconds = node.interrupt(10.0)
+        assert code == 0, node.output()
+    finally:
+        node.stop()
+    db = MapDatabase.load(out, expected_fingerprint=tiny_model.fingerprint)
+    # interpolated x = 0.25 + 0.5 k; a keyframe every 1.0 m -> k = 0, 2, ..., 18
+    assert len(db) == 10, node.output()
+    assert np.allclose(db.poses[:, 0], 0.25 + np.arange(0, 20, 2) * 0.5)
+    assert np.allclose(db.stamps, 100.05 + 0.1 * np.arange(0, 20, 2))
+    assert db.thumbnail(0) is not None
+
+
+def test_live_build_map_without_input_writes_nothing(tmp_path, model_file):
+    out = tmp_path / "empty_map"
+    node = NodeProcess("r2former_ros.build_map_node",
+                       ["--live", "--out", str(out), "--model", str(model_file), "--device", "cpu",
+                        "--duration", "1.0"], tmp_path / "logs")
+    try:
+        assert node.wait(30) == 1, node.output()
+        assert "no keyframes" in node.output()
+        assert not out.exists()
+        assert not list(tmp_path.glob("empty_map*"))
+    finally:
+        node.stop()
+
+
+def test_offline_build_map_from_a_bag(tmp_path, model_file, tiny_model):
+    from bagtools import write_image_pose_bag
+
+    from r2former_core.mapdb import MapDatabase
+    stamps = [10.0 + 0.1 * i for i in range(10)]
+    poses = np.zeros((10, 7))
+    poses[:, 0] = 0.5 * np.arange(10)
+    poses[:, 6] = 1
+    bag = write_image_pose_bag(tmp_path / "bag", synthetic_images(10, seed=7), stamps, poses=poses,
+                               pose_stamps=stamps, storage="mcap")
+    out = tmp_path / "bag_map"
+    node = NodeProcess("r2former_ros.build_map_node",
+                       ["--bag", str(bag), "--image-topic", "/camera/image_raw", "--pose-topic", "/odom",
+                        "--out", str(out), "--model", str(model_file), "--device", "cpu", "--min-distance", "1.0",
+                        "--min-angle", "0"], tmp_path / "logs")
+    try:
+        assert node.wait(60) == 0, node.output()
+    finally:
+        node.stop()
+    db = MapDatabase.load(out, expected_fingerprint=tiny_model.fingerprint)
+    assert db.poses[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+    again = NodeProcess("r2former_ros.build_map_node",
+                        ["--bag", str(bag), "--out", str(out), "--model", str(model_file), "--device", "cpu"],
+                        tmp_path / "logs")
+    try:
+        assert again.wait(60) == 2
+        assert "already exists" in again.output() and "Traceback" not in again.output()
+    finally:
+        again.stop()

@@ -1,0 +1,345 @@
+"""The launch file, the `r2former launch` CLI, setup.py, the YAML files and the nodes stay in step.
+
+`launch`/`launch_ros` are not installable here (SETUP.md §3, §6): the launch file is imported with
+recording stubs of those modules, and its nodes are compared with the CLI's node table. The CLI
+is also run end to end (it starts the same executable), with the default best-effort QoS and the
+compressed transport. `ros2 launch` itself was never executed here.
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rostools import RosProbe, build_test_map, line_poses, save_tiny_model, synthetic_images
+
+pytestmark = pytest.mark.ros
+
+from r2former_core.cli import launch as cli_launch  # noqa: E402
+from r2former_ros import build_map_node, localize_node  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_FILE = ROOT / "launch" / "localize.launch.py"
+SHARE = "/fake/share/r2former_ros"
+
+
+# ------------------------------------------------------------------------------ launch stubs
+
+class Recorded:
+    def __init__(self, *args, **kwargs):
+        self.args = args
+        self.kwargs = kwargs
+
+
+class LaunchConfiguration(Recorded):
+    @property
+    def name(self):
+        return self.args[0]
+
+
+class PathJoinSubstitution(Recorded):
+    pass
+
+
+class FindPackageShare(Recorded):
+    pass
+
+
+class ParameterValue(Recorded):
+    pass
+
+
+class OpaqueFunction(Recorded):
+    pass
+
+
+class DeclareLaunchArgument(Recorded):
+    pass
+
+
+class Node(Recorded):
+    pass
+
+
+class IfCondition(Recorded):
+    pass
+
+
+class LaunchDescription(Recorded):
+    @property
+    def entities(self):
+        return list(self.args[0])
+
+
+def resolve(value, context):
+    """Evaluate the recorded substitutions the way launch would."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, LaunchConfiguration):
+        return context.launch_configurations[value.name]
+    if isinstance(value, FindPackageShare):
+        assert value.args == ("r2former_ros",)
+        return SHARE
+    if isinstance(value, PathJoinSubstitution):
+        return "/".join(resolve(v, context) for v in value.args[0])
+    if isinstance(value, ParameterValue):
+        assert value.kwargs.get("value_type") is str, "string parameters from launch arguments must be typed"
+        return resolve(value.args[0], context)
+    if isinstance(value, list):
+        return "".join(resolve(v, context) for v in value)
+    raise AssertionError(f"unexpected substitution {value!r}")
+
+
+@pytest.fixture
+def launch_module(monkeypatch):
+    def module(name, **attrs):
+        m = types.ModuleType(name)
+        m.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, m)
+        return m
+    module("launch", LaunchDescription=LaunchDescription)
+    module("launch.actions", DeclareLaunchArgument=DeclareLaunchArgument, OpaqueFunction=OpaqueFunction)
+    module("launch.substitutions", LaunchConfiguration=LaunchConfiguration, PathJoinSubstitution=PathJoinSubstitution)
+    module("launch.conditions", IfCondition=IfCondition)
+    module("launch_ros")
+    module("launch_ros.actions", Node=Node)
+    module("launch_ros.parameter_descriptions", ParameterValue=ParameterValue)
+    module("launch_ros.substitutions", FindPackageShare=FindPackageShare)
+    spec = importlib.util.spec_from_file_location("localize_launch", LAUNCH_FILE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def launch_nodes(launch_module, **arguments):
+    """Nodes of the launch description for these launch arguments (others at their defaults)."""
+    ld = launch_module.generate_launch_description()
+    declared = {e.args[0]: e for e in ld.entities if isinstance(e, DeclareLaunchArgument)}
+    unknown = set(arguments) - set(declared)
+    assert not unknown, f"not launch arguments: {unknown}"
+    context = types.SimpleNamespace(launch_configurations={})
+    for name, arg in declared.items():
+        context.launch_configurations[name] = resolve(arg.kwargs["default_value"], context)
+    context.launch_configurations.update(arguments)
+    nodes = []
+    for e in ld.entities:
+        if isinstance(e, OpaqueFunction):
+            nodes += e.kwargs["function"](context)
+        elif isinstance(e, Node):
+            nodes.append(e)
+    return nodes, declared, context
+
+
+def console_scripts() -> dict[str, str]:
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            for k, v in zip(node.keys, node.values):
+                if isinstance(k, ast.Constant) and k.value == "console_scripts":
+                    entries = [ast.literal_eval(e) for e in v.elts]
+                    return dict(re.fullmatch(r"\s*(\S+)\s*=\s*(\S+)\s*", e).groups() for e in entries)
+    raise AssertionError("no console_scripts in setup.py")
+
+
+# ------------------------------------------------------------------------------ tests: in step
+
+SCENARIOS = [
+    {},
+    {"map": "/maps/123", "model": "/models/m.safetensors", "device": "cpu"},
+    {"map": "maps/a b", "image_topic": "/camera/image_raw", "compressed": "true", "namespace": "robot1"},
+]
+
+
+@pytest.mark.parametrize("arguments", SCENARIOS)
+def test_launch_file_nodes_equal_cli_node_table(launch_module, arguments):
+    nodes, declared, context = launch_nodes(launch_module, **arguments)
+    ours = [n for n in nodes if n.kwargs["package"] == "r2former_ros"]
+    invocations = cli_launch.localize_invocations(
+        params_file=f"{SHARE}/config/localize.yaml", map_path=arguments.get("map", ""),
+        model=arguments.get("model", ""), device=arguments.get("device", ""),
+        image_topic=arguments.get("image_topic", ""), compressed=arguments.get("compressed") == "true",
+        namespace=arguments.get("namespace", ""))
+    assert len(ours) == len(invocations) == len(cli_launch.NODES["localize"])
+    for node, inv in zip(ours, invocations):
+        kw = node.kwargs
+        assert (kw["package"], kw["executable"], kw["name"]) == (inv.node.package, inv.node.executable,
+                                                                 inv.node.name)
+        assert resolve(kw.get("namespace", ""), context) == inv.namespace
+        params = kw["parameters"]
+        assert resolve(params[0], context) == inv.params_file == f"{SHARE}/{inv.node.params_file}"
+        overrides = {k: resolve(v, context) for p in params[1:] for k, v in p.items()}
+        assert overrides == inv.overrides
+        assert [tuple(resolve(x, context) for x in r) for r in kw.get("remappings", [])] == inv.remappings
+
+
+def test_cli_command_line_carries_the_same_values():
+    inv = cli_launch.localize_invocations("/p/localize.yaml", map_path="123", image_topic="/cam",
+                                          compressed=True, namespace="r1")[0]
+    args = inv.ros_args()
+    assert args[:3] == ["--ros-args", "-r", "__node:=r2former_localizer"]
+    assert ["-r", "__ns:=/r1"] == args[3:5] and ["--params-file", "/p/localize.yaml"] == args[5:7]
+    assert "image:=/cam" in args and "image/compressed:=/cam/compressed" in args
+    assert "map_path:='123'" in args            # quoted: rcl would parse 123 as an integer
+    assert "image_transport:='compressed'" in args
+
+
+def test_launch_arguments_rviz_and_files(launch_module):
+    nodes, declared, context = launch_nodes(launch_module)
+    assert set(declared) == {"map", "model", "device", "image_topic", "compressed", "namespace", "rviz",
+                             "params_file"}
+    assert all(arg.kwargs.get("description") for arg in declared.values())
+    rviz = [n for n in nodes if n.kwargs["package"] == "rviz2"]
+    assert len(rviz) == 1 and isinstance(rviz[0].kwargs.get("condition"), IfCondition)
+    assert rviz[0].kwargs["condition"].args[0].name == "rviz"
+    config = resolve(rviz[0].kwargs["arguments"][1], context)
+    assert config == f"{SHARE}/{cli_launch.RVIZ_CONFIG}" and (ROOT / cli_launch.RVIZ_CONFIG).is_file()
+    assert declared["rviz"].kwargs["default_value"] == "false"
+    # the CLI offers every launch argument as an option
+    import argparse
+    sub = argparse.ArgumentParser().add_subparsers()
+    dests = {a.dest for a in cli_launch.add_parser(sub)._actions}
+    assert {"map", "model", "device", "image_topic", "compressed", "namespace", "rviz", "params_file"} <= dests
+
+
+def test_executables_are_console_scripts_and_node_names_are_yaml_keys():
+    scripts = console_scripts()
+    for name, nodes in cli_launch.NODES.items():
+        for node in nodes:
+            assert node.executable in scripts, f"{node.executable} is not a console_script of setup.py"
+            module, func = scripts[node.executable].split(":")
+            assert module == node.module
+            assert callable(getattr(importlib.import_module(module), func))
+            doc = yaml.safe_load((ROOT / node.params_file).read_text())
+            assert list(doc) == [node.name], "the params file's top-level key must be the node name"
+    assert scripts["build_map"] == "r2former_ros.build_map_node:main"
+    assert scripts["bag_player"] == "r2former_ros.bag_player:main"
+    assert localize_node.NODE_NAME == cli_launch.LOCALIZER.name
+
+
+@pytest.mark.parametrize("module, yaml_file", [(localize_node, "config/localize.yaml"),
+                                               (build_map_node, "config/build_map.yaml")])
+def test_yaml_lists_exactly_the_declared_parameters_with_their_defaults(module, yaml_file):
+    doc = yaml.safe_load((ROOT / yaml_file).read_text())
+    assert list(doc) == [module.NODE_NAME]
+    params = doc[module.NODE_NAME]["ros__parameters"]
+    specs = {s.name: s for s in module.PARAMETERS}
+    assert set(params) == set(specs), (set(params) ^ set(specs))
+    for name, value in params.items():
+        assert type(value) is type(specs[name].default) and value == specs[name].default, name
+    # every parameter has a comment right above it
+    lines = (ROOT / yaml_file).read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^\s{4}\w+:", line):
+            assert lines[i - 1].strip().startswith("#"), f"{yaml_file}: no comment above {line.strip()}"
+
+
+def test_node_declares_its_table_with_descriptors():
+    """Instantiating the parameter table on a bare node gives descriptors with ranges for numbers."""
+    import rclpy
+    from rclpy.node import Node as RosNode
+
+    from r2former_ros.parameters import declare_parameters
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        node = RosNode("param_table_check", context=context)
+        values = declare_parameters(node, localize_node.PARAMETERS)
+        assert values["top_k"] == 100 and values["rerank"] == "r2former"
+        for spec in localize_node.PARAMETERS:
+            d = node.describe_parameter(spec.name)
+            assert d.description
+            if isinstance(spec.default, float):
+                assert d.floating_point_range, spec.name
+            elif isinstance(spec.default, int) and not isinstance(spec.default, bool):
+                assert d.integer_range, spec.name
+        node.destroy_node()
+    finally:
+        context.try_shutdown()
+
+
+def test_real_launch_file_when_launch_ros_is_installed():
+    launch = pytest.importorskip("launch")
+    if not hasattr(launch, "LaunchDescription"):
+        pytest.skip("ROS 2 `launch` is not installed (no wheel exists for it; the importable `launch` is the "
+                    "source tree's launch/ folder or the unrelated PyPI package)")
+    pytest.importorskip("launch_ros", reason="ROS 2 `launch_ros` is not installed (no wheel exists for it)")
+    spec = importlib.util.spec_from_file_location("localize_launch_real", LAUNCH_FILE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert isinstance(mod.generate_launch_description(), launch.LaunchDescription)
+
+
+# ------------------------------------------------------------------------------ CLI end to end
+
+def test_cli_launch_runs_the_node_compressed_best_effort(tmp_path, tiny_model):
+    """`r2former launch localize --compressed`: corrupt JPEGs are skipped, good ones localized; Ctrl-C -> 0."""
+    from sensor_msgs.msg import CompressedImage
+    from geometry_msgs.msg import PoseWithCovarianceStamped
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    from r2former_ros.conversions import rgb_to_compressed_msg, sec_to_stamp, stamp_to_ns
+    images = synthetic_images(6, seed=2)
+    model = save_tiny_model(tiny_model, tmp_path / "tiny.safetensors")
+    map_dir = build_test_map(tiny_model, images, line_poses(6), tmp_path / "map")
+    params = tmp_path / "localize.yaml"
+    doc = yaml.safe_load((ROOT / "config/localize.yaml").read_text())
+    doc["r2former_localizer"]["ros__parameters"].update(min_confidence=0.0, diagnostics_rate=5.0)
+    params.write_text(yaml.safe_dump(doc))
+
+    probe = RosProbe("cli_launch_probe")
+    poses = probe.subscribe(PoseWithCovarianceStamped, "/robot1/r2former_localizer/pose")
+    diags = probe.subscribe(DiagnosticArray, "/diagnostics")
+    pub = probe.publisher(CompressedImage, "/cam/image/compressed")
+    log = open(tmp_path / "cli.out", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "r2former_core.cli.main", "launch", "localize",
+                             "--params-file", str(params), "--map", str(map_dir), "--model", str(model),
+                             "--device", "cpu", "--image-topic", "/cam/image", "--compressed",
+                             "--namespace", "robot1"], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    output = lambda: (tmp_path / "cli.out").read_text(errors="replace")  # noqa: E731
+    try:
+        assert probe.wait_for_subscriber("/cam/image/compressed", 60), output()
+        time.sleep(0.3)
+        corrupt = rgb_to_compressed_msg(images[1])
+        corrupt.data = bytes(corrupt.data)[:40] + b"\x00" * 200
+        for msg in (corrupt, rgb_to_compressed_msg(images[1])):
+            msg.header.stamp = sec_to_stamp(7.0 + len(poses))
+            pub.publish(msg)
+            time.sleep(0.5)
+        good = rgb_to_compressed_msg(images[3], fmt="png")
+        good.header.stamp = sec_to_stamp(9.5)
+        pub.publish(good)
+        assert poses.wait(2, 30), output()
+        assert {stamp_to_ns(p.header.stamp) for p in poses.snapshot()} == {7_000_000_000, 9_500_000_000}
+        assert poses.last().header.frame_id == "map"
+
+        def malformed() -> int:
+            last = diags.last()
+            return int({kv.key: kv.value for kv in last.status[0].values}["malformed"]) if last else -1
+        deadline = time.monotonic() + 5
+        while malformed() != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert malformed() == 1
+        assert diags.last().status[0].name.startswith("r2former_localizer")
+
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0, output()
+        assert time.monotonic() - t0 < 6.0
+        assert "--ros-args -r __node:=r2former_localizer -r __ns:=/robot1 --params-file" in output()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        probe.close()

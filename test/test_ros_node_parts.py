@@ -1,0 +1,209 @@
+"""The pure-Python parts of the nodes: state machine, newest-frame slot, pose buffer, pictures, paths."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from r2former_ros.latest_frame import LatestFrameSlot
+from r2former_ros.localization_state import LOCALIZED, LOST, NOT_LOCALIZED, LocalizationStateMachine, Transition
+from r2former_ros.pose_buffer import PoseBuffer, PoseLookup
+
+# ------------------------------------------------------------------------------ state machine
+
+
+def run(sm: LocalizationStateMachine, sequence: str) -> list[str]:
+    """Feed 'a'ccepted / 'r'ejected results; the state after each."""
+    out = []
+    for c in sequence:
+        sm.update(c == "a")
+        out.append(sm.state)
+    return out
+
+
+def test_state_machine_hysteresis():
+    sm = LocalizationStateMachine(localized_after=3, lost_after=2)
+    assert sm.state == NOT_LOCALIZED
+    assert run(sm, "aaraa") == [NOT_LOCALIZED] * 5          # streak broken by a rejection
+    assert sm.update(True) == Transition(NOT_LOCALIZED, LOCALIZED)
+    assert run(sm, "rara") == [LOCALIZED] * 4               # single rejections do not lose it
+    assert run(sm, "r") == [LOCALIZED]
+    assert sm.update(False) == Transition(LOCALIZED, LOST)
+    assert run(sm, "rrraa") == [LOST] * 5
+    assert sm.update(True) == Transition(LOST, LOCALIZED)
+    assert sm.update(True) is None
+
+
+def test_state_machine_thresholds_of_one_and_reset():
+    sm = LocalizationStateMachine(1, 1)
+    assert run(sm, "arar") == [LOCALIZED, LOST, LOCALIZED, LOST]
+    sm.reset()
+    assert sm.state == NOT_LOCALIZED
+    assert run(sm, "r") == [NOT_LOCALIZED]                  # not_localized never becomes lost
+    with pytest.raises(ValueError):
+        LocalizationStateMachine(0, 1)
+
+
+# ------------------------------------------------------------------------------ newest-frame slot
+
+def test_slot_keeps_only_the_newest_and_counts_drops():
+    slot: LatestFrameSlot[int] = LatestFrameSlot()
+    assert slot.put(1) is False
+    assert slot.put(2) is True and slot.put(3) is True
+    frame = slot.take(0.1)
+    assert frame is not None and frame.item == 3
+    assert slot.take(0.01) is None
+    c = slot.counts()
+    assert (c.received, c.taken, c.dropped, c.pending) == (3, 1, 2, 0)
+
+
+def test_slot_with_a_slow_worker_never_queues():
+    slot: LatestFrameSlot[int] = LatestFrameSlot()
+    seen: list[int] = []
+
+    def worker():
+        while True:
+            f = slot.take(1.0)
+            if f is None:
+                return
+            seen.append(f.item)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    for i in range(300):
+        slot.put(i)
+        time.sleep(0.0005)
+    time.sleep(0.1)
+    slot.close()
+    t.join(2)
+    c = slot.counts()
+    assert seen[-1] == 299 and seen == sorted(seen)
+    assert c.received == 300 and c.taken == len(seen) and c.taken + c.dropped + c.pending == c.received
+    assert c.dropped > 0
+
+
+def test_slot_close_wakes_the_worker():
+    slot: LatestFrameSlot[int] = LatestFrameSlot()
+    result = []
+    t = threading.Thread(target=lambda: result.append(slot.take(None)))
+    t.start()
+    time.sleep(0.05)
+    slot.close()
+    t.join(1)
+    assert not t.is_alive() and result == [None]
+
+
+# ------------------------------------------------------------------------------ pose buffer
+
+def pose_x(x: float) -> np.ndarray:
+    return np.array([x, 0, 0, 0, 0, 0, 1.0])
+
+
+def test_pose_buffer_interpolates_and_waits():
+    buf = PoseBuffer(tolerance=0.05, max_gap=1.0)
+    assert buf.lookup(1.0)[0] is PoseLookup.WAIT
+    assert buf.lookup(1.0, final=True)[0] is PoseLookup.MISSING
+    buf.add(1.0, pose_x(0.0))
+    buf.add(1.2, pose_x(2.0))
+    status, pose = buf.lookup(1.05)
+    assert status is PoseLookup.OK and pose[0] == pytest.approx(0.5)
+    assert buf.lookup(1.25)[0] is PoseLookup.WAIT            # a later pose may still bracket it
+    status, pose = buf.lookup(1.22, final=True)              # within tolerance of the newest
+    assert status is PoseLookup.OK and pose[0] == 2.0
+    assert buf.lookup(0.5)[0] is PoseLookup.MISSING          # older than the history
+    buf.add(5.0, pose_x(10.0))                               # a dropout: no interpolation across it
+    assert buf.lookup(3.0)[0] is PoseLookup.MISSING
+
+
+def test_pose_buffer_is_bounded():
+    buf = PoseBuffer(capacity=10)
+    for i in range(100):
+        buf.add(float(i), pose_x(i))
+    assert len(buf) == 10 and buf.newest_stamp == 99.0
+
+
+def test_keyframe_rule_matches_offline_selection():
+    from r2former_core.data.keyframes import select_keyframes
+    from r2former_ros.build_map_node import is_keyframe
+    rng = np.random.default_rng(0)
+    poses = np.zeros((40, 7))
+    poses[:, 0] = np.cumsum(rng.uniform(0, 0.6, 40))
+    yaw = np.cumsum(rng.uniform(0, 0.2, 40))
+    poses[:, 5], poses[:, 6] = np.sin(yaw / 2), np.cos(yaw / 2)
+    kept, last = [], None
+    for i, p in enumerate(poses):
+        if is_keyframe(last, p, 1.0, 20.0):
+            kept.append(i)
+            last = p
+    assert kept == select_keyframes(poses, 1.0, 20.0).tolist()
+
+
+# ------------------------------------------------------------------------------ pictures and markers
+
+def test_draw_matches_places_lines_on_token_pixels():
+    from r2former_core.results import TokenMatches
+    from r2former_ros.visualization import draw_matches, token_pixels
+    query = np.zeros((120, 160, 3), np.uint8)
+    thumb = np.zeros((60, 80, 3), np.uint8)    # half size: coordinates scale with the shown image
+    m = TokenMatches(query_xy=np.array([[0.5, 0.25]], np.float32), map_xy=np.array([[0.25, 0.5]], np.float32),
+                     similarity=np.array([0.9], np.float32))
+    assert token_pixels(m.query_xy, (96, 128), (120, 160)).tolist() == [[80.0, 40.0]]
+    out = draw_matches(query, thumb, m, model_size=(96, 128), num_lines=5, text=["conf 0.50"])
+    banner = 16 + 6
+    assert out.shape == (120 + banner, 160 + 160, 3)            # thumb resized to the query height
+    assert out[banner + 40, 80].any()                           # start of the line at the query token
+    assert out[banner + 80, 160 + 40].any()                     # end at the map token (0.25 * 128 * 160/128)
+    assert out[5:15, 5:60].any()                                # text drawn
+    none = draw_matches(query, None, TokenMatches(), model_size=(96, 128))
+    assert none.shape == (120, 320, 3)
+
+
+def test_candidate_markers_coloured_by_score():
+    pytest.importorskip("rclpy")
+    from builtin_interfaces.msg import Time
+    from visualization_msgs.msg import Marker
+
+    from r2former_core.results import Candidate
+    from r2former_ros.visualization import candidate_markers
+    cands = [Candidate(i, f"c{i}", np.array([i, 0, 0, 0, 0, 0, 1.0]), 0.5, s, s)
+             for i, s in enumerate([0.9, 0.5, 0.1])]
+    msg = candidate_markers(cands, "map", Time(sec=1), max_markers=2)
+    assert msg.markers[0].action == Marker.DELETEALL
+    arrows = [m for m in msg.markers if m.type == Marker.ARROW and m.action == Marker.ADD]
+    assert len(arrows) == 2 and all(m.header.frame_id == "map" for m in msg.markers)
+    assert arrows[0].color.g > arrows[0].color.r and arrows[1].color.r >= arrows[0].color.r
+    ids = [(m.ns, m.id) for m in msg.markers[1:]]
+    assert len(ids) == len(set(ids))
+
+
+# ------------------------------------------------------------------------------ paths and parameters
+
+def test_default_model_path_lookup(monkeypatch, tmp_path):
+    from r2former_core.model import zoo
+    from r2former_ros import paths
+    monkeypatch.setattr(paths, "share_dirs", lambda: [tmp_path / "a", tmp_path / "b"])
+    monkeypatch.setattr(zoo, "default_model_path", lambda: None)
+    with pytest.raises(FileNotFoundError, match="model_path"):
+        paths.default_model_path()
+    target = tmp_path / "b" / paths.DEMO_MODEL
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"x")
+    assert paths.default_model_path() == target
+    assert paths.resolve_model_path("") == target
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        paths.resolve_model_path(str(tmp_path / "nope.safetensors"))
+
+
+def test_param_spec_checks():
+    pytest.importorskip("rclpy")
+    from r2former_ros.parameters import ParamSpec
+    spec = ParamSpec("rerank", "r2former", "d", choices=("r2former", "ransac", "none"))
+    assert spec.check("ransac") is None
+    assert "r2former, ransac, none" in spec.check("foo") and "rerank" in spec.check("foo")
+    num = ParamSpec("top_k", 100, "d", min=1, max=1000)
+    assert num.check(0) and num.check(1) is None
+    assert num.descriptor().integer_range[0].from_value == 1
+    assert ParamSpec("x", 0.5, "d", min=0.0, max=1.0).descriptor().floating_point_range[0].to_value == 1.0
