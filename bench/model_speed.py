@@ -2,7 +2,9 @@
 """Model speed: extraction ms/image at 480x640 (batch 1 and 8), reranking ms/query (K=100), peak memory.
 
 Each measurement runs in a fresh subprocess so that its peak resident memory (VmHWM) is its own.
-Medians over --repeats runs after --warmup runs. Random weights of the released configuration
+Medians over --repeats runs after --warmup runs; the 1-minute load average at the start and end of
+each measurement is recorded (on a shared 2-core machine a load above ~0.5 means another process
+competed for the cores). Random weights of the released configuration
 (DeiT-S distilled, 480x640) unless --model is given. Prints a table and writes JSON.
 
     python bench/model_speed.py [--device auto] [--threads 2] [--repeats 5] [--out bench/results/model_speed.json]
@@ -41,6 +43,7 @@ def worker(args) -> dict:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = []
     base_rss = _peak_rss_mib()
+    load_start = os.getloadavg()[0]
     if args.task.startswith("extract"):
         batch = int(args.task.split("_b")[1])
         images = torch.randn(batch, 3, h, w, device=dev)
@@ -72,7 +75,7 @@ def worker(args) -> dict:
         times.append((time.perf_counter() - t0) * 1000 / per)
     return {"task": args.task, "device": str(dev), "threads": args.threads, "ms_median": statistics.median(times),
             "ms_min": min(times), "ms_max": max(times), "runs": len(times), "peak_rss_mib": _peak_rss_mib(),
-            "rss_before_mib": base_rss,
+            "rss_before_mib": base_rss, "loadavg_1min_start": load_start, "loadavg_1min_end": os.getloadavg()[0],
             "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None}
 
 
@@ -105,11 +108,11 @@ def main() -> int:
             print(out.stderr, file=sys.stderr)
             return 1
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"{'task':<18} {'device':<7} {'ms (median)':>12} {'min':>9} {'max':>9} {'peak RSS MiB':>13}")
+    print(f"{'task':<18} {'device':<7} {'ms (median)':>12} {'min':>9} {'max':>9} {'peak RSS MiB':>13} {'load':>5}")
     for r in rows:
         unit = "/image" if r["task"].startswith("extract") else "/query"
         print(f"{r['task']:<18} {r['device']:<7} {r['ms_median']:>9.1f}{unit:<3} {r['ms_min']:>9.1f} {r['ms_max']:>9.1f} "
-              f"{r['peak_rss_mib']:>13.0f}")
+              f"{r['peak_rss_mib']:>13.0f} {r['loadavg_1min_end']:>5.1f}")
     import torch
     meta = {"torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "k": args.k, "date": time.strftime("%Y-%m-%d %H:%M")}

@@ -1,12 +1,16 @@
 """Device selection: `auto` picks CUDA when available, else CPU."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported on first use, so `--help` and argument errors stay fast
+    import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
+def resolve_device(device: "str | torch.device" = "auto") -> "torch.device":
+    import torch
     if isinstance(device, torch.device):
         return device
     name = str(device).strip().lower()

@@ -107,3 +107,56 @@ def test_cli_expected_failures_are_one_line(tmp_path, capsys, world):
                  str(tmp_path / "o.csv"), "--model", str(model_path)]) == 2
     assert main(["build-map", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
                  str(tmp_path / "m2"), "--model", str(tmp_path / "nomodel.pth")]) == 2
+
+
+def test_killed_build_map_leaves_nothing_loadable_and_rerun_succeeds(world, tmp_path):
+    """SIGKILL `r2former build-map` while it writes: no map under the final name; a rerun builds it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from r2former_core.mapdb import MapError
+
+    root, _, _, model_path = world
+    n = 150
+    images = make_images(n, seed=5)
+    stamps = 1_700_000_000.0 + np.arange(n) * 0.5
+    poses = np.zeros((n, 7))
+    poses[:, 0] = np.arange(n) * 3.0
+    poses[:, 3:] = quat_from_yaw(np.zeros(n))
+    (tmp_path / "images").mkdir()
+    for s, im in zip(stamps, images):
+        cv2.imwrite(str(tmp_path / "images" / f"{s:.6f}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+    write_tum(tmp_path / "poses.txt", stamps, poses)
+    out = tmp_path / "maps" / "m"
+    out.parent.mkdir()
+    args = ["build-map", "--images", str(tmp_path / "images"), "--poses", str(tmp_path / "poses.txt"),
+            "--out", str(out), "--model", str(model_path), "--device", "cpu"]
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "r2former_core.cli.main", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.parent.glob("m.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(1.0)                                      # let it write some entries (150 take ~10 s)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "build-map ended before it could be killed mid-way"
+    assert list(out.parent.glob("m.tmp-*")), "the killed build-map should have been writing a temporary map"
+    assert not out.exists()
+    with pytest.raises(MapError):
+        MapDatabase.load(out)
+    t0 = time.monotonic()
+    assert main(args) == 0                                   # the rerun succeeds
+    print(f"rerun took {time.monotonic() - t0:.1f} s")
+    db = MapDatabase.load(out)
+    assert len(db) == n and np.allclose(db.poses, poses)
+    db.close()
+    assert [p.name for p in out.parent.iterdir()] == ["m"]   # and cleaned up the dead writer's temp dir
