@@ -251,11 +251,9 @@ class LocalizeNode(Node):
         decode_ms = (time.perf_counter() - t0) * 1e3
         with self._localizer_lock:
             localizer = self._localizer
-        result: LocalizationResult = localizer.localize(rgb)
+        result: LocalizationResult = localizer.localize(rgb, decode_ms=decode_ms)
         accept_above(result, float(self.get_parameter("min_confidence").value))
         timings = dict(result.timings_ms)
-        timings["decode"] = decode_ms
-        timings["total"] = timings.get("total", 0.0) + decode_ms
 
         stamp = msg.header.stamp
         if stamp_to_ns(stamp) == 0:

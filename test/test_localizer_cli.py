@@ -59,6 +59,9 @@ def test_build_localize_eval(world, tmp_path):
         assert int(row["best_index"]) == i                       # every image finds its own frame
         assert abs(float(row["x"]) - poses[i, 0]) < 3.0
         assert all(float(row[k]) > 0 for k in ("var_x", "var_y", "var_yaw"))
+        stages = [float(row[f"ms_{k}"]) for k in ("decode", "extract", "search", "rerank", "pose")]
+        assert all(v >= 0 for v in stages) and float(row["ms_extract"]) > 0
+        assert float(row["ms_total"]) >= sum(stages) - 0.5            # total covers every stage (CSV rounding)
     assert len(list((tmp_path / "m").glob("*.jpg"))) == 12
 
     report = tmp_path / "eval.json"
@@ -87,7 +90,7 @@ def test_localizer_result_and_mismatched_map(world, tmp_path, tiny_config):
     assert res.best_index == 4 and len(res.candidates) == 5
     assert res.candidates[0].score >= res.candidates[1].score
     assert np.allclose(res.covariance, res.covariance.T) and np.all(np.linalg.eigvalsh(res.covariance) > 0)
-    assert {"extract", "search", "rerank", "pose", "total"} <= set(res.timings_ms)
+    assert {"decode", "extract", "search", "rerank", "pose", "total"} <= set(res.timings_ms)
     assert len(res.matches) > 0 and res.matches.query_xy.shape[1] == 2
     # A map built with another model is refused with a message that says what to do.
     from r2former_core.model import build_model

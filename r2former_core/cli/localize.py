@@ -4,12 +4,15 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ["name", "stamp", "x", "y", "z", "qx", "qy", "qz", "qw", "confidence", "accepted", "best_index",
-               "best_name", "var_x", "var_y", "var_z", "var_roll", "var_pitch", "var_yaw", "ms_total"]
+               "best_name", "var_x", "var_y", "var_z", "var_roll", "var_pitch", "var_yaw", "ms_decode", "ms_extract", "ms_search", "ms_rerank",
+               "ms_pose", "ms_total"]
+STAGES = ("decode", "extract", "search", "rerank", "pose", "total")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -63,13 +66,15 @@ def run(args) -> int:
     with open(out, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
+        t_read = time.perf_counter()
         for rec in tqdm(source, total=len(source), desc="localize", unit="img"):
-            res = localizer.localize(rec.image)
+            res = localizer.localize(rec.image, decode_ms=(time.perf_counter() - t_read) * 1000)
             best = res.best
             writer.writerow([rec.name, f"{rec.stamp:.6f}", *(f"{v:.4f}" for v in res.pose[:3]),
                              *(f"{v:.6f}" for v in res.pose[3:]), f"{res.confidence:.4f}", int(res.accepted),
                              res.best_index, best.name if best else "",
-                             *(f"{v:.6g}" for v in res.covariance.diagonal()), f"{res.timings_ms['total']:.1f}"])
+                             *(f"{v:.6g}" for v in res.covariance.diagonal()),
+                             *(f"{res.timings_ms.get(k, 0.0):.1f}" for k in STAGES)])
             n += 1
             accepted += int(res.accepted)
             if matches_dir:
@@ -78,5 +83,6 @@ def run(args) -> int:
                 image = draw_matches(rec.image, mapdb.thumbnail(res.best_index), res.matches,
                                      model_size=model.cfg.image_size, text=text)
                 cv2.imwrite(str(matches_dir / f"{Path(rec.name).stem}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            t_read = time.perf_counter()
     print(f"{n} queries localized, {accepted} accepted (confidence >= {args.min_confidence}); wrote {out}")
     return 0
