@@ -6,6 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.r2former-installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: venv test test-fast bench demo parity clean
 
@@ -23,6 +24,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/model_speed.py
+
+# The whole pipeline on a synthetic street (r2former_ros/demo.py): synth map + query bags, build_map,
+# localize + demo_evaluator in their own processes, query bag played; numbers and plots in demo_out/.
+demo: $(STAMP)
+	$(PY) -m r2former_ros.demo --out demo_out $(DEMO_ARGS)
 
 parity: $(STAMP)
 	$(VENV)/bin/r2former check-parity ../shared/official_ref

@@ -32,6 +32,7 @@ setup(
             "localize = r2former_ros.localize_node:main",
             "build_map = r2former_ros.build_map_node:main",
             "bag_player = r2former_ros.bag_player:main",
+            "demo_evaluator = r2former_ros.demo_evaluator:main",
         ],
     },
 )

@@ -1,0 +1,361 @@
+"""`make demo` / `python -m r2former_ros.demo`: the whole pipeline on a synthetic street, end to end.
+
+Steps, each its own process (logs in OUT/logs/):
+
+1. `r2former synth`: a map drive (day) as rosbag2, camera images + /odom ground truth;
+2. `r2former synth`: a query drive of the same world in other conditions (dusk), shifted sideways
+   and with yaw jitter;
+3. `build_map --bag`: the localization map of the map drive, with the demo model;
+4. `localize` (the same command line `r2former launch localize` runs, with a parameters file
+   derived from config/localize.yaml) and `demo_evaluator`, in their own processes;
+5. `bag_player`: the query bag at its recorded rate (10 Hz, best-effort like a camera driver);
+6. the evaluator compares `~/pose` with ground truth and writes OUT/summary.json,
+   OUT/trajectory.png and OUT/matches_*.png; this script adds the run's settings and timings.
+
+The ROS graph is private: localhost-only discovery and a random domain id (`--domain-id` to choose).
+Ctrl-C or a failed step stops every child (SIGINT, then SIGTERM, then SIGKILL) and exits non-zero
+with one line saying which step failed and where its log is.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+import yaml
+
+from r2former_core.cli import launch as cli_launch
+
+QUERY_TOPIC = "/camera/image_raw"
+ODOM_TOPIC = "/odom"
+LOCALIZER = "/r2former_localizer"
+STOP_GRACE_SEC = 10.0
+
+
+class StepFailed(RuntimeError):
+    """A step of the demo failed; str() is the one line to print."""
+
+
+class Child:
+    """A child process in its own session (so a terminal Ctrl-C reaches it only through us), output to a log."""
+
+    def __init__(self, name: str, cmd: Sequence[str], log_path: Path, env: dict[str, str]) -> None:
+        self.name, self.cmd, self.log_path = name, list(cmd), log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log: IO[bytes] = open(log_path, "wb")
+        self._log.write(("$ " + " ".join(self.cmd) + "\n").encode())
+        self._log.flush()
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, grace: float = STOP_GRACE_SEC) -> int | None:
+        """SIGINT, wait `grace` s; SIGTERM, wait 5 s; SIGKILL. Returns the exit status."""
+        for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            if self.proc.poll() is not None:
+                break
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                break
+            self.wait(wait)
+        self._log.close()
+        return self.proc.poll()
+
+    def last_line(self) -> str:
+        try:
+            lines = [ln.strip() for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        useful = [ln for ln in lines if not ln.startswith("$ ")]
+        return useful[-1] if useful else ""
+
+
+class Demo:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.out)
+        self.work = self.out / "work"
+        self.logs = self.out / "logs"
+        self.children: list[Child] = []
+        self.timings: dict[str, float] = {}
+        self.t0 = time.monotonic()
+        self.domain_id = args.domain_id if args.domain_id is not None else random.SystemRandom().randint(1, 100)
+        env = dict(os.environ)
+        env.update(ROS_DOMAIN_ID=str(self.domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+                   ROS_LOG_DIR=str((self.logs / "ros").resolve()), PYTHONUNBUFFERED="1")
+        env.pop("ROS_STATIC_PEERS", None)
+        try:   # big shared-memory segment: best-effort camera images reach the other processes
+            env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(cli_launch.find_package_file("config/fastdds_shm.xml"))
+        except FileNotFoundError:
+            pass
+        self.env = env
+
+    # ----------------------------------------------------------------- helpers
+    def say(self, text: str, end: str = "\n") -> None:
+        print(text, end=end, flush=True)
+
+    def start(self, name: str, cmd: Sequence[str]) -> Child:
+        child = Child(name, cmd, self.logs / f"{name}.log", self.env)
+        self.children.append(child)
+        return child
+
+    def run_step(self, name: str, cmd: Sequence[str], timeout: float) -> float:
+        t = time.monotonic()
+        child = self.start(name, cmd)
+        code = child.wait(timeout)
+        if code is None:
+            child.stop()
+            raise StepFailed(f"demo: step {name!r} did not finish within {timeout:.0f} s; log: {child.log_path}")
+        child.stop()
+        if code != 0:
+            raise StepFailed(f"demo: step {name!r} failed (exit {code}): {child.last_line()} "
+                             f"(log: {child.log_path})")
+        return time.monotonic() - t
+
+    def stop_all(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+
+    @staticmethod
+    def python(module: str, *args: str) -> list[str]:
+        return [sys.executable, "-m", module, *args]
+
+    def prepare(self) -> None:
+        """Remove what an earlier run wrote (only the demo's own files)."""
+        for path in (self.work, self.logs):
+            if path.exists():
+                shutil.rmtree(path)
+        for pattern in ("summary.json", "trajectory.png", "matches_*.png"):
+            for path in self.out.glob(pattern):
+                path.unlink()
+        self.work.mkdir(parents=True)
+        self.logs.mkdir(parents=True)
+
+    def localize_params(self, model: Path) -> Path:
+        """config/localize.yaml with the demo's changes (only those given on the command line)."""
+        source = cli_launch.find_package_file("config/localize.yaml")
+        params = yaml.safe_load(source.read_text())
+        node = params["r2former_localizer"]["ros__parameters"]
+        node["device"] = self.args.device
+        if self.args.min_confidence is not None:
+            node["min_confidence"] = float(self.args.min_confidence)
+        if self.args.top_k is not None:
+            node["top_k"] = int(self.args.top_k)
+        path = self.work / "localize.yaml"
+        path.write_text(f"# Generated by the demo from {source}\n" + yaml.safe_dump(params, sort_keys=False))
+        return path
+
+    # -------------------------------------------------------------------- run
+    def run(self) -> dict:
+        a = self.args
+        from r2former_core.model.zoo import resolve_model_path
+        model = Path(resolve_model_path(a.model)).resolve()
+        if not model.is_file():
+            raise StepFailed(f"demo: model {model} does not exist")
+        self.prepare()
+        height, width = a.size
+        steps = 6
+        self.say(f"r2former demo: seed {a.seed}, map {a.map_conditions} ({a.map_frames} frames), query "
+                 f"{a.query_conditions} ({a.query_frames} frames), {width}x{height} images, model {model}, "
+                 f"ROS_DOMAIN_ID {self.domain_id} (localhost only); output {self.out}/")
+
+        synth = ["r2former_core.cli.main", "synth", "--seed", str(a.seed), "--width", str(width),
+                 "--height", str(height), "--bag"]
+        self.say(f"[1/{steps}] synthetic map drive ({a.map_conditions}) ...", end=" ")
+        dt = self.run_step("synth_map", self.python(*synth, "--drive", "map", "--conditions", a.map_conditions,
+                                                    "--frames", str(a.map_frames), "--out", str(self.work / "map")),
+                           timeout=600)
+        self.timings["synth_map"] = dt
+        self.say(f"{dt:.1f} s")
+        self.say(f"[2/{steps}] synthetic query drive ({a.query_conditions}) ...", end=" ")
+        dt = self.run_step("synth_query", self.python(*synth, "--drive", "query", "--conditions",
+                                                      a.query_conditions, "--frames", str(a.query_frames),
+                                                      "--out", str(self.work / "query")), timeout=600)
+        self.timings["synth_query"] = dt
+        self.say(f"{dt:.1f} s")
+
+        map_dir = self.work / "map_db"
+        self.say(f"[3/{steps}] build_map from the map bag ...", end=" ")
+        dt = self.run_step("build_map", self.python(
+            "r2former_ros.build_map_node", "--bag", str(self.work / "map" / "bag"), "--image-topic", QUERY_TOPIC,
+            "--pose-topic", ODOM_TOPIC, "--out", str(map_dir), "--model", str(model), "--device", a.device),
+            timeout=1200)
+        self.timings["build_map"] = dt
+        map_size = _map_size(map_dir)
+        self.say(f"{dt:.1f} s, {map_size} map images")
+
+        self.say(f"[4/{steps}] starting localize and demo_evaluator ...", end=" ")
+        t = time.monotonic()
+        params = self.localize_params(model)
+        inv = cli_launch.localize_invocations(str(params), map_path=str(map_dir.resolve()), model=str(model),
+                                              image_topic=QUERY_TOPIC)[0]
+        localize = self.start("localize", cli_launch.executable_command(inv.node) + inv.ros_args())
+        ready_file = self.work / "evaluator.ready"
+        title = (f"seed {a.seed}: map {a.map_conditions}, query {a.query_conditions}; model {model.name} "
+                 f"({_sha256(model)[:12]})")
+        loc_values = yaml.safe_load(params.read_text())["r2former_localizer"]["ros__parameters"]
+        evaluator = self.start("demo_evaluator", self.python(
+            "r2former_ros.demo_evaluator", "--out", str(self.out), "--image-topic", QUERY_TOPIC,
+            "--odom-topic", ODOM_TOPIC, "--localizer", LOCALIZER, "--frames-published", str(a.query_frames),
+            "--qos-reliability", str(loc_values["qos_reliability"]), "--qos-depth", str(loc_values["qos_depth"]),
+            "--max-matches", str(a.max_matches), "--idle-timeout", str(a.idle_timeout),
+            "--ready-file", str(ready_file), "--title", title))
+        deadline = time.monotonic() + a.startup_timeout
+        while not ready_file.exists():
+            for child in (localize, evaluator):
+                if not child.alive():
+                    raise StepFailed(f"demo: {child.name} exited during start-up (exit {child.proc.returncode}): "
+                                     f"{child.last_line()} (log: {child.log_path})")
+            if time.monotonic() > deadline:
+                raise StepFailed(f"demo: localize was not ready within {a.startup_timeout:.0f} s "
+                                 f"(log: {localize.log_path})")
+            time.sleep(0.2)
+        self.timings["start_nodes"] = time.monotonic() - t
+        self.say(f"{self.timings['start_nodes']:.1f} s")
+
+        play_sec = a.query_frames / 10.0 / a.rate
+        self.say(f"[5/{steps}] playing the query bag ({a.query_frames} frames, {play_sec:.1f} s at rate {a.rate:g}) ...",
+                 end=" ")
+        dt = self.run_step("bag_player", self.python(
+            "r2former_ros.bag_player", str(self.work / "query" / "bag"), "--topics", QUERY_TOPIC, ODOM_TOPIC,
+            "--rate", str(a.rate), "--qos-reliability", "best_effort", "--wait-for-subscribers", "10",
+            "--start-delay", "1.0"), timeout=play_sec + 120)
+        self.timings["play"] = dt
+        self.say(f"{dt:.1f} s")
+
+        self.say(f"[6/{steps}] evaluating ...", end=" ")
+        t = time.monotonic()
+        code = evaluator.wait(4 * a.idle_timeout + 120)
+        if code is None:   # still waiting for the localizer: take what arrived
+            code = evaluator.stop()
+        if not localize.alive():
+            raise StepFailed(f"demo: localize exited while the query played (exit {localize.proc.returncode}): "
+                             f"{localize.last_line()} (log: {localize.log_path})")
+        localize_code = localize.stop()
+        if code != 0:
+            raise StepFailed(f"demo: step 'demo_evaluator' failed (exit {code}): {evaluator.last_line()} "
+                             f"(log: {evaluator.log_path})")
+        self.timings["evaluate"] = time.monotonic() - t
+        self.say(f"{self.timings['evaluate']:.1f} s")
+
+        summary_path = self.out / "summary.json"
+        summary = json.loads(summary_path.read_text())
+        self.timings["total"] = time.monotonic() - self.t0
+        summary["demo"] = {
+            "seed": a.seed, "map_conditions": a.map_conditions, "query_conditions": a.query_conditions,
+            "map_frames": a.map_frames, "query_frames": a.query_frames, "image_size": [height, width],
+            "rate": a.rate, "map_images": map_size, "model": str(model), "model_sha256": _sha256(model),
+            "model_fingerprint": summary.get("diagnostics", {}).get("model_fingerprint"),
+            "localize_params": loc_values, "localize_exit": localize_code, "ros_domain_id": self.domain_id,
+            "seconds": {k: round(v, 2) for k, v in self.timings.items()},
+        }
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        from r2former_core.demo_report import format_table
+        self.say("\n" + format_table(summary))
+        files = ", ".join(summary.get("files", []))
+        self.say(f"\ndemo finished in {self.timings['total']:.0f} s; wrote {summary_path} and {files} "
+                 f"in {self.out}/ (logs in {self.logs}/)")
+        return summary
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _map_size(map_dir: Path) -> int | None:
+    try:
+        from r2former_core.mapdb import MapDatabase
+        return len(MapDatabase.load(map_dir))
+    except Exception:  # noqa: BLE001 - only for the progress line
+        return None
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 320x256, not {text!r}") from None
+    if w < 16 or h < 16:
+        raise argparse.ArgumentTypeError("width and height must be at least 16")
+    return h, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m r2former_ros.demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    p.add_argument("--seed", type=int, default=7, help="synthetic world (default 7; not a training or "
+                   "evaluation seed of the demo model)")
+    p.add_argument("--map-conditions", default="day", help="conditions of the map drive (default day)")
+    p.add_argument("--query-conditions", default="dusk", help="conditions of the query drive (default dusk)")
+    p.add_argument("--map-frames", type=int, default=220,
+                   help="map drive images (default 220: once around the loop, ~1.9 m apart)")
+    p.add_argument("--query-frames", type=int, default=200, help="query drive images at 10 Hz (default 200 = 20 s)")
+    p.add_argument("--size", type=_size, default=(256, 320), help="image WIDTHxHEIGHT (default 320x256, "
+                   "twice the demo model's 160x128 input)")
+    p.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1 = real time)")
+    p.add_argument("--model", default="", help="model file (default: models/r2former_tiny_demo.safetensors or "
+                   "$R2FORMER_MODEL)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
+    p.add_argument("--min-confidence", type=float, help="localizer min_confidence (default: config/localize.yaml)")
+    p.add_argument("--top-k", type=int, help="localizer top_k (default: config/localize.yaml)")
+    p.add_argument("--max-matches", type=int, default=4, help="matches_*.png images to save (default 4)")
+    p.add_argument("--idle-timeout", type=float, default=3.0,
+                   help="the evaluator finishes this long after the last image, once the localizer is idle")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds for localize to load (default 300)")
+    p.add_argument("--domain-id", type=int, help="ROS_DOMAIN_ID of the demo's graph (default: random 1-100)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.map_frames < 2 or args.query_frames < 1 or args.rate <= 0:
+        print("demo: error: --map-frames >= 2, --query-frames >= 1 and --rate > 0 are required", file=sys.stderr)
+        return 2
+    demo = Demo(args)
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        demo.run()
+        return 0
+    except StepFailed as exc:
+        print(f"\n{exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted; stopping the nodes", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)     # a second Ctrl-C must not cut the clean-up short
+        demo.stop_all()
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
