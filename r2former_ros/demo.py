@@ -233,8 +233,8 @@ class Demo:
         self.say(f"{self.timings['start_nodes']:.1f} s")
 
         play_sec = a.query_frames / 10.0 / a.rate
-        self.say(f"[5/{steps}] playing the query bag ({a.query_frames} frames, {play_sec:.1f} s at rate {a.rate:g}) ...",
-                 end=" ")
+        self.say(f"[5/{steps}] playing the query bag ({a.query_frames} frames, {play_sec:.1f} s at rate "
+                 f"{a.rate:g}) ...", end=" ")
         dt = self.run_step("bag_player", self.python(
             "r2former_ros.bag_player", str(self.work / "query" / "bag"), "--topics", QUERY_TOPIC, ODOM_TOPIC,
             "--rate", str(a.rate), "--qos-reliability", "best_effort", "--wait-for-subscribers", "10",
@@ -340,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt
 
+    # Explicit handlers: a shell starts background jobs with SIGINT ignored, and SIGTERM should clean up too.
+    old_int = signal.signal(signal.SIGINT, on_signal)
     old_term = signal.signal(signal.SIGTERM, on_signal)
     try:
         demo.run()
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # a second Ctrl-C must not cut the clean-up short
         demo.stop_all()
         signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, old_int)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ class DemoEvaluator(Node):
         """The localizer is up (latched state arrived) and subscribes the camera topic, as do we."""
         with self.lock:
             have_state = self.state is not None
-        return have_state and self.count_subscribers(self.image_topic) >= 2 and self.count_publishers(self.pose_topic) > 0
+        return (have_state and self.count_subscribers(self.image_topic) >= 2
+                and self.count_publishers(self.pose_topic) > 0)
 
     def finished(self) -> bool:
         """Images stopped `idle_timeout` s ago and the localizer's later diagnostics show no pending work."""

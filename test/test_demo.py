@@ -179,3 +179,45 @@ def test_demo_failed_step_is_one_line_and_nonzero(tmp_path):
     assert last.startswith("demo: step 'build_map' failed (exit 2): build_map: error:"), result.stderr
     assert "build_map.log" in last
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.ros
+def test_demo_ctrl_c_stops_every_child(tmp_path, tiny_model):
+    import signal
+
+    from rostools import save_tiny_model, wait_until
+
+    model = save_tiny_model(tiny_model, tmp_path / "tiny.safetensors")
+    out = tmp_path / "interrupted"
+    log = open(tmp_path / "demo.out", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "r2former_ros.demo", "--out", str(out), "--model", str(model),
+                             "--map-frames", "6", "--query-frames", "600", "--size", "128x96", "--device", "cpu",
+                             "--domain-id", os.environ["ROS_DOMAIN_ID"]], stdout=log, stderr=subprocess.STDOUT,
+                            cwd=ROOT, env=os.environ.copy())
+    try:
+        # the query bag (60 s) is playing: localize, demo_evaluator and bag_player are running
+        assert wait_until(lambda: "[5/6]" in (tmp_path / "demo.out").read_text() or proc.poll() is not None, 240)
+        assert wait_until(lambda: len(_processes_mentioning(str(out))) >= 4, 30), _processes_mentioning(str(out))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    text = (tmp_path / "demo.out").read_text()
+    assert text.strip().splitlines()[-1] == "demo: interrupted; stopping the nodes", text
+    assert wait_until(lambda: not _processes_mentioning(str(out)), 5), _processes_mentioning(str(out))
