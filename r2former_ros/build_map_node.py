@@ -4,6 +4,7 @@ Offline (no ROS graph needed; the same code path as `r2former build-map --bag`):
 
     build_map --bag BAG --image-topic /camera/image_raw --pose-topic /odom --out maps/campus
               [--model M] [--min-distance 1.0] [--min-angle 15] [--device auto] [--overwrite]
+    build_map --bag BAG --image-topic /camera/image_raw --pose-topic /tf --tf-frames map:camera_link ...
 
 Live (node `r2former_map_builder`; its parameters are listed in config/build_map.yaml):
 
@@ -282,7 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output map directory")
     p.add_argument("--image-topic", help=f"image topic (live default {defaults['image_topic']!r}; offline: the "
                                          "only image topic of the bag when omitted)")
-    p.add_argument("--pose-topic", help=f"pose topic (live default {defaults['pose_topic']!r})")
+    p.add_argument("--pose-topic", help=f"pose topic (live default {defaults['pose_topic']!r}); offline also /tf "
+                                        "with --tf-frames")
+    p.add_argument("--tf-frames", metavar="PARENT:CHILD",
+                   help="offline (--bag) only: take the poses from the bag's TF, the pose of frame CHILD in frame "
+                        "PARENT (e.g. map:base_link) at each image stamp, chained over /tf (interpolated) and "
+                        "/tf_static (read automatically when present); --pose-topic defaults to /tf")
     p.add_argument("--pose-type", choices=tuple(POSE_TYPES),
                    help=f"live: message type of the pose topic (default {defaults['pose_type']})")
     p.add_argument("--compressed", action="store_true", help="live: subscribe <image-topic>/compressed")
@@ -312,7 +318,8 @@ def run_offline(args: argparse.Namespace) -> int:
         return 2
     try:
         model = load_model(resolve_model_path(args.model or ""), device=args.device or defaults["device"])
-        source = open_source(bag=args.bag, image_topic=args.image_topic, pose_topic=args.pose_topic)
+        source = open_source(bag=args.bag, image_topic=args.image_topic, pose_topic=args.pose_topic,
+                             tf_frames=args.tf_frames)
         build_map(source, model, args.out,
                   min_distance=args.min_distance if args.min_distance is not None else defaults["min_distance"],
                   min_angle=args.min_angle if args.min_angle is not None else defaults["min_angle"],
@@ -367,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
     args = build_parser().parse_args(remove_ros_args(argv)[1:])
     if args.live:
+        if args.tf_frames is not None:
+            print("build_map: error: --tf-frames works only with --bag (live mode takes poses from a pose topic)",
+                  file=sys.stderr)
+            return 2
         return run_live(args, argv)
     return run_offline(args)
 

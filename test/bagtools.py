@@ -113,3 +113,58 @@ def write_image_pose_bag(path: str | Path, images: Sequence[np.ndarray | bytes],
             t_ns = int(round((stamp + bag_time_offset) * 1e9))
             writer.write(conn, t_ns, ts.serialize_cdr(msg, msgtype))
     return path
+
+
+# A transform for a TF bag: (header stamp in seconds, parent frame, child frame, (7,) pose of child in parent)
+Transform = tuple[float, str, str, np.ndarray]
+
+
+def tf_message(ts, transforms: Sequence[Transform]):
+    """tf2_msgs/TFMessage with one geometry_msgs/TransformStamped per transform."""
+    t = ts.types
+    items = []
+    for seconds, parent, child, pose in transforms:
+        x, y, z, qx, qy, qz, qw = (float(v) for v in pose)
+        transform = t["geometry_msgs/msg/Transform"](translation=t["geometry_msgs/msg/Vector3"](x=x, y=y, z=z),
+                                                     rotation=t["geometry_msgs/msg/Quaternion"](x=qx, y=qy, z=qz, w=qw))
+        items.append(t["geometry_msgs/msg/TransformStamped"](header=header_msg(ts, seconds, parent),
+                                                             child_frame_id=child, transform=transform))
+    return t["tf2_msgs/msg/TFMessage"](transforms=items)
+
+
+def write_tf_bag(path: str | Path, images: Sequence[np.ndarray], stamps: Sequence[float],
+                 tf: Sequence[tuple[float, Sequence[Transform]]] | None = None,
+                 tf_static: Sequence[Transform] | None = None,
+                 storage: str = "sqlite3", image_topic: str = "/camera/image_raw", tf_topic: str = "/tf",
+                 static_topic: str = "/tf_static") -> Path:
+    """Write a rosbag2 with raw images and TF: `tf` (if not None, even empty) is a list of (bag time,
+    transforms) messages on `tf_topic`;
+    `tf_static` (if not None, even empty) is one message on `static_topic` at the start of the bag.
+
+    Returns the bag path.
+    """
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    ts = typestore()
+    plugin = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}[storage]
+    tf_type, image_type = "tf2_msgs/msg/TFMessage", IMAGE_MSG_TYPES["raw"]
+    entries: list[tuple[float, int, str, object, str]] = []
+    for image, stamp in zip(images, stamps, strict=True):
+        entries.append((stamp, 2, image_topic, image_msg(ts, image, stamp), image_type))
+    for bag_time, transforms in tf or ():
+        entries.append((bag_time, 1, tf_topic, tf_message(ts, transforms), tf_type))
+    if tf_static is not None:
+        start = min([e[0] for e in entries], default=0.0)
+        entries.append((start, 0, static_topic, tf_message(ts, tf_static), tf_type))
+    entries.sort(key=lambda e: (e[0], e[1]))
+
+    path = Path(path)
+    with Writer(path, version=9, storage_plugin=plugin) as writer:
+        conns = {image_topic: writer.add_connection(image_topic, image_type, typestore=ts)}
+        if tf is not None:
+            conns[tf_topic] = writer.add_connection(tf_topic, tf_type, typestore=ts)
+        if tf_static is not None:
+            conns[static_topic] = writer.add_connection(static_topic, tf_type, typestore=ts)
+        for stamp, _, topic, msg, msgtype in entries:
+            writer.write(conns[topic], int(round(stamp * 1e9)), ts.serialize_cdr(msg, msgtype))
+    return path

@@ -27,7 +27,11 @@ def add_source_options(p: argparse.ArgumentParser, what: str, poses_required: bo
     g.add_argument("--image-topic", default=None, help="image topic in --bag (sensor_msgs/Image or CompressedImage)")
     g.add_argument("--pose-topic", default=None,
                    help="pose topic in --bag (Odometry, PoseStamped or PoseWithCovarianceStamped), interpolated at the "
-                        "image stamps")
+                        "image stamps; or /tf (tf2_msgs/TFMessage) together with --tf-frames")
+    g.add_argument("--tf-frames", default=None, metavar="PARENT:CHILD",
+                   help="poses from the bag's TF: the pose of frame CHILD in frame PARENT (e.g. map:base_link or "
+                        "odom:camera_link) at each image stamp, chained over /tf (interpolated) and /tf_static "
+                        "(read automatically when present); --pose-topic defaults to /tf")
     g.add_argument("--pose-tolerance", type=float, default=0.05,
                    help="seconds an image may lie outside the pose samples and still get a pose (default 0.05)")
 
@@ -38,7 +42,8 @@ def open_source_from_args(args, require_poses: bool):
     if not args.images and not args.bag:
         raise CliError("give a source: --images DIR [--poses FILE] or --bag BAG --image-topic T")
     return open_source(images=args.images, poses=args.poses, bag=args.bag, image_topic=args.image_topic,
-                       pose_topic=args.pose_topic, tolerance=args.pose_tolerance, require_poses=require_poses)
+                       pose_topic=args.pose_topic, tolerance=args.pose_tolerance, require_poses=require_poses,
+                       tf_frames=getattr(args, "tf_frames", None))
 
 
 def load_model_from_args(args):

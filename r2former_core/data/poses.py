@@ -150,6 +150,25 @@ def nan_poses(n: int) -> np.ndarray:
     return np.full((n, 7), np.nan, dtype=np.float64)
 
 
+def compose_poses(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`a * b` for pose arrays `(..., 7)`: with a = pose of frame B in frame A and b = pose of frame C
+    in frame B, the pose of C in A (position `t_a + R_a t_b`, orientation `q_a q_b`). Broadcasts."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    rot = quat_to_matrix(a[..., 3:])
+    position = a[..., :3] + np.einsum("...ij,...j->...i", rot, b[..., :3])
+    orientation = normalize_quat(quat_multiply(a[..., 3:], b[..., 3:]))
+    return np.concatenate([position, orientation], axis=-1)
+
+
+def invert_poses(a: np.ndarray) -> np.ndarray:
+    """Inverse pose(s) `(..., 7)`: the pose of frame A in frame B for a = pose of B in A."""
+    a = np.asarray(a, dtype=np.float64)
+    q_inv = quat_conjugate(normalize_quat(a[..., 3:]))
+    position = -np.einsum("...ij,...j->...i", quat_to_matrix(q_inv), a[..., :3])
+    return np.concatenate([position, q_inv], axis=-1)
+
+
 def interpolate_poses(stamps: np.ndarray, poses: np.ndarray, query_stamps: np.ndarray,
                       tolerance: float = 0.05, max_gap: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Poses at `query_stamps`: linear position and slerp orientation between bracketing samples.

@@ -6,7 +6,8 @@ image (`poses()`), so callers can select keyframes or check coverage first.
 
 * `ImageFolderSource`: a folder of PNG/JPEG files plus an optional TUM or CSV pose file;
 * `VGFolderSource`: a folder of the VG benchmark layout (poses encoded in the file names);
-* `RosbagSource`: a rosbag2 (sqlite3 or mcap) with an image topic and an optional pose topic;
+* `RosbagSource`: a rosbag2 (sqlite3 or mcap) with an image topic and an optional pose topic (a
+  pose message topic, or TF: `/tf` + `/tf_static` looked up between two frames, see `TransformTree`);
 * `open_source(...)`: picks one of them from command-line style arguments.
 
 A pose of NaNs means "unknown" (localization queries without ground truth).
@@ -27,7 +28,8 @@ import numpy as np
 
 from .errors import DataError, ImageDecodeError
 from .image_codec import decode_compressed, decode_raw
-from .poses import interpolate_poses, nan_poses, quat_from_yaw, read_pose_csv, read_tum
+from .poses import (compose_poses, interpolate_poses, invert_poses, nan_poses, quat_from_yaw, read_pose_csv,
+                    read_tum)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,10 @@ CSV_SUFFIXES = (".csv",)
 IMAGE_MSG_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 POSE_MSG_TYPES = ("nav_msgs/msg/Odometry", "geometry_msgs/msg/PoseStamped",
                   "geometry_msgs/msg/PoseWithCovarianceStamped")
+TF_MSG_TYPE = "tf2_msgs/msg/TFMessage"
+TF_TOPIC = "/tf"
+TF_STATIC_TOPIC = "/tf_static"  # read along with a TF pose topic whenever the bag has it
+_FRAMES_LISTED = 20  # how many frame names a TF error lists
 
 # A file stem that is a timestamp: seconds with an optional fraction ("1700000000.100000"), or an
 # integer of 16+ digits, read as nanoseconds ("1403636579763555584", EuRoC style).
@@ -498,6 +504,185 @@ def _decode_image_msg(msg: Any, msgtype: str) -> np.ndarray:
     return decode_raw(msg.encoding, msg.height, msg.width, msg.step, msg.data, bool(msg.is_bigendian))
 
 
+# --------------------------------------------------------------------------------------------
+# TF (tf2_msgs/msg/TFMessage) as a pose source
+# --------------------------------------------------------------------------------------------
+
+_IDENTITY_POSE = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+
+
+def clean_frame_id(frame: str) -> str:
+    """A TF frame id without surrounding blanks and leading '/' (ROS 1 style '/map' == 'map')."""
+    return str(frame).strip().lstrip("/")
+
+
+def parse_tf_frames(spec: str | Sequence[str]) -> tuple[str, str]:
+    """'PARENT:CHILD' (or a (parent, child) pair) -> (parent, child) frame ids; DataError when malformed."""
+    parts = [str(p) for p in spec] if isinstance(spec, (tuple, list)) else str(spec).split(":")
+    frames = [clean_frame_id(p) for p in parts]
+    if len(frames) != 2 or not all(frames):
+        raise DataError(f"TF frames {spec!r}: expected PARENT:CHILD, e.g. map:base_link (the pose of CHILD "
+                        "in PARENT)")
+    if frames[0] == frames[1]:
+        raise DataError(f"TF frames {spec!r}: PARENT and CHILD are the same frame; give two different frames")
+    return frames[0], frames[1]
+
+
+def _frame_list(frames: Sequence[str]) -> str:
+    shown = ", ".join(frames[:_FRAMES_LISTED])
+    return (shown + f", ... ({len(frames)} frames)") if len(frames) > _FRAMES_LISTED else (shown or "none")
+
+
+class TransformTree:
+    """Transforms between TF frames, looked up at arbitrary stamps (what `tf2` does, for recorded TF).
+
+    Each edge parent -> child holds the pose of child in parent (`geometry_msgs/TransformStamped`
+    with `header.frame_id` = parent, `child_frame_id` = child). Dynamic edges (from `/tf`) are
+    sampled over time and interpolated at the query stamps with `interpolate_poses` (linear
+    position, slerp orientation; `tolerance` / `max_gap` rules); static edges (from `/tf_static`)
+    are time-invariant, the last one received wins. When an edge has dynamic samples, static ones
+    for the same edge are ignored. Frames must form a tree: a frame on a looked-up path may have
+    only one parent. Frame ids are compared without a leading '/'.
+
+    `source` names where the transforms came from, for error messages.
+    """
+
+    def __init__(self, source: str = "TF") -> None:
+        self.source = source
+        self._dynamic: dict[tuple[str, str], tuple[list[float], list[np.ndarray]]] = {}
+        self._static: dict[tuple[str, str], np.ndarray] = {}
+        self._parents: dict[str, list[str]] = {}  # child -> its parents, in order of appearance
+        self._frames: set[str] = set()
+        self.transforms = 0  # accepted transforms (dynamic samples + static)
+        self.rejected = 0  # transforms with a bad pose or frame ids, ignored
+
+    # -- filling ---------------------------------------------------------------------------
+
+    def add(self, parent: str, child: str, pose: np.ndarray, stamp: float = 0.0, static: bool = False) -> bool:
+        """Add the pose (7,) of `child` in `parent` at `stamp`; False (and counted) when it is unusable."""
+        parent, child = clean_frame_id(parent), clean_frame_id(child)
+        pose = np.asarray(pose, dtype=np.float64)
+        if (not parent or not child or parent == child or pose.shape != (7,) or not np.all(np.isfinite(pose))
+                or np.linalg.norm(pose[3:]) < 1e-12 or (not static and not math.isfinite(stamp))):
+            self.rejected += 1
+            return False
+        parents = self._parents.setdefault(child, [])
+        if parent not in parents:
+            parents.append(parent)
+        self._frames.update((parent, child))
+        if static:
+            self._static[(parent, child)] = pose
+        else:
+            stamps, poses = self._dynamic.setdefault((parent, child), ([], []))
+            stamps.append(float(stamp))
+            poses.append(pose)
+        self.transforms += 1
+        return True
+
+    def add_message(self, msg: Any, bag_time_ns: int, static: bool) -> None:
+        """Add every transform of a deserialized tf2_msgs/msg/TFMessage (zero header stamps -> bag time)."""
+        for tf in msg.transforms:
+            t, r = tf.transform.translation, tf.transform.rotation
+            pose = np.array([t.x, t.y, t.z, r.x, r.y, r.z, r.w], dtype=np.float64)
+            self.add(tf.header.frame_id, tf.child_frame_id, pose, _header_stamp(tf, bag_time_ns), static)
+
+    # -- structure ---------------------------------------------------------------------------
+
+    @property
+    def frames(self) -> list[str]:
+        return sorted(self._frames)
+
+    def roots(self) -> list[str]:
+        """Frames without a parent (one per tree of the forest)."""
+        return sorted(f for f in self._frames if f not in self._parents)
+
+    def _ancestors(self, frame: str) -> list[str]:
+        """[frame, its parent, ..., its root]; DataError for a frame with several parents or a cycle."""
+        chain = [frame]
+        while chain[-1] in self._parents:
+            parents = self._parents[chain[-1]]
+            if len(parents) > 1:
+                raise DataError(f"frame {chain[-1]!r} has several parents ({', '.join(parents)}) in {self.source}; "
+                                "TF frames must form a tree (each child frame has one parent)")
+            if parents[0] in chain:
+                raise DataError(f"the TF of {self.source} has a cycle: {' -> '.join(reversed(chain + parents))}")
+            chain.append(parents[0])
+        return chain
+
+    def path(self, parent: str, child: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """Edges (p, c) from the common ancestor down to `parent`, and from it down to `child`.
+
+        DataError when a frame is unknown (lists the frames seen) or the frames are in different
+        trees (lists the roots).
+        """
+        parent, child = clean_frame_id(parent), clean_frame_id(child)
+        unknown = [f for f in (parent, child) if f not in self._frames]
+        if unknown:
+            what = "frame " + " and ".join(repr(f) for f in unknown)
+            raise DataError(f"{what} not in {self.source}; frames seen: {_frame_list(self.frames)}")
+        up_parent, up_child = self._ancestors(parent), self._ancestors(child)
+        common = set(up_parent)
+        lca = next((f for f in up_child if f in common), None)
+        if lca is None:
+            raise DataError(f"no TF path between {parent!r} and {child!r} in {self.source}: they are in different "
+                            f"trees (tree roots: {_frame_list(self.roots())}; {parent!r} is under "
+                            f"{up_parent[-1]!r}, {child!r} under {up_child[-1]!r})")
+
+        def down(chain: list[str]) -> list[tuple[str, str]]:
+            below = chain[:chain.index(lca) + 1]  # frame ... lca
+            return [(below[i + 1], below[i]) for i in reversed(range(len(below) - 1))]
+
+        return down(up_parent), down(up_child)
+
+    def is_static(self, edge: tuple[str, str]) -> bool:
+        return edge not in self._dynamic
+
+    def time_range(self, edge: tuple[str, str]) -> tuple[float, float] | None:
+        """(first, last) sample stamp of a dynamic edge; None for a static edge."""
+        if edge not in self._dynamic:
+            return None
+        stamps = self._dynamic[edge][0]
+        return min(stamps), max(stamps)
+
+    # -- lookup --------------------------------------------------------------------------------
+
+    def _edge_poses(self, edge: tuple[str, str], stamps: np.ndarray, tolerance: float,
+                    max_gap: float) -> tuple[np.ndarray, np.ndarray]:
+        if edge in self._dynamic:
+            samples, poses = self._dynamic[edge]
+            return interpolate_poses(np.asarray(samples), np.stack(poses), stamps, tolerance, max_gap)
+        pose = self._static[edge].copy()
+        pose[3:] /= np.linalg.norm(pose[3:])
+        return np.tile(pose, (len(stamps), 1)), np.ones(len(stamps), dtype=bool)
+
+    def _chain_poses(self, edges: list[tuple[str, str]], stamps: np.ndarray, tolerance: float,
+                     max_gap: float) -> tuple[np.ndarray, np.ndarray]:
+        out = np.tile(_IDENTITY_POSE, (len(stamps), 1))
+        valid = np.ones(len(stamps), dtype=bool)
+        for edge in edges:
+            poses, ok = self._edge_poses(edge, stamps, tolerance, max_gap)
+            poses[~ok] = _IDENTITY_POSE  # keeps the math finite; the row is invalid anyway
+            out = compose_poses(out, poses)
+            valid &= ok
+        return out, valid
+
+    def lookup(self, parent: str, child: str, stamps: np.ndarray, tolerance: float = 0.05,
+               max_gap: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """Pose of `child` in `parent` at each stamp -> `(poses (N, 7), valid (N,))`.
+
+        A stamp is valid when every dynamic edge on the path has a pose there (`interpolate_poses`
+        rules); invalid rows are NaN. Raises DataError as `path` does.
+        """
+        stamps = np.asarray(stamps, dtype=np.float64).reshape(-1)
+        to_parent, to_child = self.path(parent, child)
+        base_parent, ok_parent = self._chain_poses(to_parent, stamps, tolerance, max_gap)
+        base_child, ok_child = self._chain_poses(to_child, stamps, tolerance, max_gap)
+        poses = compose_poses(invert_poses(base_parent), base_child)
+        valid = ok_parent & ok_child
+        poses[~valid] = np.nan
+        return poses, valid
+
+
 @dataclass
 class _BagRecord:
     key: tuple[int, int, int]  # (connection id, bag time ns, index among equal times): finds the message again
@@ -522,6 +707,10 @@ class RosbagSource:
       sensor_msgs/msg/CompressedImage (JPEG/PNG);
     * pose types: nav_msgs/msg/Odometry, geometry_msgs/msg/PoseStamped,
       geometry_msgs/msg/PoseWithCovarianceStamped; the pose is used as is (no camera extrinsics);
+    * or TF: a `tf2_msgs/msg/TFMessage` pose topic (normally `/tf`, the default when `tf_frames`
+      is given without a pose topic) plus `/tf_static` when the bag has it, and
+      `tf_frames` = "PARENT:CHILD" (or a pair): the pose of CHILD in PARENT, chained over the frame
+      tree (`TransformTree`), each dynamic transform interpolated at the image stamp;
     * stamps are header stamps, or the bag time when a header stamp is zero;
     * the pose of an image is interpolated at its stamp (`interpolate_poses` with `tolerance` and
       `max_gap`); images without a pose are skipped and counted (kept with a NaN pose when
@@ -536,10 +725,15 @@ class RosbagSource:
     """
 
     def __init__(self, bag_path: str | Path, image_topic: str, pose_topic: str | None = None,
-                 tolerance: float = 0.05, max_gap: float = 1.0, require_poses: bool = True) -> None:
+                 tolerance: float = 0.05, max_gap: float = 1.0, require_poses: bool = True,
+                 tf_frames: str | Sequence[str] | None = None) -> None:
         self.bag_path = Path(bag_path)
         self.image_topic = image_topic
+        self.tf_frames = parse_tf_frames(tf_frames) if tf_frames is not None else None
+        if self.tf_frames is not None and pose_topic is None:
+            pose_topic = TF_TOPIC
         self.pose_topic = pose_topic
+        self.tf_tree: TransformTree | None = None  # filled when the poses come from TF
         self.tolerance = tolerance
         self.max_gap = max_gap
         self.require_poses = require_poses
@@ -548,6 +742,8 @@ class RosbagSource:
         self.counts = _ScanCounts()
         self._scan()
         pose_part = f" posed by {pose_topic} ({self._pose_type})" if pose_topic else " (no poses)"
+        if self.tf_tree is not None:
+            pose_part += f" {self.tf_frames[0]} -> {self.tf_frames[1]}"
         self.description = (f"rosbag {self.bag_path}: {image_topic} ({self._image_type}){pose_part}, "
                             f"{len(self)} images")
         log.info("opened %s", self.description)
@@ -560,10 +756,17 @@ class RosbagSource:
         counts = self.counts
         with _open_bag(self.bag_path) as reader:
             image_conns = _connections(reader, self.image_topic, IMAGE_MSG_TYPES, "image", self.bag_path)
-            pose_conns = (_connections(reader, self.pose_topic, POSE_MSG_TYPES, "pose", self.bag_path)
-                          if self.pose_topic else [])
+            pose_conns = (_connections(reader, self.pose_topic, POSE_MSG_TYPES + (TF_MSG_TYPE,), "pose",
+                                       self.bag_path) if self.pose_topic else [])
             self._image_type = ", ".join(sorted({c.msgtype for c in image_conns}))
             self._pose_type = ", ".join(sorted({c.msgtype for c in pose_conns}))
+            tf_topics = self._check_tf(pose_conns)
+            if tf_topics:
+                static_conns = [c for c in reader.connections if c.topic == TF_STATIC_TOPIC
+                                and c.msgtype == TF_MSG_TYPE and c.topic != self.pose_topic]
+                pose_conns = pose_conns + static_conns
+                tf_topics += [TF_STATIC_TOPIC] if static_conns else []
+                tree = TransformTree(f"the TF of bag {self.bag_path} ({', '.join(tf_topics)})")
             image_ids = {c.id for c in image_conns}
             keys: list[tuple[int, int, int]] = []
             image_stamps: list[float] = []
@@ -576,6 +779,15 @@ class RosbagSource:
                     counts.images += 1
                     dup = seen_times.get((conn.id, t_ns), 0)
                     seen_times[(conn.id, t_ns)] = dup + 1
+                if tf_topics and not is_image:
+                    counts.pose_msgs += 1
+                    try:
+                        tree.add_message(reader.deserialize(raw, conn.msgtype), t_ns,
+                                         static=conn.topic == TF_STATIC_TOPIC)
+                    except (AnyReaderError, AttributeError, ValueError) as exc:
+                        counts.bad_poses += 1
+                        log.debug("unreadable %s message at bag time %d: %s", conn.topic, t_ns, exc)
+                    continue
                 try:
                     msg = reader.deserialize(raw, conn.msgtype)
                     stamp = _header_stamp(msg, t_ns)
@@ -608,7 +820,10 @@ class RosbagSource:
                         self.pose_topic, counts.bad_poses)
 
         stamps = np.asarray(image_stamps, dtype=np.float64)
-        if self.pose_topic:
+        if tf_topics:
+            self.tf_tree = tree
+            poses, valid = self._tf_poses(tree, tf_topics, stamps)
+        elif self.pose_topic:
             if not pose_rows:
                 raise DataError(f"pose topic {self.pose_topic!r} of bag {self.bag_path} has no valid pose "
                                 f"({counts.pose_msgs} messages)")
@@ -621,14 +836,15 @@ class RosbagSource:
                     f"image stamps {stamps.min():.6f}..{stamps.max():.6f} s, pose stamps "
                     f"{p_stamps.min():.6f}..{p_stamps.max():.6f} s (tolerance {self.tolerance} s, max gap "
                     f"{self.max_gap} s); check that both topics use the same clock")
+        else:
+            poses, valid = nan_poses(len(stamps)), np.ones(len(stamps), dtype=bool)
+        if self.pose_topic:
             counts.no_pose = int((~valid).sum())
             if counts.no_pose:
                 action = "skipped" if self.require_poses else "kept with unknown pose"
                 log.warning("%s: %d of %d images have no pose from %s within tolerance %s s / max gap %s s "
                             "(%s)", self.image_topic, counts.no_pose, len(stamps), self.pose_topic,
                             self.tolerance, self.max_gap, action)
-        else:
-            poses, valid = nan_poses(len(stamps)), np.ones(len(stamps), dtype=bool)
 
         seen_stamps: set[str] = set()
         for key, stamp, pose, ok in zip(keys, stamps, poses, valid):
@@ -643,6 +859,53 @@ class RosbagSource:
         if counts.duplicate_stamps:
             log.warning("%s: %d image(s) with an already seen stamp skipped", self.image_topic,
                         counts.duplicate_stamps)
+
+    def _check_tf(self, pose_conns: list[Any]) -> list[str]:
+        """[pose topic] when it carries TF (then `tf_frames` is needed), else [] (`tf_frames` not allowed)."""
+        is_tf = [c.msgtype == TF_MSG_TYPE for c in pose_conns]
+        if any(is_tf) and not all(is_tf):
+            raise DataError(f"pose topic {self.pose_topic!r} in bag {self.bag_path} mixes TF and pose messages "
+                            f"({self._pose_type}); use a topic of one type")
+        if any(is_tf):
+            return [self.pose_topic]
+        if self.tf_frames is not None:
+            raise DataError(f"TF frames {self.tf_frames[0]}:{self.tf_frames[1]} were given, but pose topic "
+                            f"{self.pose_topic!r} in bag {self.bag_path} is {self._pose_type}, not TF "
+                            f"({TF_MSG_TYPE}); use --pose-topic {TF_TOPIC}, or leave out the TF frames")
+        return []
+
+    def _tf_poses(self, tree: TransformTree, tf_topics: list[str],
+                  stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Poses of the TF child frame in the parent frame at the image stamps."""
+        topics = ", ".join(tf_topics)
+        if tree.rejected:
+            log.warning("%s: %d transform(s) with an invalid pose or frame id ignored", topics, tree.rejected)
+        if tree.transforms == 0:
+            raise DataError(f"no TF message in bag {self.bag_path}: {topics} hold no usable transform "
+                            f"({self.counts.pose_msgs} messages, {self.counts.bad_poses} unreadable, "
+                            f"{tree.rejected} invalid transforms)")
+        if self.tf_frames is None:
+            raise DataError(f"pose topic {self.pose_topic!r} of bag {self.bag_path} is TF: give the frames as "
+                            f"--tf-frames PARENT:CHILD (the pose of CHILD in PARENT, e.g. map:base_link); "
+                            f"frames seen: {_frame_list(tree.frames)}")
+        parent, child = self.tf_frames
+        poses, valid = tree.lookup(parent, child, stamps, self.tolerance, self.max_gap)
+        if not valid.any():
+            to_parent, to_child = tree.path(parent, child)
+            ranges = [(edge, tree.time_range(edge)) for edge in to_parent + to_child]
+            ranges = [(edge, r) for edge, r in ranges if r is not None]
+            start, end = max(r[0] for _, r in ranges), min(r[1] for _, r in ranges)
+            if start <= end:
+                tf_range = f"TF stamps {start:.6f}..{end:.6f} s"
+            else:
+                tf_range = "TF stamps of the path do not overlap (" + ", ".join(
+                    f"{p}->{c} {r[0]:.6f}..{r[1]:.6f} s" for (p, c), r in ranges) + ")"
+            raise DataError(
+                f"no image of {self.image_topic!r} has a pose from {topics} ({parent} -> {child}) in bag "
+                f"{self.bag_path}: image stamps {stamps.min():.6f}..{stamps.max():.6f} s, {tf_range} "
+                f"(tolerance {self.tolerance} s, max gap {self.max_gap} s); check that both topics use the "
+                "same clock")
+        return poses, valid
 
     # -- Source interface --------------------------------------------------------------------
 
@@ -700,19 +963,25 @@ def _only_topic_of(bag: str | Path, types: tuple[str, ...], role: str, option: s
         log.info("using %s topic %s (the only one in the bag)", role, candidates[0])
         return candidates[0]
     found = f"{len(candidates)} candidates ({', '.join(candidates)})" if candidates else "none"
-    raise DataError(f"pass {option}: bag {bag} has {found} of type {' / '.join(types)}; {_format_topics(topics)}")
+    tf_hint = ""
+    if role == "pose" and not candidates and TF_MSG_TYPE in topics.values():
+        tf_hint = f"; for poses from TF give --pose-topic {TF_TOPIC} --tf-frames PARENT:CHILD"
+    raise DataError(f"pass {option}: bag {bag} has {found} of type {' / '.join(types)}; "
+                    f"{_format_topics(topics)}{tf_hint}")
 
 
 def open_source(images: str | Path | None = None, poses: str | Path | None = None, bag: str | Path | None = None,
                 image_topic: str | None = None, pose_topic: str | None = None, tolerance: float = 0.05,
-                max_gap: float = 1.0, require_poses: bool = True, skip_unreadable: bool = False) -> Source:
+                max_gap: float = 1.0, require_poses: bool = True, skip_unreadable: bool = False,
+                tf_frames: str | Sequence[str] | None = None) -> Source:
     """The source described by command-line style arguments.
 
     * `images` (+ optional `poses`): a VG-benchmark folder when the names say so and no pose file is
       given, else an `ImageFolderSource`;
     * `bag` (+ `image_topic`, `pose_topic`): a `RosbagSource`. When a topic is omitted and the bag has
       exactly one topic of a suitable type, that one is used; the pose topic is looked up only
-      when `require_poses` is True (without poses, queries get NaN poses).
+      when `require_poses` is True (without poses, queries get NaN poses). With `tf_frames`
+      ("PARENT:CHILD") the poses come from TF (pose topic default `/tf`, plus `/tf_static`).
     """
     if images is not None and bag is not None:
         raise DataError("give either an image folder or a bag, not both")
@@ -723,10 +992,14 @@ def open_source(images: str | Path | None = None, poses: str | Path | None = Non
             raise DataError("a pose file goes with an image folder; for a bag, give the pose topic instead")
         if image_topic is None:
             image_topic = _only_topic_of(bag, IMAGE_MSG_TYPES, "image", "the image topic")
+        if tf_frames is not None and pose_topic is None:
+            pose_topic = TF_TOPIC
         if pose_topic is None and require_poses:
             pose_topic = _only_topic_of(bag, POSE_MSG_TYPES, "pose", "the pose topic")
         return RosbagSource(bag, image_topic, pose_topic, tolerance=tolerance, max_gap=max_gap,
-                            require_poses=require_poses)
+                            require_poses=require_poses, tf_frames=tf_frames)
+    if tf_frames is not None:
+        raise DataError("TF frames go with a bag (poses from its /tf); for an image folder, give a pose file")
     if image_topic is not None or pose_topic is not None:
         raise DataError("image and pose topics go with a bag; for an image folder, give a pose file instead")
     if poses is None and is_vg_folder(images):
