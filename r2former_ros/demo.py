@@ -69,16 +69,17 @@ class Child:
 
     def stop(self, grace: float = STOP_GRACE_SEC) -> int | None:
         """SIGINT, wait `grace` s; SIGTERM, wait 5 s; SIGKILL. Returns the exit status."""
-        for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if self.proc.poll() is not None:
-                break
+        return stop_children([self], grace)[0]
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
             try:
                 self.proc.send_signal(sig)
             except ProcessLookupError:
-                break
-            self.wait(wait)
+                pass
+
+    def close(self) -> None:
         self._log.close()
-        return self.proc.poll()
 
     def last_line(self) -> str:
         try:
@@ -89,6 +90,22 @@ class Child:
         return useful[-1] if useful else ""
 
 
+def stop_children(children: Sequence[Child], grace: float = STOP_GRACE_SEC) -> list[int | None]:
+    """Stop all at once: SIGINT to each, wait up to `grace` s for all; then SIGTERM (5 s); then SIGKILL."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        running = [c for c in children if c.proc.poll() is None]
+        if not running:
+            break
+        for child in running:
+            child.signal(sig)
+        deadline = time.monotonic() + wait
+        for child in running:
+            child.wait(max(0.0, deadline - time.monotonic()))
+    for child in children:
+        child.close()
+    return [c.proc.poll() for c in children]
+
+
 class Demo:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -96,6 +113,8 @@ class Demo:
         self.work = self.out / "work"
         self.logs = self.out / "logs"
         self.children: list[Child] = []
+        self.deferring = False       # a child is being started: SIGINT/SIGTERM wait until it is tracked
+        self.interrupted = False
         self.timings: dict[str, float] = {}
         self.t0 = time.monotonic()
         self.domain_id = args.domain_id if args.domain_id is not None else random.SystemRandom().randint(1, 100)
@@ -114,9 +133,21 @@ class Demo:
         print(text, end=end, flush=True)
 
     def start(self, name: str, cmd: Sequence[str]) -> Child:
-        child = Child(name, cmd, self.logs / f"{name}.log", self.env)
-        self.children.append(child)
+        # A Ctrl-C while Popen runs would leave a started child untracked: defer it until the child is listed.
+        self.deferring = True
+        try:
+            child = Child(name, cmd, self.logs / f"{name}.log", self.env)
+            self.children.append(child)
+        finally:
+            self.deferring = False
+        if self.interrupted:
+            raise KeyboardInterrupt
         return child
+
+    def on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self.interrupted = True
+        if not self.deferring:
+            raise KeyboardInterrupt
 
     def run_step(self, name: str, cmd: Sequence[str], timeout: float) -> float:
         t = time.monotonic()
@@ -132,8 +163,7 @@ class Demo:
         return time.monotonic() - t
 
     def stop_all(self) -> None:
-        for child in reversed(self.children):
-            child.stop()
+        stop_children(self.children)
 
     @staticmethod
     def python(module: str, *args: str) -> list[str]:
@@ -336,13 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         print("demo: error: --map-frames >= 2, --query-frames >= 1 and --rate > 0 are required", file=sys.stderr)
         return 2
     demo = Demo(args)
-
-    def on_signal(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
     # Explicit handlers: a shell starts background jobs with SIGINT ignored, and SIGTERM should clean up too.
-    old_int = signal.signal(signal.SIGINT, on_signal)
-    old_term = signal.signal(signal.SIGTERM, on_signal)
+    old_int = signal.signal(signal.SIGINT, demo.on_signal)
+    old_term = signal.signal(signal.SIGTERM, demo.on_signal)
     try:
         demo.run()
         return 0
