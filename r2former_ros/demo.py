@@ -40,6 +40,7 @@ QUERY_TOPIC = "/camera/image_raw"
 ODOM_TOPIC = "/odom"
 LOCALIZER = "/r2former_localizer"
 STOP_GRACE_SEC = 10.0
+DEFAULT_SIZE = (256, 320)
 
 
 class StepFailed(RuntimeError):
@@ -202,7 +203,7 @@ class Demo:
         if not model.is_file():
             raise StepFailed(f"demo: model {model} does not exist")
         self.prepare()
-        height, width = a.size
+        height, width = a.size or image_size_for(model)
         steps = 6
         self.say(f"r2former demo: seed {a.seed}, map {a.map_conditions} ({a.map_frames} frames), query "
                  f"{a.query_conditions} ({a.query_frames} frames), {width}x{height} images, model {model}, "
@@ -323,7 +324,22 @@ def _map_size(map_dir: Path) -> int | None:
         return None
 
 
-def _size(text: str) -> tuple[int, int]:
+def image_size_for(model: Path) -> tuple[int, int]:
+    """(H, W) to render: the model's input size from a project safetensors file, doubled when small (so the
+    ~/matches images are legible); 256x320 when the file does not say (e.g. an official .pth)."""
+    try:
+        from safetensors import safe_open
+        with safe_open(str(model), framework="np") as f:
+            h, w = (int(v) for v in json.loads((f.metadata() or {})["config"])["image_size"])
+    except Exception:  # noqa: BLE001 - not a project safetensors file: the default
+        return DEFAULT_SIZE
+    scale = 2 if max(h, w) <= 320 else 1
+    return h * scale, w * scale
+
+
+def _size(text: str) -> tuple[int, int] | None:
+    if text == "auto":
+        return None
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -344,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map-frames", type=int, default=220,
                    help="map drive images (default 220: once around the loop, ~1.9 m apart)")
     p.add_argument("--query-frames", type=int, default=200, help="query drive images at 10 Hz (default 200 = 20 s)")
-    p.add_argument("--size", type=_size, default=(256, 320), help="image WIDTHxHEIGHT (default 320x256, "
-                   "twice the demo model's 160x128 input)")
+    p.add_argument("--size", type=_size, default=None, metavar="WIDTHxHEIGHT|auto",
+                   help="rendered image size (default auto: twice the model's input size, 320x256 for the demo "
+                   "model, so that the aspect ratio is the model's)")
     p.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1 = real time)")
     p.add_argument("--model", default="", help="model file (default: models/r2former_tiny_demo.safetensors or "
                    "$R2FORMER_MODEL)")

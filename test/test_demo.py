@@ -128,7 +128,7 @@ def test_demo_end_to_end_on_a_tiny_world(tmp_path, tiny_model):
     try:
         seen = probe.subscribe(PoseWithCovarianceStamped, "/r2former_localizer/pose")
         result = run_demo(["--out", str(out), "--model", str(model), "--seed", "3", "--map-frames", "12",
-                           "--query-frames", "10", "--size", "128x96", "--min-confidence", "0", "--top-k", "5",
+                           "--query-frames", "10", "--min-confidence", "0", "--top-k", "5",
                            "--idle-timeout", "1", "--domain-id", os.environ["ROS_DOMAIN_ID"], "--device", "cpu"])
     finally:
         probe.close()
@@ -154,6 +154,7 @@ def test_demo_end_to_end_on_a_tiny_world(tmp_path, tiny_model):
     assert summary["stopped_by"] == "idle"
     assert summary["demo"]["localize_exit"] == 0 and summary["demo"]["map_images"] == 12
     assert summary["demo"]["model_fingerprint"] == tiny_model.fingerprint
+    assert summary["demo"]["image_size"] == [2 * v for v in tiny_model.cfg.image_size]   # --size auto
 
     # Every pose is for a query frame, at the ground truth's stamps; the probe heard the same topic.
     gt_stamps, _ = read_tum(out / "work" / "query" / "poses.txt")
