@@ -348,3 +348,31 @@ def test_torchrun_two_processes(tmp_path, cache_dir, init_model):
     # Rank 0 wrote one row per epoch; the other rank wrote nothing of its own.
     assert len(_metrics(out)) == 1
     assert _metrics(out)[0]["step"] == "2"
+
+
+def test_photometric_augment_changes_lighting_only():
+    import torch
+    from r2former_core.train.trainer import photometric_augment
+    from r2former_core.model.preprocess import preprocess_batch
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (6, 16, 20, 3), dtype=np.uint8)
+    x = preprocess_batch(imgs, (16, 20))
+    y = photometric_augment(x, torch.Generator().manual_seed(1))
+    y2 = photometric_augment(x, torch.Generator().manual_seed(1))
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert torch.equal(y, y2)                      # seeded: reproducible
+    assert not torch.allclose(y, x)                # lighting changed
+    # Still in the normalised range of [0, 1] RGB images.
+    lo = (0 - 0.485) / 0.229 - 1e-4
+    hi = (1 - 0.406) / 0.225 + 1e-4
+    assert float(y.min()) >= lo - 1.2 and float(y.max()) <= hi + 1.2
+    # Geometry untouched: per-image spatial structure stays strongly correlated with the original.
+    for i in range(len(x)):
+        a, b = x[i].mean(0).flatten(), y[i].mean(0).flatten()
+        assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.5
+
+
+def test_train_config_rejects_unknown_augment(tmp_path):
+    from r2former_core.train.trainer import TrainConfig
+    with pytest.raises(ValueError, match="augment"):
+        TrainConfig(stage="global", out=tmp_path, augment="mixup")

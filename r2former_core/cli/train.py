@@ -77,6 +77,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="keep the given local_head/reranker weights (default), or re-initialise their linear layers "
                         "with Xavier-uniform before training: a freshly initialised reranker (e.g. from a global-stage "
                         "model) then starts learning much sooner than with the ViT-style std-0.02 init")
+    g.add_argument("--augment", choices=["none", "photometric"], default="none",
+                   help="global/finetune: random lighting changes of every training image (brightness, colour gain, "
+                        "gamma, grey, fog-like blend, noise; geometry untouched) so the descriptor learns that a place "
+                        "at dusk, in fog or in snow is the same place (default none: the paper's images as they are)")
     g = p.add_argument_group("optimisation (defaults per stage: the official recipes)")
     g.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
     g.add_argument("--steps-per-epoch", type=int, default=100, help="optimizer steps per epoch (default 100)")
@@ -250,6 +254,7 @@ def run(args) -> int:
                           schedule=pick("schedule"), grad_clip=args.grad_clip, refresh_steps=args.refresh_steps,
                           db_sample=args.db_sample, mining_groups=args.mining_groups, neg_pool=args.neg_pool, rerank_top=args.rerank_top, pos_radius=args.pos_radius,
                           soft_radius=args.soft_radius, end_to_end=args.end_to_end, reranker_init=args.reranker_init, global_loss=args.global_loss,
+                          augment=args.augment,
                           val_threshold_m=args.val_threshold, val_rerank_top=args.val_rerank_top,
                           val_max_queries=args.val_max_queries, val_every=args.val_every, patience=args.patience,
                           seed=args.seed, amp=not args.no_amp, extract_batch=args.extract_batch,

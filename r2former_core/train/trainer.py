@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..model import R2FormerModel, save_model
-from ..model.preprocess import preprocess_batch
+from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess_batch
 from .checkpointing import load_training_state, save_training_state
 from .datasets import ImageList, PlaceDataset
 from .distributed import DistInfo, all_reduce_mean, barrier, gather_rows
@@ -67,6 +67,7 @@ class TrainConfig:
     end_to_end: bool = False            # finetune: reranker gradient into the backbone
     global_loss: str = "triplet"        # triplet (the paper) | infonce (in-batch negatives, from scratch)
     reranker_init: str = "keep"         # keep | xavier: re-initialise local_head + reranker linears first
+    augment: str = "none"               # none | photometric: random lighting/colour/fog/noise on training images
     val_threshold_m: float = 25.0
     val_rerank_top: int = 20
     val_max_queries: int = 300
@@ -91,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"global_loss must be triplet or infonce, not {self.global_loss!r}")
         if self.reranker_init not in ("keep", "xavier"):
             raise ValueError(f"reranker_init must be keep or xavier, not {self.reranker_init!r}")
+        if self.augment not in ("none", "photometric"):
+            raise ValueError(f"augment must be none or photometric, not {self.augment!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be constant or cosine, not {self.schedule!r}")
         if self.soft_radius < self.pos_radius:
@@ -190,6 +193,33 @@ def extract_descriptors(model: R2FormerModel, images: ImageList, ids: np.ndarray
                                                           np.float16))
 
 
+def photometric_augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random lighting changes of ImageNet-normalised images (B, 3, H, W), one draw per image.
+
+    In [0, 1] RGB: brightness x0.3-1.3, per-channel gain x0.8-1.2, gamma e^U(-0.5, 0.5), grey with p 0.2,
+    a fog-like blend towards a grey level with p 0.3 (weight <= 0.6), Gaussian noise (sigma <= 0.05).
+    Geometry is untouched (positions stay valid). Teaches the global descriptor that a place seen at
+    another time of day or weather is the same place.
+    """
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    n = x.shape[0]
+
+    def u(*shape, lo=0.0, hi=1.0):
+        return torch.rand(*shape, generator=generator).to(x.device) * (hi - lo) + lo
+
+    y = (x * std + mean).clamp(0, 1)
+    y = (y * u(n, 1, 1, 1, lo=0.3, hi=1.3) * u(n, 3, 1, 1, lo=0.8, hi=1.2)).clamp(0, 1)
+    y = y.clamp_min(1e-6) ** torch.exp(u(n, 1, 1, 1, lo=-0.5, hi=0.5))
+    grey = (u(n, 1, 1, 1) < 0.2).to(y.dtype)
+    y = grey * y.mean(1, keepdim=True).expand_as(y) + (1 - grey) * y
+    fog = u(n, 1, 1, 1, hi=0.6) * (u(n, 1, 1, 1) < 0.3).to(y.dtype)
+    y = y * (1 - fog) + fog * u(n, 1, 1, 1, lo=0.5, hi=0.9)
+    noise = torch.randn(y.shape, generator=generator).to(x.device) * u(n, 1, 1, 1, hi=0.05)
+    y = (y + noise).clamp(0, 1)
+    return (y - mean) / std
+
+
 def reinit_reranker_xavier(model: R2FormerModel) -> None:
     """Xavier-uniform weights (zero biases) for every linear layer of `local_head` and the reranker.
 
@@ -245,6 +275,7 @@ class Trainer:
         if len(self.trainable_queries) == 0:
             raise ValueError(f"{data.name}: no query has a database image within {cfg.pos_radius} m")
         self._triplets: list[Triplet] = []
+        self._aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + dist_info.rank)
         self._hardest: np.ndarray | None = None
         self._best_pos: np.ndarray | None = None
         if resume:
@@ -377,7 +408,10 @@ class Trainer:
             imgs.append(self.data.queries.image(t.query))
             imgs.append(self.data.database.image(t.positive))
             imgs.extend(self.data.database.image(n) for n in t.negatives)
-        return _images_to_tensor(imgs, self.model.cfg.image_size).to(self.device, non_blocking=True)
+        x = _images_to_tensor(imgs, self.model.cfg.image_size)
+        if self.cfg.augment == "photometric" and self.cfg.stage != "rerank":
+            x = photometric_augment(x, self._aug_gen)
+        return x.to(self.device, non_blocking=True)
 
     def _infonce_mask(self, groups: list[Triplet]) -> torch.Tensor:
         """(B, B*(1+negs)) True where a batch database image may serve as a negative of a query: its own
