@@ -143,10 +143,16 @@ def test_killed_build_map_leaves_nothing_loadable_and_rerun_succeeds(world, tmp_
     proc = subprocess.Popen([sys.executable, "-m", "r2former_core.cli.main", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        # Kill as soon as the first batch of entries is in the temporary map: the build then still has
+        # most of its batches to go, whatever the machine's speed (sleeping a fixed time raced with fast
+        # machines, where the build had already renamed its map into place).
         deadline = time.monotonic() + 120
-        while not list(out.parent.glob("m.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        time.sleep(1.0)                                      # let it write some entries (150 take ~10 s)
+
+        def entries_written() -> bool:
+            return any(f.stat().st_size > 0 for f in out.parent.glob("m.tmp-*/local.f16"))
+
+        while not entries_written() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
