@@ -243,3 +243,41 @@ def test_imagenet_deit_weights_load_backbone_only(tmp_path):
     assert sd["pos_embed"].shape == (1, 2 + 14 * 20, 384)
     assert torch.equal(sd["pos_embed"][:, :2], donor["pos_embed"][:, :2])
     assert model.extract(random_images(1, 224, 320)).local.shape == (1, 280, 131)
+
+
+def _from_scratch_config(**kw) -> ModelConfig:
+    return ModelConfig(image_size=(64, 96), embed_dim=48, depth=2, num_heads=2, num_local=12, offset_quirk=False,
+                       **kw)
+
+
+def test_instance_norm_makes_features_invariant_to_channel_gain_and_offset():
+    """input_norm=instance: a per-channel affine change of the input (global lighting) changes nothing."""
+    images = random_images(2, 64, 96)
+    gain = torch.tensor([0.4, 0.6, 0.5]).view(1, 3, 1, 1)
+    shift = torch.tensor([-0.8, -0.3, 0.2]).view(1, 3, 1, 1)
+    relit = images * gain + shift
+    inorm = build_model(_from_scratch_config(input_norm="instance"), seed=3)
+    a, b = inorm.extract(images), inorm.extract(relit)
+    assert torch.allclose(a.global_desc, b.global_desc, atol=1e-4)
+    assert torch.equal(a.token_index, b.token_index)
+    assert torch.allclose(a.local, b.local, atol=1e-3)
+    plain = build_model(_from_scratch_config(), seed=3)
+    assert (plain.extract(images).global_desc - plain.extract(relit).global_desc).abs().max() > 1e-2
+
+
+def test_conv_stem_keeps_the_token_grid_and_round_trips(tmp_path):
+    cfg = _from_scratch_config(stem="conv", input_norm="instance")
+    model = build_model(cfg, seed=1)
+    assert any(k.startswith("backbone.patch_embed.stem.") for k in model.state_dict())
+    feats = model.extract(random_images(2, 64, 96))
+    assert feats.attention.shape == (2, (64 // 16) * (96 // 16)) and feats.local.shape == (2, 12, 131)
+    loaded = load_model(save_model(model, tmp_path / "conv.safetensors"))
+    assert loaded.cfg == cfg and loaded.fingerprint == model.fingerprint
+    assert torch.equal(loaded.extract(random_images(1, 64, 96)).global_desc,
+                       model.extract(random_images(1, 64, 96)).global_desc)
+
+
+@pytest.mark.parametrize("field, value", [("stem", "resnet"), ("input_norm", "batch")])
+def test_unknown_stem_or_input_norm_is_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        _from_scratch_config(**{field: value})

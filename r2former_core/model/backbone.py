@@ -27,6 +27,32 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class ConvStem(nn.Module):
+    """log2(patch_size) 3x3 stride-2 convolutions (GroupNorm + GELU), then a 1x1 projection to the
+    embedding: the same token grid as `PatchEmbed`, with the locality prior of a CNN."""
+
+    def __init__(self, patch_size: int, embed_dim: int):
+        super().__init__()
+        steps = patch_size.bit_length() - 1
+        widths = [3] + [max(16, embed_dim >> (steps - i)) for i in range(1, steps + 1)]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1, bias=False),
+                       nn.GroupNorm(8 if c_out % 8 == 0 else 1, c_out), nn.GELU()]
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(widths[-1], embed_dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.stem(x)).flatten(2).transpose(1, 2)
+
+
+def instance_normalize(images: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Every image channel standardised by its own mean and standard deviation (B, 3, H, W)."""
+    mean = images.mean(dim=(2, 3), keepdim=True)
+    std = images.std(dim=(2, 3), keepdim=True, unbiased=False)
+    return (images - mean) / (std + eps)
+
+
 def _centre_crop(grid: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Centre window of a (1, D, H, W) grid."""
     _, _, h, w = grid.shape
@@ -94,7 +120,7 @@ class DeiTDistilled(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, 2 + gh * gw, d))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.patch_embed = PatchEmbed(cfg.patch_size, d)
+        self.patch_embed = ConvStem(cfg.patch_size, d) if cfg.stem == "conv" else PatchEmbed(cfg.patch_size, d)
         self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(d, cfg.global_dim)
@@ -122,6 +148,8 @@ class DeiTDistilled(nn.Module):
         b, _, h, w = images.shape
         p = self.cfg.patch_size
         grid = (h // p, w // p)
+        if self.cfg.input_norm == "instance":
+            images = instance_normalize(images)
         x = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(b, -1, -1), self.dist_token.expand(b, -1, -1), x], dim=1)
         x = x + self.position_embedding(grid).to(x.dtype)

@@ -36,6 +36,22 @@ class ModelConfig:
     # patch p-2, or the CLS/DIST token) while the coordinates describe patch p. The official
     # checkpoint was trained with it, so it is on by default; our own models may turn it off.
     offset_quirk: bool = True
+    # Our own additions for models trained from scratch (the official checkpoint uses the defaults):
+    # `stem="conv"` replaces the single patch_size x patch_size patch convolution by a stack of
+    # 3x3 stride-2 convolutions ending in a 1x1 projection (same token grid; "early convolutions"
+    # make small ViTs train much faster from scratch); `input_norm="instance"` standardises every
+    # image channel by its own mean and standard deviation before the backbone, so a global change of
+    # brightness, gain or contrast (dusk, fog, night) does not reach the network.
+    stem: str = "patch"                 # patch | conv
+    input_norm: str = "none"            # none | instance
+
+    def __post_init__(self) -> None:
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', not {self.stem!r}")
+        if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
+            raise ValueError(f"stem 'conv' needs a power-of-two patch_size, not {self.patch_size}")
+        if self.input_norm not in ("none", "instance"):
+            raise ValueError(f"input_norm must be 'none' or 'instance', not {self.input_norm!r}")
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -1,0 +1,122 @@
+"""Held-out evaluation of a model on synthetic worlds never used in training (docs/TRAINING.md).
+
+For every world seed: a map drive (day) is rendered and built into a map with the model; every query
+drive (other conditions, lateral offset <= 2 m, yaw jitter <= 15 deg) is evaluated against its world's
+map with the reranking modes none / ransac / r2former (`r2former_core.evaluation`, as `r2former eval`).
+Prints one table per query set and the mean, and writes JSON. Rendered drives and maps are kept in
+--work and reused when they exist (drives depend only on seed, condition, frames, size and spacing;
+maps are rebuilt when the model's fingerprint changes).
+
+    .venv/bin/python bench/heldout_eval.py --model models/r2former_tiny_demo.safetensors \\
+        --out bench/results/heldout_eval.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_SETS = "950:dusk,950:night,951:fog,951:rain,952:winter,952:autumn"
+
+
+def parse_sets(text: str) -> list[tuple[int, str]]:
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        seed, _, cond = item.partition(":")
+        if not cond:
+            raise SystemExit(f"--sets: {item!r} is not SEED:CONDITION")
+        out.append((int(seed), cond))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model file (any format load_model reads)")
+    p.add_argument("--sets", default=DEFAULT_SETS,
+                   help=f"query sets as SEED:CONDITION, comma separated (default {DEFAULT_SETS})")
+    p.add_argument("--map-conditions", default="day", help="condition of every map drive (default day)")
+    p.add_argument("--map-frames", type=int, default=160, help="frames of each map drive (default 160)")
+    p.add_argument("--query-frames", type=int, default=60, help="frames of each query drive (default 60)")
+    p.add_argument("--spacing", type=float, default=2.5, help="metres between frames (default 2.5)")
+    p.add_argument("--size", default="model",
+                   help="rendered image size HxW, or 'model' for the model's input size (default)")
+    p.add_argument("--top-k", type=int, default=100, help="candidates retrieved and reranked (default 100)")
+    p.add_argument("--threshold-m", type=float, default=25.0, help="positive radius in metres (default 25)")
+    p.add_argument("--work", default="runs/heldout", help="folder for rendered drives and maps (default runs/heldout)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--out", default="bench/results/heldout_eval.json", help="JSON report path")
+    args = p.parse_args(argv)
+
+    from r2former_core.data.sources import open_source
+    from r2former_core.data.synthetic import write_drive
+    from r2former_core.evaluation import evaluate, format_table
+    from r2former_core.localizer import Localizer, LocalizerConfig
+    from r2former_core.mapdb import MapDatabase, MapError
+    from r2former_core.mapping import build_map
+    from r2former_core.model import load_model
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    size = tuple(model.cfg.image_size) if args.size == "model" else tuple(int(v) for v in args.size.split("x"))
+    work = Path(args.work)
+    sets = parse_sets(args.sets)
+    t_start = time.time()
+
+    def drive(seed: int, kind: str, cond: str, frames: int) -> Path:
+        d = work / f"{kind}_{seed}_{cond.replace(',', '+')}_{frames}_{size[0]}x{size[1]}_sp{args.spacing:g}"
+        if not (d / "poses.txt").is_file():
+            write_drive(seed, d, kind=kind, conditions=cond, frames=frames, size=size, spacing=args.spacing)
+        return d
+
+    maps: dict[int, MapDatabase] = {}
+    for seed in sorted({s for s, _ in sets}):
+        d = drive(seed, "map", args.map_conditions, args.map_frames)
+        mpath = work / f"map_{seed}_{model.fingerprint}"
+        try:
+            maps[seed] = MapDatabase.load(mpath, expected_fingerprint=model.fingerprint)
+        except MapError:
+            src = open_source(images=str(d / "images"), poses=str(d / "poses.txt"))
+            maps[seed] = build_map(src, model, mpath, overwrite=True, progress=False)
+
+    report: dict = {"sets": {}, "meta": {"model": str(args.model), "fingerprint": model.fingerprint,
+                                        "top_k": args.top_k, "threshold_m": args.threshold_m, "size": list(size),
+                                        "map_frames": args.map_frames, "query_frames": args.query_frames,
+                                        "spacing_m": args.spacing, "map_conditions": args.map_conditions}}
+    per_mode: dict[str, list[dict]] = {}
+    for seed, cond in sets:
+        d = drive(seed, "query", cond, args.query_frames)
+        src = open_source(images=str(d / "images"), poses=str(d / "poses.txt"))
+        loc = Localizer(model, maps[seed], LocalizerConfig(top_k=args.top_k, device="cpu"))
+        res = evaluate(loc, src, threshold_m=args.threshold_m, progress=False)
+        name = f"{seed}_{cond}"
+        print(f"\n== {name} ({len(src)} queries, map of {len(maps[seed])})")
+        print(format_table(res))
+        report["sets"][name] = {m: r.summary() for m, r in res.items()}
+        for m, r in res.items():
+            per_mode.setdefault(m, []).append(r.summary())
+
+    mean = {m: {k: float(np.mean([s[k] for s in rows])) for k in ("recall@1", "recall@5", "recall@10",
+                                                                  "ms_per_query", "median_error_m")}
+            for m, rows in per_mode.items()}
+    report["mean"] = mean
+    report["meta"]["seconds"] = round(time.time() - t_start, 1)
+    print(f"\n== mean of {len(sets)} query sets")
+    print(f"{'rerank':<10} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'ms/query':>10}")
+    for m, s in mean.items():
+        print(f"{m:<10} {100 * s['recall@1']:>6.1f}% {100 * s['recall@5']:>6.1f}% {100 * s['recall@10']:>6.1f}% "
+              f"{s['ms_per_query']:>10.1f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
