@@ -281,3 +281,10 @@ def test_conv_stem_keeps_the_token_grid_and_round_trips(tmp_path):
 def test_unknown_stem_or_input_norm_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
         _from_scratch_config(**{field: value})
+
+
+def test_demo_preset_is_a_from_scratch_configuration():
+    from r2former_core.model import preset
+    cfg = preset("r2former_demo")
+    assert (cfg.stem, cfg.input_norm, cfg.grid, cfg.local_tokens) == ("conv", "instance", (8, 10), 48)
+    assert preset("r2former_deits") == ModelConfig()            # the official configuration keeps the defaults

@@ -60,8 +60,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="initial weights (any file `load_model` reads: a run's best.safetensors, DeiT ImageNet "
                         "weights, the official checkpoint). Default: random initialisation from --preset (from scratch)")
     g.add_argument("--preset", default="r2former_tiny",
-                   help="model configuration preset when starting from scratch (default r2former_tiny; the released "
-                        "DeiT-S configuration is r2former_deits)")
+                   help="model configuration preset when starting from scratch: r2former_tiny (default), "
+                        "r2former_demo (the packaged demo model's configuration: 128x160, 6 blocks, conv stem, "
+                        "instance normalisation) or r2former_deits (the released DeiT-S configuration)")
     g.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the preset, e.g. --config depth=6 --config image_size=128,160 "
                         "(repeatable; only without --model)")

@@ -92,6 +92,11 @@ PRESETS: dict[str, ModelConfig] = {
     # Small variant for CPU training and demos (DeiT-Tiny width, lower resolution).
     "r2former_tiny": ModelConfig(image_size=(240, 320), embed_dim=192, depth=12, num_heads=3,
                                  num_local=200, offset_quirk=False),
+    # The packaged demo model (models/r2former_tiny_demo.safetensors, docs/TRAINING.md): DeiT-Tiny width,
+    # 6 blocks at 128x160 (8x10 patches), 48 local tokens, conv stem and per-image normalisation so it
+    # trains from scratch on a CPU.
+    "r2former_demo": ModelConfig(image_size=(128, 160), embed_dim=192, depth=6, num_heads=3, num_local=48,
+                                 offset_quirk=False, stem="conv", input_norm="instance"),
 }
 
 
