@@ -20,7 +20,7 @@ from r2former_core.model import build_model, load_model, save_model
 from r2former_core.train.checkpointing import load_training_state, save_training_state
 from r2former_core.train.datasets import (SyntheticSpec, drive_conditions, msls_dataset, open_dataset, parse_seeds,
                                           synthetic_dataset, vg_dataset)
-from r2former_core.train.losses import infonce_loss, rerank_loss, triplet_loss
+from r2former_core.train.losses import dense_correspondence_loss, infonce_loss, rerank_loss, triplet_loss
 from r2former_core.train.mining import hardest_negatives, neighbours_within, select_triplets
 from r2former_core.train.trainer import _TrainNet, reinit_reranker_xavier
 
@@ -376,3 +376,48 @@ def test_train_config_rejects_unknown_augment(tmp_path):
     from r2former_core.train.trainer import TrainConfig
     with pytest.raises(ValueError, match="augment"):
         TrainConfig(stage="global", out=tmp_path, augment="mixup")
+
+
+# ------------------------------------------------------------------------------ dense stage
+def test_dense_correspondence_loss_rewards_matching_tokens():
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(2, 12, 128, generator=g), dim=-1)
+    src = torch.arange(2, 10)
+    dst = src + 2                                     # B is A shifted by two tokens
+    b = torch.zeros_like(a)
+    b[:, dst] = a[:, src]
+    b[:, :2], b[:, 2:4] = a[:, 10:], a[:, :2]         # the tokens outside the overlap
+    good = dense_correspondence_loss(a, b, src, dst)
+    shuffled = dense_correspondence_loss(a, b[:, torch.randperm(12, generator=g)], src, dst)
+    assert good < 0.1 and shuffled > 1.0
+
+
+def test_synthetic_map_drives_are_pixel_aligned(cache_dir):
+    spec = SyntheticSpec((11,), ("day", "night", "fog"), (96, 128), SPACING, map_drives=2, query_drives=1)
+    data = synthetic_dataset(spec, cache_dir)
+    assert data.aligned is not None and data.aligned.shape[1] == 2 and len(data.aligned) == len(data.database) // 2
+    a, b = data.aligned[:, 0], data.aligned[:, 1]
+    assert np.array_equal(data.database.xy[a], data.database.xy[b])            # one pose ...
+    i = len(a) // 2
+    assert not np.array_equal(data.database.image(int(a[i])), data.database.image(int(b[i])))   # two conditions
+    one = synthetic_dataset(SyntheticSpec((11,), ("day", "night"), (96, 128), SPACING, 1, 1), cache_dir)
+    assert one.aligned is None
+
+
+def test_dense_stage_trains_backbone_and_local_head_only(tmp_path, cache_dir, init_model):
+    out = tmp_path / "dense"
+    assert _train("dense", "--data", DATA, "--val", VAL, "--out", str(out), "--model", str(init_model),
+                  "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--mining-groups", "1",
+                  *_common(cache_dir)) == 0
+    before, after = load_model(init_model), load_model(out / "best.safetensors")
+    rows = _metrics(out)
+    assert float(rows[0]["dense_loss"]) > 0 and float(rows[0]["infonce_loss"]) > 0 and rows[0]["val_R@5"] != ""
+    assert not torch.equal(before.backbone.blocks[0].attn.qkv.weight, after.backbone.blocks[0].attn.qkv.weight)
+    assert not torch.equal(before.local_head.weight, after.local_head.weight)
+    for (name, x), y in zip(before.reranker.state_dict().items(), after.reranker.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_dense_stage_refuses_data_without_aligned_pairs(tmp_path, cache_dir, init_model):
+    assert _train("dense", "--data", DATA, "--map-drives", "1", "--out", str(tmp_path / "d"), "--model",
+                  str(init_model), "--epochs", "1", "--steps-per-epoch", "1", *_common(cache_dir)) == 2

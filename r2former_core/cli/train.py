@@ -1,4 +1,4 @@
-"""`r2former train global|rerank|finetune`: train R2Former models (single process or torchrun DDP)."""
+"""`r2former train global|rerank|finetune|dense`: train R2Former models (single process or torchrun DDP)."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,9 @@ STAGE_DEFAULTS = {
                    batch_size=64),
     "finetune": dict(optimizer="adamw", lr=1e-5, weight_decay=0.03, schedule="cosine", warmup_epochs=0.0, negs=2,
                      batch_size=48),
+    # Ours (not in the paper): from-scratch pre-training on pixel-aligned synthetic pairs.
+    "dense": dict(optimizer="adamw", lr=2e-4, weight_decay=0.05, schedule="cosine", warmup_epochs=0.5, negs=1,
+                  batch_size=16),
 }
 DEFAULT_CACHE = os.environ.get("R2FORMER_CACHE", str(Path.home() / ".cache" / "r2former_ros"))
 
@@ -28,6 +31,10 @@ stages:
   rerank    backbone frozen; local_head + reranker trained with cross-entropy on (query, positive)=1 and
             (query, negative)=0, negatives drawn from each query's --rerank-top hardest global neighbours
   finetune  both losses, all parameters (--end-to-end: reranker gradient also through the local tokens)
+  dense     ours, for training from scratch on synthetic worlds: --batch-size pairs of one pose under two
+            conditions (the map drives), the second shifted by up to --dense-shift patches; every patch token's
+            local feature must find its counterpart and every pair's global descriptors each other (InfoNCE);
+            backbone + local_head learn. Run it before `rerank` (docs/TRAINING.md)
 
 data specs (--data / --val):
   synthetic:SEEDS[:CONDITIONS]  procedural worlds, e.g. synthetic:100-139 or synthetic:900,901:night,fog,rain
@@ -49,7 +56,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description="Train R2Former on synthetic worlds, a VG-benchmark dataset or MSLS. Runs as one "
                                    "process or under torchrun (DDP).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["global", "rerank", "finetune"], help="what to train (see below)")
+    p.add_argument("stage", choices=["global", "rerank", "finetune", "dense"], help="what to train (see below)")
     p.add_argument("--data", required=True, help="training data spec (see below)")
     p.add_argument("--out", required=True, help="run directory (created; holds checkpoints, metrics and logs)")
     p.add_argument("--val", default=None,
@@ -82,11 +89,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="global/finetune: random lighting changes of every training image (brightness, colour gain, "
                         "gamma, grey, fog-like blend, noise; geometry untouched) so the descriptor learns that a place "
                         "at dusk, in fog or in snow is the same place (default none: the paper's images as they are)")
+    g.add_argument("--dense-shift", type=int, default=3,
+                   help="dense: the second view of a pair is shifted by up to this many whole patches sideways (and "
+                        "one up or down), so a token must be found by its content, not its position (default 3)")
+    g.add_argument("--dense-global-weight", type=float, default=1.0,
+                   help="dense: weight of the pairs' global-descriptor InfoNCE next to the token loss (default 1)")
     g = p.add_argument_group("optimisation (defaults per stage: the official recipes)")
     g.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
     g.add_argument("--steps-per-epoch", type=int, default=100, help="optimizer steps per epoch (default 100)")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="queries per step and process (default: global 16, rerank 64, finetune 48)")
+                   help="queries (dense: pairs) per step and process (default: global 16, rerank 64, finetune 48, dense 16)")
     g.add_argument("--negs", type=int, default=None, help="negatives per query (default: global 2, rerank 1, finetune 2)")
     g.add_argument("--optimizer", choices=["adam", "adamw"], default=None,
                    help="default: global adam, rerank/finetune adamw")
@@ -255,7 +267,8 @@ def run(args) -> int:
                           schedule=pick("schedule"), grad_clip=args.grad_clip, refresh_steps=args.refresh_steps,
                           db_sample=args.db_sample, mining_groups=args.mining_groups, neg_pool=args.neg_pool, rerank_top=args.rerank_top, pos_radius=args.pos_radius,
                           soft_radius=args.soft_radius, end_to_end=args.end_to_end, reranker_init=args.reranker_init, global_loss=args.global_loss,
-                          augment=args.augment,
+                          augment=args.augment, dense_shift=args.dense_shift,
+                          dense_global_weight=args.dense_global_weight,
                           val_threshold_m=args.val_threshold, val_rerank_top=args.val_rerank_top,
                           val_max_queries=args.val_max_queries, val_every=args.val_every, patience=args.patience,
                           seed=args.seed, amp=not args.no_amp, extract_batch=args.extract_batch,

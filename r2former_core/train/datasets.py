@@ -87,6 +87,9 @@ class PlaceDataset:
     # Optional group (e.g. world) of every image: mining may then search one group at a time.
     db_groups: np.ndarray | None = None
     q_groups: np.ndarray | None = None
+    # Optional (A, D) database indices: row a holds D images taken from the *same pose* under different
+    # conditions (pixel-aligned; the synthetic worlds' map drives). Needed by the `dense` stage only.
+    aligned: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if len(self.database) == 0 or len(self.queries) == 0:
@@ -165,6 +168,8 @@ def synthetic_dataset(spec: SyntheticSpec, cache_dir: str | Path, show_progress:
     from ..data.synthetic import CONDITIONS, parse_conditions
     conditions = parse_conditions(spec.conditions) if spec.conditions else CONDITIONS
     db_arrays, db_xy, q_arrays, q_xy, db_groups, q_groups = [], [], [], [], [], []
+    aligned: list[np.ndarray] = []
+    n_db = 0
     seeds = spec.seeds
     if show_progress:
         from tqdm import tqdm
@@ -180,11 +185,17 @@ def synthetic_dataset(spec: SyntheticSpec, cache_dir: str | Path, show_progress:
                 arrays.append(images)
                 xys.append(poses[:, :2] + offset)
                 groups.append(np.full(len(poses), k, np.int64))
+        # The map drives of a world follow the same lane at the same spacing: frame i of each is one pose.
+        lengths = [len(a) for a in db_arrays[-len(maps):]]
+        if len(maps) >= 2 and len(set(lengths)) == 1:
+            starts = n_db + np.arange(len(maps)) * lengths[0]
+            aligned.append(starts[None, :] + np.arange(lengths[0])[:, None])
+        n_db += sum(lengths)
     info = {"seeds": list(spec.seeds), "conditions": list(conditions), "size": list(spec.size),
             "spacing_m": spec.spacing_m}
     return PlaceDataset(f"synthetic:{len(spec.seeds)} worlds", ArrayImageList(db_arrays, np.concatenate(db_xy)),
                         ArrayImageList(q_arrays, np.concatenate(q_xy)), info, np.concatenate(db_groups),
-                        np.concatenate(q_groups))
+                        np.concatenate(q_groups), np.concatenate(aligned) if aligned else None)
 
 
 # -------------------------------------------------------------------------------------- VG

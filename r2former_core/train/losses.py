@@ -43,3 +43,22 @@ def infonce_loss(query: torch.Tensor, candidates: torch.Tensor, target: torch.Te
     if valid is not None:
         logits = logits.masked_fill(~valid, float("-inf"))
     return torch.nn.functional.cross_entropy(logits.float(), target)
+
+
+DENSE_TEMPERATURE = 0.1
+
+
+def dense_correspondence_loss(feat_a: torch.Tensor, feat_b: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+                              temperature: float = DENSE_TEMPERATURE) -> torch.Tensor:
+    """Token-level InfoNCE between two views of the same pose: token `src[k]` of A must pick token `dst[k]`
+    of B among all of B's corresponding tokens, and vice versa (symmetric).
+
+    feat_a, feat_b: (P, T, L) L2-normalised token features of P pairs; src, dst: (V,) token indices that
+    show the same scene point in A and B. Not in the paper: a from-scratch aid that gives every token a
+    cross-condition target (see docs/TRAINING.md, stage `dense`).
+    """
+    logits = torch.einsum("pvd,pwd->pvw", feat_a[:, src], feat_b[:, dst]).float() / temperature
+    p, v, _ = logits.shape
+    target = torch.arange(v, device=logits.device).repeat(p)
+    return 0.5 * (F.cross_entropy(logits.reshape(p * v, v), target)
+                  + F.cross_entropy(logits.transpose(1, 2).reshape(p * v, v), target))

@@ -7,6 +7,10 @@
   100 hardest global neighbours (computed once, soft positives excluded).
 * `finetune`: both losses, all parameters, partial mining; `end_to_end` lets the reranker's
   gradient reach the backbone through the local tokens (the official `finetune=1`).
+* `dense` (ours, for training from scratch on synthetic worlds): pairs of pixel-aligned images of one
+  pose under two conditions, the second shifted by whole patches; every patch token's local feature
+  must find its counterpart (token InfoNCE) and every pair's global descriptors must find each other
+  among the batch's (InfoNCE). Backbone and `local_head` learn; the reranker is untouched.
 
 One code path for 1 or N processes (torchrun): every rank mines the same triplets from the same
 seeded samples (descriptors are computed shard-wise and gathered) and trains on its own share;
@@ -32,14 +36,14 @@ from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess_batch
 from .checkpointing import load_training_state, save_training_state
 from .datasets import ImageList, PlaceDataset
 from .distributed import DistInfo, all_reduce_mean, barrier, gather_rows
-from .losses import infonce_loss, rerank_loss, triplet_loss
+from .losses import dense_correspondence_loss, infonce_loss, rerank_loss, triplet_loss
 from .mining import POS_RADIUS_M, SOFT_RADIUS_M, Triplet, hardest_negatives, neighbours_within, select_triplets
 from .validation import ValResult, validate
 
 log = logging.getLogger(__name__)
 
-STAGES = ("global", "rerank", "finetune")
-METRIC_FIELDS = ["epoch", "step", "lr", "loss", "triplet_loss", "infonce_loss", "rerank_loss", "val_R@1", "val_R@5", "val_R@10",
+STAGES = ("global", "rerank", "finetune", "dense")
+METRIC_FIELDS = ["epoch", "step", "lr", "loss", "triplet_loss", "infonce_loss", "rerank_loss", "dense_loss", "val_R@1", "val_R@5", "val_R@10",
                  "val_rerank_R@1", "val_rerank_R@5", "val_rerank_R@10", "selection", "seconds"]
 
 
@@ -68,6 +72,8 @@ class TrainConfig:
     global_loss: str = "triplet"        # triplet (the paper) | infonce (in-batch negatives, from scratch)
     reranker_init: str = "keep"         # keep | xavier: re-initialise local_head + reranker linears first
     augment: str = "none"               # none | photometric: random lighting/colour/fog/noise on training images
+    dense_shift: int = 3                # dense: the second view is shifted by up to this many patches sideways
+    dense_global_weight: float = 1.0    # dense: weight of the pairs' global InfoNCE next to the token loss
     val_threshold_m: float = 25.0
     val_rerank_top: int = 20
     val_max_queries: int = 300
@@ -96,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"augment must be none or photometric, not {self.augment!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be constant or cosine, not {self.schedule!r}")
+        if self.dense_shift < 0 or self.dense_global_weight < 0:
+            raise ValueError("dense_shift and dense_global_weight must not be negative")
         if self.soft_radius < self.pos_radius:
             raise ValueError("soft_radius must not be smaller than pos_radius")
 
@@ -120,16 +128,21 @@ class TrainResult:
 class _TrainNet(nn.Module):
     """What DDP wraps: images of B groups [query, positive, negatives...] -> (loss, parts)."""
 
-    def __init__(self, model: R2FormerModel, stage: str, global_loss: str = "triplet"):
+    def __init__(self, model: R2FormerModel, stage: str, global_loss: str = "triplet",
+                 dense_global_weight: float = 1.0):
         super().__init__()
         self.model = model
         self.stage = stage
         self.global_loss = global_loss
+        self.dense_global_weight = dense_global_weight
 
-    def forward(self, images: torch.Tensor, group: int, valid: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, images: torch.Tensor, group: int, valid: torch.Tensor | None = None,
+                shift: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`valid` (B, B*(group-1)): for InfoNCE, which of the batch's database images may be negatives
-        of each query (besides its own positive)."""
+        of each query (besides its own positive). `shift` (rows, cols): dense stage, the patch shift of
+        the second half of `images` relative to the first."""
+        if self.stage == "dense":
+            return self._dense(images, shift)
         feats = self.model.forward_features(images)
         b = images.shape[0] // group
         parts: dict[str, torch.Tensor] = {}
@@ -157,6 +170,26 @@ class _TrainNet(nn.Module):
             out = self.model.reranker(xg, xl, yg, yl)
             parts["rerank_loss"] = rerank_loss(out.logits, labels.reshape(-1))
             loss = loss + parts["rerank_loss"]
+        return loss, parts
+
+    def _dense(self, images: torch.Tensor, shift: tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = self.model
+        p = images.shape[0] // 2
+        out = model.backbone(images)
+        gh, gw = out.grid
+        tokens = model.local_head(out.tokens[:, 2:])              # every patch token (not only the selected)
+        tokens = torch.nn.functional.normalize(tokens.float(), dim=-1)
+        dy, dx = shift
+        rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        keep = ((rows + dy >= 0) & (rows + dy < gh) & (cols + dx >= 0) & (cols + dx < gw)).reshape(-1)
+        src = torch.arange(gh * gw)[keep].to(images.device)
+        dst = ((rows + dy) * gw + (cols + dx)).reshape(-1)[keep].to(images.device)
+        parts = {"dense_loss": dense_correspondence_loss(tokens[:p], tokens[p:], src, dst)}
+        g = torch.nn.functional.normalize((model.backbone.head(out.global_tokens[:, 0])
+                                           + model.backbone.head_dist(out.global_tokens[:, 1])).float() / 2, dim=-1)
+        target = torch.arange(p, device=images.device)
+        parts["infonce_loss"] = 0.5 * (infonce_loss(g[:p], g[p:], target) + infonce_loss(g[p:], g[:p], target))
+        loss = parts["dense_loss"] + self.dense_global_weight * parts["infonce_loss"]
         return loss, parts
 
 
@@ -256,7 +289,7 @@ class Trainer:
         self.optimizer = opt_cls(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
         self.use_amp = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        net = _TrainNet(self.model, cfg.stage, cfg.global_loss)
+        net = _TrainNet(self.model, cfg.stage, cfg.global_loss, cfg.dense_global_weight)
         if dist_info.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
             net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -272,6 +305,11 @@ class Trainer:
         self.hard_pos = neighbours_within(data.database.xy, data.queries.xy, cfg.pos_radius)
         self.soft_pos = neighbours_within(data.database.xy, data.queries.xy, cfg.soft_radius)
         self.trainable_queries = np.array([i for i, h in enumerate(self.hard_pos) if len(h)], np.int64)
+        if cfg.stage == "dense" and (data.aligned is None or data.aligned.ndim != 2 or data.aligned.shape[1] < 2
+                                     or len(data.aligned) < cfg.batch_size):
+            raise ValueError(f"{data.name}: the dense stage needs at least {cfg.batch_size} poses seen by two or more "
+                             "pixel-aligned database images (synthetic worlds with --map-drives >= 2); this dataset "
+                             "has none")
         if len(self.trainable_queries) == 0:
             raise ValueError(f"{data.name}: no query has a database image within {cfg.pos_radius} m")
         self._triplets: list[Triplet] = []
@@ -289,6 +327,9 @@ class Trainer:
         m.reranker.decoder_pos_embed.requires_grad_(False)   # unused by the forward pass
         if self.cfg.stage == "global":
             for p in list(m.local_head.parameters()) + list(m.reranker.parameters()):
+                p.requires_grad_(False)
+        elif self.cfg.stage == "dense":
+            for p in m.reranker.parameters():
                 p.requires_grad_(False)
         elif self.cfg.stage == "rerank":
             for p in m.backbone.parameters():
@@ -424,15 +465,42 @@ class Trainer:
         valid[np.arange(len(groups)), np.arange(len(groups)) * per] = True
         return torch.from_numpy(valid).to(self.device)
 
-    def _step(self, groups: list[Triplet]) -> dict[str, float]:
+    def _dense_batch(self) -> tuple[torch.Tensor, tuple[int, int]]:
+        """P pixel-aligned pairs (two different images of one pose, from `mining_groups` random worlds when
+        set) as [A_1..A_P, B_1..B_P], B rolled by a random whole-patch shift; returns (images, shift).
+        Drawn from the step number and the rank: every rank its own pairs, the same again on resume."""
+        cfg, aligned = self.cfg, self.data.aligned
+        rng = np.random.default_rng([cfg.seed, self.global_step, self.info.rank, 31])
+        rows = np.arange(len(aligned))
+        if cfg.mining_groups > 0 and self.data.db_groups is not None:
+            row_groups = self.data.db_groups[aligned[:, 0]]
+            chosen = rng.choice(np.unique(row_groups), min(cfg.mining_groups, len(np.unique(row_groups))),
+                                replace=False)
+            rows = rows[np.isin(row_groups, chosen)]
+        picked = rng.choice(rows, cfg.batch_size, replace=len(rows) < cfg.batch_size)
+        pairs = [rng.choice(aligned[r], 2, replace=False) for r in picked]
+        db = self.data.database
+        x = _images_to_tensor([db.image(int(a)) for a, _ in pairs] + [db.image(int(b)) for _, b in pairs],
+                              self.model.cfg.image_size)
+        p = self.model.cfg.patch_size
+        dy, dx = int(rng.integers(-1, 2)), int(rng.integers(-cfg.dense_shift, cfg.dense_shift + 1))
+        x[len(pairs):] = torch.roll(x[len(pairs):], shifts=(dy * p, dx * p), dims=(2, 3))
+        return x.to(self.device, non_blocking=True), (dy, dx)
+
+    def _step(self, groups: list[Triplet] | None) -> dict[str, float]:
         lr = self.lr_at(self.global_step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        images = self._batch_images(groups)
-        valid = self._infonce_mask(groups) if self.cfg.global_loss == "infonce" else None
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.use_amp else contextlib.nullcontext()
-        with autocast:
-            loss, parts = self.net(images, 2 + self.cfg.negs, valid)
+        if self.cfg.stage == "dense":
+            images, shift = self._dense_batch()
+            with autocast:
+                loss, parts = self.net(images, 2, None, shift)
+        else:
+            images = self._batch_images(groups)
+            valid = self._infonce_mask(groups) if self.cfg.global_loss == "infonce" else None
+            with autocast:
+                loss, parts = self.net(images, 2 + self.cfg.negs, valid)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.grad_clip > 0:
@@ -478,7 +546,9 @@ class Trainer:
                     steps = bar
                 refresh, pos = 0, 0
                 for step in steps:
-                    if cfg.stage == "rerank":
+                    if cfg.stage == "dense":
+                        groups = None
+                    elif cfg.stage == "rerank":
                         if cursor + cfg.batch_size > len(perm):
                             perm, cursor = rng.permutation(perm), 0
                         groups = self._rerank_groups(rng, perm[cursor:cursor + cfg.batch_size])
@@ -524,7 +594,8 @@ class Trainer:
             epoch = row["epoch"]
             val: ValResult | None = None
             if self.val is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
-                val = validate(self.model, self.val, rerank=cfg.stage != "global", threshold_m=cfg.val_threshold_m,
+                val = validate(self.model, self.val, rerank=cfg.stage in ("rerank", "finetune"),
+                               threshold_m=cfg.val_threshold_m,
                                rerank_top=cfg.val_rerank_top, max_queries=cfg.val_max_queries,
                                batch=cfg.extract_batch, progress=cfg.progress)
                 self._set_train_mode()
