@@ -421,3 +421,12 @@ def test_dense_stage_trains_backbone_and_local_head_only(tmp_path, cache_dir, in
 def test_dense_stage_refuses_data_without_aligned_pairs(tmp_path, cache_dir, init_model):
     assert _train("dense", "--data", DATA, "--map-drives", "1", "--out", str(tmp_path / "d"), "--model",
                   str(init_model), "--epochs", "1", "--steps-per-epoch", "1", *_common(cache_dir)) == 2
+
+
+def test_xavier_reranker_keeps_the_local_head(tiny_config):
+    model = build_model(tiny_config, seed=1)
+    head, rr = model.local_head.weight.clone(), model.reranker.pair_head.weight.clone()
+    reinit_reranker_xavier(model, local_head=False)              # --reranker-init xavier_reranker
+    assert torch.equal(model.local_head.weight, head) and not torch.equal(model.reranker.pair_head.weight, rr)
+    reinit_reranker_xavier(model)                                # --reranker-init xavier
+    assert not torch.equal(model.local_head.weight, head)

@@ -81,10 +81,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "0.07) over every database image of the batch (positives of the other queries too, except "
                         "those within --soft-radius); InfoNCE trains a model from scratch where the triplet loss "
                         "collapses all descriptors to one point")
-    g.add_argument("--reranker-init", choices=["keep", "xavier"], default="keep",
+    g.add_argument("--reranker-init", choices=["keep", "xavier", "xavier_reranker"], default="keep",
                    help="keep the given local_head/reranker weights (default), or re-initialise their linear layers "
-                        "with Xavier-uniform before training: a freshly initialised reranker (e.g. from a global-stage "
-                        "model) then starts learning much sooner than with the ViT-style std-0.02 init")
+                        "with Xavier-uniform before training (xavier: local_head and reranker; xavier_reranker: the "
+                        "reranker only, keeping a local_head trained by the dense stage): a freshly initialised "
+                        "reranker then starts learning much sooner than with the ViT-style std-0.02 init")
     g.add_argument("--augment", choices=["none", "photometric"], default="none",
                    help="global/finetune: random lighting changes of every training image (brightness, colour gain, "
                         "gamma, grey, fog-like blend, noise; geometry untouched) so the descriptor learns that a place "

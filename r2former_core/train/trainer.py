@@ -43,6 +43,7 @@ from .validation import ValResult, validate
 log = logging.getLogger(__name__)
 
 STAGES = ("global", "rerank", "finetune", "dense")
+RERANKER_INITS = ("keep", "xavier", "xavier_reranker")
 METRIC_FIELDS = ["epoch", "step", "lr", "loss", "triplet_loss", "infonce_loss", "rerank_loss", "dense_loss", "val_R@1", "val_R@5", "val_R@10",
                  "val_rerank_R@1", "val_rerank_R@5", "val_rerank_R@10", "selection", "seconds"]
 
@@ -70,7 +71,7 @@ class TrainConfig:
     soft_radius: float = SOFT_RADIUS_M
     end_to_end: bool = False            # finetune: reranker gradient into the backbone
     global_loss: str = "triplet"        # triplet (the paper) | infonce (in-batch negatives, from scratch)
-    reranker_init: str = "keep"         # keep | xavier: re-initialise local_head + reranker linears first
+    reranker_init: str = "keep"         # keep | xavier (local_head + reranker linears) | xavier_reranker (reranker only)
     augment: str = "none"               # none | photometric: random lighting/colour/fog/noise on training images
     dense_shift: int = 3                # dense: the second view is shifted by up to this many patches sideways
     dense_global_weight: float = 1.0    # dense: weight of the pairs' global InfoNCE next to the token loss
@@ -96,8 +97,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be adam or adamw, not {self.optimizer!r}")
         if self.global_loss not in ("triplet", "infonce"):
             raise ValueError(f"global_loss must be triplet or infonce, not {self.global_loss!r}")
-        if self.reranker_init not in ("keep", "xavier"):
-            raise ValueError(f"reranker_init must be keep or xavier, not {self.reranker_init!r}")
+        if self.reranker_init not in RERANKER_INITS:
+            raise ValueError(f"reranker_init must be one of {RERANKER_INITS}, not {self.reranker_init!r}")
         if self.augment not in ("none", "photometric"):
             raise ValueError(f"augment must be none or photometric, not {self.augment!r}")
         if self.schedule not in ("constant", "cosine"):
@@ -253,15 +254,16 @@ def photometric_augment(x: torch.Tensor, generator: torch.Generator | None = Non
     return (y - mean) / std
 
 
-def reinit_reranker_xavier(model: R2FormerModel) -> None:
-    """Xavier-uniform weights (zero biases) for every linear layer of `local_head` and the reranker.
+def reinit_reranker_xavier(model: R2FormerModel, local_head: bool = True) -> None:
+    """Xavier-uniform weights (zero biases) for every linear layer of the reranker (and of `local_head`
+    unless `local_head` is False: keep a local head the `dense` stage trained).
 
     Why: with the ViT-style init (truncated normal, std 0.02) every residual branch of the reranker starts
     near zero, so its class-token outputs barely depend on the pairs and a fresh reranker needs many
     epochs before the cross-entropy moves (the official recipe trains 50 epochs). With Xavier weights a
     fresh reranker starts learning within tens of steps, which matters for short CPU trainings.
     """
-    for module in [model.local_head, *model.reranker.modules()]:
+    for module in [*([model.local_head] if local_head else []), *model.reranker.modules()]:
         if isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
@@ -280,8 +282,8 @@ class Trainer:
         self.device = dist_info.device
         self.model = model.to(self.device)
         self.model.detach_local = not (cfg.stage == "finetune" and cfg.end_to_end)
-        if cfg.reranker_init == "xavier":
-            reinit_reranker_xavier(self.model)
+        if cfg.reranker_init != "keep":
+            reinit_reranker_xavier(self.model, local_head=cfg.reranker_init == "xavier")
         self._configure_trainable()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
