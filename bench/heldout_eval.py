@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=100, help="candidates retrieved and reranked (default 100)")
     p.add_argument("--threshold-m", type=float, default=25.0, help="positive radius in metres (default 25)")
     p.add_argument("--work", default="runs/heldout", help="folder for rendered drives and maps (default runs/heldout)")
+    p.add_argument("--modes", default="none,ransac,r2former",
+                   help="reranking modes, comma separated (default none,ransac,r2former)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--out", default="bench/results/heldout_eval.json", help="JSON report path")
     args = p.parse_args(argv)
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         d = drive(seed, "query", cond, args.query_frames)
         src = open_source(images=str(d / "images"), poses=str(d / "poses.txt"))
         loc = Localizer(model, maps[seed], LocalizerConfig(top_k=args.top_k, device="cpu"))
-        res = evaluate(loc, src, threshold_m=args.threshold_m, progress=False)
+        res = evaluate(loc, src, modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+                       threshold_m=args.threshold_m, progress=False)
         name = f"{seed}_{cond}"
         print(f"\n== {name} ({len(src)} queries, map of {len(maps[seed])})")
         print(format_table(res))
