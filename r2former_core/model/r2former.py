@@ -75,14 +75,17 @@ class R2FormerModel(nn.Module):
         return self._fingerprint[1]
 
     # ------------------------------------------------------------------------ extraction
+    def global_descriptor(self, global_tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised mean of the class-token and distillation-token heads, (B, 2, D) -> (B, G)."""
+        return F.normalize((self.backbone.head(global_tokens[:, 0]) + self.backbone.head_dist(global_tokens[:, 1])) / 2,
+                           dim=-1)
+
     def forward_features(self, images: torch.Tensor) -> Features:
         """Differentiable extraction; `extract` is the inference entry point."""
         cfg = self.cfg
         b, _, h, w = images.shape
         out = self.backbone(images)
-        g_tokens = out.global_tokens
-        global_desc = F.normalize((self.backbone.head(g_tokens[:, 0]) + self.backbone.head_dist(g_tokens[:, 1])) / 2,
-                                  dim=-1)
+        global_desc = self.global_descriptor(out.global_tokens)
         n_patches = out.attention.shape[1]
         values, index = out.attention.topk(min(cfg.num_local, n_patches), dim=1)
         seq_pos = index if cfg.offset_quirk else index + 2

@@ -186,8 +186,7 @@ class _TrainNet(nn.Module):
         src = torch.arange(gh * gw)[keep].to(images.device)
         dst = ((rows + dy) * gw + (cols + dx)).reshape(-1)[keep].to(images.device)
         parts = {"dense_loss": dense_correspondence_loss(tokens[:p], tokens[p:], src, dst)}
-        g = torch.nn.functional.normalize((model.backbone.head(out.global_tokens[:, 0])
-                                           + model.backbone.head_dist(out.global_tokens[:, 1])).float() / 2, dim=-1)
+        g = model.global_descriptor(out.global_tokens).float()
         target = torch.arange(p, device=images.device)
         parts["infonce_loss"] = 0.5 * (infonce_loss(g[:p], g[p:], target) + infonce_loss(g[p:], g[:p], target))
         loss = parts["dense_loss"] + self.dense_global_weight * parts["infonce_loss"]
