@@ -7,9 +7,17 @@
 * Confidence = normalised best score x agreement.
 * Pose: the best candidate's, or (mode `weighted`) the weighted mean position of the agreeing
   candidates with the best candidate's orientation.
-* Covariance (x y z roll pitch yaw): the weighted spatial and yaw spread of all top candidates
-  around the estimate, plus a floor from the map's keyframe spacing, inflated by 1/confidence^2
-  when the confidence is low. Symmetric positive definite by construction.
+* Covariance (x y z roll pitch yaw): the weighted spatial and yaw spread of the *agreeing* top
+  candidates around the estimate, plus a floor from the map's keyframe spacing, inflated by
+  1/agreement^2 (the weight of the candidates elsewhere) and by (0.5/confidence)^2 when the confidence
+  is below 0.5. Symmetric positive definite by construction.
+
+  Why only the agreeing candidates: a place-recognition result is a mixture (the chosen place and,
+  with some weight, look-alike places far away). A filter or AMCL takes one Gaussian, and the second
+  moment of the whole mixture is dominated by the far look-alikes (a 5 % weight 130 m away alone is a
+  29 m standard deviation) even when the chosen place is right to a metre. So the covariance describes
+  the chosen mode, ambiguity widens it in a bounded way, and strong ambiguity shows as low confidence,
+  which `min_confidence` rejects.
 """
 from __future__ import annotations
 
@@ -69,22 +77,23 @@ def estimate_pose(poses: np.ndarray, scores01: np.ndarray, keyframe_spacing: flo
     agreement = float(w[agree].sum())
     confidence = float(np.clip(s[0] * agreement, 0.0, 1.0))
 
+    wa = w * agree / agreement          # weights of the chosen mode (the best candidate always agrees)
     pose = p[0].copy()
     if cfg.mode == "weighted":
-        wa = w * agree
-        pose[:3] = (wa[:, None] * p[:, :3]).sum(0) / wa.sum()
+        pose[:3] = (wa[:, None] * p[:, :3]).sum(0)
     elif cfg.mode != "best":
         raise ValueError(f"unknown pose mode {cfg.mode!r}; choose one of {POSE_MODES}")
 
     d = p[:, :3] - pose[:3]
-    spread = (w[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0)
+    spread = (wa[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0)
     yaws = yaw_from_quat(p[:, 3:])
-    yaw_spread = float((w * _wrap(yaws - yaws[0]) ** 2).sum())
+    yaw_spread = float((wa * _wrap(yaws - yaws[0]) ** 2).sum())
     floor = max(cfg.min_position_std, 0.5 * keyframe_spacing) ** 2
     cov = np.zeros((6, 6))
     cov[:3, :3] = spread + floor * np.eye(3)
     cov[3, 3] = cov[4, 4] = np.deg2rad(cfg.roll_pitch_std_deg) ** 2
     cov[5, 5] = yaw_spread + np.deg2rad(cfg.min_yaw_std_deg) ** 2
+    cov *= 1.0 / agreement ** 2         # ambiguity: part of the weight lies at other places
     if confidence < 0.5:   # continuous inflation: x1 at 0.5, x100 at 0.05 and below
         cov *= (0.5 / max(confidence, 0.05)) ** 2
     cov = 0.5 * (cov + cov.T)
