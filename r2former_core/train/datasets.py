@@ -185,9 +185,10 @@ def synthetic_dataset(spec: SyntheticSpec, cache_dir: str | Path, show_progress:
                 arrays.append(images)
                 xys.append(poses[:, :2] + offset)
                 groups.append(np.full(len(poses), k, np.int64))
-        # The map drives of a world follow the same lane at the same spacing: frame i of each is one pose.
-        lengths = [len(a) for a in db_arrays[-len(maps):]]
-        if len(maps) >= 2 and len(set(lengths)) == 1:
+        # The map drives of a world follow the same lane at the same spacing: frame i of each is one pose
+        # (pixel-aligned pairs when their conditions differ).
+        lengths = [len(a) for a in db_arrays[len(db_arrays) - len(maps):]]
+        if len(maps) >= 2 and len(set(maps)) == len(maps) and len(set(lengths)) == 1:
             starts = n_db + np.arange(len(maps)) * lengths[0]
             aligned.append(starts[None, :] + np.arange(lengths[0])[:, None])
         n_db += sum(lengths)
