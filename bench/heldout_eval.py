@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     size = tuple(model.cfg.image_size) if args.size == "model" else tuple(int(v) for v in args.size.split("x"))
     work = Path(args.work)
     sets = parse_sets(args.sets)
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     t_start = time.time()
 
     def drive(seed: int, kind: str, cond: str, frames: int) -> Path:
@@ -95,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         d = drive(seed, "query", cond, args.query_frames)
         src = open_source(images=str(d / "images"), poses=str(d / "poses.txt"))
         loc = Localizer(model, maps[seed], LocalizerConfig(top_k=args.top_k, device="cpu"))
-        res = evaluate(loc, src, modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
-                       threshold_m=args.threshold_m, progress=False)
+        res = evaluate(loc, src, modes=modes, threshold_m=args.threshold_m, progress=False)
         name = f"{seed}_{cond}"
         print(f"\n== {name} ({len(src)} queries, map of {len(maps[seed])})")
         print(format_table(res))

@@ -391,8 +391,7 @@ class Trainer:
         if cfg.mining_groups > 0 and self.data.db_groups is not None:
             # Grouped partial mining: whole groups (worlds) at a time, so every query's negatives come from
             # its own world - the confusers a single-world map presents at test time.
-            groups = np.unique(self.data.db_groups)
-            chosen = rng.choice(groups, min(cfg.mining_groups, len(groups)), replace=False)
+            chosen = self._choose_groups(rng)
             pool = self.trainable_queries[np.isin(self.data.q_groups[self.trainable_queries], chosen)]
             q_ids = np.sort(rng.choice(pool, min(len(pool), wanted), replace=False))
             cand = np.flatnonzero(np.isin(self.data.db_groups, chosen))
@@ -417,6 +416,11 @@ class Trainer:
             raise ValueError(f"mining gave only {len(triplets)} triplets for {info.world_size} process(es) x batch "
                              f"{cfg.batch_size}; the dataset is too small (need queries with database images within "
                              f"{cfg.pos_radius} m and at least {cfg.negs} database images beyond {cfg.soft_radius} m)")
+
+    def _choose_groups(self, rng: np.random.Generator) -> np.ndarray:
+        """`mining_groups` random groups (worlds) of the database."""
+        groups = np.unique(self.data.db_groups)
+        return rng.choice(groups, min(self.cfg.mining_groups, len(groups)), replace=False)
 
     def _prepare_rerank(self) -> None:
         """Hardest global negatives (top `rerank_top`) and best positive of every trainable query, once."""
@@ -474,10 +478,8 @@ class Trainer:
         rng = np.random.default_rng([cfg.seed, self.global_step, self.info.rank, 31])
         rows = np.arange(len(aligned))
         if cfg.mining_groups > 0 and self.data.db_groups is not None:
-            row_groups = self.data.db_groups[aligned[:, 0]]
-            chosen = rng.choice(np.unique(row_groups), min(cfg.mining_groups, len(np.unique(row_groups))),
-                                replace=False)
-            rows = rows[np.isin(row_groups, chosen)]
+            in_groups = rows[np.isin(self.data.db_groups[aligned[:, 0]], self._choose_groups(rng))]
+            rows = in_groups if len(in_groups) else rows
         picked = rng.choice(rows, cfg.batch_size, replace=len(rows) < cfg.batch_size)
         pairs = [rng.choice(aligned[r], 2, replace=False) for r in picked]
         db = self.data.database
