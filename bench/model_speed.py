@@ -31,6 +31,17 @@ def _peak_rss_mib() -> float:
     return float("nan")
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (what makes numbers from different hosts comparable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def worker(args) -> dict:
     import torch
     sys.path.insert(0, str(ROOT))
@@ -114,7 +125,8 @@ def main() -> int:
         print(f"{r['task']:<18} {r['device']:<7} {r['ms_median']:>9.1f}{unit:<3} {r['ms_min']:>9.1f} {r['ms_max']:>9.1f} "
               f"{r['peak_rss_mib']:>13.0f} {r['loadavg_1min_end']:>5.1f}")
     import torch
-    meta = {"torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+    meta = {"torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cores": os.cpu_count(), "k": args.k, "date": time.strftime("%Y-%m-%d %H:%M")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
