@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from r2former_core.data.sources import open_source
     from r2former_core.data.synthetic import write_drive
-    from r2former_core.evaluation import evaluate, format_table
+    from r2former_core.evaluation import ModeResult, evaluate, format_confidence_table, format_table
     from r2former_core.localizer import Localizer, LocalizerConfig
     from r2former_core.mapdb import MapDatabase, MapError
     from r2former_core.mapping import build_map
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "map_frames": args.map_frames, "query_frames": args.query_frames,
                                         "spacing_m": args.spacing, "map_conditions": args.map_conditions}}
     per_mode: dict[str, list[dict]] = {}
+    pooled: dict[str, ModeResult] = {}
     for seed, cond in sets:
         d = drive(seed, "query", cond, args.query_frames)
         src = open_source(images=str(d / "images"), poses=str(d / "poses.txt"))
@@ -103,17 +104,24 @@ def main(argv: list[str] | None = None) -> int:
         report["sets"][name] = {m: r.summary() for m, r in res.items()}
         for m, r in res.items():
             per_mode.setdefault(m, []).append(r.summary())
+            acc = pooled.setdefault(m, ModeResult(pose_threshold_m=r.pose_threshold_m))
+            for name_ in ("ranks", "ms", "errors_m", "pose_errors_m", "confidences", "mahalanobis2"):
+                getattr(acc, name_).extend(getattr(r, name_))
 
     mean = {m: {k: float(np.mean([s[k] for s in rows])) for k in ("recall@1", "recall@5", "recall@10",
                                                                   "ms_per_query", "median_error_m")}
             for m, rows in per_mode.items()}
     report["mean"] = mean
+    report["pooled"] = {m: r.summary() for m, r in pooled.items()}
     report["meta"]["seconds"] = round(time.time() - t_start, 1)
     print(f"\n== mean of {len(sets)} query sets")
     print(f"{'rerank':<10} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'ms/query':>10}")
     for m, s in mean.items():
         print(f"{m:<10} {100 * s['recall@1']:>6.1f}% {100 * s['recall@5']:>6.1f}% {100 * s['recall@10']:>6.1f}% "
               f"{s['ms_per_query']:>10.1f}")
+    print("\n== all queries pooled")
+    print(format_table(pooled))
+    print(format_confidence_table(pooled))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

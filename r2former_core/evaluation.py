@@ -1,9 +1,16 @@
-"""Place-recognition evaluation: recall@N per reranking mode on the same features (paper Table 4).
+"""Place-recognition evaluation: recall@N per reranking mode on the same features (paper Table 4),
+and how trustworthy the published pose is.
 
 A query counts as recalled at N when one of its first N ranked map images lies within
 `threshold_m` (horizontal distance) of the query's ground-truth position. All modes share the
 query features, the global search and the candidates' local features, so their differences
-are the reranking alone; ms/query includes extraction, search and reading.
+are the reranking alone; ms/query includes extraction, search, reading and the pose estimate.
+
+For the pose the localizer would publish (its position, confidence and covariance) the report also
+gives: the fraction within `pose_threshold_m` of the ground truth, the fraction whose horizontal
+error lies inside the covariance's 95 % ellipse (a calibrated covariance gives about 95 %), and a
+confidence table: for each `min_confidence`, how many results would be accepted and how many of
+those are correct. That is the data to choose `min_confidence` from.
 """
 from __future__ import annotations
 
@@ -18,10 +25,12 @@ from tqdm import tqdm
 
 from .data.sources import Source
 from .localizer import Localizer
-from .rerank import RERANK_MODES, rerank_candidates
+from .rerank import RERANK_MODES
 
 log = logging.getLogger(__name__)
 RECALL_VALUES = (1, 5, 10)
+CONFIDENCE_STEPS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+CHI2_2D_95 = 5.991   # 95 % quantile of the chi-square distribution with 2 degrees of freedom
 
 
 @dataclass
@@ -29,16 +38,47 @@ class ModeResult:
     ranks: list[int] = field(default_factory=list)        # rank of the first positive (1-based; 0 = none)
     ms: list[float] = field(default_factory=list)         # per query
     errors_m: list[float] = field(default_factory=list)   # top-1 position error
+    pose_threshold_m: float = 5.0                          # a published pose within this is "correct"
+    pose_errors_m: list[float] = field(default_factory=list)   # horizontal error of the estimated pose
+    confidences: list[float] = field(default_factory=list)
+    mahalanobis2: list[float] = field(default_factory=list)    # xy error^T Sigma_xy^-1 xy error
 
     def recall(self, n: int) -> float:
         r = np.asarray(self.ranks)
         return float(np.mean((r > 0) & (r <= n))) if len(r) else 0.0
+
+    def add_pose(self, estimate: np.ndarray, covariance: np.ndarray, confidence: float, truth: np.ndarray) -> None:
+        e = np.asarray(estimate[:2], np.float64) - np.asarray(truth[:2], np.float64)
+        cov = np.asarray(covariance, np.float64)[:2, :2]
+        self.pose_errors_m.append(float(np.linalg.norm(e)))
+        self.confidences.append(float(confidence))
+        self.mahalanobis2.append(float(e @ np.linalg.solve(cov, e)))
+
+    def confidence_table(self, steps=CONFIDENCE_STEPS) -> list[dict]:
+        """Per `min_confidence`: fraction of queries accepted, fraction of the accepted within
+        `pose_threshold_m` (precision) and fraction of all queries accepted and correct."""
+        conf = np.asarray(self.confidences)
+        ok = np.asarray(self.pose_errors_m) <= self.pose_threshold_m
+        rows = []
+        for c in steps:
+            acc = conf >= c
+            n = int(acc.sum())
+            rows.append({"min_confidence": float(c), "accepted": float(acc.mean()) if len(conf) else 0.0,
+                         "correct_of_accepted": float(ok[acc].mean()) if n else float("nan"),
+                         "correct_of_all": float((ok & acc).mean()) if len(conf) else 0.0})
+        return rows
 
     def summary(self, recall_values=RECALL_VALUES) -> dict:
         out = {f"recall@{n}": self.recall(n) for n in recall_values}
         out["ms_per_query"] = float(np.mean(self.ms)) if self.ms else 0.0
         out["median_error_m"] = float(np.median(self.errors_m)) if self.errors_m else float("nan")
         out["queries"] = len(self.ranks)
+        if self.pose_errors_m:
+            out["pose_threshold_m"] = self.pose_threshold_m
+            out["pose_median_error_m"] = float(np.median(self.pose_errors_m))
+            out["pose_correct"] = float(np.mean(np.asarray(self.pose_errors_m) <= self.pose_threshold_m))
+            out["inside_95_ellipse"] = float(np.mean(np.asarray(self.mahalanobis2) <= CHI2_2D_95))
+            out["confidence_table"] = self.confidence_table()
         return out
 
 
@@ -49,13 +89,13 @@ def first_positive_rank(ranked: np.ndarray, map_xy: np.ndarray, query_xy: np.nda
 
 
 def evaluate(localizer: Localizer, queries: Source, modes=("none", "ransac", "r2former"), threshold_m: float = 25.0,
-             progress: bool = True) -> dict[str, ModeResult]:
+             progress: bool = True, pose_threshold_m: float = 5.0) -> dict[str, ModeResult]:
     for m in modes:
         if m not in RERANK_MODES:
             raise ValueError(f"unknown rerank mode {m!r}; choose from {RERANK_MODES}")
-    mapdb, model = localizer.map, localizer.model
+    mapdb = localizer.map
     map_xy = mapdb.poses[:, :2]
-    results = {m: ModeResult() for m in modes}
+    results = {m: ModeResult(pose_threshold_m=pose_threshold_m) for m in modes}
     skipped = 0
     for rec in tqdm(queries, total=len(queries), desc="queries", unit="img", disable=not progress):
         if not rec.has_pose:
@@ -68,13 +108,13 @@ def evaluate(localizer: Localizer, queries: Source, modes=("none", "ransac", "r2
         shared_ms = (time.perf_counter() - t0) * 1000
         for m in modes:
             t = time.perf_counter()
-            scores = rerank_candidates(model, m, q_global, q_local, mapdb.global_desc[idx], c_local,
-                                       r2former_score=localizer.config.r2former_score)
-            ranked = idx[np.argsort(-scores.score, kind="stable")]
+            out = localizer.localize_features(q_global, q_local, rerank=m, retrieved=idx, c_local=c_local)
+            ranked = np.array([c.index for c in out.candidates])
             res = results[m]
             res.ms.append(shared_ms + (time.perf_counter() - t) * 1000)
             res.ranks.append(first_positive_rank(ranked, map_xy, rec.pose[:2], threshold_m))
             res.errors_m.append(float(np.linalg.norm(map_xy[ranked[0]] - rec.pose[:2])))
+            res.add_pose(out.pose, out.covariance, out.confidence, rec.pose)
     if skipped:
         log.warning("skipped %d queries without a ground-truth pose", skipped)
     return results
@@ -106,13 +146,75 @@ def write_report(results: dict[str, ModeResult], out: Path, meta: dict | None = 
     fig.tight_layout()
     fig.savefig(plot, dpi=110)
     plt.close(fig)
+    if any(r.confidences for r in results.values()):
+        plot_confidence(results, out.with_name(out.stem + "_confidence.png"))
     return out, plot
 
 
+def plot_confidence(results: dict[str, ModeResult], path: Path) -> Path:
+    """Precision (correct of accepted) and coverage (accepted) against min_confidence, per mode."""
+    import matplotlib
+    import matplotlib.ticker
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.linspace(0, 0.95, 39)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for m, r in results.items():
+        if not r.confidences:
+            continue
+        rows = r.confidence_table(steps)
+        c = [row["min_confidence"] for row in rows]
+        line, = ax1.plot(c, [100 * row["correct_of_accepted"] for row in rows], label=m)
+        ax1.plot(c, [100 * row["accepted"] for row in rows], ls="--", color=line.get_color())
+        ax2.scatter(r.confidences, np.maximum(r.pose_errors_m, 0.05), s=8, alpha=0.5, color=line.get_color(), label=m)
+    thr = next(iter(results.values())).pose_threshold_m
+    ax1.set_xlabel("min_confidence")
+    ax1.set_ylabel("%")
+    ax1.set_title(f"solid: accepted poses within {thr:g} m; dashed: accepted")
+    ax1.grid(alpha=0.3)
+    ax1.legend()
+    ax2.axhline(thr, color="grey", lw=0.8)
+    ax2.set_yscale("log")
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))   # no mathtext fonts
+    ax2.set_xlabel("confidence")
+    ax2.set_ylabel("pose error (m)")
+    ax2.set_title("pose error against confidence")
+    ax2.grid(alpha=0.3)
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def format_table(results: dict[str, ModeResult]) -> str:
-    lines = [f"{'rerank':<10} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'ms/query':>10} {'median err m':>13}"]
+    thr = next(iter(results.values())).pose_threshold_m if results else 5.0
+    lines = [f"{'rerank':<10} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'ms/query':>10} {'median err m':>13} "
+             f"{f'pose <{thr:g} m':>11} {'in 95% ell.':>12}"]
     for m, r in results.items():
         s = r.summary()
+        pose = (f"{100 * s['pose_correct']:>10.1f}% {100 * s['inside_95_ellipse']:>11.1f}%" if "pose_correct" in s
+                else f"{'-':>11} {'-':>12}")
         lines.append(f"{m:<10} {100 * s['recall@1']:>6.1f}% {100 * s['recall@5']:>6.1f}% {100 * s['recall@10']:>6.1f}% "
-                     f"{s['ms_per_query']:>10.1f} {s['median_error_m']:>13.2f}")
+                     f"{s['ms_per_query']:>10.1f} {s['median_error_m']:>13.2f} {pose}")
+    return "\n".join(lines)
+
+
+def format_confidence_table(results: dict[str, ModeResult], steps=(0.1, 0.2, 0.3, 0.5, 0.7, 0.9)) -> str:
+    """One row per min_confidence: accepted % and correct-of-accepted % for every mode."""
+    modes = [m for m, r in results.items() if r.confidences]
+    if not modes:
+        return ""
+    thr = results[modes[0]].pose_threshold_m
+    head = f"{'min_conf':>8} " + " ".join(f"{m + ' acc':>13} {m + ' ok':>12}" for m in modes)
+    lines = [f"accepted results, and how many of them lie within {thr:g} m, per min_confidence:", head]
+    tables = {m: results[m].confidence_table(steps) for m in modes}
+    for i, c in enumerate(steps):
+        cells = []
+        for m in modes:
+            row = tables[m][i]
+            ok = "-" if np.isnan(row["correct_of_accepted"]) else f"{100 * row['correct_of_accepted']:.1f}%"
+            cells.append(f"{100 * row['accepted']:>12.1f}% {ok:>12}")
+        lines.append(f"{c:>8.1f} " + " ".join(cells))
     return "\n".join(lines)

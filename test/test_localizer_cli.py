@@ -72,6 +72,15 @@ def test_build_localize_eval(world, tmp_path):
     assert data["none"]["recall@1"] == 1.0 and data["ransac"]["recall@1"] == 1.0
     assert 0.0 <= data["r2former"]["recall@1"] <= 1.0 and data["r2former"]["recall@10"] == 1.0
     assert report.with_suffix(".png").stat().st_size > 0
+    # The published pose: the weighted mean of candidates within 5 m of the best one, which is the query's
+    # own frame here, so every pose is within the default 5 m; the confidence table is monotone.
+    assert data["none"]["pose_correct"] == 1.0 and data["none"]["pose_threshold_m"] == 5.0
+    for mode in ("none", "ransac", "r2former"):
+        rows = data[mode]["confidence_table"]
+        assert rows[0]["min_confidence"] == 0.0 and rows[0]["accepted"] == 1.0
+        assert [r["accepted"] for r in rows] == sorted((r["accepted"] for r in rows), reverse=True)
+        assert 0.0 <= data[mode]["inside_95_ellipse"] <= 1.0
+    assert (tmp_path / "eval_confidence.png").stat().st_size > 0
 
 
 def test_build_map_with_keyframe_selection(world, tmp_path):

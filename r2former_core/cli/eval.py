@@ -11,7 +11,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description="Extract each query once, retrieve the top-K map images, rerank them with each "
                                    "selected mode and report recall@1/5/10 (a query is recalled at N when one of its "
                                    "first N map images lies within --threshold-m), ms per query and the median top-1 "
-                                   "error. Writes JSON and a recall@N plot beside it.")
+                                   "error. For the pose the localizer would publish: the fraction within "
+                                   "--pose-threshold-m, the fraction inside its covariance's 95%% ellipse, and a "
+                                   "table of accepted/correct results per min_confidence (to choose that parameter). "
+                                   "Writes JSON, a recall@N plot and a confidence plot beside it.")
     p.add_argument("--map", required=True, help="map directory built with `r2former build-map`")
     p.add_argument("--queries", default=None, help="query image folder")
     p.add_argument("--query-poses", default=None, help="ground-truth poses of --queries (TUM or CSV)")
@@ -23,14 +26,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="reranking mode(s) to evaluate (default all)")
     p.add_argument("--top-k", type=int, default=100, help="candidates retrieved and reranked per query (default 100)")
     p.add_argument("--threshold-m", type=float, default=25.0, help="positive distance threshold in metres (default 25)")
-    p.add_argument("--out", default=None, help="JSON output path (a .png plot is written beside it)")
+    p.add_argument("--pose-threshold-m", type=float, default=5.0,
+                   help="a published pose within this many metres of the ground truth counts as correct (default 5)")
+    p.add_argument("--out", default=None,
+                   help="JSON output path (plots are written beside it: <stem>.png recall@N, <stem>_confidence.png)")
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
     from ..data.sources import open_source
-    from ..evaluation import evaluate, format_table, write_report
+    from ..evaluation import evaluate, format_confidence_table, format_table, write_report
     from ..localizer import Localizer, LocalizerConfig
     from ..mapdb import MapDatabase
     from .common import load_model_from_args
@@ -43,11 +49,14 @@ def run(args) -> int:
     mapdb = MapDatabase.load(args.map, expected_fingerprint=model.fingerprint)
     localizer = Localizer(model, mapdb, LocalizerConfig(top_k=args.top_k, device=args.device))
     modes = ("none", "ransac", "r2former") if args.rerank == "all" else (args.rerank,)
-    results = evaluate(localizer, source, modes=modes, threshold_m=args.threshold_m)
+    results = evaluate(localizer, source, modes=modes, threshold_m=args.threshold_m,
+                       pose_threshold_m=args.pose_threshold_m)
     print(format_table(results))
+    print(format_confidence_table(results))
     if args.out:
         meta = {"map": str(mapdb.info.path), "model": model.fingerprint, "top_k": args.top_k,
-                "threshold_m": args.threshold_m, "queries": source.description}
+                "threshold_m": args.threshold_m, "pose_threshold_m": args.pose_threshold_m,
+                "queries": source.description}
         json_path, plot = write_report(results, args.out, meta)
-        print(f"wrote {json_path} and {plot}")
+        print(f"wrote {json_path} and {plot} (and the confidence plot beside it)")
     return 0
