@@ -9,6 +9,10 @@ if TYPE_CHECKING:  # torch is imported on first use, so `--help` and argument er
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
+class DeviceError(RuntimeError):
+    """The requested device does not exist here (e.g. `cuda` without a GPU); the message says what to use."""
+
+
 def resolve_device(device: "str | torch.device" = "auto") -> "torch.device":
     import torch
     if isinstance(device, torch.device):
@@ -18,9 +22,9 @@ def resolve_device(device: "str | torch.device" = "auto") -> "torch.device":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine; "
+            raise DeviceError(f"device {device!r} requested but CUDA is not available on this machine; "
                                "use device 'cpu' or 'auto'")
         return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICE_CHOICES)} (or cuda:N)")
+    raise DeviceError(f"unknown device {device!r}; choose one of {', '.join(DEVICE_CHOICES)} (or cuda:N)")

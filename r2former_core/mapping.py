@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .data.errors import DataError
 from .data.keyframes import select_keyframes
 from .data.sources import PosedImage, Source
 from .mapdb import MapDatabase
@@ -35,9 +36,11 @@ def build_map(source: Source, model: R2FormerModel, out: str | Path, *, min_dist
               min_angle: float = 0.0, batch_size: int = 8, frame_id: str = "map", index: str = "flat",
               overwrite: bool = False, progress: bool = True) -> MapDatabase:
     """Build the map `out` from `source`: keyframes only, features of `model`, atomic write."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     keep = keyframe_names(source, min_distance, min_angle)
     if not keep:
-        raise ValueError(f"{source.description}: no posed images to build a map from")
+        raise DataError(f"{source.description}: no posed images to build a map from")
     cfg = model.cfg
     est = MapDatabase.estimate_size(len(keep), cfg.global_dim, cfg.local_tokens, cfg.local_values)
     log.info("building map %s from %d of %d images (%s): about %.1f MB on disk (%.0f kB/image), %.1f MB RAM when "

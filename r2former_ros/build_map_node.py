@@ -97,9 +97,10 @@ class BuildMapError(RuntimeError):
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from r2former_core.mapdb import MapError
+    from r2former_core.device import DeviceError
     from r2former_core.model.checkpoint import CheckpointError
     return (BuildMapError, ParameterError, FileNotFoundError, DataError, MapError, CheckpointError,
-            PermissionError)
+            PermissionError, DeviceError)
 
 
 @dataclass

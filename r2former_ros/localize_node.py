@@ -105,8 +105,9 @@ class StartupError(RuntimeError):
 def _startup_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [StartupError, ParameterError, FileNotFoundError, DataError,
                                          PermissionError]
+    from r2former_core.device import DeviceError
     from r2former_core.model.checkpoint import CheckpointError
-    errors.append(CheckpointError)
+    errors += [CheckpointError, DeviceError]
     try:
         from r2former_core.mapdb import MapError
         errors.append(MapError)

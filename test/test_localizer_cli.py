@@ -121,6 +121,59 @@ def test_cli_expected_failures_are_one_line(tmp_path, capsys, world):
                  str(tmp_path / "m2"), "--model", str(tmp_path / "nomodel.pth")]) == 2
 
 
+@pytest.mark.parametrize("command, bad", [
+    ("localize", ["--top-k", "0"]),
+    ("localize", ["--min-confidence", "2"]),
+    ("eval", ["--threshold-m", "-1"]),
+    ("eval", ["--top-k", "many"]),
+    ("build-map", ["--batch-size", "0"]),
+    ("build-map", ["--min-distance", "-3"]),
+])
+def test_out_of_range_options_are_usage_errors(world, tmp_path, capsys, command, bad):
+    root, _, _, model_path = world
+    common = {"localize": ["--map", str(tmp_path / "m"), "--images", str(root / "images"), "--out", "o.csv"],
+              "eval": ["--map", str(tmp_path / "m"), "--queries", str(root / "images"), "--query-poses",
+                       str(root / "poses.txt")],
+              "build-map": ["--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
+                            str(tmp_path / "m")]}[command]
+    with pytest.raises(SystemExit) as exc:
+        main([command, *common, "--model", str(model_path), *bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert bad[0] in err and ("out of range" in err or "is not a" in err) and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_localize_user_errors_leave_no_partial_csv(world, tmp_path, capsys):
+    import shutil
+
+    import torch
+    root, _, _, model_path = world
+    map_dir = tmp_path / "map"
+    assert main(["build-map", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
+                 str(map_dir), "--model", str(model_path)]) == 0
+    queries = tmp_path / "queries"
+    shutil.copytree(root / "images", queries)
+    names = sorted(p.name for p in queries.iterdir())
+    (queries / names[3]).write_bytes(b"\x89PNG broken")       # the 4th query does not decode
+    out = tmp_path / "out" / "res.csv"
+    args = ["localize", "--map", str(map_dir), "--images", str(queries), "--out", str(out), "--model", str(model_path)]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert names[3] in err and "--skip-unreadable" in err
+    assert not out.exists() and not list(out.parent.glob(".*tmp*"))    # no CSV with 3 rows that looks complete
+    assert main([*args, "--skip-unreadable"]) == 0
+    assert len(list(csv.DictReader(open(out)))) == len(names) - 1
+    # --save-matches naming an existing file, and a CUDA request on a machine without one: one line, exit 2.
+    assert main([*args, "--skip-unreadable", "--save-matches", str(out)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*args, "--skip-unreadable", "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "CUDA is not available" in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
 def test_killed_build_map_leaves_nothing_loadable_and_rerun_succeeds(world, tmp_path):
     """SIGKILL `r2former build-map` while it writes: no map under the final name; a rerun builds it."""
     import os

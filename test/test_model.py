@@ -288,3 +288,16 @@ def test_demo_preset_is_a_from_scratch_configuration():
     cfg = preset("r2former_demo")
     assert (cfg.stem, cfg.input_norm, cfg.grid, cfg.local_tokens) == ("conv", "instance", (8, 10), 48)
     assert preset("r2former_deits") == ModelConfig()            # the official configuration keeps the defaults
+
+
+def test_preprocess_takes_read_only_buffers_without_warnings():
+    """Images decoded from ROS messages or bags are often read-only views; torch must not warn on them."""
+    import warnings
+
+    from r2former_core.model import preprocess
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    image.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = preprocess(image, size=(48, 64))
+    assert x.shape == (1, 3, 48, 64) and torch.isfinite(x).all()

@@ -280,6 +280,8 @@ def test_sigint_exits_zero_within_5_seconds(session):
     (["-p", "rerank:=foo"], "rerank"),
     (["-p", "top_k:=0"], "top_k"),
     (["-p", "image_transport:=h264"], "image_transport"),
+    pytest.param(["-p", "device:=cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_invalid_parameters_fail_at_startup(assets, args, expected):
     node = NodeProcess("r2former_ros.localize_node",

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_options, add_source_options, load_model_from_args, open_source_from_args
+from .common import (add_model_options, add_source_options, load_model_from_args, nonneg_float, open_source_from_args,
+                     positive_int)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -14,11 +15,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_source_options(p, "map", poses_required=True)
     p.add_argument("--out", required=True, help="map directory to create")
     add_model_options(p)
-    p.add_argument("--min-distance", type=float, default=0.0,
+    p.add_argument("--min-distance", type=nonneg_float, default=0.0,
                    help="keep a frame when it is at least this many metres from the last kept one (default 0: all)")
-    p.add_argument("--min-angle", type=float, default=0.0,
+    p.add_argument("--min-angle", type=nonneg_float, default=0.0,
                    help="... or turned at least this many degrees from it (default 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per extraction batch (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per extraction batch (default 8)")
     p.add_argument("--frame-id", default=None,
                    help="frame the poses are expressed in (default: PARENT of --tf-frames, else map)")
     p.add_argument("--index", default="flat", choices=["flat", "ivfpq"],

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_options
+from .common import add_model_options, add_skip_unreadable, positive_float, positive_int
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -21,15 +21,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--bag", default=None, help="query rosbag2 instead of a folder (with --image-topic/--pose-topic)")
     p.add_argument("--image-topic", default=None, help="image topic of --bag")
     p.add_argument("--pose-topic", default=None, help="ground-truth pose topic of --bag")
+    add_skip_unreadable(p)
     add_model_options(p)
     p.add_argument("--rerank", default="all", choices=["none", "ransac", "r2former", "all"],
                    help="reranking mode(s) to evaluate (default all)")
-    p.add_argument("--top-k", type=int, default=100, help="candidates retrieved and reranked per query (default 100)")
-    p.add_argument("--threshold-m", type=float, default=25.0, help="positive distance threshold in metres (default 25)")
-    p.add_argument("--pose-threshold-m", type=float, default=5.0,
+    p.add_argument("--top-k", type=positive_int, default=100, help="candidates retrieved and reranked per query (default 100)")
+    p.add_argument("--threshold-m", type=positive_float, default=25.0, help="positive distance threshold in metres (default 25)")
+    p.add_argument("--pose-threshold-m", type=positive_float, default=5.0,
                    help="a published pose within this many metres of the ground truth counts as correct (default 5)")
     p.add_argument("--out", default=None,
-                   help="JSON output path (plots are written beside it: <stem>.png recall@N, <stem>_confidence.png)")
+                   help="JSON output path (plots are written beside it: <stem>.png recall@N, <stem>_confidence.png); "
+                        "without it the tables are only printed")
     p.set_defaults(func=run)
     return p
 
@@ -44,7 +46,7 @@ def run(args) -> int:
     if not args.queries and not args.bag:
         raise CliError("give the queries: --queries DIR --query-poses FILE, or --bag BAG")
     source = open_source(images=args.queries, poses=args.query_poses, bag=args.bag, image_topic=args.image_topic,
-                         pose_topic=args.pose_topic, require_poses=True)
+                         pose_topic=args.pose_topic, require_poses=True, skip_unreadable=args.skip_unreadable)
     model = load_model_from_args(args)
     mapdb = MapDatabase.load(args.map, expected_fingerprint=model.fingerprint)
     localizer = Localizer(model, mapdb, LocalizerConfig(top_k=args.top_k, device=args.device))

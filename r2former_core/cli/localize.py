@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ STAGES = ("decode", "extract", "search", "rerank", "pose", "total")
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from ..localizer import RERANK_MODES
-    from .common import add_model_options
+    from .common import add_model_options, add_skip_unreadable, positive_int, unit_float
     p = sub.add_parser("localize", help="localize images (folder or rosbag2) against a map, write a CSV",
                        description="For each query image: extract features, retrieve the top-K map images, rerank, "
                                    "estimate a pose with covariance. Writes one CSV row per query: " +
@@ -27,12 +28,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--images", default=None, help="folder of query images")
     g.add_argument("--bag", default=None, help="rosbag2 with the query images")
     g.add_argument("--image-topic", default=None, help="image topic of --bag (Image or CompressedImage)")
-    p.add_argument("--out", required=True, help="CSV file to write")
+    add_skip_unreadable(g)
+    p.add_argument("--out", required=True,
+                   help="CSV file to write (written to a temporary file and renamed when every query is done, so a "
+                        "failed run leaves no partial CSV)")
     add_model_options(p)
     p.add_argument("--rerank", default="r2former", choices=RERANK_MODES,
                    help="reranking: r2former (transformer, default), ransac (homography inliers) or none (global only)")
-    p.add_argument("--top-k", type=int, default=100, help="map images retrieved and reranked per query (default 100)")
-    p.add_argument("--min-confidence", type=float, default=0.3,
+    p.add_argument("--top-k", type=positive_int, default=100, help="map images retrieved and reranked per query (default 100)")
+    p.add_argument("--min-confidence", type=unit_float, default=0.3,
                    help="results below this confidence are marked accepted=0 (default 0.3)")
     p.add_argument("--save-matches", default=None, metavar="DIR",
                    help="also write each query's matched-pair image (query | best map image, token matches) to DIR")
@@ -41,29 +45,44 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    import cv2
-    from tqdm import tqdm
-
     from ..data.sources import open_source
     from ..localizer import Localizer, LocalizerConfig
     from ..mapdb import MapDatabase
-    from ..visualization import draw_matches
     from .common import load_model_from_args
     from .main import CliError
     if bool(args.images) == bool(args.bag):
         raise CliError("give the queries: either --images DIR or --bag BAG --image-topic T")
-    source = open_source(images=args.images, bag=args.bag, image_topic=args.image_topic, require_poses=False)
+    matches_dir = Path(args.save_matches) if args.save_matches else None
+    if matches_dir and matches_dir.exists() and not matches_dir.is_dir():
+        raise CliError(f"--save-matches {matches_dir} is a file; give a directory (created if missing)")
+    source = open_source(images=args.images, bag=args.bag, image_topic=args.image_topic, require_poses=False,
+                         skip_unreadable=args.skip_unreadable)
     model = load_model_from_args(args)
     mapdb = MapDatabase.load(args.map, expected_fingerprint=model.fingerprint)
     localizer = Localizer(model, mapdb, LocalizerConfig(top_k=args.top_k, rerank=args.rerank,
                                                         min_confidence=args.min_confidence, device=args.device))
-    matches_dir = Path(args.save_matches) if args.save_matches else None
     if matches_dir:
         matches_dir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        n, accepted = _write_rows(tmp, source, localizer, mapdb, model, matches_dir)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"{n} queries localized, {accepted} accepted (confidence >= {args.min_confidence}); wrote {out}")
+    return 0
+
+
+def _write_rows(path: Path, source, localizer, mapdb, model, matches_dir: Path | None) -> tuple[int, int]:
+    """Localize every query into the CSV at `path`; returns (queries, accepted)."""
+    import cv2
+    from tqdm import tqdm
+
+    from ..visualization import draw_matches
     n = accepted = 0
-    with open(out, "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         t_read = time.perf_counter()
@@ -84,5 +103,4 @@ def run(args) -> int:
                                      model_size=model.cfg.image_size, text=text)
                 cv2.imwrite(str(matches_dir / f"{Path(rec.name).stem}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             t_read = time.perf_counter()
-    print(f"{n} queries localized, {accepted} accepted (confidence >= {args.min_confidence}); wrote {out}")
-    return 0
+    return n, accepted

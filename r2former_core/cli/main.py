@@ -24,8 +24,10 @@ class CliError(RuntimeError):
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
+    from ..device import DeviceError
     from ..model.checkpoint import CheckpointError
-    errors: list[type[BaseException]] = [CliError, CheckpointError, FileNotFoundError, PermissionError]
+    errors: list[type[BaseException]] = [CliError, CheckpointError, DeviceError, FileNotFoundError, PermissionError,
+                                         FileExistsError, NotADirectoryError, IsADirectoryError]
     try:
         from ..mapdb import MapError
         errors.append(MapError)

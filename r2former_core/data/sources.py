@@ -165,8 +165,8 @@ class _FileListSource:
                 image = read_image_file(record.path)
             except ImageDecodeError as exc:
                 if not self.skip_unreadable:
-                    raise DataError(f"{exc}; remove or replace it, or pass skip_unreadable=True "
-                                    "to skip unreadable images") from exc
+                    raise DataError(f"{exc}; remove or replace it, or skip unreadable images "
+                                    "(--skip-unreadable; skip_unreadable=True in Python)") from exc
                 self.skipped_unreadable += 1
                 log.warning("skipping unreadable image: %s", exc)
                 continue

@@ -23,7 +23,10 @@ def preprocess(image: np.ndarray, size: tuple[int, int] = (480, 640)) -> torch.T
 
 def preprocess_batch(images: np.ndarray, size: tuple[int, int] = (480, 640)) -> torch.Tensor:
     """BxHxWx3 uint8 RGB -> (B, 3, size[0], size[1]) float32."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    images = np.ascontiguousarray(images)
+    if not images.flags.writeable:      # e.g. a view of a ROS message buffer; torch wants writable memory
+        images = images.copy()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     x = (x - mean) / std
