@@ -301,3 +301,12 @@ def test_preprocess_takes_read_only_buffers_without_warnings():
         warnings.simplefilter("error")
         x = preprocess(image, size=(48, 64))
     assert x.shape == (1, 3, 48, 64) and torch.isfinite(x).all()
+
+
+def test_model_path_that_is_missing_or_a_directory_is_named(tmp_path):
+    from r2former_core.model import load_model
+    from r2former_core.model.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_model(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope.pth")

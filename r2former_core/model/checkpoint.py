@@ -166,6 +166,8 @@ def load_model(path: str | os.PathLike, device: str = "cpu", config: ModelConfig
     ImageNet weights; the default is the released DeiT-S configuration).
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"model path {path} is a directory; pass the weights file itself (.pth or .safetensors)")
     if not path.is_file():
         raise CheckpointError(f"model file {path} does not exist (pass --model with a checkpoint path)")
     dev = resolve_device(device)
