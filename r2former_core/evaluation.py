@@ -64,7 +64,7 @@ class ModeResult:
             acc = conf >= c
             n = int(acc.sum())
             rows.append({"min_confidence": float(c), "accepted": float(acc.mean()) if len(conf) else 0.0,
-                         "correct_of_accepted": float(ok[acc].mean()) if n else float("nan"),
+                         "correct_of_accepted": float(ok[acc].mean()) if n else None,   # None: none accepted
                          "correct_of_all": float((ok & acc).mean()) if len(conf) else 0.0})
         return rows
 
@@ -165,7 +165,8 @@ def plot_confidence(results: dict[str, ModeResult], path: Path) -> Path:
             continue
         rows = r.confidence_table(steps)
         c = [row["min_confidence"] for row in rows]
-        line, = ax1.plot(c, [100 * row["correct_of_accepted"] for row in rows], label=m)
+        precision = [np.nan if row["correct_of_accepted"] is None else 100 * row["correct_of_accepted"] for row in rows]
+        line, = ax1.plot(c, precision, label=m)
         ax1.plot(c, [100 * row["accepted"] for row in rows], ls="--", color=line.get_color())
         ax2.scatter(r.confidences, np.maximum(r.pose_errors_m, 0.05), s=8, alpha=0.5, color=line.get_color(), label=m)
     thr = next(iter(results.values())).pose_threshold_m
@@ -214,7 +215,7 @@ def format_confidence_table(results: dict[str, ModeResult], steps=(0.1, 0.2, 0.3
         cells = []
         for m in modes:
             row = tables[m][i]
-            ok = "-" if np.isnan(row["correct_of_accepted"]) else f"{100 * row['correct_of_accepted']:.1f}%"
+            ok = "-" if row["correct_of_accepted"] is None else f"{100 * row['correct_of_accepted']:.1f}%"
             cells.append(f"{100 * row['accepted']:>12.1f}% {ok:>12}")
         lines.append(f"{c:>8.1f} " + " ".join(cells))
     return "\n".join(lines)

@@ -39,6 +39,8 @@ def test_confidence_table_precision_and_coverage():
     assert rows[0.3]["accepted"] == 0.5 and rows[0.3]["correct_of_accepted"] == 1.0
     assert rows[0.3]["correct_of_all"] == 0.5
     assert rows[0.9]["accepted"] == 0.5   # 0.9 >= 0.9: the confident results are still accepted
+    assert ModeResult().confidence_table() and all(row["correct_of_accepted"] is None
+                                                   for row in ModeResult().confidence_table())
     s = r.summary()
     assert s["pose_correct"] == 0.7 and s["pose_median_error_m"] == 1.5
     accepted = [row["accepted"] for row in s["confidence_table"]]
