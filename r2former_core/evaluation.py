@@ -97,7 +97,7 @@ def evaluate(localizer: Localizer, queries: Source, modes=("none", "ransac", "r2
     map_xy = mapdb.poses[:, :2]
     results = {m: ModeResult(pose_threshold_m=pose_threshold_m) for m in modes}
     skipped = 0
-    for rec in tqdm(queries, total=len(queries), desc="queries", unit="img", disable=not progress):
+    for rec in tqdm(queries, total=len(queries), desc="queries", unit="img", disable=None if progress else True):
         if not rec.has_pose:
             skipped += 1
             continue

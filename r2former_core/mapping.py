@@ -59,7 +59,7 @@ def build_map(source: Source, model: R2FormerModel, out: str | Path, *, min_dist
                              [r.name for r in batch], thumbnails=[r.image for r in batch])
             batch.clear()
 
-        for record in tqdm(source, total=len(source), desc="map images", unit="img", disable=not progress):
+        for record in tqdm(source, total=len(source), desc="map images", unit="img", disable=None if progress else True):
             if record.name not in keep:
                 continue
             batch.append(record)

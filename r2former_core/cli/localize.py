@@ -86,7 +86,7 @@ def _write_rows(path: Path, source, localizer, mapdb, model, matches_dir: Path |
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         t_read = time.perf_counter()
-        for rec in tqdm(source, total=len(source), desc="localize", unit="img"):
+        for rec in tqdm(source, total=len(source), desc="localize", unit="img", disable=None):
             res = localizer.localize(rec.image, decode_ms=(time.perf_counter() - t_read) * 1000)
             best = res.best
             writer.writerow([rec.name, f"{rec.stamp:.6f}", *(f"{v:.4f}" for v in res.pose[:3]),

@@ -1001,7 +1001,7 @@ def write_drive(world_or_seed: SyntheticWorld | int, out_dir: str | Path, kind: 
         (out / "images").mkdir(exist_ok=True)
     try:
         drive = world.drive(kind, conditions, frames, size, spacing)
-        for i, frame in enumerate(tqdm(drive, total=frames, unit="img", desc=f"synth {kind}", disable=not progress)):
+        for i, frame in enumerate(tqdm(drive, total=frames, unit="img", desc=f"synth {kind}", disable=None if progress else True)):
             ns = int(traj.stamps_ns[i])
             if writer:
                 writer.frame(i, ns, frame.image)

@@ -173,7 +173,7 @@ def synthetic_dataset(spec: SyntheticSpec, cache_dir: str | Path, show_progress:
     seeds = spec.seeds
     if show_progress:
         from tqdm import tqdm
-        seeds = tqdm(seeds, desc="synthetic worlds", unit="world")
+        seeds = tqdm(seeds, desc="synthetic worlds", unit="world", disable=None)
     for k, seed in enumerate(seeds):
         offset = np.array([k * WORLD_SPACING_M, 0.0])
         maps, queries = drive_conditions(k, conditions, spec.map_drives, spec.query_drives)

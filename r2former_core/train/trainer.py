@@ -209,7 +209,7 @@ def extract_descriptors(model: R2FormerModel, images: ImageList, ids: np.ndarray
     chunks = range(0, len(ids), batch)
     if progress:
         from tqdm import tqdm
-        chunks = tqdm(chunks, desc=desc, unit="batch", leave=False)
+        chunks = tqdm(chunks, desc=desc, unit="batch", leave=False, disable=None)
     try:
         for s in chunks:
             x = _images_to_tensor([images.image(int(i)) for i in ids[s:s + batch]], model.cfg.image_size)
@@ -545,7 +545,7 @@ class Trainer:
                 bar = None
                 if cfg.progress and info.is_main:
                     from tqdm import tqdm
-                    bar = tqdm(steps, desc=f"{cfg.stage} epoch {epoch + 1}/{cfg.epochs}", unit="step")
+                    bar = tqdm(steps, desc=f"{cfg.stage} epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=None)
                     steps = bar
                 refresh, pos = 0, 0
                 for step in steps:
