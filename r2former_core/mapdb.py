@@ -872,6 +872,11 @@ class MapDatabase:
             return None
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
+    @property
+    def thumbnail_count(self) -> int:
+        """How many entries have a stored thumbnail."""
+        return int((np.asarray(self._thumb_index)[:, 1] > 0).sum())
+
     def keyframe_spacing(self) -> float:
         """Median distance (metres) between consecutive map poses; 0.0 for maps of one image."""
         if self._spacing is None:

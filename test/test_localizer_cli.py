@@ -231,3 +231,26 @@ def test_killed_build_map_leaves_nothing_loadable_and_rerun_succeeds(world, tmp_
     assert len(db) == n and np.allclose(db.poses, poses)
     db.close()
     assert [p.name for p in out.parent.iterdir()] == ["m"]   # and cleaned up the dead writer's temp dir
+
+
+def test_map_info_reports_the_map_and_names_damage(world, tmp_path, capsys):
+    root, _, poses, model_path = world
+    map_dir = tmp_path / "map"
+    assert main(["build-map", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
+                 str(map_dir), "--model", str(model_path)]) == 0
+    capsys.readouterr()
+    assert main(["map-info", str(map_dir), "--json", "--model", str(model_path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["entries"] == 12 and info["thumbnails"] == 12 and info["verified"] == "full"
+    assert info["trajectory_length_m"] == pytest.approx(33.0)          # 11 steps of 3 m
+    assert info["extent_m"]["x"] == pytest.approx([0.0, 33.0])
+    assert info["disk_bytes"] == sum(f.stat().st_size for f in map_dir.iterdir())
+    assert main(["map-info", str(map_dir)]) == 0
+    assert "12 (format version 1" in capsys.readouterr().out
+    # One flipped byte in the global descriptors: full verification names the file, exit 2.
+    g = map_dir / "global.npy"
+    data = bytearray(g.read_bytes())
+    data[-5] ^= 0xFF
+    g.write_bytes(bytes(data))
+    assert main(["map-info", str(map_dir)]) == 2
+    assert "global.npy" in capsys.readouterr().err

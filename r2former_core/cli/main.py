@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from ..logging_setup import setup_logging
 
 # Subcommand modules, in the order `--help` lists them. A module that is absent is skipped, so
 # the CLI keeps working while later subcommands are developed.
-SUBCOMMANDS = ["build_map", "localize", "eval", "synth", "train", "launch", "check_parity"]
+SUBCOMMANDS = ["build_map", "localize", "eval", "map_info", "synth", "train", "launch", "check_parity"]
 
 
 class CliError(RuntimeError):
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:          # output piped into `head` and the like: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         logging.getLogger("r2former").error("interrupted")
         return 130
