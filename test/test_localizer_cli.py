@@ -247,6 +247,8 @@ def test_map_info_reports_the_map_and_names_damage(world, tmp_path, capsys):
     assert info["disk_bytes"] == sum(f.stat().st_size for f in map_dir.iterdir())
     assert main(["map-info", str(map_dir)]) == 0
     assert "12 (format version 1" in capsys.readouterr().out
+    assert main(["map-info", str(map_dir), "--log-level", "ERROR"]) == 0      # logging options after the command
+    assert "map loaded" not in capsys.readouterr().err
     # One flipped byte in the global descriptors: full verification names the file, exit 2.
     g = map_dir / "global.npy"
     data = bytearray(g.read_bytes())

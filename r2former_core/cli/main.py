@@ -47,9 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="r2former",
         description="R2Former visual localization, offline: build maps from image folders or rosbag2 files, "
                     "localize images against them, evaluate recall, train models, check parity.")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="logging verbosity (default INFO)")
-    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line (for log collectors)")
+    _add_logging_options(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
@@ -58,8 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name == f"{__package__}.{name}":
                 continue
             raise
-        module.add_parser(sub)
+        _add_logging_options(module.add_parser(sub), top_level=False)
     return parser
+
+
+def _add_logging_options(p: argparse.ArgumentParser, top_level: bool) -> None:
+    """--log-level / --log-json, before or after the command (`r2former --log-level ERROR eval ...` or
+    `r2former eval ... --log-level ERROR`); a command's own copy only overrides when given."""
+    unset = {} if top_level else {"default": argparse.SUPPRESS}
+    g = p.add_argument_group("logging") if not top_level else p
+    g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="logging verbosity (default INFO)", **({"default": "INFO"} if top_level else unset))
+    g.add_argument("--log-json", action="store_true", help="log one JSON object per line (for log collectors)",
+                   **unset)
 
 
 def main(argv: list[str] | None = None) -> int:
