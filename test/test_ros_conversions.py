@@ -162,3 +162,53 @@ def test_pose_array():
     assert msg.header.frame_id == "map" and len(msg.poses) == 4
     assert [p.position.x for p in msg.poses] == [0, 1, 2, 3]
     assert len(pose_array_msg(np.zeros((0, 7)), "map").poses) == 0
+
+
+def _mosaic(rgb: np.ndarray, pattern: str) -> np.ndarray:
+    """Sample an RGB image through a 2x2 colour-filter pattern such as "rggb" (top-left first, row-major)."""
+    idx = {"r": 0, "g": 1, "b": 2}
+    out = np.empty(rgb.shape[:2], rgb.dtype)
+    for k, c in enumerate(pattern):
+        dy, dx = divmod(k, 2)
+        out[dy::2, dx::2] = rgb[dy::2, dx::2, idx[c]]
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["rggb", "bggr", "gbrg", "grbg"])
+def test_bayer_encodings_demosaic_to_the_right_colours(pattern):
+    """A flat orange scene seen through each pattern must come back orange, not blue or green."""
+    scene = np.zeros((H, W, 3), np.uint8)
+    scene[...] = (230, 120, 20)
+    out = image_msg_to_rgb(raw_msg(_mosaic(scene, pattern), f"bayer_{pattern}8"))
+    assert out.shape == (H, W, 3)
+    inner = out[2:-2, 2:-2].reshape(-1, 3).astype(int)          # away from the border interpolation
+    assert np.abs(inner - scene[0, 0]).max() <= 2, (pattern, inner.mean(0))
+    out16 = image_msg_to_rgb(raw_msg(_mosaic(scene.astype(np.uint16) * 257, pattern), f"bayer_{pattern}16"))
+    assert np.abs(out16[2:-2, 2:-2].reshape(-1, 3).astype(int) - scene[0, 0]).max() <= 2, pattern
+
+
+def _yuv422(rgb: np.ndarray, order: str) -> np.ndarray:
+    """BT.601 video-range YUV 4:2:2 by hand (what cameras send: Y 16-235): each pixel pair shares the mean U
+    and V; bytes in `order` (uyvy / yuyv)."""
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+    u2, v2 = (u[:, 0::2] + u[:, 1::2]) / 2, (v[:, 0::2] + v[:, 1::2]) / 2
+    planes = {"y0": y[:, 0::2], "y1": y[:, 1::2], "u": u2, "v": v2}
+    names = ["u", "y0", "v", "y1"] if order == "uyvy" else ["y0", "u", "y1", "v"]
+    packed = np.stack([planes[n] for n in names], axis=-1).reshape(rgb.shape[0], rgb.shape[1], 2)
+    return np.clip(np.round(packed), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("encoding, order", [("yuv422", "uyvy"), ("uyvy", "uyvy"), ("yuv422_yuy2", "yuyv"),
+                                             ("yuyv", "yuyv")])
+def test_yuv422_encodings(encoding, order):
+    scene = np.zeros((H, W, 3), np.uint8)
+    scene[:, : W // 2] = (200, 40, 30)            # red left half, blue right half (both pixel-pair aligned)
+    scene[:, W // 2:] = (20, 60, 210)
+    out = image_msg_to_rgb(raw_msg(_yuv422(scene, order), encoding))
+    assert out.shape == (H, W, 3)
+    assert np.abs(out.astype(int) - scene.astype(int)).max() <= 6, encoding
+    with pytest.raises(ImageDecodeError, match="even width"):
+        image_msg_to_rgb(raw_msg(_yuv422(scene, order)[:, :-1], encoding))

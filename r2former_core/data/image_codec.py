@@ -21,6 +21,21 @@ RAW_ENCODINGS: dict[str, tuple[int, type, int | None]] = {
     "mono16": (1, np.uint16, cv2.COLOR_GRAY2RGB),
     "16uc1": (1, np.uint16, cv2.COLOR_GRAY2RGB),
     "8uc3": (3, np.uint8, cv2.COLOR_BGR2RGB),
+    # Bayer mosaics (industrial cameras publishing the sensor's raw pattern), demosaiced by OpenCV. The name
+    # gives the 2x2 pattern from the top-left pixel; OpenCV names the same pattern by its second row.
+    "bayer_rggb8": (1, np.uint8, cv2.COLOR_BayerBG2RGB),
+    "bayer_bggr8": (1, np.uint8, cv2.COLOR_BayerRG2RGB),
+    "bayer_gbrg8": (1, np.uint8, cv2.COLOR_BayerGR2RGB),
+    "bayer_grbg8": (1, np.uint8, cv2.COLOR_BayerGB2RGB),
+    "bayer_rggb16": (1, np.uint16, cv2.COLOR_BayerBG2RGB),
+    "bayer_bggr16": (1, np.uint16, cv2.COLOR_BayerRG2RGB),
+    "bayer_gbrg16": (1, np.uint16, cv2.COLOR_BayerGR2RGB),
+    "bayer_grbg16": (1, np.uint16, cv2.COLOR_BayerGB2RGB),
+    # YUV 4:2:2, two bytes per pixel (USB cameras), BT.601 video range: ROS "yuv422" is UYVY, "yuv422_yuy2" YUYV.
+    "yuv422": (2, np.uint8, cv2.COLOR_YUV2RGB_UYVY),
+    "uyvy": (2, np.uint8, cv2.COLOR_YUV2RGB_UYVY),
+    "yuv422_yuy2": (2, np.uint8, cv2.COLOR_YUV2RGB_YUYV),
+    "yuyv": (2, np.uint8, cv2.COLOR_YUV2RGB_YUYV),
 }
 COMPRESSED_FORMATS = ("jpeg", "jpg", "png")
 
@@ -33,6 +48,8 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, is_bigen
     channels, dtype, conversion = RAW_ENCODINGS[enc]
     if height <= 0 or width <= 0:
         raise ImageDecodeError(f"image has zero size ({width}x{height})")
+    if channels == 2 and width % 2:
+        raise ImageDecodeError(f"{enc} needs an even width (pixel pairs share U and V), got {width}")
     itemsize = np.dtype(dtype).itemsize
     row_bytes = width * channels * itemsize
     if step < row_bytes:
