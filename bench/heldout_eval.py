@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         report["sets"][name] = {m: r.summary() for m, r in res.items()}
         for m, r in res.items():
             per_mode.setdefault(m, []).append(r.summary())
-            acc = pooled.setdefault(m, ModeResult(pose_threshold_m=r.pose_threshold_m))
-            for name_ in ("ranks", "ms", "errors_m", "pose_errors_m", "confidences", "mahalanobis2"):
-                getattr(acc, name_).extend(getattr(r, name_))
+            pooled.setdefault(m, ModeResult(pose_threshold_m=r.pose_threshold_m)).extend(r)
 
     mean = {m: {k: float(np.mean([s[k] for s in rows])) for k in ("recall@1", "recall@5", "recall@10",
                                                                   "ms_per_query", "median_error_m")}

@@ -47,6 +47,11 @@ class ModeResult:
         r = np.asarray(self.ranks)
         return float(np.mean((r > 0) & (r <= n))) if len(r) else 0.0
 
+    def extend(self, other: "ModeResult") -> None:
+        """Append another query set's per-query records (pooling several sets into one)."""
+        for name in ("ranks", "ms", "errors_m", "pose_errors_m", "confidences", "mahalanobis2"):
+            getattr(self, name).extend(getattr(other, name))
+
     def add_pose(self, estimate: np.ndarray, covariance: np.ndarray, confidence: float, truth: np.ndarray) -> None:
         e = np.asarray(estimate[:2], np.float64) - np.asarray(truth[:2], np.float64)
         cov = np.asarray(covariance, np.float64)[:2, :2]

@@ -45,6 +45,10 @@ def test_confidence_table_precision_and_coverage():
     assert s["pose_correct"] == 0.7 and s["pose_median_error_m"] == 1.5
     accepted = [row["accepted"] for row in s["confidence_table"]]
     assert accepted == sorted(accepted, reverse=True)
+    pooled = ModeResult(pose_threshold_m=5.0)
+    pooled.extend(r)
+    pooled.extend(r)
+    assert pooled.confidence_table() == r.confidence_table() and len(pooled.confidences) == 20
     text = format_confidence_table({"r2former": r})
     assert "within 5 m" in text and "100.0%" in text
     assert "pose <5 m" in format_table({"r2former": r})
