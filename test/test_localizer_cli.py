@@ -256,3 +256,12 @@ def test_map_info_reports_the_map_and_names_damage(world, tmp_path, capsys):
     g.write_bytes(bytes(data))
     assert main(["map-info", str(map_dir)]) == 2
     assert "global.npy" in capsys.readouterr().err
+
+
+def test_default_extraction_batch_follows_the_measured_optimum(tiny_model):
+    """docs/BENCHMARKS.md: on a CPU the DeiT-S 480x640 model is fastest one image at a time, small models at 8."""
+    from r2former_core.mapping import default_batch_size
+    from r2former_core.model import ModelConfig, build_model, preset
+    assert default_batch_size(build_model(ModelConfig(), seed=0)) == 1
+    assert default_batch_size(build_model(preset("r2former_demo"), seed=0)) == 8
+    assert 1 <= default_batch_size(tiny_model) <= 8
