@@ -113,7 +113,8 @@ def evaluate(localizer: Localizer, queries: Source, modes=("none", "ransac", "r2
         shared_ms = (time.perf_counter() - t0) * 1000
         for m in modes:
             t = time.perf_counter()
-            out = localizer.localize_features(q_global, q_local, rerank=m, retrieved=idx, c_local=c_local)
+            out = localizer.localize_features(q_global, q_local, rerank=m, retrieved=idx, c_local=c_local,
+                                              with_matches=False)
             ranked = np.array([c.index for c in out.candidates])
             res = results[m]
             res.ms.append(shared_ms + (time.perf_counter() - t) * 1000)

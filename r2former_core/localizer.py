@@ -92,8 +92,10 @@ class Localizer:
         return idx[0], scores[0]
 
     def localize_features(self, q_global: np.ndarray, q_local: np.ndarray, rerank: str | None = None,
-                          retrieved: np.ndarray | None = None, c_local: np.ndarray | None = None) -> LocalizationResult:
-        """Localize from precomputed query features (the evaluation reuses them across modes)."""
+                          retrieved: np.ndarray | None = None, c_local: np.ndarray | None = None,
+                          with_matches: bool = True) -> LocalizationResult:
+        """Localize from precomputed query features (the evaluation reuses them across modes).
+        `with_matches=False` skips the token matches that only the diagnostic image draws."""
         mode = check_mode(rerank or self.config.rerank)
         timings: dict[str, float] = {}
         t = time.perf_counter()
@@ -117,8 +119,11 @@ class Localizer:
         candidates = [Candidate(index=int(i), name=self.map.names[int(i)], pose=self.map.poses[int(i)].copy(),
                                 global_score=float(scores.global_score[o]), rerank_score=float(scores.rerank_score[o]),
                                 score=float(scores.score[o])) for i, o in zip(ranked, order)]
-        best_local = c_local[order[0]] if c_local is not None else self.map.local([ranked[0]])[0]
-        matches = self._matches(q_local, best_local)
+        if with_matches:
+            best_local = c_local[order[0]] if c_local is not None else self.map.local([ranked[0]])[0]
+            matches = self._matches(q_local, best_local)
+        else:
+            matches = TokenMatches()
         timings["pose"] = (time.perf_counter() - t) * 1000
         accepted = est.confidence >= self.config.min_confidence
         reason = "" if accepted else (f"confidence {est.confidence:.2f} below min_confidence "
