@@ -3,14 +3,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .errors import DeviceError
+from .options import DEVICE_CHOICES
+
 if TYPE_CHECKING:  # torch is imported on first use, so `--help` and argument errors stay fast
     import torch
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-
-
-class DeviceError(RuntimeError):
-    """The requested device does not exist here (e.g. `cuda` without a GPU); the message says what to use."""
 
 
 def resolve_device(device: "str | torch.device" = "auto") -> "torch.device":

@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from .data.sources import Source
 from .localizer import Localizer
-from .rerank import RERANK_MODES
+from .metrics import RECALL_VALUES, first_positive_rank, recall_from_ranks
+from .rerank import check_mode
 
 log = logging.getLogger(__name__)
-RECALL_VALUES = (1, 5, 10)
 CONFIDENCE_STEPS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CHI2_2D_95 = 5.991   # 95 % quantile of the chi-square distribution with 2 degrees of freedom
 
@@ -44,8 +44,7 @@ class ModeResult:
     mahalanobis2: list[float] = field(default_factory=list)    # xy error^T Sigma_xy^-1 xy error
 
     def recall(self, n: int) -> float:
-        r = np.asarray(self.ranks)
-        return float(np.mean((r > 0) & (r <= n))) if len(r) else 0.0
+        return recall_from_ranks(self.ranks, n)
 
     def extend(self, other: "ModeResult") -> None:
         """Append another query set's per-query records (pooling several sets into one)."""
@@ -87,17 +86,10 @@ class ModeResult:
         return out
 
 
-def first_positive_rank(ranked: np.ndarray, map_xy: np.ndarray, query_xy: np.ndarray, threshold_m: float) -> int:
-    d = np.linalg.norm(map_xy[ranked] - query_xy, axis=1)
-    hits = np.nonzero(d <= threshold_m)[0]
-    return int(hits[0]) + 1 if len(hits) else 0
-
-
 def evaluate(localizer: Localizer, queries: Source, modes=("none", "ransac", "r2former"), threshold_m: float = 25.0,
              progress: bool = True, pose_threshold_m: float = 5.0) -> dict[str, ModeResult]:
     for m in modes:
-        if m not in RERANK_MODES:
-            raise ValueError(f"unknown rerank mode {m!r}; choose from {RERANK_MODES}")
+        check_mode(m)
     mapdb = localizer.map
     map_xy = mapdb.poses[:, :2]
     results = {m: ModeResult(pose_threshold_m=pose_threshold_m) for m in modes}

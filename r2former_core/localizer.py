@@ -3,41 +3,20 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .mapdb import MapDatabase, MapError
+from .errors import MapError
+from .features import extract_image
+from .mapdb import MapDatabase
 from .model import R2FormerModel, load_model
-from .pose import POSE_MODES, PoseConfig, estimate_pose, normalised_scores
-from .rerank import RERANK_MODES, R2FORMER_SCORES, check_mode, mutual_nearest_matches, rerank_candidates
+from .options import LocalizerConfig
+from .pose import estimate_pose, normalised_scores
+from .rerank import check_mode, mutual_nearest_matches, rerank_candidates
 from .results import Candidate, LocalizationResult, TokenMatches
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LocalizerConfig:
-    top_k: int = 100                   # map images retrieved by the global descriptor and reranked
-    rerank: str = "r2former"           # r2former | ransac | none
-    r2former_score: str = "match_prob"  # match_prob (official ranking) | final_score
-    min_confidence: float = 0.3        # below it the result is not accepted (nothing published)
-    num_matches: int = 40              # matched token pairs kept for drawing
-    device: str = "auto"
-    pose: PoseConfig = field(default_factory=PoseConfig)
-
-    def validate(self) -> "LocalizerConfig":
-        check_mode(self.rerank)
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if not 0.0 <= self.min_confidence <= 1.0:
-            raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
-        if self.r2former_score not in R2FORMER_SCORES:
-            raise ValueError(f"r2former_score must be one of {R2FORMER_SCORES}, got {self.r2former_score!r}")
-        if self.pose.mode not in POSE_MODES:
-            raise ValueError(f"pose mode must be one of {POSE_MODES}, got {self.pose.mode!r}")
-        return self
 
 
 def check_compatible(model: R2FormerModel, mapdb: MapDatabase) -> None:
@@ -66,14 +45,9 @@ class Localizer:
     def device(self) -> torch.device:
         return self.model.device
 
-    def swap_map(self, mapdb: MapDatabase) -> None:
-        check_compatible(self.model, mapdb)
-        self.map = mapdb
-
     def extract(self, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(G,) global descriptor and (N, C) local features of one RGB uint8 image."""
-        feats = self.model.extract(self.model.preprocess(image_rgb))
-        return feats.global_desc[0].numpy(), feats.local[0].numpy()
+        return extract_image(self.model, image_rgb)
 
     def localize(self, image_rgb: np.ndarray, rerank: str | None = None, decode_ms: float = 0.0) -> LocalizationResult:
         """Localize one decoded RGB image. `decode_ms`: time the caller spent reading/decoding it, recorded
@@ -125,12 +99,10 @@ class Localizer:
         else:
             matches = TokenMatches()
         timings["pose"] = (time.perf_counter() - t) * 1000
-        accepted = est.confidence >= self.config.min_confidence
-        reason = "" if accepted else (f"confidence {est.confidence:.2f} below min_confidence "
-                                      f"{self.config.min_confidence:.2f} (agreement {est.agreement:.2f})")
-        return LocalizationResult(pose=est.pose, covariance=est.covariance, confidence=est.confidence,
-                                  accepted=accepted, reason=reason, best_index=int(ranked[0]), candidates=candidates,
-                                  matches=matches, timings_ms=timings)
+        result = LocalizationResult(pose=est.pose, covariance=est.covariance, confidence=est.confidence,
+                                    accepted=False, reason="", best_index=int(ranked[0]), candidates=candidates,
+                                    matches=matches, timings_ms=timings, agreement=est.agreement)
+        return result.judge(self.config.min_confidence)
 
     def _matches(self, q_local: np.ndarray, c_local: np.ndarray) -> TokenMatches:
         qi, ci, sim = mutual_nearest_matches(np.asarray(q_local, np.float32), np.asarray(c_local, np.float32))
@@ -140,4 +112,4 @@ class Localizer:
                             similarity=sim[keep].astype(np.float32))
 
 
-__all__ = ["Localizer", "LocalizerConfig", "RERANK_MODES", "check_compatible"]
+__all__ = ["Localizer", "LocalizerConfig", "check_compatible"]

@@ -56,6 +56,7 @@ import faiss
 import numpy as np
 
 from . import __version__
+from .errors import ConfigError, DeviceError, MapError
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,6 @@ SMALL_SEARCH_WORK = 1 << 25        # multiply-adds below which a CPU search runs
 _NPY_HEADER_BYTES = 128            # global.npy header is reserved up front and filled at commit
 _HASH_CHUNK = 16 * 1024**2
 _REBUILD = "rebuild the map with `r2former build-map`"
-
-
-class MapError(RuntimeError):
-    """A map cannot be written or read; the message says what is wrong and what to do."""
 
 
 @dataclass(frozen=True)
@@ -255,7 +252,7 @@ def _gpu_id_for(device: str) -> int | None:
     if name == "cpu":
         return None
     if name not in ("auto", "cuda") and not re.fullmatch(r"cuda:\d+", name):
-        raise ValueError(f"unknown device {device!r}; choose cpu, auto, cuda or cuda:N")
+        raise DeviceError(f"unknown device {device!r}; choose cpu, auto, cuda or cuda:N")
     if not _faiss_gpu_available():
         if name != "auto":
             log.warning("device %s requested but faiss has no GPU support or sees no GPU: searching on CPU", device)
@@ -637,9 +634,9 @@ class MapDatabase:
             if int(v) < 1:
                 raise ValueError(f"{label} must be a positive integer, got {v!r}")
         if index not in INDEX_TYPES:
-            raise ValueError(f"index must be one of {INDEX_TYPES}, got {index!r}")
+            raise ConfigError(f"index must be one of {INDEX_TYPES}, got {index!r}")
         if global_dtype not in GLOBAL_DTYPES:
-            raise ValueError(f"global_dtype must be one of {GLOBAL_DTYPES}, got {global_dtype!r}")
+            raise ConfigError(f"global_dtype must be one of {GLOBAL_DTYPES}, got {global_dtype!r}")
         if not isinstance(frame_id, str) or not frame_id:
             raise ValueError("frame_id must be a non-empty string")
 
@@ -681,7 +678,7 @@ class MapDatabase:
         OpenMP barriers cost more than they save, badly so on busy CPUs), faiss's default otherwise.
         """
         if verify not in VERIFY_MODES:
-            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+            raise ConfigError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         gpu_id = _gpu_id_for(device)
         t0 = time.perf_counter()
         root = Path(path).absolute()

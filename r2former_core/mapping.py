@@ -6,22 +6,16 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from .data.errors import DataError
+from .errors import ConfigError, DataError
 from .data.keyframes import select_keyframes
 from .data.sources import PosedImage, Source
+from .features import extract_arrays
 from .mapdb import MapDatabase
 from .model import R2FormerModel
 
 log = logging.getLogger(__name__)
-
-
-def _extract_batch(model: R2FormerModel, batch: list[PosedImage]) -> tuple[np.ndarray, np.ndarray]:
-    x = torch.cat([model.preprocess(r.image) for r in batch])
-    feats = model.extract(x)
-    return feats.global_desc.numpy(), feats.local.numpy()
 
 
 def keyframe_names(source: Source, min_distance: float, min_angle: float) -> set[str]:
@@ -51,7 +45,7 @@ def build_map(source: Source, model: R2FormerModel, out: str | Path, *, min_dist
     if batch_size is None:
         batch_size = default_batch_size(model)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     keep = keyframe_names(source, min_distance, min_angle)
     if not keep:
         raise DataError(f"{source.description}: no posed images to build a map from")
@@ -68,8 +62,8 @@ def build_map(source: Source, model: R2FormerModel, out: str | Path, *, min_dist
         batch: list[PosedImage] = []
 
         def flush() -> None:
-            g, loc = _extract_batch(model, batch)
-            writer.add_batch(g, loc, np.stack([r.pose for r in batch]), [r.stamp for r in batch],
+            f = extract_arrays(model, [r.image for r in batch])
+            writer.add_batch(f.global_desc, f.local, np.stack([r.pose for r in batch]), [r.stamp for r in batch],
                              [r.name for r in batch], thumbnails=[r.image for r in batch])
             batch.clear()
 
@@ -82,7 +76,7 @@ def build_map(source: Source, model: R2FormerModel, out: str | Path, *, min_dist
         if batch:
             flush()
         if writer.count == 0:
-            raise ValueError(f"{source.description}: none of the selected images could be read")
+            raise DataError(f"{source.description}: none of the selected images could be read")
         mapdb = writer.commit()
     log.info("map %s: %d images", out, len(mapdb))
     return mapdb

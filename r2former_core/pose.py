@@ -26,20 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data.poses import yaw_from_quat
-
-POSE_MODES = ("best", "weighted")
-
-
-@dataclass(frozen=True)
-class PoseConfig:
-    mode: str = "weighted"        # best | weighted
-    top: int = 10                 # candidates that shape weights, agreement and covariance
-    temperature: float = 0.1      # softmax temperature over normalised scores
-    agree_radius: float = 0.0     # metres; 0 = max(5 m, 3 x keyframe spacing)
-    min_position_std: float = 0.5   # metres, added to the floor from keyframe spacing
-    min_yaw_std_deg: float = 3.0
-    roll_pitch_std_deg: float = 10.0  # not observed by place recognition
-
+from .errors import ConfigError
+from .options import POSE_MODES, PoseConfig
 
 @dataclass
 class PoseEstimate:
@@ -82,7 +70,7 @@ def estimate_pose(poses: np.ndarray, scores01: np.ndarray, keyframe_spacing: flo
     if cfg.mode == "weighted":
         pose[:3] = (wa[:, None] * p[:, :3]).sum(0)
     elif cfg.mode != "best":
-        raise ValueError(f"unknown pose mode {cfg.mode!r}; choose one of {POSE_MODES}")
+        raise ConfigError(f"unknown pose mode {cfg.mode!r}; choose one of {', '.join(POSE_MODES)}")
 
     d = p[:, :3] - pose[:3]
     spread = (wa[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0)

@@ -14,10 +14,10 @@ import cv2
 import numpy as np
 import torch
 
+from .errors import ConfigError
 from .model import R2FormerModel
+from .options import R2FORMER_SCORES, RERANK_MODES
 
-RERANK_MODES = ("r2former", "ransac", "none")
-R2FORMER_SCORES = ("match_prob", "final_score")
 
 
 @dataclass
@@ -29,7 +29,7 @@ class RerankScores:
 
 def check_mode(mode: str) -> str:
     if mode not in RERANK_MODES:
-        raise ValueError(f"unknown rerank mode {mode!r}; choose one of {', '.join(RERANK_MODES)}")
+        raise ConfigError(f"unknown rerank mode {mode!r}; choose one of {', '.join(RERANK_MODES)}")
     return mode
 
 
@@ -85,7 +85,7 @@ def rerank_candidates(model: R2FormerModel, mode: str, q_global, q_local, c_glob
         # Ties in the inlier count keep the global order (tiny global-score tie breaker).
         return RerankScores(inliers + 1e-3 * global_score, inliers / max(len(q), 1), global_score)
     if r2former_score not in R2FORMER_SCORES:
-        raise ValueError(f"unknown r2former score {r2former_score!r}; choose one of {R2FORMER_SCORES}")
+        raise ConfigError(f"unknown r2former score {r2former_score!r}; choose one of {', '.join(R2FORMER_SCORES)}")
     out = model.rerank(torch.as_tensor(q_global), torch.as_tensor(np.asarray(q_local)),
                        torch.as_tensor(c_global), torch.as_tensor(np.asarray(c_local)))
     prob = out.match_prob.numpy()

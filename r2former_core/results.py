@@ -42,7 +42,15 @@ class LocalizationResult:
     best_index: int             # map entry of the best candidate (-1 when the map is empty)
     candidates: list[Candidate]
     matches: TokenMatches
-    timings_ms: dict[str, float]  # decode, extract, search, rerank, pose, total
+    timings_ms: dict[str, float]  # decode, extract, search, rerank, pose, total (options.TIMING_STAGES)
+    agreement: float = 1.0      # weight of the top candidates that agree with the best one
+
+    def judge(self, min_confidence: float) -> "LocalizationResult":
+        """The acceptance rule: accepted when confidence >= min_confidence (sets `accepted` and `reason`)."""
+        self.accepted = self.confidence >= min_confidence
+        self.reason = "" if self.accepted else (f"confidence {self.confidence:.2f} below min_confidence "
+                                                f"{min_confidence:.2f} (agreement {self.agreement:.2f})")
+        return self
 
     @property
     def best(self) -> Candidate | None:

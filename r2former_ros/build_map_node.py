@@ -39,9 +39,13 @@ from rclpy.parameter import Parameter
 from rclpy.utilities import remove_ros_args
 from sensor_msgs.msg import CompressedImage, Image
 
-from r2former_core.data.errors import DataError, ImageDecodeError
+from r2former_core.data.sources import open_source
+from r2former_core.errors import EXPECTED_ERRORS, DataError, ImageDecodeError, R2FormerError
+from r2former_core.mapping import build_map
+from r2former_core.model import load_model
 from r2former_core.data.keyframes import select_keyframes
-from r2former_core.device import DEVICE_CHOICES
+from r2former_core.options import LocalizerConfig, device_type
+from r2former_core.features import extract_image
 
 from .conversions import msg_to_rgb, pose_from_msg, stamp_to_ns
 from .parameters import ParamSpec, ParameterError, declare_parameters
@@ -59,7 +63,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("out", "", "output map directory (required; must not exist unless overwrite is true)", read_only=True),
     ParamSpec("model_path", "", "model file; empty = the packaged demo model "
               "models/r2former_tiny_demo.safetensors (use the model the localizer will use)", read_only=True),
-    ParamSpec("device", "auto", "where the model runs: auto, cpu or cuda", choices=DEVICE_CHOICES, read_only=True),
+    ParamSpec.from_config(LocalizerConfig, "device", read_only=True),
     ParamSpec("image_topic", "image", "image topic (sensor_msgs/Image; with image_transport compressed the "
               "CompressedImage topic <image_topic>/compressed)", read_only=True),
     ParamSpec("image_transport", "raw", "raw (sensor_msgs/Image) or compressed (CompressedImage, jpeg/png)",
@@ -91,16 +95,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
 )
 
 
-class BuildMapError(RuntimeError):
+class BuildMapError(R2FormerError, RuntimeError):
     """The map cannot be built; the message says why and what to do."""
-
-
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from r2former_core.mapdb import MapError
-    from r2former_core.device import DeviceError
-    from r2former_core.model.checkpoint import CheckpointError
-    return (BuildMapError, ParameterError, FileNotFoundError, DataError, MapError, CheckpointError,
-            PermissionError, DeviceError)
 
 
 @dataclass
@@ -224,10 +220,9 @@ class MapBuilderNode(Node):
                 self.get_logger().warning(f"skipping image: {exc}", throttle_duration_sec=WARN_THROTTLE_SEC)
 
     def _add(self, msg: Image | CompressedImage, stamp: float, pose: np.ndarray) -> None:
-        from r2former_core.model import preprocess
         rgb = msg_to_rgb(msg)
-        feats = self.model.extract(preprocess(rgb, size=self.model.cfg.image_size))
-        index = self.writer.add(feats.global_desc[0].numpy(), feats.local[0].numpy(), pose, stamp,
+        global_desc, local = extract_image(self.model, rgb)
+        index = self.writer.add(global_desc, local, pose, stamp,
                                 f"{stamp:.6f}", thumbnail=rgb)
         with self._cond:
             self._last_key = pose
@@ -294,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"live: message type of the pose topic (default {defaults['pose_type']})")
     p.add_argument("--compressed", action="store_true", help="live: subscribe <image-topic>/compressed")
     p.add_argument("--model", help="model file (default: the packaged demo model)")
-    p.add_argument("--device", choices=DEVICE_CHOICES, help="auto, cpu or cuda (default auto)")
+    p.add_argument("--device", type=device_type, help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--min-distance", type=float,
                    help=f"keyframe distance in metres (default {defaults['min_distance']})")
     p.add_argument("--min-angle", type=float, help=f"keyframe angle in degrees (default {defaults['min_angle']})")
@@ -306,14 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
 def run_offline(args: argparse.Namespace) -> int:
     """Delegate to the core map builder (the code behind `r2former build-map`)."""
     defaults = {s.name: s.default for s in PARAMETERS}
-    try:
-        from r2former_core.mapping import build_map
-    except ImportError:
-        print("build_map: error: offline building needs r2former_core.mapping.build_map, which this installation "
-              "lacks; use `r2former build-map --bag ...`", file=sys.stderr)
-        return 2
-    from r2former_core.data.sources import open_source
-    from r2former_core.model import load_model
     if not args.out:
         print("build_map: error: --out MAP is required", file=sys.stderr)
         return 2
@@ -325,7 +312,7 @@ def run_offline(args: argparse.Namespace) -> int:
                   min_distance=args.min_distance if args.min_distance is not None else defaults["min_distance"],
                   min_angle=args.min_angle if args.min_angle is not None else defaults["min_angle"],
                   overwrite=args.overwrite, progress=sys.stderr.isatty())
-    except (*_expected_errors(), ValueError) as exc:
+    except EXPECTED_ERRORS as exc:
         print(f"build_map: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -356,7 +343,7 @@ def run_live(args: argparse.Namespace, argv: list[str]) -> int:
             executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except _expected_errors() as exc:
+    except EXPECTED_ERRORS as exc:
         rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot build the map: {exc}")
         return 2
     finally:
@@ -364,7 +351,7 @@ def run_live(args: argparse.Namespace, argv: list[str]) -> int:
         if node is not None:
             try:
                 written = node.finish()
-            except _expected_errors() as exc:
+            except EXPECTED_ERRORS as exc:
                 print(f"build_map: error: {exc}", file=sys.stderr)
             node.destroy_node()
         rclpy.try_shutdown()

@@ -13,7 +13,7 @@ from geometry_msgs.msg import Pose, PoseArray, PoseWithCovarianceStamped
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from r2former_core.data.errors import ImageDecodeError
+from r2former_core.errors import ImageDecodeError
 from r2former_core.data.image_codec import decode_compressed, decode_raw, encode_compressed, encode_raw
 
 __all__ = ["ImageDecodeError", "compressed_msg_to_rgb", "covariance_to_msg", "image_msg_to_rgb", "msg_to_rgb",

@@ -185,7 +185,7 @@ class Demo:
         """config/localize.yaml with the demo's changes (only those given on the command line)."""
         source = cli_launch.find_package_file("config/localize.yaml")
         params = yaml.safe_load(source.read_text())
-        node = params["r2former_localizer"]["ros__parameters"]
+        node = params["/**"]["ros__parameters"]
         node["device"] = self.args.device
         if self.args.min_confidence is not None:
             node["min_confidence"] = float(self.args.min_confidence)
@@ -243,7 +243,7 @@ class Demo:
         ready_file = self.work / "evaluator.ready"
         title = (f"seed {a.seed}: map {a.map_conditions}, query {a.query_conditions}; model {model.name} "
                  f"({_sha256(model)[:12]})")
-        loc_values = yaml.safe_load(params.read_text())["r2former_localizer"]["ros__parameters"]
+        loc_values = yaml.safe_load(params.read_text())["/**"]["ros__parameters"]
         evaluator = self.start("demo_evaluator", self.python(
             "r2former_ros.demo_evaluator", "--out", str(self.out), "--image-topic", QUERY_TOPIC,
             "--odom-topic", ODOM_TOPIC, "--localizer", LOCALIZER, "--frames-published", str(a.query_frames),

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from r2former_core.errors import ConfigError
+
 NOT_LOCALIZED = "not_localized"
 LOCALIZED = "localized"
 LOST = "lost"
-STATES = (NOT_LOCALIZED, LOCALIZED, LOST)
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class Transition:
 class LocalizationStateMachine:
     def __init__(self, localized_after: int = 2, lost_after: int = 5):
         if localized_after < 1 or lost_after < 1:
-            raise ValueError(f"localized_after ({localized_after}) and lost_after ({lost_after}) must be >= 1")
+            raise ConfigError(f"localized_after ({localized_after}) and lost_after ({lost_after}) must be >= 1")
         self.localized_after = localized_after
         self.lost_after = lost_after
         self.state = NOT_LOCALIZED
@@ -46,9 +47,3 @@ class LocalizationStateMachine:
         elif self.state == LOCALIZED and self.rejected_streak >= self.lost_after:
             self.state = LOST
         return Transition(previous, self.state) if self.state != previous else None
-
-    def reset(self) -> None:
-        """Back to not_localized (e.g. after a map reload: old evidence says nothing about the new map)."""
-        self.state = NOT_LOCALIZED
-        self.accepted_streak = 0
-        self.rejected_streak = 0

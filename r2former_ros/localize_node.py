@@ -38,8 +38,11 @@ from std_msgs.msg import Header, String
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
-from r2former_core.data.errors import DataError, ImageDecodeError
-from r2former_core.device import DEVICE_CHOICES
+from r2former_core.errors import EXPECTED_ERRORS, ImageDecodeError, R2FormerError
+from r2former_core.localizer import Localizer
+from r2former_core.mapdb import MapDatabase
+from r2former_core.model import load_model
+from r2former_core.options import TIMING_STAGES, LocalizerConfig
 from r2former_core.results import LocalizationResult
 
 from .conversions import msg_to_rgb, pose_array_msg, pose_with_covariance_msg, rgb_to_image_msg, stamp_to_ns
@@ -51,7 +54,6 @@ from .qos import RELIABILITY_CHOICES, latched_qos, stream_qos
 from .visualization import candidate_markers, draw_matches
 
 NODE_NAME = "r2former_localizer"
-RERANK_CHOICES = ("r2former", "ransac", "none")
 TRANSPORT_CHOICES = ("raw", "compressed")
 MAX_MATCH_LINES = 500
 WARN_THROTTLE_SEC = 5.0
@@ -61,15 +63,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "applied at start-up and by ~/reload_map"),
     ParamSpec("model_path", "", "model file (.safetensors or official .pth); empty = the packaged demo model "
               "models/r2former_tiny_demo.safetensors", read_only=True),
-    ParamSpec("device", "auto", "where the model runs: auto (CUDA when available), cpu or cuda",
-              choices=DEVICE_CHOICES, read_only=True),
-    ParamSpec("top_k", 100, "candidates retrieved by the global descriptor and reranked; applied at start-up "
-              "and by ~/reload_map", min=1, max=1000),
-    ParamSpec("rerank", "r2former", "reranking of the top_k candidates: r2former (transformer), ransac "
-              "(homography inliers) or none (global score only); applied at start-up and by ~/reload_map",
-              choices=RERANK_CHOICES),
-    ParamSpec("min_confidence", 0.3, "results below this confidence are rejected: not published on ~/pose and "
-              "counted towards `lost`", min=0.0, max=1.0),
+    ParamSpec.from_config(LocalizerConfig, "device", read_only=True),
+    ParamSpec.from_config(LocalizerConfig, "top_k", note="applied at start-up and by ~/reload_map"),
+    ParamSpec.from_config(LocalizerConfig, "rerank", note="applied at start-up and by ~/reload_map"),
+    ParamSpec.from_config(LocalizerConfig, "min_confidence", note="rejected results are not published on ~/pose "
+                          "and count towards `lost`"),
     ParamSpec("image_transport", "raw", "raw: subscribe `image` (sensor_msgs/Image); compressed: subscribe "
               "`image/compressed` (sensor_msgs/CompressedImage, jpeg or png)", choices=TRANSPORT_CHOICES,
               read_only=True),
@@ -95,31 +93,13 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "start-up and by ~/reload_map", min=1, max=1000),
 )
 
-STAGES = ("decode", "extract", "search", "rerank", "pose", "total")
-
-
-class StartupError(RuntimeError):
+class StartupError(R2FormerError):
     """The node cannot start (missing map or model, bad parameter); the message says what to do."""
-
-
-def _startup_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [StartupError, ParameterError, FileNotFoundError, DataError,
-                                         PermissionError]
-    from r2former_core.device import DeviceError
-    from r2former_core.model.checkpoint import CheckpointError
-    errors += [CheckpointError, DeviceError]
-    try:
-        from r2former_core.mapdb import MapError
-        errors.append(MapError)
-    except ImportError:
-        pass
-    return tuple(errors)
 
 
 # ------------------------------------------------------------------------ core adapter
 
-def localizer_config(values: dict[str, Any]):
-    from r2former_core.localizer import LocalizerConfig
+def localizer_config(values: dict[str, Any]) -> LocalizerConfig:
     return LocalizerConfig(top_k=int(values["top_k"]), rerank=str(values["rerank"]),
                            min_confidence=float(values["min_confidence"]), device=str(values["device"]),
                            num_matches=MAX_MATCH_LINES)
@@ -127,8 +107,6 @@ def localizer_config(values: dict[str, Any]):
 
 def load_localizer(model, map_path: str, values: dict[str, Any]):
     """A `Localizer` of `model` on the map at `map_path` with the node's top_k, rerank, min_confidence."""
-    from r2former_core.localizer import Localizer
-    from r2former_core.mapdb import MapDatabase
     if not map_path:
         raise StartupError("parameter map_path is empty; set it to a map directory built with "
                            "`r2former build-map` or `build_map` (e.g. -p map_path:=maps/demo)")
@@ -137,15 +115,6 @@ def load_localizer(model, map_path: str, values: dict[str, Any]):
         raise FileNotFoundError(f"map {map_path!r} (parameter map_path) does not exist")
     mapdb = MapDatabase.load(path, expected_fingerprint=model.fingerprint)
     return Localizer(model, mapdb, localizer_config(values))
-
-
-def accept_above(result: LocalizationResult, min_confidence: float) -> None:
-    """Apply the node's current min_confidence (it can change at run time; the localizer's was fixed at load)."""
-    accepted = result.confidence >= min_confidence
-    if accepted != result.accepted:
-        result.accepted = accepted
-        result.reason = "" if accepted else (f"confidence {result.confidence:.2f} below min_confidence "
-                                             f"{min_confidence:.2f}")
 
 
 # ------------------------------------------------------------------------------ stats
@@ -178,7 +147,6 @@ class LocalizeNode(Node):
         self._values = declare_parameters(self, PARAMETERS)
         self._model_path = resolve_model_path(self._values["model_path"])
         self._map_frame = self._values["map_frame"]
-        from r2former_core.model import load_model
         self._model = load_model(self._model_path, device=self._values["device"])
         self._localizer = load_localizer(self._model, self._values["map_path"], self._values)
         self._localizer_lock = threading.Lock()   # guards swapping `_localizer` and the state machine
@@ -253,7 +221,7 @@ class LocalizeNode(Node):
         with self._localizer_lock:
             localizer = self._localizer
         result: LocalizationResult = localizer.localize(rgb, decode_ms=decode_ms)
-        accept_above(result, float(self.get_parameter("min_confidence").value))
+        result.judge(float(self.get_parameter("min_confidence").value))   # it can change at run time
         timings = dict(result.timings_ms)
 
         stamp = msg.header.stamp
@@ -294,7 +262,7 @@ class LocalizeNode(Node):
             s.rejected += int(not result.accepted)
             s.last_confidence = float(result.confidence)
             s.last_reason = result.reason
-            for name in STAGES:
+            for name in TIMING_STAGES:
                 if name in timings:
                     s.smooth(name, float(timings[name]))
             s.end_to_end_ms = (time.monotonic() - received_at) * 1e3
@@ -376,7 +344,7 @@ class LocalizeNode(Node):
             ("errors", snapshot["errors"]),
             ("accepted", snapshot["accepted"]),
             ("rejected", snapshot["rejected"]),
-            *((f"latency_{name}_ms", f"{latency[name]:.2f}") for name in STAGES if name in latency),
+            *((f"latency_{name}_ms", f"{latency[name]:.2f}") for name in TIMING_STAGES if name in latency),
             ("latency_end_to_end_ms", f"{snapshot['end_to_end']:.2f}"),
             ("device", str(localizer.device)),
             ("map_size", len(localizer.map)),
@@ -438,7 +406,7 @@ def main(args: list[str] | None = None) -> int:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except _startup_errors() as exc:
+    except EXPECTED_ERRORS as exc:
         rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {exc}")
         return 1
     except Exception:

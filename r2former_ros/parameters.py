@@ -7,17 +7,21 @@ the YAML files and is checked against them by the tests.
 """
 from __future__ import annotations
 
+import sys
+
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from r2former_core.errors import ConfigError
+from r2former_core.options import Option, config_options
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 
-class ParameterError(ValueError):
+class ParameterError(ConfigError):
     """An invalid parameter value; the message names the parameter and the allowed values."""
 
 
@@ -30,18 +34,30 @@ class ParamSpec:
     min: float | None = None
     max: float | None = None
     read_only: bool = False
-    extra: str = ""  # free-text constraint shown in the descriptor
+    extra: str = ""         # free-text constraint shown in the descriptor
+    pattern: str = ""       # regular expression a string value must match
+    pattern_help: str = ""
+
+    @classmethod
+    def from_config(cls, config_type: type, name: str, *, read_only: bool = False, note: str = "",
+                    param: str | None = None) -> ParamSpec:
+        """The parameter of field `name` of a core config dataclass (`r2former_core.options`): same default,
+        description, choices and range, so node, CLI and config cannot drift."""
+        default, opt = config_options(config_type)[name]
+        return cls(param or name, default, opt.help + (f"; {note}" if note else ""), choices=opt.choices,
+                   min=opt.min, max=opt.max, read_only=read_only, pattern=opt.pattern,
+                   pattern_help=opt.pattern_help)
+
+    @property
+    def option(self) -> Option:
+        return Option(self.description, self.choices, self.min, self.max, self.pattern, self.pattern_help)
 
     def allowed(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
-        if self.min is not None or self.max is not None:
-            kind = "an integer" if isinstance(self.default, int) and not isinstance(self.default, bool) else "a number"
-            return f"{kind} in [{self.min}, {self.max}]"
-        return f"a {type(self.default).__name__}"
+        return self.option.allowed(self.default)
 
     def descriptor(self) -> ParameterDescriptor:
-        constraints = [f"allowed: {self.allowed()}"] if (self.choices or self.min is not None) else []
+        constrained = self.choices or self.pattern or self.min is not None or self.max is not None
+        constraints = [f"allowed: {self.allowed()}"] if constrained else []
         if self.extra:
             constraints.append(self.extra)
         d = ParameterDescriptor(name=self.name, description=self.description,
@@ -49,20 +65,18 @@ class ParamSpec:
         if isinstance(self.default, bool):
             return d
         if isinstance(self.default, int) and (self.min is not None or self.max is not None):
-            d.integer_range = [IntegerRange(from_value=int(self.min), to_value=int(self.max), step=1)]
+            d.integer_range = [IntegerRange(from_value=int(self.min if self.min is not None else -2**63),
+                                            to_value=int(self.max if self.max is not None else 2**63 - 1), step=1)]
         elif isinstance(self.default, float) and (self.min is not None or self.max is not None):
-            d.floating_point_range = [FloatingPointRange(from_value=float(self.min), to_value=float(self.max),
-                                                         step=0.0)]
+            d.floating_point_range = [FloatingPointRange(
+                from_value=float(self.min if self.min is not None else -sys.float_info.max),
+                to_value=float(self.max if self.max is not None else sys.float_info.max), step=0.0)]
         return d
 
     def check(self, value: Any) -> str | None:
-        """None when `value` is allowed, else the reason (choices and ranges)."""
-        if self.choices and value not in self.choices:
-            return f"invalid value {value!r} for parameter {self.name}: allowed values are {', '.join(self.choices)}"
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
-                return f"invalid value {value!r} for parameter {self.name}: must be {self.allowed()}"
-        return None
+        """None when `value` is allowed, else the reason (choices, pattern and ranges)."""
+        reason = self.option.problem(value, self.default)
+        return f"invalid value {value!r} for parameter {self.name}: must be {self.allowed()}" if reason else None
 
 
 def declare_parameters(node: Node, specs: Sequence[ParamSpec]) -> dict[str, Any]:
@@ -92,20 +106,3 @@ def _check_changes(specs: Iterable[ParamSpec], params: list[Parameter]) -> SetPa
         if reason:
             return SetParametersResult(successful=False, reason=reason)
     return SetParametersResult(successful=True)
-
-
-def parameters_yaml(node_name: str, specs: Sequence[ParamSpec]) -> str:
-    """A params file for `node_name` with every parameter at its default and a comment each."""
-    lines = [f"{node_name}:", "  ros__parameters:"]
-    for s in specs:
-        lines.append(f"    # {s.description} ({s.allowed()}{'; read-only at run time' if s.read_only else ''})")
-        lines.append(f"    {s.name}: {_yaml_scalar(s.default)}")
-    return "\n".join(lines) + "\n"
-
-
-def _yaml_scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    return repr(value)

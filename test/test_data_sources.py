@@ -11,7 +11,7 @@ import pytest
 
 from bagtools import write_image_pose_bag
 from r2former_core.data import sources
-from r2former_core.data.errors import DataError
+from r2former_core.errors import DataError
 from r2former_core.data.keyframes import select_keyframes
 from r2former_core.data.poses import (angle_between_quats, interpolate_poses, normalize_quat, quat_from_yaw,
                                       quat_to_matrix, read_pose_csv, read_tum, rpy_from_quat, slerp,

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from r2former_core import mapdb
+from r2former_core.errors import DeviceError
 from r2former_core.mapdb import MapDatabase, MapError, MapInfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -492,7 +493,7 @@ def test_gpu_branch_stays_on_cpu_without_gpus(built, monkeypatch):
         assert db.search(db.global_desc[:2], 1)[1][:, 0].tolist() == [0, 1]
     monkeypatch.delattr(faiss, "StandardGpuResources")
     assert not mapdb._faiss_gpu_available()
-    with pytest.raises(ValueError, match="unknown device"):
+    with pytest.raises(DeviceError, match="unknown device"):
         MapDatabase.load(built, device="tpu")
 
 

@@ -212,7 +212,7 @@ def test_launch_arguments_rviz_and_files(launch_module):
     assert {"map", "model", "device", "image_topic", "compressed", "namespace", "rviz", "params_file"} <= dests
 
 
-def test_executables_are_console_scripts_and_node_names_are_yaml_keys():
+def test_executables_are_console_scripts_and_params_files_match_any_node():
     scripts = console_scripts()
     for name, nodes in cli_launch.NODES.items():
         for node in nodes:
@@ -221,7 +221,7 @@ def test_executables_are_console_scripts_and_node_names_are_yaml_keys():
             assert module == node.module
             assert callable(getattr(importlib.import_module(module), func))
             doc = yaml.safe_load((ROOT / node.params_file).read_text())
-            assert list(doc) == [node.name], "the params file's top-level key must be the node name"
+            assert list(doc) == ["/**"], "params files are keyed /** so that any name and namespace reads them"
     assert scripts["build_map"] == "r2former_ros.build_map_node:main"
     assert scripts["bag_player"] == "r2former_ros.bag_player:main"
     assert localize_node.NODE_NAME == cli_launch.LOCALIZER.name
@@ -231,8 +231,8 @@ def test_executables_are_console_scripts_and_node_names_are_yaml_keys():
                                                (build_map_node, "config/build_map.yaml")])
 def test_yaml_lists_exactly_the_declared_parameters_with_their_defaults(module, yaml_file):
     doc = yaml.safe_load((ROOT / yaml_file).read_text())
-    assert list(doc) == [module.NODE_NAME]
-    params = doc[module.NODE_NAME]["ros__parameters"]
+    assert list(doc) == ["/**"]      # any node name and namespace (a namespaced node still reads it)
+    params = doc["/**"]["ros__parameters"]
     specs = {s.name: s for s in module.PARAMETERS}
     assert set(params) == set(specs), (set(params) ^ set(specs))
     for name, value in params.items():
@@ -242,6 +242,28 @@ def test_yaml_lists_exactly_the_declared_parameters_with_their_defaults(module, 
     for i, line in enumerate(lines):
         if re.match(r"^\s{4}\w+:", line):
             assert lines[i - 1].strip().startswith("#"), f"{yaml_file}: no comment above {line.strip()}"
+
+
+def test_node_parameters_yaml_and_cli_take_the_localizer_config():
+    """One source for the localizer's settings: LocalizerConfig's fields (default, choices, range) are the
+    node's parameters, the values in config/localize.yaml and the CLI's options."""
+    from r2former_core.cli.main import build_parser
+    from r2former_core.options import LocalizerConfig, config_options
+    specs = {s.name: s for s in localize_node.PARAMETERS}
+    yaml_params = yaml.safe_load((ROOT / "config/localize.yaml").read_text())["/**"]["ros__parameters"]
+    shared = [name for name in config_options(LocalizerConfig) if name in specs]
+    assert {"top_k", "rerank", "min_confidence", "device"} <= set(shared)
+    for name in shared:
+        default, opt = config_options(LocalizerConfig)[name]
+        spec = specs[name]
+        assert (spec.default, spec.choices, spec.min, spec.max, spec.pattern) == (
+            default, opt.choices, opt.min, opt.max, opt.pattern), name
+        assert yaml_params[name] == default, name
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["localize"]
+    cli = {a.dest: a for a in sub._actions}
+    for name in ("top_k", "rerank", "min_confidence", "device"):
+        assert cli[name].default == config_options(LocalizerConfig)[name][0], name
+    assert tuple(cli["rerank"].choices) == config_options(LocalizerConfig)["rerank"][1].choices
 
 
 def test_node_declares_its_table_with_descriptors():
@@ -294,7 +316,7 @@ def test_cli_launch_runs_the_node_compressed_best_effort(tmp_path, tiny_model):
     map_dir = build_test_map(tiny_model, images, line_poses(6), tmp_path / "map")
     params = tmp_path / "localize.yaml"
     doc = yaml.safe_load((ROOT / "config/localize.yaml").read_text())
-    doc["r2former_localizer"]["ros__parameters"].update(min_confidence=0.0, diagnostics_rate=5.0)
+    doc["/**"]["ros__parameters"].update(min_confidence=0.0, diagnostics_rate=5.0)
     params.write_text(yaml.safe_dump(doc))
 
     probe = RosProbe("cli_launch_probe")

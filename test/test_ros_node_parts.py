@@ -36,12 +36,11 @@ def test_state_machine_hysteresis():
     assert sm.update(True) is None
 
 
-def test_state_machine_thresholds_of_one_and_reset():
+def test_state_machine_thresholds_of_one():
     sm = LocalizationStateMachine(1, 1)
     assert run(sm, "arar") == [LOCALIZED, LOST, LOCALIZED, LOST]
-    sm.reset()
-    assert sm.state == NOT_LOCALIZED
-    assert run(sm, "r") == [NOT_LOCALIZED]                  # not_localized never becomes lost
+    fresh = LocalizationStateMachine(1, 1)
+    assert run(fresh, "r") == [NOT_LOCALIZED]               # not_localized never becomes lost
     with pytest.raises(ValueError):
         LocalizationStateMachine(0, 1)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bagtools import write_image_pose_bag, write_tf_bag
-from r2former_core.data.errors import DataError
+from r2former_core.errors import DataError
 from r2former_core.data.sources import RosbagSource, TransformTree, open_source, parse_tf_frames
 
 IMAGE_TOPIC = "/camera/image_raw"

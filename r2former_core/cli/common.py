@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..device import DEVICE_CHOICES
+from ..options import LocalizerConfig, add_config_option
+from ..errors import CliError
 
 
 def _number(kind, test, what: str):
@@ -36,8 +37,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="weights file: the official checkpoint (CVPR23_DeitS_Rerank.pth), DeiT ImageNet weights, or a "
                         "model saved by r2former (.safetensors). Default: $R2FORMER_MODEL, else the project's demo "
                         "model in models/")
-    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
-                   help="where the model runs: auto (CUDA when available, with fp16), cpu or cuda (default auto)")
+    add_config_option(p, LocalizerConfig, "device")
 
 
 def add_source_options(p: argparse.ArgumentParser, what: str, poses_required: bool) -> None:
@@ -65,7 +65,6 @@ def add_source_options(p: argparse.ArgumentParser, what: str, poses_required: bo
 
 def open_source_from_args(args, require_poses: bool):
     from ..data.sources import open_source
-    from .main import CliError
     if not args.images and not args.bag:
         raise CliError("give a source: --images DIR [--poses FILE] or --bag BAG --image-topic T")
     return open_source(images=args.images, poses=args.poses, bag=args.bag, image_topic=args.image_topic,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 
 from .common import add_model_options, add_skip_unreadable, positive_float, positive_int
+from ..errors import CliError
+from ..options import RERANK_MODES, LocalizerConfig, add_config_option
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -23,9 +25,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--pose-topic", default=None, help="ground-truth pose topic of --bag")
     add_skip_unreadable(p)
     add_model_options(p)
-    p.add_argument("--rerank", default="all", choices=["none", "ransac", "r2former", "all"],
+    p.add_argument("--rerank", default="all", choices=[*RERANK_MODES, "all"],
                    help="reranking mode(s) to evaluate (default all)")
-    p.add_argument("--top-k", type=positive_int, default=100, help="candidates retrieved and reranked per query (default 100)")
+    add_config_option(p, LocalizerConfig, "top_k")
     p.add_argument("--threshold-m", type=positive_float, default=25.0, help="positive distance threshold in metres (default 25)")
     p.add_argument("--pose-threshold-m", type=positive_float, default=5.0,
                    help="a published pose within this many metres of the ground truth counts as correct (default 5)")
@@ -39,10 +41,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     from ..data.sources import open_source
     from ..evaluation import evaluate, format_confidence_table, format_table, write_report
-    from ..localizer import Localizer, LocalizerConfig
+    from ..localizer import Localizer
     from ..mapdb import MapDatabase
     from .common import load_model_from_args
-    from .main import CliError
     if not args.queries and not args.bag:
         raise CliError("give the queries: --queries DIR --query-poses FILE, or --bag BAG")
     source = open_source(images=args.queries, poses=args.query_poses, bag=args.bag, image_topic=args.image_topic,

@@ -22,6 +22,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from ..errors import CliError
+from ..options import device_type
 
 PACKAGE = "r2former_ros"
 STOP_TIMEOUT_SEC = 10.0
@@ -121,7 +123,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--params-file", help="parameters file (default: the package's config/localize.yaml)")
     p.add_argument("--map", default="", help="map directory (overrides map_path)")
     p.add_argument("--model", default="", help="model file (overrides model_path)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides device")
+    p.add_argument("--device", type=device_type, help="overrides device (auto, cpu, cuda or cuda:N)")
     p.add_argument("--image-topic", default="", help="camera topic to remap `image` to (and <topic>/compressed)")
     p.add_argument("--compressed", action="store_true", help="subscribe <image-topic>/compressed")
     p.add_argument("--namespace", default="", help="namespace of the nodes")
@@ -148,7 +150,6 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .main import CliError
     params_file = args.params_file or str(find_package_file(NODES[args.name][0].params_file))
     if not Path(params_file).is_file():
         raise CliError(f"parameters file {params_file} does not exist")

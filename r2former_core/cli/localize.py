@@ -7,18 +7,18 @@ import logging
 import os
 import time
 from pathlib import Path
+from ..errors import CliError
+from ..options import TIMING_STAGES, LocalizerConfig, add_config_option
+from .common import add_model_options, add_skip_unreadable, load_model_from_args
 
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ["name", "stamp", "x", "y", "z", "qx", "qy", "qz", "qw", "confidence", "accepted", "best_index",
                "best_name", "var_x", "var_y", "var_z", "var_roll", "var_pitch", "var_yaw", "ms_decode", "ms_extract", "ms_search", "ms_rerank",
                "ms_pose", "ms_total"]
-STAGES = ("decode", "extract", "search", "rerank", "pose", "total")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from ..localizer import RERANK_MODES
-    from .common import add_model_options, add_skip_unreadable, positive_int, unit_float
     p = sub.add_parser("localize", help="localize images (folder or rosbag2) against a map, write a CSV",
                        description="For each query image: extract features, retrieve the top-K map images, rerank, "
                                    "estimate a pose with covariance. Writes one CSV row per query: " +
@@ -33,11 +33,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="CSV file to write (written to a temporary file and renamed when every query is done, so a "
                         "failed run leaves no partial CSV)")
     add_model_options(p)
-    p.add_argument("--rerank", default="r2former", choices=RERANK_MODES,
-                   help="reranking: r2former (transformer, default), ransac (homography inliers) or none (global only)")
-    p.add_argument("--top-k", type=positive_int, default=100, help="map images retrieved and reranked per query (default 100)")
-    p.add_argument("--min-confidence", type=unit_float, default=0.3,
-                   help="results below this confidence are marked accepted=0 (default 0.3)")
+    for name in ("rerank", "top_k", "min_confidence"):
+        add_config_option(p, LocalizerConfig, name)
     p.add_argument("--save-matches", default=None, metavar="DIR",
                    help="also write each query's matched-pair image (query | best map image, token matches) to DIR")
     p.set_defaults(func=run)
@@ -46,10 +43,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from ..data.sources import open_source
-    from ..localizer import Localizer, LocalizerConfig
+    from ..localizer import Localizer
     from ..mapdb import MapDatabase
-    from .common import load_model_from_args
-    from .main import CliError
     if bool(args.images) == bool(args.bag):
         raise CliError("give the queries: either --images DIR or --bag BAG --image-topic T")
     matches_dir = Path(args.save_matches) if args.save_matches else None
@@ -93,7 +88,7 @@ def _write_rows(path: Path, source, localizer, mapdb, model, matches_dir: Path |
                              *(f"{v:.6f}" for v in res.pose[3:]), f"{res.confidence:.4f}", int(res.accepted),
                              res.best_index, best.name if best else "",
                              *(f"{v:.6g}" for v in res.covariance.diagonal()),
-                             *(f"{res.timings_ms.get(k, 0.0):.1f}" for k in STAGES)])
+                             *(f"{res.timings_ms.get(k, 0.0):.1f}" for k in TIMING_STAGES)])
             n += 1
             accepted += int(res.accepted)
             if matches_dir:

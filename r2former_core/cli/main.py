@@ -3,7 +3,8 @@
 Each subcommand lives in its own module of this package exposing
     add_parser(subparsers) -> argparse.ArgumentParser   (sets `func=run` as default)
     run(args) -> int                                     (exit status)
-Expected failures raise `CliError` (or one of the project's error types) and print one line.
+Expected failures raise an `R2FormerError` (`CliError` for command-line problems) or an `OSError`
+and print one line (exit status 2).
 """
 from __future__ import annotations
 
@@ -13,33 +14,11 @@ import logging
 import os
 import sys
 
+from ..errors import EXPECTED_ERRORS
 from ..logging_setup import setup_logging
 
-# Subcommand modules, in the order `--help` lists them. A module that is absent is skipped, so
-# the CLI keeps working while later subcommands are developed.
+# Subcommand modules, in the order `--help` lists them.
 SUBCOMMANDS = ["build_map", "localize", "eval", "map_info", "synth", "train", "launch", "check_parity"]
-
-
-class CliError(RuntimeError):
-    """An expected failure: printed as one line, exit status 2."""
-
-
-def expected_errors() -> tuple[type[BaseException], ...]:
-    from ..device import DeviceError
-    from ..model.checkpoint import CheckpointError
-    errors: list[type[BaseException]] = [CliError, CheckpointError, DeviceError, FileNotFoundError, PermissionError,
-                                         FileExistsError, NotADirectoryError, IsADirectoryError]
-    try:
-        from ..mapdb import MapError
-        errors.append(MapError)
-    except ImportError:
-        pass
-    try:
-        from ..data.errors import DataError
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,12 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging_options(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__package__}.{name}":
-                continue
-            raise
+        module = importlib.import_module(f"{__package__}.{name}")
         _add_logging_options(module.add_parser(sub), top_level=False)
     return parser
 
@@ -86,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logging.getLogger("r2former").error("interrupted")
         return 130
-    except expected_errors() as exc:
+    except EXPECTED_ERRORS as exc:
         print(f"r2former {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from ..errors import CliError
 
 # Listed here so that building the parser does not import OpenCV; a test keeps it equal to synthetic.CONDITIONS.
 CONDITION_NAMES = ("day", "dusk", "night", "winter", "autumn", "fog", "rain")
@@ -38,7 +39,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from ..data.synthetic import CONDITIONS, SyntheticWorld, parse_conditions, write_drive
-    from .main import CliError
     try:
         conditions = parse_conditions(args.conditions)
     except ValueError:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..device import DEVICE_CHOICES
+from ..errors import CliError
 
 log = logging.getLogger("r2former.train")
 
@@ -175,7 +176,6 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def _model_config(args):
     from ..model import ModelConfig, preset
-    from .main import CliError
     import dataclasses
     base = dataclasses.asdict(preset(args.preset))
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
@@ -210,7 +210,6 @@ def run(args) -> int:
     from ..train.datasets import open_dataset
     from ..train.distributed import barrier, init_distributed, shutdown
     from ..train.trainer import TrainConfig, Trainer
-    from .main import CliError
 
     info = init_distributed(resolve_device(args.device))
     out = Path(args.out)

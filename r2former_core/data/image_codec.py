@@ -8,7 +8,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .errors import ImageDecodeError
+from ..errors import ImageDecodeError
 
 # encoding -> (channels, numpy dtype, conversion to RGB or None for already-RGB)
 RAW_ENCODINGS: dict[str, tuple[int, type, int | None]] = {

@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import cv2
 import numpy as np
 
-from .errors import DataError, ImageDecodeError
+from ..errors import DataError, ImageDecodeError
 from .image_codec import decode_compressed, decode_raw
 from .poses import (compose_poses, interpolate_poses, invert_poses, nan_poses, quat_from_yaw, read_pose_csv,
                     read_tum)

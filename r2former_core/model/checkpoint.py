@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..device import resolve_device
+from ..errors import CheckpointError
 from .backbone import resize_pos_embed_grid
 from .config import ModelConfig
 from .r2former import R2FormerModel, build_model
@@ -35,10 +36,6 @@ FORMAT_NAME = "r2former_ros.model"
 FORMAT_VERSION = "1"
 # Where users who have internet get the ImageNet-pretrained backbone (timm's hub name).
 TIMM_DEIT_S_DISTILLED = "deit_small_distilled_patch16_224.fb_in1k"
-
-
-class CheckpointError(ValueError):
-    """A weights file that cannot be used, with the reason and what to do."""
 
 
 # ----------------------------------------------------------------------------- key naming

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -47,11 +49,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.stem not in ("patch", "conv"):
-            raise ValueError(f"stem must be 'patch' or 'conv', not {self.stem!r}")
+            raise ConfigError(f"stem must be 'patch' or 'conv', not {self.stem!r}")
         if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
-            raise ValueError(f"stem 'conv' needs a power-of-two patch_size, not {self.patch_size}")
+            raise ConfigError(f"stem 'conv' needs a power-of-two patch_size, not {self.patch_size}")
         if self.input_norm not in ("none", "instance"):
-            raise ValueError(f"input_norm must be 'none' or 'instance', not {self.input_norm!r}")
+            raise ConfigError(f"input_norm must be 'none' or 'instance', not {self.input_norm!r}")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -75,7 +77,7 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown model config fields {unknown}; known: {sorted(names)}")
+            raise ConfigError(f"unknown model config fields {unknown}; known: {sorted(names)}")
         data = dict(data)
         if "image_size" in data:
             data["image_size"] = tuple(int(v) for v in data["image_size"])
@@ -104,4 +106,4 @@ def preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None

@@ -9,16 +9,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def preprocess(image: np.ndarray, size: tuple[int, int] = (480, 640)) -> torch.Tensor:
-    """HxWx3 uint8 RGB array -> (1, 3, size[0], size[1]) float32 tensor."""
+def check_rgb(image: np.ndarray) -> np.ndarray:
+    """`image` as an array; DataError unless it is an HxWx3 uint8 RGB image."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an HxWx3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
-    return preprocess_batch(image[None], size)
+        raise DataError(f"expected an HxWx3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+    return image
+
+
+def preprocess(image: np.ndarray, size: tuple[int, int] = (480, 640)) -> torch.Tensor:
+    """HxWx3 uint8 RGB array -> (1, 3, size[0], size[1]) float32 tensor."""
+    return preprocess_batch(check_rgb(image)[None], size)
 
 
 def preprocess_batch(images: np.ndarray, size: tuple[int, int] = (480, 640)) -> torch.Tensor:

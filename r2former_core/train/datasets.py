@@ -22,12 +22,15 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from ..data.errors import DataError
 from ..data.sources import read_image_file
+from ..errors import DataError
+from ..features import extract_all
+from ..model import R2FormerModel
 
 log = logging.getLogger(__name__)
 
@@ -290,3 +293,12 @@ def open_dataset(spec: str, split: str, cache_dir: str | Path, size: tuple[int, 
     if kind == "msls":
         return msls_dataset(rest, split)
     raise ValueError(f"unknown dataset kind {kind!r} in {spec!r}; use synthetic:, vg: or msls:")
+
+
+def extract_descriptors(model: R2FormerModel, images: ImageList, ids: np.ndarray, batch: int, local: bool = False,
+                        progress: bool = False, desc: str = "descriptors") -> Any:
+    """Global descriptors (len(ids), G) float32 of `images[ids]`; with `local`, also their local features
+    (len(ids), N, C) float16 (as maps store them): `(global, local)`."""
+    feats = extract_all(model, (images.image(int(i)) for i in ids), batch, count=len(ids), local=local,
+                        local_dtype=np.float16, progress=progress, desc=desc)
+    return (feats.global_desc, feats.local) if local else feats.global_desc

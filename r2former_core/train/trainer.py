@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..features import images_to_tensor
 from ..model import R2FormerModel, save_model
-from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess_batch
+from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .checkpointing import load_training_state, save_training_state
-from .datasets import ImageList, PlaceDataset
+from .datasets import ImageList, PlaceDataset, extract_descriptors
 from .distributed import DistInfo, all_reduce_mean, barrier, gather_rows
 from .losses import dense_correspondence_loss, infonce_loss, rerank_loss, triplet_loss
 from .mining import POS_RADIUS_M, SOFT_RADIUS_M, Triplet, hardest_negatives, neighbours_within, select_triplets
@@ -191,39 +192,6 @@ class _TrainNet(nn.Module):
         parts["infonce_loss"] = 0.5 * (infonce_loss(g[:p], g[p:], target) + infonce_loss(g[p:], g[:p], target))
         loss = parts["dense_loss"] + self.dense_global_weight * parts["infonce_loss"]
         return loss, parts
-
-
-def _images_to_tensor(images: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
-    if len({im.shape for im in images}) == 1:
-        return preprocess_batch(np.stack(images), size)
-    return torch.cat([preprocess_batch(im[None], size) for im in images])
-
-
-@torch.no_grad()
-def extract_descriptors(model: R2FormerModel, images: ImageList, ids: np.ndarray, batch: int,
-                        local: bool = False, progress: bool = False, desc: str = "descriptors"):
-    """Global descriptors (len(ids), G) float32 (and local features (len(ids), N, C) float16)."""
-    was_training = model.training
-    model.eval()
-    glob, loc = [], []
-    chunks = range(0, len(ids), batch)
-    if progress:
-        from tqdm import tqdm
-        chunks = tqdm(chunks, desc=desc, unit="batch", leave=False, disable=None)
-    try:
-        for s in chunks:
-            x = _images_to_tensor([images.image(int(i)) for i in ids[s:s + batch]], model.cfg.image_size)
-            f = model.extract(x)
-            glob.append(f.global_desc.cpu().numpy().astype(np.float32))
-            if local:
-                loc.append(f.local.cpu().numpy().astype(np.float16))
-    finally:
-        model.train(was_training)
-    g = np.concatenate(glob) if glob else np.zeros((0, model.cfg.global_dim), np.float32)
-    if not local:
-        return g
-    return g, (np.concatenate(loc) if loc else np.zeros((0, model.cfg.local_tokens, model.cfg.local_values),
-                                                          np.float16))
 
 
 def photometric_augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -454,7 +422,7 @@ class Trainer:
             imgs.append(self.data.queries.image(t.query))
             imgs.append(self.data.database.image(t.positive))
             imgs.extend(self.data.database.image(n) for n in t.negatives)
-        x = _images_to_tensor(imgs, self.model.cfg.image_size)
+        x = images_to_tensor(imgs, self.model.cfg.image_size)
         if self.cfg.augment == "photometric" and self.cfg.stage != "rerank":
             x = photometric_augment(x, self._aug_gen)
         return x.to(self.device, non_blocking=True)
@@ -483,7 +451,7 @@ class Trainer:
         picked = rng.choice(rows, cfg.batch_size, replace=len(rows) < cfg.batch_size)
         pairs = [rng.choice(aligned[r], 2, replace=False) for r in picked]
         db = self.data.database
-        x = _images_to_tensor([db.image(int(a)) for a, _ in pairs] + [db.image(int(b)) for _, b in pairs],
+        x = images_to_tensor([db.image(int(a)) for a, _ in pairs] + [db.image(int(b)) for _, b in pairs],
                               self.model.cfg.image_size)
         p = self.model.cfg.patch_size
         dy, dx = int(rng.integers(-1, 2)), int(rng.integers(-cfg.dense_shift, cfg.dense_shift + 1))

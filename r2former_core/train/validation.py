@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..metrics import RECALL_VALUES, recall_at
 from ..model import R2FormerModel
-from .datasets import PlaceDataset
+from .datasets import PlaceDataset, extract_descriptors
 from .mining import neighbours_within
 
 log = logging.getLogger(__name__)
-RECALL_VALUES = (1, 5, 10)
 
 
 @dataclass
@@ -34,15 +34,9 @@ class ValResult:
         return (self.rerank_recall or self.global_recall)[5]
 
 
-def recall_at(ranked: np.ndarray, positives: list[np.ndarray], values=RECALL_VALUES) -> dict[int, float]:
-    hits = np.array([[bool(np.isin(row[:n], pos).any()) for n in values] for row, pos in zip(ranked, positives)])
-    return {n: float(hits[:, k].mean()) if len(hits) else 0.0 for k, n in enumerate(values)}
-
-
 def validate(model: R2FormerModel, data: PlaceDataset, rerank: bool, threshold_m: float = 25.0,
              rerank_top: int = 20, max_queries: int = 300, batch: int = 32, progress: bool = False) -> ValResult:
     import faiss
-    from .trainer import extract_descriptors
     nq = len(data.queries)
     q_ids = np.arange(nq) if nq <= max_queries else np.linspace(0, nq - 1, max_queries).round().astype(np.int64)
     db_ids = np.arange(len(data.database))

@@ -1,0 +1,190 @@
+"""Settings users choose: their names, choices, defaults and allowed ranges, defined once.
+
+The localizer's settings are the fields of `LocalizerConfig` (and `PoseConfig`); each field carries
+an `Option` (help text, choices, range) in its metadata. The `r2former` command line builds its
+options from them (`add_config_option`), the `localize` node builds its ROS parameters from them
+(`r2former_ros.parameters.ParamSpec.from_config`), and a test checks `config/localize.yaml`
+against both, so a default or a range cannot drift between the three.
+
+This module imports nothing heavy (no torch, numpy or faiss): `r2former --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+RERANK_MODES = ("r2former", "ransac", "none")
+R2FORMER_SCORES = ("match_prob", "final_score")   # match_prob: the official test-time ranking
+POSE_MODES = ("best", "weighted")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")           # and cuda:N
+INDEX_TYPES = ("flat", "ivfpq")
+TIMING_STAGES = ("decode", "extract", "search", "rerank", "pose", "total")   # milliseconds, per frame
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class Option:
+    """What a setting means and which values it accepts."""
+    help: str
+    choices: tuple[str, ...] = ()
+    min: float | None = None
+    max: float | None = None
+    pattern: str = ""          # a regular expression the (string) value must match fully
+    pattern_help: str = ""     # how to say the pattern to a user
+
+    def allowed(self, default: Any = None) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.pattern_help:
+            return self.pattern_help
+        if self.min is not None or self.max is not None:
+            kind = "an integer" if isinstance(default, int) and not isinstance(default, bool) else "a number"
+            lo = "-inf" if self.min is None else f"{self.min:g}"
+            hi = "inf" if self.max is None else f"{self.max:g}"
+            return f"{kind} in [{lo}, {hi}]"
+        return f"a {type(default).__name__}" if default is not None else "any value"
+
+    def problem(self, value: Any, default: Any = None) -> str | None:
+        """None when `value` is allowed, else why not."""
+        if self.choices and value not in self.choices:
+            return f"{value!r} is not {self.allowed(default)}"
+        if self.pattern and not re.fullmatch(self.pattern, str(value)):
+            return f"{value!r} is not {self.allowed(default)}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value or (self.min is not None and value < self.min) or (
+                    self.max is not None and value > self.max):
+                return f"{value!r} is not {self.allowed(default)}"
+        return None
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] = (), min: float | None = None,  # noqa: A002
+           max: float | None = None, pattern: str = "", pattern_help: str = "") -> Any:  # noqa: A002
+    """A dataclass field with an `Option` in its metadata."""
+    return field(default=default, metadata={"option": Option(help, tuple(choices), min, max, pattern, pattern_help)})
+
+
+def config_options(cls: type) -> dict[str, tuple[Any, Option]]:
+    """{field name: (default, Option)} of a config dataclass (fields without an Option are left out)."""
+    out: dict[str, tuple[Any, Option]] = {}
+    for f in fields(cls):
+        opt = f.metadata.get("option")
+        if opt is not None:
+            out[f.name] = (_default(f), opt)
+    return out
+
+
+def _default(f: Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    raise ConfigError(f"option {f.name} has no default")
+
+
+def check_config(obj: Any) -> None:
+    """ConfigError naming the first field whose value its Option does not allow."""
+    for name, (default, opt) in config_options(type(obj)).items():
+        reason = opt.problem(getattr(obj, name), default)
+        if reason:
+            raise ConfigError(f"{name}: {reason}")
+
+
+def add_config_option(parser: Any, cls: type, name: str, flag: str | None = None, help_suffix: str = "") -> None:
+    """An argparse option for field `name` of `cls`: same default, range checked by argparse, help from
+    the Option (with the default appended)."""
+    default, opt = config_options(cls)[name]
+    flag = flag or "--" + name.replace("_", "-")
+    kwargs: dict[str, Any] = {"default": default}
+    if opt.choices:
+        kwargs["choices"] = opt.choices
+    elif isinstance(default, bool):
+        raise ConfigError(f"{name}: boolean options are flags; add them by hand")
+    elif isinstance(default, (int, float)):
+        kwargs["type"] = _ranged(type(default), opt, default)
+    elif opt.pattern:
+        kwargs["type"] = _matching(opt, default)
+    parser.add_argument(flag, help=f"{opt.help}{help_suffix} (default {default})", **kwargs)
+
+
+def _ranged(kind: type, opt: Option, default: Any) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        reason = opt.problem(value, default)
+        if reason:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected {opt.allowed(default)}")
+        return value
+    return parse
+
+
+def _matching(opt: Option, default: Any) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if opt.problem(text, default):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {opt.allowed(default)}")
+        return text
+    return parse
+
+
+def device_type(text: str) -> str:
+    """argparse `type=` of a device option: auto, cpu, cuda or cuda:N."""
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
+    return text
+
+
+def device_option(default: str = "auto") -> Any:
+    return option(default, "where the model runs: auto (CUDA when available), cpu, cuda or cuda:N (GPU N)",
+                  pattern=DEVICE_PATTERN.pattern, pattern_help="auto, cpu, cuda or cuda:N")
+
+
+# ------------------------------------------------------------------------------- configs
+
+@dataclass(frozen=True)
+class PoseConfig:
+    """How reranked candidates become a pose with covariance (`r2former_core.pose`)."""
+    mode: str = option("weighted", "best: the best candidate's pose; weighted: the score-weighted position of "
+                       "the candidates that agree with it", choices=POSE_MODES)
+    top: int = option(10, "candidates that shape the weights, the agreement and the covariance", min=1)
+    temperature: float = option(0.1, "softmax temperature over the normalised scores", min=1e-6)
+    agree_radius: float = option(0.0, "metres within which candidates agree with the best; 0 = max(5 m, "
+                                 "3 x keyframe spacing)", min=0.0)
+    min_position_std: float = option(0.5, "metres, floor of the position standard deviation", min=0.0)
+    min_yaw_std_deg: float = option(3.0, "degrees, floor of the yaw standard deviation", min=0.0)
+    roll_pitch_std_deg: float = option(10.0, "degrees, roll and pitch standard deviation (not observed)", min=0.0)
+
+    def validate(self) -> PoseConfig:
+        check_config(self)
+        return self
+
+
+@dataclass(frozen=True)
+class LocalizerConfig:
+    """Everything that decides what `Localizer.localize` returns for an image."""
+    top_k: int = option(100, "map images retrieved by the global descriptor and reranked", min=1, max=1000)
+    rerank: str = option("r2former", "reranking of the top_k candidates: r2former (transformer), ransac "
+                         "(homography inliers on token matches) or none (global score only)", choices=RERANK_MODES)
+    r2former_score: str = option("match_prob", "what r2former ranks by: match_prob (the official ranking) or "
+                                 "final_score (mixed with the global cosine)", choices=R2FORMER_SCORES)
+    min_confidence: float = option(0.3, "results below this confidence are not accepted (not published)",
+                                   min=0.0, max=1.0)
+    num_matches: int = option(40, "matched token pairs kept in the result for drawing", min=0, max=500)
+    device: str = device_option()
+    pose: PoseConfig = field(default_factory=PoseConfig)
+
+    def validate(self) -> LocalizerConfig:
+        check_config(self)
+        self.pose.validate()
+        return self
+
+
+__all__ = ["DEVICE_CHOICES", "DEVICE_PATTERN", "INDEX_TYPES", "LocalizerConfig", "Option", "POSE_MODES",
+           "PoseConfig", "R2FORMER_SCORES", "RERANK_MODES", "TIMING_STAGES", "add_config_option", "check_config",
+           "config_options", "device_option", "device_type", "option"]
