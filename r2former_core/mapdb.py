@@ -105,13 +105,18 @@ class MapInfo:
     num_local: int
     local_values: int
     count: int
-    frame_id: str
+    frame_id: str               # parent frame: the frame the poses are expressed in (e.g. map)
     created: str
     source: str
     global_dtype: str = "float32"
     index: str = "flat"
     host: str = ""
     package_version: str = ""
+    child_frame: str = ""       # the frame whose pose each entry holds (camera or base); "" = not recorded
+
+    @property
+    def parent_frame(self) -> str:
+        return self.frame_id
 
     @property
     def local_entry_bytes(self) -> int:
@@ -280,10 +285,10 @@ class MapWriter:
 
     def __init__(self, final: Path, *, fingerprint: str, model_config: dict, image_size: tuple[int, int],
                  global_dim: int, num_local: int, local_values: int, frame_id: str, source: str, index: str,
-                 overwrite: bool, global_dtype: str) -> None:
+                 overwrite: bool, global_dtype: str, child_frame: str = "") -> None:
         self.path = final
         self._meta = dict(fingerprint=fingerprint, model_config=model_config, image_size=list(image_size),
-                          frame_id=frame_id, source=source)
+                          frame_id=frame_id, child_frame=child_frame, source=source)
         self._G, self._N, self._C = global_dim, num_local, local_values
         self._index_type = index
         self._overwrite = overwrite
@@ -520,6 +525,7 @@ class MapWriter:
             "count": self._count,
             "global_dtype": self._gdtype.name,
             "frame_id": self._meta["frame_id"],
+            "child_frame": self._meta["child_frame"],
             "pose_layout": POSE_LAYOUT,
             "index": self._index_params,
             "created": {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -611,7 +617,7 @@ class MapDatabase:
     # ----------------------------------------------------------------- creation / loading
     @staticmethod
     def create(path: str | os.PathLike, *, fingerprint: str, model_config: dict, image_size: Sequence[int],
-               global_dim: int, num_local: int, local_values: int, frame_id: str = "map", source: str = "",
+               global_dim: int, num_local: int, local_values: int, frame_id: str = "map", child_frame: str = "", source: str = "",
                index: str = "flat", overwrite: bool = False, global_dtype: str = "float32",
                expected_count: int | None = None) -> MapWriter:
         """Start writing a map at `path` (nothing appears there until the writer commits).
@@ -659,7 +665,7 @@ class MapDatabase:
                                "free some space or write the map elsewhere")
         return MapWriter(final, fingerprint=fingerprint, model_config=model_config, image_size=size,
                          global_dim=int(global_dim), num_local=int(num_local), local_values=int(local_values),
-                         frame_id=frame_id, source=str(source), index=index, overwrite=overwrite,
+                         frame_id=frame_id, child_frame=str(child_frame), source=str(source), index=index, overwrite=overwrite,
                          global_dtype=global_dtype)
 
     @classmethod
@@ -998,7 +1004,8 @@ def _parse_info(root: Path, doc: dict) -> MapInfo:
                    created=_field(root, doc, "created.time", str),
                    source=_field(root, doc, "created.source", str), global_dtype=gdtype, index=index,
                    host=str(doc["created"].get("host", "")),
-                   package_version=str(doc["created"].get("package_version", "")), **dims)
+                   package_version=str(doc["created"].get("package_version", "")),
+                   child_frame=str(doc.get("child_frame", "")), **dims)
 
 
 def _check_files(root: Path, doc: dict, info: MapInfo) -> dict[str, dict]:

@@ -38,7 +38,7 @@ def default_batch_size(model: R2FormerModel) -> int:
 
 
 def build_map(source: Source, model: R2FormerModel, out: str | Path, *, min_distance: float = 0.0,
-              min_angle: float = 0.0, batch_size: int | None = None, frame_id: str = "map", index: str = "flat",
+              min_angle: float = 0.0, batch_size: int | None = None, frame_id: str = "map", child_frame: str = "", index: str = "flat",
               overwrite: bool = False, progress: bool = True) -> MapDatabase:
     """Build the map `out` from `source`: keyframes only, features of `model`, atomic write.
     `batch_size` None: `default_batch_size(model)`."""
@@ -56,7 +56,7 @@ def build_map(source: Source, model: R2FormerModel, out: str | Path, *, min_dist
              est["disk_bytes_per_image"] / 1e3, est["ram_bytes"] / 1e6)
     writer = MapDatabase.create(out, fingerprint=model.fingerprint, model_config=json.loads(cfg.to_json()),
                                 image_size=cfg.image_size, global_dim=cfg.global_dim, num_local=cfg.local_tokens,
-                                local_values=cfg.local_values, frame_id=frame_id, source=source.description,
+                                local_values=cfg.local_values, frame_id=frame_id, child_frame=child_frame, source=source.description,
                                 index=index, overwrite=overwrite, expected_count=len(keep))
     with writer:
         batch: list[PosedImage] = []

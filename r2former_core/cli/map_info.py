@@ -36,7 +36,7 @@ def summarize(db) -> dict:
     cfg = info.model_config or {}
     return {
         "path": str(info.path), "format_version": info.format_version, "entries": info.count,
-        "fingerprint": info.fingerprint, "created": info.created, "source": info.source, "frame_id": info.frame_id,
+        "fingerprint": info.fingerprint, "created": info.created, "source": info.source, "frame_id": info.frame_id, "child_frame": info.child_frame,
         "index": info.index, "package_version": info.package_version,
         "model": {k: cfg.get(k) for k in ("image_size", "embed_dim", "depth", "num_local", "stem", "input_norm")
                   if k in cfg},
@@ -74,7 +74,8 @@ def run(args) -> int:
         ("model fingerprint", s["fingerprint"] + ("  (matches --model)" if expected else "")),
         ("model", ", ".join(f"{k} {v}" for k, v in s["model"].items()) or "-"),
         ("features", f"global {s['global'][0]} {s['global'][1]}, local {s['local'][0]} x {s['local'][1]} float16"),
-        ("frame / source", f"{s['frame_id']} / {s['source']}"),
+        ("frames (parent -> child)", f"{s['frame_id']} -> {s['child_frame'] or '(not recorded)'}"),
+        ("source", s["source"]),
         ("created", f"{s['created']}" + (f" (r2former_ros {s['package_version']})" if s["package_version"] else "")),
         ("disk", f"{s['disk_bytes'] / 1e6:.1f} MB ({s['disk_bytes'] / max(s['entries'], 1) / 1e3:.1f} kB per image)"),
         ("extent", f"x {ext['x'][0]:.1f} .. {ext['x'][1]:.1f} m, y {ext['y'][0]:.1f} .. {ext['y'][1]:.1f} m"
