@@ -44,12 +44,12 @@ from r2former_core.errors import EXPECTED_ERRORS, DataError, ImageDecodeError, R
 from r2former_core.mapping import build_map
 from r2former_core.model import load_model
 from r2former_core.data.keyframes import select_keyframes
+from r2former_core.resources import resolve_model_path
 from r2former_core.options import LocalizerConfig, device_type
 from r2former_core.features import extract_image
 
 from .conversions import msg_to_rgb, pose_from_msg, stamp_to_ns
 from .parameters import ParamSpec, ParameterError, declare_parameters
-from .paths import resolve_model_path
 from .pose_buffer import PoseBuffer, PoseLookup
 from .qos import RELIABILITY_CHOICES, stream_qos
 
@@ -126,7 +126,7 @@ class MapBuilderNode(Node):
             raise BuildMapError("no output map: pass --out MAP (or -p out:=MAP)")
         from r2former_core.mapdb import MapDatabase
         from r2former_core.model import load_model
-        self.model_path = resolve_model_path(v["model_path"])
+        self.model_path = resolve_model_path(v["model_path"], "parameter model_path")
         self.model = load_model(self.model_path, device=v["device"])
         cfg = self.model.cfg
         self.writer = MapDatabase.create(

@@ -35,6 +35,7 @@ from typing import IO
 import yaml
 
 from r2former_core.cli import launch as cli_launch
+from r2former_core.resources import find_file, resolve_model_path
 
 QUERY_TOPIC = "/camera/image_raw"
 ODOM_TOPIC = "/odom"
@@ -124,7 +125,7 @@ class Demo:
                    ROS_LOG_DIR=str((self.logs / "ros").resolve()), PYTHONUNBUFFERED="1")
         env.pop("ROS_STATIC_PEERS", None)
         try:   # big shared-memory segment: best-effort camera images reach the other processes
-            env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(cli_launch.find_package_file("config/fastdds_shm.xml"))
+            env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(find_file("config/fastdds_shm.xml"))
         except FileNotFoundError:
             pass
         self.env = env
@@ -183,7 +184,7 @@ class Demo:
 
     def localize_params(self, model: Path) -> Path:
         """config/localize.yaml with the demo's changes (only those given on the command line)."""
-        source = cli_launch.find_package_file("config/localize.yaml")
+        source = find_file("config/localize.yaml")
         params = yaml.safe_load(source.read_text())
         node = params["/**"]["ros__parameters"]
         node["device"] = self.args.device
@@ -198,7 +199,6 @@ class Demo:
     # -------------------------------------------------------------------- run
     def run(self) -> dict:
         a = self.args
-        from r2former_core.model.zoo import resolve_model_path
         model = Path(resolve_model_path(a.model)).resolve()
         if not model.is_file():
             raise StepFailed(f"demo: model {model} does not exist")
@@ -224,11 +224,11 @@ class Demo:
         self.timings["synth_query"] = dt
         self.say(f"{dt:.1f} s")
 
-        map_dir = self.work / "map_db"
+        map_dir = Path(a.map) if a.map else self.work / "map_db"
         self.say(f"[3/{steps}] build_map from the map bag ...", end=" ")
         dt = self.run_step("build_map", self.python(
             "r2former_ros.build_map_node", "--bag", str(self.work / "map" / "bag"), "--image-topic", QUERY_TOPIC,
-            "--pose-topic", ODOM_TOPIC, "--out", str(map_dir), "--model", str(model), "--device", a.device),
+            "--pose-topic", ODOM_TOPIC, "--out", str(map_dir), "--model", str(model), "--device", a.device, "--overwrite"),
             timeout=1200)
         self.timings["build_map"] = dt
         map_size = _map_size(map_dir)
@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m r2former_ros.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    p.add_argument("--map", default="maps/demo",
+                   help="where the localization map is written (default maps/demo, replaced when it exists; "
+                        "'' = inside --out/work)")
     p.add_argument("--seed", type=int, default=7, help="synthetic world (default 7; not a training or "
                    "evaluation seed of the demo model)")
     p.add_argument("--map-conditions", default="day", help="conditions of the map drive (default day)")

@@ -43,13 +43,13 @@ from r2former_core.localizer import Localizer
 from r2former_core.mapdb import MapDatabase
 from r2former_core.model import load_model
 from r2former_core.options import TIMING_STAGES, LocalizerConfig
+from r2former_core.resources import resolve_model_path
 from r2former_core.results import LocalizationResult
 
 from .conversions import msg_to_rgb, pose_array_msg, pose_with_covariance_msg, rgb_to_image_msg, stamp_to_ns
 from .latest_frame import LatestFrameSlot
 from .localization_state import LOCALIZED, LocalizationStateMachine, Transition
 from .parameters import ParamSpec, ParameterError, declare_parameters
-from .paths import resolve_model_path
 from .qos import RELIABILITY_CHOICES, latched_qos, stream_qos
 from .visualization import candidate_markers, draw_matches
 
@@ -145,7 +145,7 @@ class LocalizeNode(Node):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
         self._values = declare_parameters(self, PARAMETERS)
-        self._model_path = resolve_model_path(self._values["model_path"])
+        self._model_path = resolve_model_path(self._values["model_path"], "parameter model_path")
         self._map_frame = self._values["map_frame"]
         self._model = load_model(self._model_path, device=self._values["device"])
         self._localizer = load_localizer(self._model, self._values["map_path"], self._values)

@@ -127,7 +127,7 @@ def test_demo_end_to_end_on_a_tiny_world(tmp_path, tiny_model):
     probe = RosProbe("demo_probe")
     try:
         seen = probe.subscribe(PoseWithCovarianceStamped, "/r2former_localizer/pose")
-        result = run_demo(["--out", str(out), "--model", str(model), "--seed", "3", "--map-frames", "12",
+        result = run_demo(["--out", str(out), "--map", "", "--model", str(model), "--seed", "3", "--map-frames", "12",
                            "--query-frames", "10", "--min-confidence", "0", "--top-k", "5",
                            "--idle-timeout", "1", "--domain-id", os.environ["ROS_DOMAIN_ID"], "--device", "cpu"])
     finally:
@@ -173,7 +173,7 @@ def test_demo_end_to_end_on_a_tiny_world(tmp_path, tiny_model):
 def test_demo_failed_step_is_one_line_and_nonzero(tmp_path):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"not a model")
-    result = run_demo(["--out", str(tmp_path / "out"), "--model", str(bad), "--map-frames", "3", "--query-frames", "2",
+    result = run_demo(["--out", str(tmp_path / "out"), "--map", "", "--model", str(bad), "--map-frames", "3", "--query-frames", "2",
                        "--size", "64x48"], timeout=120)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
@@ -204,7 +204,7 @@ def test_demo_ctrl_c_stops_every_child(tmp_path, tiny_model):
     model = save_tiny_model(tiny_model, tmp_path / "tiny.safetensors")
     out = tmp_path / "interrupted"
     log = open(tmp_path / "demo.out", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "r2former_ros.demo", "--out", str(out), "--model", str(model),
+    proc = subprocess.Popen([sys.executable, "-m", "r2former_ros.demo", "--out", str(out), "--map", "", "--model", str(model),
                              "--map-frames", "6", "--query-frames", "600", "--size", "128x96", "--device", "cpu",
                              "--domain-id", os.environ["ROS_DOMAIN_ID"]], stdout=log, stderr=subprocess.STDOUT,
                             cwd=ROOT, env=os.environ.copy())

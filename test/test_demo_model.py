@@ -2,6 +2,8 @@
 localizes a synthetic street it has never seen, in another condition than the map's."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,7 @@ from r2former_core.evaluation import evaluate
 from r2former_core.localizer import Localizer, LocalizerConfig
 from r2former_core.mapping import build_map
 from r2former_core.model import load_model, preset
-from r2former_core.model.zoo import DEMO_MODEL_NAME, default_model_path
+from r2former_core.resources import DEMO_MODEL, default_model_path
 
 HELD_OUT_SEED = 961          # not a training (100-139), validation (900, 901) or documented test (950-952) world
 
@@ -19,7 +21,7 @@ HELD_OUT_SEED = 961          # not a training (100-139), validation (900, 901) o
 @pytest.fixture(scope="module")
 def demo_model():
     path = default_model_path()
-    assert path is not None and path.name == DEMO_MODEL_NAME, "the demo model must be packaged under models/"
+    assert path is not None and path.name == Path(DEMO_MODEL).name, "the demo model must be packaged under models/"
     return path, load_model(path)
 
 

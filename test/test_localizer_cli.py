@@ -57,7 +57,8 @@ def test_build_localize_eval(world, tmp_path):
     assert len(rows) == 12
     for i, row in enumerate(rows):
         assert int(row["best_index"]) == i                       # every image finds its own frame
-        assert abs(float(row["x"]) - poses[i, 0]) < 3.0
+        # frames are 3 m apart: a pose pulled towards a neighbour by even a sixth of that spacing is a bug
+        assert abs(float(row["x"]) - poses[i, 0]) < 0.5
         assert all(float(row[k]) > 0 for k in ("var_x", "var_y", "var_yaw"))
         stages = [float(row[f"ms_{k}"]) for k in ("decode", "extract", "search", "rerank", "pose")]
         assert all(v >= 0 for v in stages) and float(row["ms_extract"]) > 0
@@ -70,7 +71,8 @@ def test_build_localize_eval(world, tmp_path):
     data = json.loads(report.read_text())
     assert set(data) >= {"none", "ransac", "r2former"}
     assert data["none"]["recall@1"] == 1.0 and data["ransac"]["recall@1"] == 1.0
-    assert 0.0 <= data["r2former"]["recall@1"] <= 1.0 and data["r2former"]["recall@10"] == 1.0
+    r2 = data["r2former"]      # random reranker weights: only the structure of recall@N is known
+    assert r2["recall@1"] <= r2["recall@5"] <= r2["recall@10"] == 1.0
     assert report.with_suffix(".png").stat().st_size > 0
     # The published pose: the weighted mean of candidates within 5 m of the best one, which is the query's
     # own frame here, so every pose is within the default 5 m; the confidence table is monotone.
@@ -79,7 +81,8 @@ def test_build_localize_eval(world, tmp_path):
         rows = data[mode]["confidence_table"]
         assert rows[0]["min_confidence"] == 0.0 and rows[0]["accepted"] == 1.0
         assert [r["accepted"] for r in rows] == sorted((r["accepted"] for r in rows), reverse=True)
-        assert 0.0 <= data[mode]["inside_95_ellipse"] <= 1.0
+    # ransac finds every query's own frame: sub-metre poses, all inside the covariance's 95 % ellipse
+    assert data["ransac"]["pose_median_error_m"] < 0.5 and data["ransac"]["inside_95_ellipse"] == 1.0
     assert (tmp_path / "eval_confidence.png").stat().st_size > 0
 
 

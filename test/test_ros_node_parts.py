@@ -181,19 +181,35 @@ def test_candidate_markers_coloured_by_score():
 # ------------------------------------------------------------------------------ paths and parameters
 
 def test_default_model_path_lookup(monkeypatch, tmp_path):
-    from r2former_core.model import zoo
-    from r2former_ros import paths
-    monkeypatch.setattr(paths, "share_dirs", lambda: [tmp_path / "a", tmp_path / "b"])
-    monkeypatch.setattr(zoo, "default_model_path", lambda: None)
-    with pytest.raises(FileNotFoundError, match="model_path"):
-        paths.default_model_path()
-    target = tmp_path / "b" / paths.DEMO_MODEL
+    from r2former_core import resources
+    monkeypatch.delenv(resources.MODEL_ENV, raising=False)
+    monkeypatch.setattr(resources, "share_dirs", lambda: [tmp_path / "a", tmp_path / "b"])
+    assert resources.default_model_path() is None
+    with pytest.raises(FileNotFoundError, match="parameter model_path"):
+        resources.resolve_model_path("", "parameter model_path")
+    target = tmp_path / "b" / resources.DEMO_MODEL
     target.parent.mkdir(parents=True)
     target.write_bytes(b"x")
-    assert paths.default_model_path() == target
-    assert paths.resolve_model_path("") == target
+    assert resources.default_model_path() == target
+    assert resources.resolve_model_path("") == target
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        paths.resolve_model_path(str(tmp_path / "nope.safetensors"))
+        resources.resolve_model_path(str(tmp_path / "nope.safetensors"))
+    monkeypatch.setenv(resources.MODEL_ENV, str(tmp_path / "mine.safetensors"))
+    assert resources.default_model_path() == tmp_path / "mine.safetensors"
+
+
+def test_installed_files_are_found_in_ament_prefixes_first(monkeypatch, tmp_path):
+    from r2former_core import resources
+    prefix = tmp_path / "install"
+    installed = prefix / "share" / resources.PACKAGE / "config" / "localize.yaml"
+    installed.parent.mkdir(parents=True)
+    installed.write_text("/**: {}\n")
+    monkeypatch.setenv("AMENT_PREFIX_PATH", str(prefix))
+    assert resources.find_file("config/localize.yaml") == installed
+    monkeypatch.delenv("AMENT_PREFIX_PATH")
+    assert resources.find_file("config/localize.yaml") == resources.SOURCE_ROOT / "config" / "localize.yaml"
+    with pytest.raises(FileNotFoundError, match="looked in"):
+        resources.find_file("config/missing.yaml")
 
 
 def test_param_spec_checks():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import cv2
 import numpy as np
@@ -237,15 +236,6 @@ def test_place_recognition_signal(world):
     err = np.minimum(np.abs(best - np.arange(n)), n - np.abs(best - np.arange(n)))
     assert np.mean(err <= 1) >= 0.5
 
-
-def test_throughput_is_reported(world):
-    """Printed, never asserted: wall-clock numbers depend on the machine. See bench/synthetic_speed.py."""
-    x, y, yaw = _map_pose(world, 60.0)
-    world.render(x, y, yaw, ("day",), (480, 640))
-    t0 = time.perf_counter()
-    for i in range(3):
-        world.render(x + i, y, yaw, ("day",), (480, 640))
-    print(f"synthetic render 480x640: {3 / (time.perf_counter() - t0):.1f} images/s")
 
 
 # ---------------------------------------------------------------- output files

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..resources import resolve_model_path
 from ..options import LocalizerConfig, add_config_option
 from ..errors import CliError
 
@@ -75,5 +76,4 @@ def open_source_from_args(args, require_poses: bool):
 
 def load_model_from_args(args):
     from ..model import load_model
-    from ..model.zoo import resolve_model_path
     return load_model(resolve_model_path(args.model), device=args.device)

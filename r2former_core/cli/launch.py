@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from ..errors import CliError
 from ..options import device_type
+from ..resources import PACKAGE, find_file
 
-PACKAGE = "r2former_ros"
 STOP_TIMEOUT_SEC = 10.0
 
 
@@ -89,19 +89,6 @@ def localize_invocations(params_file: str, map_path: str = "", model: str = "", 
     return [NodeInvocation(LOCALIZER, namespace, params_file, overrides, remappings)]
 
 
-def share_roots() -> list[Path]:
-    roots = [Path(p) / "share" / PACKAGE for p in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if p]
-    roots += [Path(sys.prefix) / "share" / PACKAGE, Path(__file__).resolve().parents[2]]
-    return roots
-
-
-def find_package_file(relative: str) -> Path:
-    for root in share_roots():
-        if (root / relative).is_file():
-            return root / relative
-    raise FileNotFoundError(f"{relative} not found in: {', '.join(str(r) for r in share_roots())}")
-
-
 def executable_command(node: LaunchNode) -> list[str]:
     """How to start the node: `<prefix>/lib/<package>/<exe>` (colcon), `<venv>/bin/<exe>` (pip), else python -m."""
     prefixes = [p for p in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if p]
@@ -150,7 +137,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    params_file = args.params_file or str(find_package_file(NODES[args.name][0].params_file))
+    params_file = args.params_file or str(find_file(NODES[args.name][0].params_file))
     if not Path(params_file).is_file():
         raise CliError(f"parameters file {params_file} does not exist")
     invocations = localize_invocations(str(Path(params_file).resolve()), map_path=args.map, model=args.model,
@@ -161,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         rviz = shutil.which("rviz2")
         if rviz is None:
             raise CliError("--rviz: rviz2 is not installed (not on PATH)")
-        commands.append([rviz, "-d", str(find_package_file(RVIZ_CONFIG))])
+        commands.append([rviz, "-d", str(find_file(RVIZ_CONFIG))])
 
     interrupted = False
 

@@ -233,7 +233,7 @@ def run(args) -> int:
         elif args.model:
             if args.config:
                 raise CliError("--config applies to a model built from scratch; it cannot change --model's config")
-            from ..model.zoo import resolve_model_path
+            from ..resources import resolve_model_path
             model = load_model(resolve_model_path(args.model), device="cpu")
         else:
             model = build_model(_model_config(args), seed=args.seed)
