@@ -25,87 +25,26 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
 
 import yaml
 
 from r2former_core.cli import launch as cli_launch
 from r2former_core.resources import find_file, resolve_model_path
 
+from .processes import Child, stop_children
+
 QUERY_TOPIC = "/camera/image_raw"
 ODOM_TOPIC = "/odom"
 LOCALIZER = "/r2former_localizer"
-STOP_GRACE_SEC = 10.0
 DEFAULT_SIZE = (256, 320)
 
 
 class StepFailed(RuntimeError):
     """A step of the demo failed; str() is the one line to print."""
-
-
-class Child:
-    """A child process in its own session (so a terminal Ctrl-C reaches it only through us), output to a log."""
-
-    def __init__(self, name: str, cmd: Sequence[str], log_path: Path, env: dict[str, str]) -> None:
-        self.name, self.cmd, self.log_path = name, list(cmd), log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log: IO[bytes] = open(log_path, "wb")
-        self._log.write(("$ " + " ".join(self.cmd) + "\n").encode())
-        self._log.flush()
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait(self, timeout: float) -> int | None:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self, grace: float = STOP_GRACE_SEC) -> int | None:
-        """SIGINT, wait `grace` s; SIGTERM, wait 5 s; SIGKILL. Returns the exit status."""
-        return stop_children([self], grace)[0]
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
-
-    def close(self) -> None:
-        self._log.close()
-
-    def last_line(self) -> str:
-        try:
-            lines = [ln.strip() for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
-        except OSError:
-            return ""
-        useful = [ln for ln in lines if not ln.startswith("$ ")]
-        return useful[-1] if useful else ""
-
-
-def stop_children(children: Sequence[Child], grace: float = STOP_GRACE_SEC) -> list[int | None]:
-    """Stop all at once: SIGINT to each, wait up to `grace` s for all; then SIGTERM (5 s); then SIGKILL."""
-    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        running = [c for c in children if c.proc.poll() is None]
-        if not running:
-            break
-        for child in running:
-            child.signal(sig)
-        deadline = time.monotonic() + wait
-        for child in running:
-            child.wait(max(0.0, deadline - time.monotonic()))
-    for child in children:
-        child.close()
-    return [c.proc.poll() for c in children]
 
 
 class Demo:

@@ -129,7 +129,7 @@ def test_demo_end_to_end_on_a_tiny_world(tmp_path, tiny_model):
         seen = probe.subscribe(PoseWithCovarianceStamped, "/r2former_localizer/pose")
         result = run_demo(["--out", str(out), "--map", "", "--model", str(model), "--seed", "3", "--map-frames", "12",
                            "--query-frames", "10", "--min-confidence", "0", "--top-k", "5",
-                           "--idle-timeout", "1", "--domain-id", os.environ["ROS_DOMAIN_ID"], "--device", "cpu"])
+                           "--idle-timeout", "3", "--domain-id", os.environ["ROS_DOMAIN_ID"], "--device", "cpu"])
     finally:
         probe.close()
     assert result.returncode == 0, result.stdout + result.stderr
