@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bagtools import write_image_pose_bag
-from r2former_core.data import sources
+from r2former_core.data.sources import bag as bag_access
 from r2former_core.errors import DataError
 from r2former_core.data.keyframes import select_keyframes
 from r2former_core.data.poses import (angle_between_quats, interpolate_poses, normalize_quat, quat_from_yaw,
@@ -455,8 +455,8 @@ def test_rosbag_poses_do_not_decode_images(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("an image was decoded")
 
-    monkeypatch.setattr(sources, "decode_compressed", fail)
-    monkeypatch.setattr(sources, "decode_raw", fail)
+    monkeypatch.setattr(bag_access, "decode_compressed", fail)
+    monkeypatch.setattr(bag_access, "decode_raw", fail)
     src = RosbagSource(bag, "/camera/image_raw", "/odom")
     assert len(src.poses()[0]) == len(IMAGE_T)
 
@@ -529,6 +529,38 @@ def test_rosbag_path_errors(tmp_path):
     bag = write_image_pose_bag(tmp_path / "bag", [sample_image(0)], [T0], storage="mcap")
     storage_file = next(p for p in bag.iterdir() if p.suffix == ".mcap")
     assert list_topics(storage_file) == {"/camera/image_raw": "sensor_msgs/msg/Image"}  # a file inside: its folder
+
+
+def test_scan_steps_read_assign_and_deduplicate(tmp_path, caplog):
+    """The three steps of a bag's first pass, one by one: reading, pose assignment, de-duplication."""
+    from r2former_core.data.sources.bag_scan import (MessageCounter, ScanRequest, assign_poses, read_bag,
+                                                     unique_records)
+    image_t = [IMAGE_T[0], IMAGE_T[1], IMAGE_T[1] + 1e-8, IMAGE_T[2], T0 + 3.0]  # a repeated stamp, one unposed
+    images = [sample_image(i) for i in range(len(image_t))]
+    bag = write_image_pose_bag(tmp_path / "bag", images, image_t, trajectory(POSE_T - T0), POSE_T)
+    request = ScanRequest(bag, "/camera/image_raw", "/odom")
+    scan = read_bag(request)
+    assert scan.counts.images == 5 and scan.counts.pose_msgs == len(POSE_T) and scan.tf_tree is None
+    assert len(scan.pose_rows) == len(POSE_T) and scan.image_type == "sensor_msgs/msg/Image"
+    np.testing.assert_allclose(scan.stamps, image_t, atol=1e-9, rtol=0)
+    with caplog.at_level(logging.WARNING):
+        poses, valid = assign_poses(scan, request, require_poses=True)
+    assert valid.tolist() == [True, True, True, True, False] and scan.counts.no_pose == 1
+    assert "1 of 5 images have no pose" in caplog.text
+    np.testing.assert_allclose(poses[:4, :3], trajectory(np.asarray(image_t[:4]) - T0)[:, :3], atol=1e-5)
+    records, duplicates = unique_records(scan.image_keys, scan.stamps, poses, valid, require_poses=True)
+    assert duplicates == 1 and [r.stamp for r in records] == pytest.approx([image_t[0], image_t[1], image_t[3]])
+    kept, _ = unique_records(scan.image_keys, scan.stamps, poses, valid, require_poses=False)
+    assert len(kept) == 4 and np.isnan(kept[-1].pose).all()
+    # the keys find messages again, also several at one bag time
+    counter = MessageCounter()
+    assert [counter.key(3, 10), counter.key(3, 10), counter.key(4, 10), counter.key(3, 11)] == \
+        [(3, 10, 0), (3, 10, 1), (4, 10, 0), (3, 11, 0)]
+    without_poses = ScanRequest(bag, "/camera/image_raw")
+    poses, valid = assign_poses(read_bag(without_poses), without_poses, require_poses=False)
+    assert valid.all() and np.isnan(poses).all()
+    source = RosbagSource(bag, "/camera/image_raw", "/odom")
+    assert len(source) == 3 and source.counts.duplicate_stamps == 1 and source.counts.no_pose == 1
 
 
 # --------------------------------------------------------------------------------------------
