@@ -9,6 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import ConfigError, DataError
+from .data.frames import PoseFrames, warn_if_odometry_frame
 from .data.keyframes import select_keyframes
 from .data.sources import PosedImage, Source
 from .features import extract_arrays
@@ -38,10 +39,16 @@ def default_batch_size(model: R2FormerModel) -> int:
 
 
 def build_map(source: Source, model: R2FormerModel, out: str | Path, *, min_distance: float = 0.0,
-              min_angle: float = 0.0, batch_size: int | None = None, frame_id: str = "map", child_frame: str = "", index: str = "flat",
-              overwrite: bool = False, progress: bool = True) -> MapDatabase:
+              min_angle: float = 0.0, batch_size: int | None = None, frame_id: str | None = None,
+              child_frame: str | None = None, index: str = "flat", overwrite: bool = False,
+              progress: bool = True) -> MapDatabase:
     """Build the map `out` from `source`: keyframes only, features of `model`, atomic write.
+
+    The map records the frames of the poses, `source.frames` (`frame_id` / `child_frame` override them);
+    poses in an odometry frame log a warning (the map would drift with the odometry).
     `batch_size` None: `default_batch_size(model)`."""
+    frame_id = frame_id or source.frames.parent
+    child_frame = source.frames.child if child_frame is None else child_frame
     if batch_size is None:
         batch_size = default_batch_size(model)
     if batch_size < 1:
@@ -49,6 +56,8 @@ def build_map(source: Source, model: R2FormerModel, out: str | Path, *, min_dist
     keep = keyframe_names(source, min_distance, min_angle)
     if not keep:
         raise DataError(f"{source.description}: no posed images to build a map from")
+    log.info("map poses: the pose of %s", PoseFrames(frame_id, child_frame, source.frames.optical))
+    warn_if_odometry_frame(frame_id, log)
     cfg = model.cfg
     est = MapDatabase.estimate_size(len(keep), cfg.global_dim, cfg.local_tokens, cfg.local_values)
     log.info("building map %s from %d of %d images (%s): about %.1f MB on disk (%.0f kB/image), %.1f MB RAM when "
@@ -56,8 +65,9 @@ def build_map(source: Source, model: R2FormerModel, out: str | Path, *, min_dist
              est["disk_bytes_per_image"] / 1e3, est["ram_bytes"] / 1e6)
     writer = MapDatabase.create(out, fingerprint=model.fingerprint, model_config=json.loads(cfg.to_json()),
                                 image_size=cfg.image_size, global_dim=cfg.global_dim, num_local=cfg.local_tokens,
-                                local_values=cfg.local_values, frame_id=frame_id, child_frame=child_frame, source=source.description,
-                                index=index, overwrite=overwrite, expected_count=len(keep))
+                                local_values=cfg.local_values, frame_id=frame_id, child_frame=child_frame,
+                                source=source.description, index=index, overwrite=overwrite,
+                                expected_count=len(keep))
     with writer:
         batch: list[PosedImage] = []
 
@@ -67,7 +77,8 @@ def build_map(source: Source, model: R2FormerModel, out: str | Path, *, min_dist
                              [r.name for r in batch], thumbnails=[r.image for r in batch])
             batch.clear()
 
-        for record in tqdm(source, total=len(source), desc="map images", unit="img", disable=None if progress else True):
+        for record in tqdm(source, total=len(source), desc="map images", unit="img",
+                           disable=None if progress else True):
             if record.name not in keep:
                 continue
             batch.append(record)

@@ -1,15 +1,18 @@
-"""The first pass over a bag, in three steps: read stamps and poses (no image decoded), give each
-image a pose, drop repeated stamps. `RosbagSource` chains them; each step is a function of its inputs.
+"""The first pass over a bag, in steps: read stamps and poses (no image decoded), name the frames
+of the poses, give each image a pose, drop repeated stamps. `RosbagSource` chains them; each step is
+a function of its inputs.
 
 1. `read_bag`: one pass over the image topic and the pose topic (pose messages, or TF plus
    `/tf_static` into a `TransformTree`), counting what could not be read;
-2. `assign_poses`: the pose of every image stamp, interpolated from the pose messages or looked up
+2. `scan_frames`: the frame pair of the poses: the messages' frame ids, or the TF frames;
+3. `assign_poses`: the pose of every image stamp, interpolated from the pose messages or looked up
    in the TF tree, with a validity mask;
-3. `unique_records`: the records to keep: posed (unless poses are optional), one per stamp.
+4. `unique_records`: the records to keep: posed (unless poses are optional), one per stamp.
 """
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import DataError
+from ..frames import DEFAULT_PARENT, PoseFrames, clean_frame_id, frames_from_messages
 from ..poses import interpolate_poses, nan_poses
 from .bag import (IMAGE_MSG_TYPES, MESSAGE_ERRORS, POSE_MSG_TYPES, TF_MSG_TYPE, TF_STATIC_TOPIC, TF_TOPIC,
                   connections, header_stamp, open_bag, pose_of)
@@ -59,6 +63,7 @@ class BagScan:
     pose_rows: list[np.ndarray] = field(default_factory=list)
     tf_topics: list[str] = field(default_factory=list)  # non-empty when the poses come from TF
     tf_tree: TransformTree | None = None
+    message_frames: Counter[tuple[str, str]] = field(default_factory=Counter)  # (header frame, child frame)
     counts: ScanCounts = field(default_factory=ScanCounts)
 
     @property
@@ -163,6 +168,7 @@ def _read_pose(scan: BagScan, reader: Any, conn: Any, t_ns: int, raw: bytes) -> 
         msg = reader.deserialize(raw, conn.msgtype)
         stamp = header_stamp(msg, t_ns)
         pose = pose_of(msg, conn.msgtype)
+        frames = clean_frame_id(msg.header.frame_id), clean_frame_id(getattr(msg, "child_frame_id", ""))
     except MESSAGE_ERRORS as exc:
         scan.counts.bad_poses += 1
         log.debug("unreadable %s message at bag time %d: %s", conn.topic, t_ns, exc)
@@ -173,6 +179,7 @@ def _read_pose(scan: BagScan, reader: Any, conn: Any, t_ns: int, raw: bytes) -> 
         return
     scan.pose_stamps.append(stamp)
     scan.pose_rows.append(pose)
+    scan.message_frames[frames] += 1
 
 
 def _report_reading(scan: BagScan, req: ScanRequest) -> None:
@@ -187,7 +194,28 @@ def _report_reading(scan: BagScan, req: ScanRequest) -> None:
                     req.pose_topic, counts.bad_poses)
 
 
-# -------------------------------------------------------------------------------------------- 2. poses
+# -------------------------------------------------------------------------------------------- 2. frames
+
+def scan_frames(scan: BagScan, req: ScanRequest, given: tuple[str, str]) -> PoseFrames:
+    """The frames of the poses: the TF frames looked up, or those the pose messages name, completed by
+    `given` ((parent, child), "" = not given; see `frames_from_messages`). Without a pose topic: `given`
+    or the default parent. DataError when `given` contradicts what the input names."""
+    if scan.tf_tree is not None and req.tf_frames is not None:
+        for what, named, said in zip(("parent", "child"), req.tf_frames, given):
+            if said and said != named:
+                raise DataError(f"pose frames say the {what} frame is {said!r}, but the TF frames are "
+                                f"{req.tf_frames[0]}:{req.tf_frames[1]}; with TF, --tf-frames names the frames "
+                                "(leave out --pose-frames / --frame-id)")
+        return PoseFrames(*req.tf_frames)
+    if req.pose_topic:
+        parent, child, warnings = frames_from_messages(scan.message_frames, given, f"pose topic {req.pose_topic!r}")
+        for warning in warnings:
+            log.warning(warning)
+        return PoseFrames(parent, child)
+    return PoseFrames(given[0] or DEFAULT_PARENT, given[1])
+
+
+# -------------------------------------------------------------------------------------------- 3. poses
 
 def assign_poses(scan: BagScan, req: ScanRequest, require_poses: bool) -> tuple[np.ndarray, np.ndarray]:
     """(poses (N, 7), valid (N,)) at the image stamps: from TF, from the pose messages, or NaN without
@@ -262,7 +290,7 @@ def _tf_range(tree: TransformTree, parent: str, child: str) -> str:
         f"{p}->{c} {r[0]:.6f}..{r[1]:.6f} s" for (p, c), r in known) + ")"
 
 
-# -------------------------------------------------------------------------------------------- 3. records
+# -------------------------------------------------------------------------------------------- 4. records
 
 def unique_records(keys: list[MessageKey], stamps: np.ndarray, poses: np.ndarray, valid: np.ndarray,
                    require_poses: bool) -> tuple[list[BagRecord], int]:

@@ -7,6 +7,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..frames import PoseFrames
+
 _EXAMPLES = 3  # how many example names a log message or error lists
 
 
@@ -27,6 +29,7 @@ class PosedImage:
 class Source(Protocol):
     """What map building and localization read from."""
     description: str
+    frames: PoseFrames  # the frame pair the poses describe (pose of frames.child in frames.parent)
 
     def __len__(self) -> int:
         """Number of records (a source that skips undecodable images may yield fewer)."""

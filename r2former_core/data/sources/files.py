@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 
 from ...errors import DataError, ImageDecodeError
+from ..frames import (DEFAULT_FOLDER_CHILD, DEFAULT_PARENT, PoseFrames, check_convention, given_frames,
+                      to_body_convention)
 from ..poses import nan_poses
 from .base import PosedImage, examples
 
@@ -86,11 +88,25 @@ class FileRecord:
 
 
 class FileListSource:
-    """Shared iteration over a list of image files with known stamps and poses."""
+    """Shared iteration over a list of image files with known stamps and poses.
+
+    Files name no frame: `pose_frames` ("PARENT:CHILD", or a pair with None for a frame not given)
+    says which, default map:camera; optical-convention camera poses are turned into the body
+    convention (`camera_convention`, see `r2former_core.data.frames`).
+    """
 
     description: str = ""
 
-    def __init__(self, records: list[FileRecord], skip_unreadable: bool) -> None:
+    def __init__(self, records: list[FileRecord], skip_unreadable: bool,
+                 pose_frames: str | Sequence[str | None] | None = None, camera_convention: str = "auto") -> None:
+        parent, child = given_frames(pose_frames)
+        parent, child = parent or DEFAULT_PARENT, child or DEFAULT_FOLDER_CHILD
+        check_convention(camera_convention)
+        optical = False
+        if records:
+            poses, optical = to_body_convention(np.stack([r.pose for r in records]), child, camera_convention)
+            records = [FileRecord(r.path, r.name, r.stamp, pose) for r, pose in zip(records, poses)]
+        self.frames = PoseFrames(parent, child, optical)
         self._records = records
         self.skip_unreadable = skip_unreadable
         self.skipped_unreadable = 0  # images skipped during the last iteration

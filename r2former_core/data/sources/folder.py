@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,15 @@ class ImageFolderSource(FileListSource):
     * No file and `require_poses=False`: poses are NaN (localization queries without ground truth).
 
     Images without a matching pose are skipped with a warning when `require_poses` is True, else
-    kept with a NaN pose; no match at all is an error. Images are ordered by stamp when all stems
+    kept with a NaN pose; no match at all is an error. The poses' frames are `pose_frames`
+    (default map:camera, see `FileListSource`). Images are ordered by stamp when all stems
     are timestamps, else by file name. An unreadable image raises DataError during iteration
     unless `skip_unreadable` is set (then it is logged and counted in `skipped_unreadable`).
     """
 
     def __init__(self, images_dir: str | Path, poses_file: str | Path | None = None, tolerance: float = 0.05,
-                 require_poses: bool = True, skip_unreadable: bool = False, max_gap: float = 1.0) -> None:
+                 require_poses: bool = True, skip_unreadable: bool = False, max_gap: float = 1.0,
+                 pose_frames: str | Sequence[str | None] | None = None, camera_convention: str = "auto") -> None:
         self.images_dir = check_folder(images_dir, "image folder")
         self.poses_file = Path(poses_file) if poses_file is not None else None
         self.tolerance = tolerance
@@ -72,7 +75,7 @@ class ImageFolderSource(FileListSource):
         records = [FileRecord(p, p.name, float(s), pose) for p, s, pose in zip(files, stamps, poses)]
         if self.poses_file is not None:
             records = self._drop_unposed(records)
-        super().__init__(records, skip_unreadable)
+        super().__init__(records, skip_unreadable, pose_frames, camera_convention)
         self.description = f"image folder {self.images_dir} ({len(self)} images, {how})"
         log.info("opened %s", self.description)
 

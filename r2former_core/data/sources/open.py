@@ -33,7 +33,8 @@ def only_topic_of(bag: str | Path, types: tuple[str, ...], role: str, option: st
 def open_source(images: str | Path | None = None, poses: str | Path | None = None, bag: str | Path | None = None,
                 image_topic: str | None = None, pose_topic: str | None = None, tolerance: float = 0.05,
                 max_gap: float = 1.0, require_poses: bool = True, skip_unreadable: bool = False,
-                tf_frames: str | Sequence[str] | None = None) -> Source:
+                tf_frames: str | Sequence[str] | None = None,
+                pose_frames: str | Sequence[str | None] | None = None, camera_convention: str = "auto") -> Source:
     """The source described by command-line style arguments.
 
     * `images` (+ optional `poses`): a VG-benchmark folder when the names say so and no pose file is
@@ -42,6 +43,11 @@ def open_source(images: str | Path | None = None, poses: str | Path | None = Non
       exactly one topic of a suitable type, that one is used; the pose topic is looked up only
       when `require_poses` is True (without poses, queries get NaN poses). With `tf_frames`
       ("PARENT:CHILD") the poses come from TF (pose topic default `/tf`, plus `/tf_static`).
+
+    Every source reports the frames of its poses as `frames`: from the messages or the TF frames for a
+    bag, completed by `pose_frames` ("PARENT:CHILD", or a pair with None for a frame not given); for a
+    folder `pose_frames`, default map:camera. `camera_convention` (auto / body / optical) says when poses
+    are of an optical camera frame and are turned into the body convention (`r2former_core.data.frames`).
     """
     if images is not None and bag is not None:
         raise DataError("give either an image folder or a bag, not both")
@@ -57,12 +63,15 @@ def open_source(images: str | Path | None = None, poses: str | Path | None = Non
         if pose_topic is None and require_poses:
             pose_topic = only_topic_of(bag, POSE_MSG_TYPES, "pose", "the pose topic")
         return RosbagSource(bag, image_topic, pose_topic, tolerance=tolerance, max_gap=max_gap,
-                            require_poses=require_poses, tf_frames=tf_frames)
+                            require_poses=require_poses, tf_frames=tf_frames, pose_frames=pose_frames,
+                            camera_convention=camera_convention)
     if tf_frames is not None:
         raise DataError("TF frames go with a bag (poses from its /tf); for an image folder, give a pose file")
     if image_topic is not None or pose_topic is not None:
         raise DataError("image and pose topics go with a bag; for an image folder, give a pose file instead")
     if poses is None and is_vg_folder(images):
-        return VGFolderSource(images, skip_unreadable=skip_unreadable)
+        return VGFolderSource(images, skip_unreadable=skip_unreadable, pose_frames=pose_frames,
+                              camera_convention=camera_convention)
     return ImageFolderSource(images, poses, tolerance=tolerance, require_poses=require_poses,
-                             skip_unreadable=skip_unreadable, max_gap=max_gap)
+                             skip_unreadable=skip_unreadable, max_gap=max_gap, pose_frames=pose_frames,
+                             camera_convention=camera_convention)

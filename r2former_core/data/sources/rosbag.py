@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ImageDecodeError
+from ..frames import PoseFrames, check_convention, given_frames, to_body_convention
 from ..poses import nan_poses
 from .bag import IMAGE_MSG_TYPES, MESSAGE_ERRORS, TF_TOPIC, connections, decode_image_msg, open_bag
-from .bag_scan import BagRecord, MessageCounter, ScanCounts, ScanRequest, assign_poses, read_bag, unique_records
+from .bag_scan import (BagRecord, MessageCounter, ScanCounts, ScanRequest, assign_poses, read_bag, scan_frames,
+                       unique_records)
 from .base import PosedImage
 from .tf import TransformTree, parse_tf_frames
 
@@ -23,11 +25,15 @@ class RosbagSource:
     * image types: sensor_msgs/msg/Image (any encoding `decode_raw` supports) and
       sensor_msgs/msg/CompressedImage (JPEG/PNG);
     * pose types: nav_msgs/msg/Odometry, geometry_msgs/msg/PoseStamped,
-      geometry_msgs/msg/PoseWithCovarianceStamped; the pose is used as is (no camera extrinsics);
+      geometry_msgs/msg/PoseWithCovarianceStamped; the pose is used as is (no camera extrinsics),
+      its frames are the messages' (`header.frame_id`, Odometry's `child_frame_id`), completed by
+      `pose_frames` (see `frames_from_messages`);
     * or TF: a `tf2_msgs/msg/TFMessage` pose topic (normally `/tf`, the default when `tf_frames`
       is given without a pose topic) plus `/tf_static` when the bag has it, and
       `tf_frames` = "PARENT:CHILD" (or a pair): the pose of CHILD in PARENT, chained over the frame
       tree (`TransformTree`), each dynamic transform interpolated at the image stamp;
+    * `frames` (`PoseFrames`) names the frame pair of the poses; poses of an optical camera frame are
+      turned into the body convention (`camera_convention`, see `r2former_core.data.frames`);
     * stamps are header stamps, or the bag time when a header stamp is zero;
     * the pose of an image is interpolated at its stamp (`interpolate_poses` with `tolerance` and
       `max_gap`); images without a pose are skipped and counted (kept with a NaN pose when
@@ -43,7 +49,8 @@ class RosbagSource:
 
     def __init__(self, bag_path: str | Path, image_topic: str, pose_topic: str | None = None,
                  tolerance: float = 0.05, max_gap: float = 1.0, require_poses: bool = True,
-                 tf_frames: str | Sequence[str] | None = None) -> None:
+                 tf_frames: str | Sequence[str] | None = None,
+                 pose_frames: str | Sequence[str | None] | None = None, camera_convention: str = "auto") -> None:
         self.bag_path = Path(bag_path)
         self.image_topic = image_topic
         self.tf_frames = parse_tf_frames(tf_frames) if tf_frames is not None else None
@@ -54,10 +61,15 @@ class RosbagSource:
         self.max_gap = max_gap
         self.require_poses = require_poses
         self.skipped_undecodable = 0
+        given = given_frames(pose_frames)
+        check_convention(camera_convention)
 
         request = ScanRequest(self.bag_path, image_topic, pose_topic, self.tf_frames, tolerance, max_gap)
         scan = read_bag(request)
         poses, valid = assign_poses(scan, request, require_poses)
+        frames = scan_frames(scan, request, given)
+        poses, optical = to_body_convention(poses, frames.child, camera_convention)
+        self.frames = PoseFrames(frames.parent, frames.child, optical)
         self._records, duplicates = unique_records(scan.image_keys, scan.stamps, poses, valid, require_poses)
         self.counts: ScanCounts = scan.counts
         self.counts.duplicate_stamps = duplicates

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import DataError
+from ..frames import clean_frame_id, parse_frame_pair
 from ..poses import compose_poses, interpolate_poses, invert_poses
 from .bag import header_stamp
 
@@ -16,21 +17,9 @@ _FRAMES_LISTED = 20  # how many frame names a TF error lists
 _IDENTITY_POSE = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
 
 
-def clean_frame_id(frame: str) -> str:
-    """A TF frame id without surrounding blanks and leading '/' (ROS 1 style '/map' == 'map')."""
-    return str(frame).strip().lstrip("/")
-
-
 def parse_tf_frames(spec: str | Sequence[str]) -> tuple[str, str]:
     """'PARENT:CHILD' (or a (parent, child) pair) -> (parent, child) frame ids; DataError when malformed."""
-    parts = [str(p) for p in spec] if isinstance(spec, (tuple, list)) else str(spec).split(":")
-    frames = [clean_frame_id(p) for p in parts]
-    if len(frames) != 2 or not all(frames):
-        raise DataError(f"TF frames {spec!r}: expected PARENT:CHILD, e.g. map:base_link (the pose of CHILD "
-                        "in PARENT)")
-    if frames[0] == frames[1]:
-        raise DataError(f"TF frames {spec!r}: PARENT and CHILD are the same frame; give two different frames")
-    return frames[0], frames[1]
+    return parse_frame_pair(spec, "TF frames")
 
 
 def frame_list(frames: Sequence[str]) -> str:

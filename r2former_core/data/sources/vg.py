@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,8 @@ class VGFolderSource(FileListSource):
     Stamps are the names' timestamp fields when all are numeric, else the image index.
     """
 
-    def __init__(self, folder: str | Path, skip_unreadable: bool = False) -> None:
+    def __init__(self, folder: str | Path, skip_unreadable: bool = False,
+                 pose_frames: str | Sequence[str | None] | None = None, camera_convention: str = "auto") -> None:
         self.folder = check_folder(folder, "VG folder")
         files = list_image_files(self.folder)
         if not files:
@@ -88,6 +90,6 @@ class VGFolderSource(FileListSource):
         stamped = all(t is not None for t in times)
         records = [FileRecord(p, p.name, float(t) if stamped else float(i), pose)
                    for i, (p, (pose, t)) in enumerate(zip(files, parsed))]
-        super().__init__(records, skip_unreadable)
+        super().__init__(records, skip_unreadable, pose_frames, camera_convention)
         self.description = f"VG folder {self.folder} ({len(self)} images)"
         log.info("opened %s", self.description)
