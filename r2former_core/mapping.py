@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def keyframe_names(source: Source, min_distance: float, min_angle: float) -> set[str]:
     """Names of the source's records kept by keyframe selection (poses only, no images read)."""
     stamps, poses = source.poses()
-    names = list(getattr(source, "names"))
+    names = list(source.names)
     keep = select_keyframes(poses, min_distance=min_distance, min_angle_deg=min_angle)
     return {names[i] for i in keep}
 
@@ -72,9 +72,11 @@ def build_map(source: Source, model: R2FormerModel, out: str | Path, *, min_dist
         batch: list[PosedImage] = []
 
         def flush() -> None:
-            f = extract_arrays(model, [r.image for r in batch])
+            images = [r.image for r in batch if r.image is not None]
+            f = extract_arrays(model, images)
+            assert f.local is not None and len(images) == len(batch)
             writer.add_batch(f.global_desc, f.local, np.stack([r.pose for r in batch]), [r.stamp for r in batch],
-                             [r.name for r in batch], thumbnails=[r.image for r in batch])
+                             [r.name for r in batch], thumbnails=images)
             batch.clear()
 
         for record in tqdm(source, total=len(source), desc="map images", unit="img",

@@ -46,9 +46,10 @@ from rclpy.utilities import remove_ros_args
 from sensor_msgs.msg import CompressedImage, Image
 
 from r2former_core.data.frames import (CAMERA_CONVENTIONS, PoseFrames, clean_frame_id, frames_from_messages,
-                                       given_frames, odometry_warning, to_body_convention)
+                                       given_frames, odometry_warning, to_body_convention,
+                                       uses_optical_convention)
 from r2former_core.data.sources import open_source
-from r2former_core.errors import EXPECTED_ERRORS, DataError, ImageDecodeError, R2FormerError
+from r2former_core.errors import EXPECTED_ERRORS, ImageDecodeError, R2FormerError
 from r2former_core.mapdb import MapDatabase, MapWriter
 from r2former_core.mapping import build_map
 from r2former_core.model import load_model
@@ -57,7 +58,7 @@ from r2former_core.options import LocalizerConfig, device_type
 from r2former_core.features import extract_image
 
 from .conversions import msg_to_rgb, pose_from_msg, stamp_to_ns
-from .parameters import ParamSpec, ParameterError, declare_parameters
+from .parameters import ParamSpec, declare_parameters
 from .paths import resolve_model_path
 from .pose_buffer import PoseBuffer, PoseLookup
 from .qos import RELIABILITY_CHOICES, stream_qos
@@ -206,12 +207,11 @@ class MapBuilderNode(Node):
                                                            f"pose topic {self.values['pose_topic']!r}")
             for warning in warnings:
                 self.get_logger().warning(warning)
-            optical = to_body_convention(np.zeros((0, 7)), child, self.values["camera_convention"])[1]
-            self.frames = PoseFrames(parent, child, optical)
+            self.frames = PoseFrames(parent, child, uses_optical_convention(child, self.values["camera_convention"]))
             self.writer = self._create_writer(self.frames)
-            warning = odometry_warning(parent)
-            if warning:
-                self.get_logger().warning(warning)
+            drift = odometry_warning(parent)
+            if drift:
+                self.get_logger().warning(drift)
             self.get_logger().info(f"map poses: the pose of {self.frames}")
         return self.writer
 
@@ -267,10 +267,10 @@ class MapBuilderNode(Node):
                     self._cond.wait(0.02)
                     continue
                 self._pending.popleft()
-                if status is PoseLookup.MISSING:
+                if status is PoseLookup.MISSING or pose is None:
                     self.counts.no_pose += 1
                     self.get_logger().warning(f"no pose at image stamp {stamp:.3f}: image skipped",
-                                           throttle_duration_sec=WARN_THROTTLE_SEC)
+                                              throttle_duration_sec=WARN_THROTTLE_SEC)
                     continue
                 if not is_keyframe(self._last_key, pose, self.values["min_distance"], self.values["min_angle"]):
                     self.counts.not_keyframe += 1

@@ -290,7 +290,7 @@ def test_bag_output(world, tmp_path, storage, compressed):
     assert len(images) == n and len(odoms) == 2 * n - 1
     np.testing.assert_allclose([t / 1e9 for t, _ in images], stamps, rtol=0, atol=1e-6)
     assert [t for t, _ in odoms] == list(odom.stamps_ns)
-    for (t, msg), frame in zip(images, frames):
+    for (_, msg), frame in zip(images, frames):
         if compressed:
             assert msg.format == "jpeg"
             decoded = cv2.imdecode(np.asarray(msg.data), cv2.IMREAD_COLOR)[..., ::-1]
@@ -299,7 +299,7 @@ def test_bag_output(world, tmp_path, storage, compressed):
         else:
             assert (msg.height, msg.width, msg.encoding, msg.step) == (*size, "rgb8", size[1] * 3)
             assert np.array_equal(np.asarray(msg.data).reshape(*size, 3), frame.image)
-    for (t, msg), pose in zip(odoms, odom.poses):
+    for (_, msg), pose in zip(odoms, odom.poses):
         assert msg.header.frame_id == "map" and msg.child_frame_id == "base_link"
         p, o = msg.pose.pose.position, msg.pose.pose.orientation
         np.testing.assert_allclose([p.x, p.y, p.z, o.x, o.y, o.z, o.w], pose, atol=1e-9)

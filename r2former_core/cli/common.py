@@ -48,10 +48,9 @@ def add_source_options(p: argparse.ArgumentParser, what: str, poses_required: bo
     g.add_argument("--images", default=None, help="folder of PNG/JPEG images (or a VG-benchmark folder with "
                                                   "UTM coordinates in the file names)")
     g.add_argument("--poses", default=None,
-                   help="poses of --images: TUM (timestamp tx ty tz qx qy qz qw; image files named by timestamp) or CSV "
-                        "with a header name,x,y,z,qx,qy,qz,qw or name,x,y,yaw (metres; yaw in radians about +z, "
-                        "z = 0)" + ("" if poses_required else
-                                                                                  " (optional)"))
+                   help="poses of --images: TUM (timestamp tx ty tz qx qy qz qw; image files named by timestamp) or "
+                        "CSV with a header name,x,y,z,qx,qy,qz,qw or name,x,y,yaw (metres; yaw in radians about +z, "
+                        "z = 0)" + ("" if poses_required else " (optional)"))
     g.add_argument("--bag", default=None, help="rosbag2 directory (sqlite3 or mcap)")
     g.add_argument("--image-topic", default=None, help="image topic in --bag (sensor_msgs/Image or CompressedImage)")
     g.add_argument("--pose-topic", default=None,

@@ -87,7 +87,8 @@ class Renderer:
         """
         cond = set(parse_conditions(conditions))
         if rng is None:
-            rng = np.random.default_rng([self.world.seed, zlib.crc32(f"{x:.4f} {y:.4f} {yaw:.5f} {size}".encode())])
+            code = zlib.crc32(f"{x:.4f} {y:.4f} {yaw:.5f} {size}".encode())
+            rng = np.random.default_rng([self.world.seed, code])
         cam = Camera(float(x), float(y), float(yaw), int(size[0]), int(size[1]))
         H, W, f, cy = cam.h, cam.w, cam.f, cam.cy
         night, dusk = "night" in cond, "dusk" in cond and "night" not in cond
@@ -212,7 +213,7 @@ class Renderer:
         """(LAYERS, W) arrays: depth, wall index (-1 = none), u (metres along the wall) of the nearest hits."""
         p = np.array([cam.x, cam.y])
         ap, bp = self.world.wall_a - p, self.world.wall_b - p
-        facing = (-ap * self.world.wall_normal).sum(1) > 0                  # camera on the outer side: back faces dropped
+        facing = (-ap * self.world.wall_normal).sum(1) > 0        # camera on the outer side: back faces dropped
         ahead = (ap @ cam.fwd > 0.05) | (bp @ cam.fwd > 0.05)
         near = np.minimum(np.hypot(*ap.T), np.hypot(*bp.T)) < FAR + self.world.wall_length
         idx = np.nonzero(facing & ahead & near)[0]
@@ -255,7 +256,8 @@ class Renderer:
             if kind == CROWN:
                 pal = LEAVES[season]
                 colour = np.array(pal[int(row[COL_VAR] * len(pal))], np.float32)
-            self._cylinder(img, zbuf, cam, z_, x_, row[COL_R], row[COL_Z0], row[COL_Z1], kind, colour, row[COL_VAR], season)
+            self._cylinder(img, zbuf, cam, z_, x_, row[COL_R], row[COL_Z0], row[COL_Z1], kind, colour, row[COL_VAR],
+                           season)
             if kind == LAMP and dark:
                 glows.append((row[COL_X], row[COL_Y], row[COL_Z0], 0.6, (255, 200, 120)))
         for m in movers:

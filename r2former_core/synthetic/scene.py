@@ -46,7 +46,7 @@ class Mover:
     length: float
     width: float
     height: float
-    colour: tuple[float, float, float]
+    colour: tuple[float, ...]  # RGB
 
 
 def parse_conditions(conditions: str | Sequence[str]) -> tuple[str, ...]:

@@ -225,8 +225,8 @@ class SyntheticWorld:
     def _build_props(self, rng: np.random.Generator, blocked: np.ndarray) -> None:
         rows: list[list[float]] = []
 
-        def add(x, y, r, z0, z1, kind, colour):
-            rows.append([x, y, r, z0, z1, kind, rng.random(), *colour])
+        def add(xy: np.ndarray, r: float, z0: float, z1: float, kind: int, colour: Sequence[float]) -> None:
+            rows.append([xy[0], xy[1], r, z0, z1, kind, rng.random(), *colour])
 
         L = self.route.length
         lamps = []
@@ -235,9 +235,9 @@ class SyntheticWorld:
             (p,), (t,) = self.route.at(s)
             n = side * np.array([-t[1], t[0]])
             base = p + n * (ROAD_HALF + 0.4)
-            add(*base, 0.1, 0, 6.5, PLAIN, (90, 92, 95))
+            add(base, 0.1, 0, 6.5, PLAIN, (90, 92, 95))
             head = base - n * 0.3
-            add(*head, 0.25, 6.4, 6.75, LAMP, (60, 60, 62))
+            add(head, 0.25, 6.4, 6.75, LAMP, (60, 60, 62))
             lamps.append(head)
         for start in np.arange(0, L, 50.0):
             for side in (1, -1):
@@ -249,12 +249,12 @@ class SyntheticWorld:
             side = rng.choice([-1, 1])
             (p,), (t,) = self.route.at(s)
             q = p + side * np.array([-t[1], t[0]]) * (ROAD_HALF + 0.5)
-            add(*q, 0.05, 0, 2.2, PLAIN, (120, 120, 125))
-            add(*q, 0.35, 2.2, 2.9, SIGN, VIVID[rng.integers(6)])
+            add(q, 0.05, 0, 2.2, PLAIN, (120, 120, 125))
+            add(q, 0.35, 2.2, 2.9, SIGN, VIVID[rng.integers(6)])
         for s in rng.uniform(0, L, int(L / 35)):                     # bins and bollards
             (p,), (t,) = self.route.at(s)
             q = p + rng.choice([-1, 1]) * np.array([-t[1], t[0]]) * (ROAD_HALF + rng.uniform(0.5, 2.8))
-            add(*q, rng.uniform(0.15, 0.35), 0, rng.uniform(0.8, 1.1), PLAIN, WALL_COLOURS[rng.integers(14)] * 0.6)
+            add(q, rng.uniform(0.15, 0.35), 0, rng.uniform(0.8, 1.1), PLAIN, WALL_COLOURS[rng.integers(14)] * 0.6)
         cand = self.origin + rng.random((int(L / 4), 2)) * (self._grid * 0.5)
         for q in cand:                                                # park trees between and behind buildings
             i, j = ((q - self.origin) / 0.5).astype(int)
@@ -267,8 +267,8 @@ class SyntheticWorld:
     def _add_tree(add, rng: np.random.Generator, q: np.ndarray) -> None:
         trunk = rng.uniform(2.0, 3.5)
         crown = rng.uniform(1.4, 3.0)
-        add(*q, rng.uniform(0.12, 0.25), 0, trunk + crown, PLAIN, (85, 65, 50))
-        add(*q, crown, trunk, trunk + 2 * crown * rng.uniform(0.8, 1.1), CROWN, (0, 0, 0))
+        add(q, rng.uniform(0.12, 0.25), 0, trunk + crown, PLAIN, (85, 65, 50))
+        add(q, crown, trunk, trunk + 2 * crown * rng.uniform(0.8, 1.1), CROWN, (0, 0, 0))
 
     def _build_ground(self, rng: np.random.Generator, extent: np.ndarray) -> None:
         """Top-view ground raster: RGB + 'coverage' (how much snow or leaves a texel collects)."""

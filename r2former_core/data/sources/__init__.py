@@ -24,7 +24,7 @@ from .tf import TransformTree, parse_tf_frames
 from .vg import VGFolderSource, is_vg_folder, parse_vg_name
 
 __all__ = ["CSV_SUFFIXES", "IMAGE_EXTENSIONS", "IMAGE_MSG_TYPES", "POSE_MSG_TYPES", "TF_MSG_TYPE",
-           "TF_STATIC_TOPIC", "TF_TOPIC", "TUM_SUFFIXES", "ImageFolderSource", "PosedImage", "RosbagSource",
-           "PoseFrames", "Source", "TransformTree", "VGFolderSource", "clean_frame_id", "is_vg_folder", "list_image_files",
-           "list_topics", "open_source", "parse_stamp_stem", "parse_tf_frames", "parse_vg_name",
+           "TF_STATIC_TOPIC", "TF_TOPIC", "TUM_SUFFIXES", "ImageFolderSource", "PosedImage", "PoseFrames",
+           "RosbagSource", "Source", "TransformTree", "VGFolderSource", "clean_frame_id", "is_vg_folder",
+           "list_image_files", "list_topics", "open_source", "parse_stamp_stem", "parse_tf_frames", "parse_vg_name",
            "read_image_file"]

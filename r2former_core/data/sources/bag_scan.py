@@ -114,7 +114,6 @@ def read_bag(req: ScanRequest) -> BagScan:
     unreadable messages are counted and logged.
     """
     scan = BagScan()
-    counts = scan.counts
     with open_bag(req.bag) as reader:
         image_conns = connections(reader, req.image_topic, IMAGE_MSG_TYPES, "image", req.bag)
         pose_conns = (connections(reader, req.pose_topic, POSE_MSG_TYPES + (TF_MSG_TYPE,), "pose", req.bag)

@@ -35,6 +35,11 @@ class Source(Protocol):
         """Number of records (a source that skips undecodable images may yield fewer)."""
         ...
 
+    @property
+    def names(self) -> list[str]:
+        """Record names (unique), in iteration order, without loading images."""
+        ...
+
     def __iter__(self) -> Iterator[PosedImage]:
         """Records in source order, each image loaded when its record is reached."""
         ...

@@ -58,16 +58,16 @@ class ImageFolderSource(FileListSource):
                 raise DataError(f"image folder {self.images_dir} has no poses: pass a pose file (TUM "
                                 "'timestamp tx ty tz qx qy qz qw' or CSV 'name,x,y,z,qx,qy,qz,qw' / "
                                 "'name,x,y,yaw'); poses can be omitted only for localization queries")
-            stamps = [s if stamped else float(i) for i, s in enumerate(stem_stamps)]
+            stamps = _stamps_or_index(stem_stamps)
             poses, how = nan_poses(len(files)), "no poses"
         else:
             suffix = self.poses_file.suffix.lower()
             if not self.poses_file.is_file():
                 raise DataError(f"pose file {self.poses_file} does not exist")
             if suffix in TUM_SUFFIXES:
-                stamps, poses, how = self._match_tum(files, stem_stamps, stamped)
+                stamps, poses, how = self._match_tum(self.poses_file, files, stem_stamps, stamped)
             elif suffix in CSV_SUFFIXES:
-                stamps, poses, how = self._match_csv(files, stem_stamps, stamped)
+                stamps, poses, how = self._match_csv(self.poses_file, files, stem_stamps)
             else:
                 raise DataError(f"pose file {self.poses_file}: unknown format {suffix!r}; use a TUM file "
                                 f"({'/'.join(TUM_SUFFIXES)}) or a CSV file (.csv)")
@@ -79,35 +79,35 @@ class ImageFolderSource(FileListSource):
         self.description = f"image folder {self.images_dir} ({len(self)} images, {how})"
         log.info("opened %s", self.description)
 
-    def _match_tum(self, files: list[Path], stem_stamps: list[float | None],
+    def _match_tum(self, poses_file: Path, files: list[Path], stem_stamps: list[float | None],
                    stamped: bool) -> tuple[list[float], np.ndarray, str]:
-        tum_stamps, tum_poses = read_tum(self.poses_file)
+        tum_stamps, tum_poses = read_tum(poses_file)
         if stamped:
             query = np.asarray(stem_stamps, dtype=np.float64)
             poses, valid = interpolate_poses(tum_stamps, tum_poses, query, self.tolerance, self.max_gap)
             if not valid.any():
                 raise DataError(
-                    f"no image in {self.images_dir} matches a pose of {self.poses_file}: image stamps "
+                    f"no image in {self.images_dir} matches a pose of {poses_file}: image stamps "
                     f"{query.min():.6f}..{query.max():.6f} s (from file names), poses "
                     f"{tum_stamps.min():.6f}..{tum_stamps.max():.6f} s (tolerance {self.tolerance} s); "
                     "file names must be stamps in seconds (or integer nanoseconds) on the clock of the poses")
-            return list(query), poses, f"poses interpolated from {self.poses_file.name} by timestamp"
+            return list(query), poses, f"poses interpolated from {poses_file.name} by timestamp"
         if len(files) == len(tum_stamps):
             order = np.argsort(tum_stamps, kind="stable")
             log.info("image names in %s are not timestamps (e.g. %s); pairing the %d images sorted by name "
                      "with the %d poses of %s sorted by time", self.images_dir, files[0].name, len(files),
-                     len(tum_stamps), self.poses_file)
-            return list(tum_stamps[order]), tum_poses[order], f"poses from {self.poses_file.name} by order"
+                     len(tum_stamps), poses_file)
+            return list(tum_stamps[order]), tum_poses[order], f"poses from {poses_file.name} by order"
         bad = [p.name for p, s in zip(files, stem_stamps) if s is None]
         raise DataError(
             f"cannot match the {len(files)} images of {self.images_dir} to the {len(tum_stamps)} poses of "
-            f"{self.poses_file}: image names are not timestamps (e.g. {examples(bad)}) and the counts differ. "
+            f"{poses_file}: image names are not timestamps (e.g. {examples(bad)}) and the counts differ. "
             "Name each image by its stamp in seconds (e.g. 1700000000.100000.png), or provide exactly one "
             "pose per image, or use a CSV pose file with a 'name' column")
 
-    def _match_csv(self, files: list[Path], stem_stamps: list[float | None],
-                   stamped: bool) -> tuple[list[float], np.ndarray, str]:
-        names, csv_poses = read_pose_csv(self.poses_file)
+    def _match_csv(self, poses_file: Path, files: list[Path],
+                   stem_stamps: list[float | None]) -> tuple[list[float], np.ndarray, str]:
+        names, csv_poses = read_pose_csv(poses_file)
         lookup: dict[str, int] = {}
         for i, name in enumerate(names):
             lookup[name] = i
@@ -117,21 +117,20 @@ class ImageFolderSource(FileListSource):
         poses = nan_poses(len(files))
         used: set[int] = set()
         for k, path in enumerate(files):
-            i = lookup.get(path.name, lookup.get(path.stem))
-            if i is not None:
-                poses[k] = csv_poses[i]
-                used.add(i)
+            row = lookup.get(path.name, lookup.get(path.stem))
+            if row is not None:
+                poses[k] = csv_poses[row]
+                used.add(row)
         if not used:
             raise DataError(
                 f"no image in {self.images_dir} (e.g. {examples([p.name for p in files])}) is named in the "
-                f"'name' column of {self.poses_file} (e.g. {examples(names)}); names must be the image file "
+                f"'name' column of {poses_file} (e.g. {examples(names)}); names must be the image file "
                 "names, with or without extension")
         if len(used) < len(names):
             unused = [n for i, n in enumerate(names) if i not in used]
-            log.warning("%d pose(s) of %s have no image in %s (e.g. %s)", len(unused), self.poses_file,
+            log.warning("%d pose(s) of %s have no image in %s (e.g. %s)", len(unused), poses_file,
                         self.images_dir, examples(unused))
-        stamps = [s if stamped else float(i) for i, s in enumerate(stem_stamps)]
-        return stamps, poses, f"poses from {self.poses_file.name} by name"
+        return _stamps_or_index(stem_stamps), poses, f"poses from {poses_file.name} by name"
 
     def _drop_unposed(self, records: list[FileRecord]) -> list[FileRecord]:
         unposed = [r.name for r in records if not np.all(np.isfinite(r.pose))]
@@ -144,3 +143,10 @@ class ImageFolderSource(FileListSource):
         log.info("%d of %d images of %s have no pose in %s (kept with unknown pose)", len(unposed),
                  len(records), self.images_dir, self.poses_file)
         return records
+
+
+def _stamps_or_index(stem_stamps: list[float | None]) -> list[float]:
+    """The stamps from the file names when all are stamps, else the file indices."""
+    if all(s is not None for s in stem_stamps):
+        return [float(s) for s in stem_stamps if s is not None]
+    return [float(i) for i in range(len(stem_stamps))]

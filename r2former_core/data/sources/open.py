@@ -65,6 +65,7 @@ def open_source(images: str | Path | None = None, poses: str | Path | None = Non
         return RosbagSource(bag, image_topic, pose_topic, tolerance=tolerance, max_gap=max_gap,
                             require_poses=require_poses, tf_frames=tf_frames, pose_frames=pose_frames,
                             camera_convention=camera_convention)
+    assert images is not None
     if tf_frames is not None:
         raise DataError("TF frames go with a bag (poses from its /tf); for an image folder, give a pose file")
     if image_topic is not None or pose_topic is not None:

@@ -88,7 +88,7 @@ class VGFolderSource(FileListSource):
         parsed = [parse_vg_name(p.name) for p in files]
         times = [t for _, t in parsed]
         stamped = all(t is not None for t in times)
-        records = [FileRecord(p, p.name, float(t) if stamped else float(i), pose)
+        records = [FileRecord(p, p.name, float(t) if stamped and t is not None else float(i), pose)
                    for i, (p, (pose, t)) in enumerate(zip(files, parsed))]
         super().__init__(records, skip_unreadable, pose_frames, camera_convention)
         self.description = f"VG folder {self.folder} ({len(self)} images)"
