@@ -31,6 +31,9 @@ COMPRESSED_IMAGE_TOPIC = "/camera/image_raw/compressed"
 ODOM_TOPIC = "/odom"
 CAMERA_FRAME = "camera"     # header.frame_id of the images
 MAP_FRAME = "map"           # the ground truth's frame
+# The ground-truth odometry holds the camera's poses (z = camera height). The synthetic robot's base frame is
+# defined to coincide with its camera (identity mounting), so it is labelled base_link: a map built from /odom
+# holds base poses and the localizer publishes them as they are.
 ODOM_CHILD_FRAME = "base_link"
 ODOMETRY_TYPE = "nav_msgs/msg/Odometry"
 
