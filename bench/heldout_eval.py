@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from r2former_core.data.sources import open_source
-    from r2former_core.data.synthetic import write_drive
+    from r2former_core.synthetic import write_drive
     from r2former_core.evaluation import ModeResult, evaluate, format_confidence_table, format_table
     from r2former_core.localizer import Localizer, LocalizerConfig
     from r2former_core.mapdb import MapDatabase, MapError

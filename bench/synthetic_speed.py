@@ -41,7 +41,7 @@ def main() -> int:
     import cv2
     cv2.setNumThreads(1)
     sys.path.insert(0, str(ROOT))
-    from r2former_core.data.synthetic import SyntheticWorld
+    from r2former_core.synthetic import SyntheticWorld
 
     t0 = time.perf_counter()
     world = SyntheticWorld(args.seed)

@@ -5,6 +5,7 @@ Offline (no ROS graph needed; the same code path as `r2former build-map --bag`):
     build_map --bag BAG --image-topic /camera/image_raw --pose-topic /odom --out maps/campus
               [--model M] [--min-distance 1.0] [--min-angle 15] [--device auto] [--overwrite]
     build_map --bag BAG --image-topic /camera/image_raw --pose-topic /tf --tf-frames map:camera_link ...
+    build_map --bag BAG --image-topic /camera/image_raw --pose-topic /pose --pose-frames map:camera_link ...
 
 Live (node `r2former_map_builder`; its parameters are listed in config/build_map.yaml):
 
@@ -16,6 +17,11 @@ keeps a keyframe when the camera moved `min_distance` metres or turned `min_angl
 the last keyframe, extracts its features and appends it to the map. The map appears atomically
 (written to a temporary directory, renamed at the end) after `--duration` seconds or on Ctrl-C;
 an interrupted or empty build leaves nothing under the output name.
+
+The map records the frames of its poses: an Odometry topic's `header.frame_id` and
+`child_frame_id`, a PoseStamped / PoseWithCovarianceStamped topic's `header.frame_id` with the
+child from `pose_frames` (`--pose-frames PARENT:CHILD`), or the `--tf-frames` pair (offline).
+Poses in an odometry frame (`odom`, `.../odom`) log a warning: such a map drifts with the odometry.
 Command-line options override the ROS parameters (`--ros-args -p ...`, `--params-file`).
 """
 from __future__ import annotations
@@ -25,7 +31,7 @@ import json
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +45,12 @@ from rclpy.parameter import Parameter
 from rclpy.utilities import remove_ros_args
 from sensor_msgs.msg import CompressedImage, Image
 
+from r2former_core.data.frames import (CAMERA_CONVENTIONS, PoseFrames, clean_frame_id, frames_from_messages,
+                                       given_frames, odometry_warning, to_body_convention,
+                                       uses_optical_convention)
 from r2former_core.data.sources import open_source
-from r2former_core.errors import EXPECTED_ERRORS, DataError, ImageDecodeError, R2FormerError
+from r2former_core.errors import EXPECTED_ERRORS, ImageDecodeError, R2FormerError
+from r2former_core.mapdb import MapDatabase, MapWriter
 from r2former_core.mapping import build_map
 from r2former_core.model import load_model
 from r2former_core.data.keyframes import select_keyframes
@@ -49,7 +59,7 @@ from r2former_core.options import LocalizerConfig, device_type
 from r2former_core.features import extract_image
 
 from .conversions import msg_to_rgb, pose_from_msg, stamp_to_ns
-from .parameters import ParamSpec, ParameterError, declare_parameters
+from .parameters import ParamSpec, declare_parameters
 from .pose_buffer import PoseBuffer, PoseLookup
 from .qos import RELIABILITY_CHOICES, stream_qos
 
@@ -68,7 +78,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "CompressedImage topic <image_topic>/compressed)", read_only=True),
     ParamSpec("image_transport", "raw", "raw (sensor_msgs/Image) or compressed (CompressedImage, jpeg/png)",
               choices=("raw", "compressed"), read_only=True),
-    ParamSpec("pose_topic", "pose", "pose topic of the camera in the map frame", read_only=True),
+    ParamSpec("pose_topic", "pose", "pose topic: the pose of the camera (or of the base) in the map frame",
+              read_only=True),
     ParamSpec("pose_type", "odometry", "message type of pose_topic: odometry (nav_msgs/Odometry), pose_stamped "
               "(geometry_msgs/PoseStamped) or pose_with_covariance (geometry_msgs/PoseWithCovarianceStamped)",
               choices=tuple(POSE_TYPES), read_only=True),
@@ -90,7 +101,17 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               choices=RELIABILITY_CHOICES, read_only=True),
     ParamSpec("qos_depth", 10, "history depth of the image and pose subscriptions", min=1, max=1000,
               read_only=True),
-    ParamSpec("frame_id", "map", "frame of the poses, recorded in the map", read_only=True),
+    ParamSpec("pose_frames", "", "PARENT:CHILD, the frames of the poses, recorded in the map: the child of "
+              "pose_stamped / pose_with_covariance messages (which name only the parent, header.frame_id), or both "
+              "when the messages leave header.frame_id empty; empty = from the messages. A frame that differs from "
+              "one the messages name is an error", read_only=True,
+              pattern=r"|[^:\s]+:[^:\s]+", pattern_help="empty, or PARENT:CHILD"),
+    ParamSpec("frame_id", "", "the parent frame alone (kept for old parameter files; pose_frames is the complete "
+              "form); empty = from the messages", read_only=True),
+    ParamSpec("camera_convention", "auto", "maps hold camera poses in the body convention (x forward, z up): "
+              "optical = the poses are of an optical frame (z forward) and are rotated; auto = optical when the "
+              "child frame ends in _optical or _optical_frame; body = as they are",
+              choices=CAMERA_CONVENTIONS, read_only=True),
     ParamSpec("overwrite", False, "replace an existing map at out", read_only=True),
 )
 
@@ -124,16 +145,16 @@ class MapBuilderNode(Node):
         self.values = v
         if not v["out"]:
             raise BuildMapError("no output map: pass --out MAP (or -p out:=MAP)")
-        from r2former_core.mapdb import MapDatabase
-        from r2former_core.model import load_model
+        self.given_frames = self._given_frames(v)
         self.model_path = resolve_model_path(v["model_path"], "parameter model_path")
         self.model = load_model(self.model_path, device=v["device"])
-        cfg = self.model.cfg
-        self.writer = MapDatabase.create(
-            v["out"], fingerprint=self.model.fingerprint, model_config=json.loads(cfg.to_json()),
-            image_size=cfg.image_size, global_dim=cfg.global_dim, num_local=cfg.local_tokens,
-            local_values=cfg.local_values, frame_id=v["frame_id"], overwrite=bool(v["overwrite"]),
-            source=f"live {v['image_topic']} + {v['pose_topic']} ({v['pose_type']})")
+        # The map's frames come with the pose messages, so the writer is created at the first keyframe;
+        # a writer started and aborted now fails early for an output that exists or does not fit.
+        self._create_writer(PoseFrames("map")).abort()
+        self.writer: MapWriter | None = None
+        self.frames: PoseFrames | None = None
+        self._frames_seen: Counter[tuple[str, str]] = Counter()
+        self.failure: str | None = None
         self.counts = BuildCounts()
         self.poses = PoseBuffer(tolerance=v["pose_tolerance"], max_gap=v["pose_max_gap"])
         self._pending: deque[tuple[float, float, Image | CompressedImage]] = deque()
@@ -159,6 +180,41 @@ class MapBuilderNode(Node):
             f"{self.model_path} ({self.model.fingerprint}); "
             + (f"stops after {v['duration']} s" if v["duration"] > 0 else "Ctrl-C to finish"))
 
+    @staticmethod
+    def _given_frames(v: dict[str, Any]) -> tuple[str, str]:
+        """pose_frames, or the parent alone from frame_id; BuildMapError when they disagree."""
+        parent, child = given_frames(v["pose_frames"] or None)
+        frame_id = clean_frame_id(v["frame_id"])
+        if frame_id and parent and frame_id != parent:
+            raise BuildMapError(f"frame_id {frame_id!r} and pose_frames {v['pose_frames']!r} name different parent "
+                                "frames; set only pose_frames")
+        return parent or frame_id, child
+
+    def _create_writer(self, frames: PoseFrames) -> MapWriter:
+        v, cfg = self.values, self.model.cfg
+        return MapDatabase.create(
+            v["out"], fingerprint=self.model.fingerprint, model_config=json.loads(cfg.to_json()),
+            image_size=cfg.image_size, global_dim=cfg.global_dim, num_local=cfg.local_tokens,
+            local_values=cfg.local_values, frame_id=frames.parent, child_frame=frames.child,
+            overwrite=bool(v["overwrite"]), source=f"live {v['image_topic']} + {v['pose_topic']} ({v['pose_type']})")
+
+    def _open_map(self) -> MapWriter:
+        """The writer, created at the first keyframe with the frames the pose messages named so far."""
+        if self.writer is None:
+            with self._cond:
+                seen = dict(self._frames_seen)
+            parent, child, warnings = frames_from_messages(seen, self.given_frames,
+                                                           f"pose topic {self.values['pose_topic']!r}")
+            for warning in warnings:
+                self.get_logger().warning(warning)
+            self.frames = PoseFrames(parent, child, uses_optical_convention(child, self.values["camera_convention"]))
+            self.writer = self._create_writer(self.frames)
+            drift = odometry_warning(parent)
+            if drift:
+                self.get_logger().warning(drift)
+            self.get_logger().info(f"map poses: the pose of {self.frames}")
+        return self.writer
+
     # ---------------------------------------------------------------- input
     def _stamp(self, header) -> float:
         ns = stamp_to_ns(header.stamp)
@@ -166,9 +222,16 @@ class MapBuilderNode(Node):
 
     def _on_pose(self, msg: Odometry | PoseStamped | PoseWithCovarianceStamped) -> None:
         pose = msg.pose if isinstance(msg, PoseStamped) else msg.pose.pose
+        frames = clean_frame_id(msg.header.frame_id), clean_frame_id(getattr(msg, "child_frame_id", ""))
         self.poses.add(self._stamp(msg.header), pose_from_msg(pose))
         with self._cond:
             self.counts.poses += 1
+            if self._frames_seen and frames not in self._frames_seen:
+                self.get_logger().warning(f"pose messages now name the frames {frames}, before "
+                                          f"{', '.join(map(str, self._frames_seen))}; the map records the frames "
+                                          "seen most often up to its first keyframe",
+                                          throttle_duration_sec=WARN_THROTTLE_SEC)
+            self._frames_seen[frames] += 1
             self._cond.notify()
 
     def _on_image(self, msg: Image | CompressedImage) -> None:
@@ -204,10 +267,10 @@ class MapBuilderNode(Node):
                     self._cond.wait(0.02)
                     continue
                 self._pending.popleft()
-                if status is PoseLookup.MISSING:
+                if status is PoseLookup.MISSING or pose is None:
                     self.counts.no_pose += 1
                     self.get_logger().warning(f"no pose at image stamp {stamp:.3f}: image skipped",
-                                           throttle_duration_sec=WARN_THROTTLE_SEC)
+                                              throttle_duration_sec=WARN_THROTTLE_SEC)
                     continue
                 if not is_keyframe(self._last_key, pose, self.values["min_distance"], self.values["min_angle"]):
                     self.counts.not_keyframe += 1
@@ -218,12 +281,21 @@ class MapBuilderNode(Node):
                 with self._cond:
                     self.counts.malformed += 1
                 self.get_logger().warning(f"skipping image: {exc}", throttle_duration_sec=WARN_THROTTLE_SEC)
+            except EXPECTED_ERRORS as exc:
+                self.failure = str(exc)
+                self.get_logger().error(f"cannot build the map: {exc}")
+                self.done = True
+                return
 
     def _add(self, msg: Image | CompressedImage, stamp: float, pose: np.ndarray) -> None:
         rgb = msg_to_rgb(msg)
+        writer = self._open_map()
+        assert self.frames is not None
+        # Keyframes are chosen on the poses as received: turning every pose by one fixed rotation (optical
+        # to body convention) changes neither distances nor the angles between poses.
+        stored = to_body_convention(pose, self.frames.child, self.values["camera_convention"])[0]
         global_desc, local = extract_image(self.model, rgb)
-        index = self.writer.add(global_desc, local, pose, stamp,
-                                f"{stamp:.6f}", thumbnail=rgb)
+        index = writer.add(global_desc, local, stored, stamp, f"{stamp:.6f}", thumbnail=rgb)
         with self._cond:
             self._last_key = pose
             self.counts.keyframes += 1
@@ -243,13 +315,17 @@ class MapBuilderNode(Node):
         c = self.counts
         summary = (f"{c.images} images, {c.poses} poses: {c.keyframes} keyframes, {c.not_keyframe} too close to "
                    f"the previous keyframe, {c.no_pose} without pose, {c.malformed} malformed, {c.dropped} dropped")
-        if self.writer.count == 0:
-            self.writer.abort()
+        if self.writer is None or self.writer.count == 0:
+            if self.writer is not None:
+                self.writer.abort()
+            if self.failure:
+                self._log("error", f"no map written: {self.failure} ({summary})")
+                return False
             self._log("error", f"no keyframes, no map written ({summary}); check the topics "
                                f"({self.values['image_topic']}, {self.values['pose_topic']}) and pose_type")
             return False
         db = self.writer.commit()
-        self._log("info", f"map written: {db.path} ({len(db)} images); {summary}")
+        self._log("info", f"map written: {db.path} ({len(db)} images, the pose of {self.frames}); {summary}")
         return True
 
     def _log(self, level: str, message: str) -> None:
@@ -265,7 +341,8 @@ class MapBuilderNode(Node):
 # command-line option (argparse dest) -> parameter name
 OPTION_PARAMETERS = {"out": "out", "model": "model_path", "device": "device", "image_topic": "image_topic",
                      "pose_topic": "pose_topic", "pose_type": "pose_type", "min_distance": "min_distance",
-                     "min_angle": "min_angle", "duration": "duration"}
+                     "min_angle": "min_angle", "duration": "duration", "pose_frames": "pose_frames",
+                     "camera_convention": "camera_convention"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,6 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offline (--bag) only: take the poses from the bag's TF, the pose of frame CHILD in frame "
                         "PARENT (e.g. map:base_link) at each image stamp, chained over /tf (interpolated) and "
                         "/tf_static (read automatically when present); --pose-topic defaults to /tf")
+    p.add_argument("--pose-frames", metavar="PARENT:CHILD",
+                   help="the frames of the poses, recorded in the map (the pose of CHILD in PARENT), for what the "
+                        "pose messages leave out: the child of pose_stamped / pose_with_covariance (e.g. "
+                        "map:camera_link), or both for an empty header.frame_id. Odometry names both itself, and "
+                        "--tf-frames names them offline; a different value here is an error")
+    p.add_argument("--camera-convention", choices=CAMERA_CONVENTIONS,
+                   help="maps hold camera poses in the body convention (x forward, z up): optical = the poses are "
+                        "of an optical frame (z forward) and are rotated; auto (default) = optical when the child "
+                        "frame ends in _optical or _optical_frame; body = as they are")
     p.add_argument("--pose-type", choices=tuple(POSE_TYPES),
                    help=f"live: message type of the pose topic (default {defaults['pose_type']})")
     p.add_argument("--compressed", action="store_true", help="live: subscribe <image-topic>/compressed")
@@ -307,7 +393,8 @@ def run_offline(args: argparse.Namespace) -> int:
     try:
         model = load_model(resolve_model_path(args.model or ""), device=args.device or defaults["device"])
         source = open_source(bag=args.bag, image_topic=args.image_topic, pose_topic=args.pose_topic,
-                             tf_frames=args.tf_frames)
+                             tf_frames=args.tf_frames, pose_frames=args.pose_frames,
+                             camera_convention=args.camera_convention or defaults["camera_convention"])
         build_map(source, model, args.out,
                   min_distance=args.min_distance if args.min_distance is not None else defaults["min_distance"],
                   min_angle=args.min_angle if args.min_angle is not None else defaults["min_angle"],
@@ -355,7 +442,9 @@ def run_live(args: argparse.Namespace, argv: list[str]) -> int:
                 print(f"build_map: error: {exc}", file=sys.stderr)
             node.destroy_node()
         rclpy.try_shutdown()
-    return 0 if written else 1
+    if written:
+        return 0
+    return 2 if node is not None and node.failure else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,7 @@ from r2former_core.results import LocalizationResult
 from .conversions import msg_to_rgb, pose_array_msg, pose_with_covariance_msg, rgb_to_image_msg, stamp_to_ns
 from .latest_frame import LatestFrameSlot
 from .localization_state import LOCALIZED, LocalizationStateMachine, Transition
-from .parameters import ParamSpec, ParameterError, declare_parameters
+from .parameters import ParamSpec, declare_parameters
 from .qos import RELIABILITY_CHOICES, latched_qos, stream_qos
 from .visualization import candidate_markers, draw_matches
 

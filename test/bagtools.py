@@ -50,13 +50,15 @@ def image_msg(ts, image_rgb: np.ndarray | bytes, seconds: float, image_type: str
     raise ValueError(f"image_type must be 'raw' or 'compressed', not {image_type!r}")
 
 
-def pose_msg(ts, pose: np.ndarray, seconds: float, pose_type: str = "odometry"):
-    """nav_msgs/Odometry, geometry_msgs/PoseStamped or PoseWithCovarianceStamped for a (7,) pose."""
+def pose_msg(ts, pose: np.ndarray, seconds: float, pose_type: str = "odometry", frame_id: str = "map",
+             child_frame_id: str = "base_link"):
+    """nav_msgs/Odometry, geometry_msgs/PoseStamped or PoseWithCovarianceStamped for a (7,) pose
+    (`child_frame_id` is used by Odometry only)."""
     t = ts.types
     x, y, z, qx, qy, qz, qw = (float(v) for v in pose)
     geometry = t["geometry_msgs/msg/Pose"](position=t["geometry_msgs/msg/Point"](x=x, y=y, z=z),
                                            orientation=t["geometry_msgs/msg/Quaternion"](x=qx, y=qy, z=qz, w=qw))
-    header = header_msg(ts, seconds, "map")
+    header = header_msg(ts, seconds, frame_id)
     if pose_type == "pose":
         return t["geometry_msgs/msg/PoseStamped"](header=header, pose=geometry)
     with_cov = t["geometry_msgs/msg/PoseWithCovariance"](pose=geometry, covariance=np.zeros(36))
@@ -67,7 +69,7 @@ def pose_msg(ts, pose: np.ndarray, seconds: float, pose_type: str = "odometry"):
         twist = t["geometry_msgs/msg/TwistWithCovariance"](
             twist=t["geometry_msgs/msg/Twist"](linear=vec(x=0.0, y=0.0, z=0.0), angular=vec(x=0.0, y=0.0, z=0.0)),
             covariance=np.zeros(36))
-        return t["nav_msgs/msg/Odometry"](header=header, child_frame_id="base_link", pose=with_cov, twist=twist)
+        return t["nav_msgs/msg/Odometry"](header=header, child_frame_id=child_frame_id, pose=with_cov, twist=twist)
     raise ValueError(f"pose_type must be one of {', '.join(POSE_MSG_TYPES)}, not {pose_type!r}")
 
 
@@ -77,9 +79,11 @@ def write_image_pose_bag(path: str | Path, images: Sequence[np.ndarray | bytes],
                          storage: str = "sqlite3", image_topic: str = "/camera/image_raw",
                          pose_topic: str = "/odom", compressed_format: str = "jpeg",
                          bag_time_offset: float = 0.0, zero_header_stamps: bool = False,
-                         extra_topics: dict[str, str] | None = None) -> Path:
+                         extra_topics: dict[str, str] | None = None,
+                         pose_frames: tuple[str, str] | Sequence[tuple[str, str]] = ("map", "base_link")) -> Path:
     """Write a rosbag2 at `path` (must not exist) with one image topic and, if `poses` is given, one pose topic.
 
+    `pose_frames` (header.frame_id, child_frame_id) of the pose messages: one pair for all, or one per pose.
     Messages are written in time order with bag time = stamp + `bag_time_offset`. With
     `zero_header_stamps` the header stamps are left 0 (readers must fall back to bag time).
     `extra_topics` {topic: msgtype} adds empty connections (to test topic listings).
@@ -96,9 +100,11 @@ def write_image_pose_bag(path: str | Path, images: Sequence[np.ndarray | bytes],
                                                          image_type, encoding, compressed_format)))
     if poses is not None:
         pose_type_name = POSE_MSG_TYPES[pose_type]
-        for pose, stamp in zip(np.asarray(poses), pose_stamps, strict=True):
+        per_pose = isinstance(pose_frames[0], (tuple, list))
+        for i, (pose, stamp) in enumerate(zip(np.asarray(poses), pose_stamps, strict=True)):
+            frame_id, child = pose_frames[i] if per_pose else pose_frames
             entries.append((stamp, 0, pose_topic, pose_msg(ts, pose, 0.0 if zero_header_stamps else stamp,
-                                                           pose_type)))
+                                                           pose_type, frame_id, child)))
     entries.sort(key=lambda e: (e[0], e[1]))
 
     path = Path(path)

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from bagtools import write_image_pose_bag
-from r2former_core.data import sources
+from r2former_core.data.sources import bag as bag_access
 from r2former_core.errors import DataError
 from r2former_core.data.keyframes import select_keyframes
 from r2former_core.data.poses import (angle_between_quats, interpolate_poses, normalize_quat, quat_from_yaw,
                                       quat_to_matrix, read_pose_csv, read_tum, rpy_from_quat, slerp,
                                       write_pose_csv, write_tum, yaw_from_quat)
-from r2former_core.data.sources import (ImageFolderSource, PosedImage, RosbagSource, Source, VGFolderSource,
-                                        is_vg_folder, list_topics, open_source, parse_vg_name)
+from r2former_core.data.sources import (ImageFolderSource, PosedImage, PoseFrames, RosbagSource, Source,
+                                        VGFolderSource, is_vg_folder, list_topics, open_source, parse_vg_name)
 
 IDENTITY = np.array([0.0, 0.0, 0.0, 1.0])
 
@@ -455,8 +455,8 @@ def test_rosbag_poses_do_not_decode_images(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("an image was decoded")
 
-    monkeypatch.setattr(sources, "decode_compressed", fail)
-    monkeypatch.setattr(sources, "decode_raw", fail)
+    monkeypatch.setattr(bag_access, "decode_compressed", fail)
+    monkeypatch.setattr(bag_access, "decode_raw", fail)
     src = RosbagSource(bag, "/camera/image_raw", "/odom")
     assert len(src.poses()[0]) == len(IMAGE_T)
 
@@ -529,6 +529,138 @@ def test_rosbag_path_errors(tmp_path):
     bag = write_image_pose_bag(tmp_path / "bag", [sample_image(0)], [T0], storage="mcap")
     storage_file = next(p for p in bag.iterdir() if p.suffix == ".mcap")
     assert list_topics(storage_file) == {"/camera/image_raw": "sensor_msgs/msg/Image"}  # a file inside: its folder
+
+
+def test_scan_steps_read_assign_and_deduplicate(tmp_path, caplog):
+    """The three steps of a bag's first pass, one by one: reading, pose assignment, de-duplication."""
+    from r2former_core.data.sources.bag_scan import (MessageCounter, ScanRequest, assign_poses, read_bag,
+                                                     unique_records)
+    image_t = [IMAGE_T[0], IMAGE_T[1], IMAGE_T[1] + 1e-8, IMAGE_T[2], T0 + 3.0]  # a repeated stamp, one unposed
+    images = [sample_image(i) for i in range(len(image_t))]
+    bag = write_image_pose_bag(tmp_path / "bag", images, image_t, trajectory(POSE_T - T0), POSE_T)
+    request = ScanRequest(bag, "/camera/image_raw", "/odom")
+    scan = read_bag(request)
+    assert scan.counts.images == 5 and scan.counts.pose_msgs == len(POSE_T) and scan.tf_tree is None
+    assert len(scan.pose_rows) == len(POSE_T) and scan.image_type == "sensor_msgs/msg/Image"
+    np.testing.assert_allclose(scan.stamps, image_t, atol=1e-9, rtol=0)
+    with caplog.at_level(logging.WARNING):
+        poses, valid = assign_poses(scan, request, require_poses=True)
+    assert valid.tolist() == [True, True, True, True, False] and scan.counts.no_pose == 1
+    assert "1 of 5 images have no pose" in caplog.text
+    np.testing.assert_allclose(poses[:4, :3], trajectory(np.asarray(image_t[:4]) - T0)[:, :3], atol=1e-5)
+    records, duplicates = unique_records(scan.image_keys, scan.stamps, poses, valid, require_poses=True)
+    assert duplicates == 1 and [r.stamp for r in records] == pytest.approx([image_t[0], image_t[1], image_t[3]])
+    kept, _ = unique_records(scan.image_keys, scan.stamps, poses, valid, require_poses=False)
+    assert len(kept) == 4 and np.isnan(kept[-1].pose).all()
+    # the keys find messages again, also several at one bag time
+    counter = MessageCounter()
+    assert [counter.key(3, 10), counter.key(3, 10), counter.key(4, 10), counter.key(3, 11)] == \
+        [(3, 10, 0), (3, 10, 1), (4, 10, 0), (3, 11, 0)]
+    without_poses = ScanRequest(bag, "/camera/image_raw")
+    poses, valid = assign_poses(read_bag(without_poses), without_poses, require_poses=False)
+    assert valid.all() and np.isnan(poses).all()
+    source = RosbagSource(bag, "/camera/image_raw", "/odom")
+    assert len(source) == 3 and source.counts.duplicate_stamps == 1 and source.counts.no_pose == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Frames of the poses
+# --------------------------------------------------------------------------------------------
+
+def odometry_bag(tmp_path: Path, name: str, pose_type: str = "odometry", frames=("map", "base_link")) -> Path:
+    images = [sample_image(i) for i in range(3)]
+    return write_image_pose_bag(tmp_path / name, images, IMAGE_T[:3], trajectory(POSE_T - T0), POSE_T,
+                                pose_type=pose_type, pose_frames=frames)
+
+
+def test_image_folders_record_the_given_frames(tmp_path):
+    folder = tmp_path / "imgs"
+    make_stamped_folder(folder, [1.0, 2.0])
+    write_tum(tmp_path / "gt.txt", np.array([1.0, 2.0]), trajectory(np.array([0.0, 1.0])))
+    default = open_source(images=folder, poses=tmp_path / "gt.txt")
+    assert default.frames == PoseFrames("map", "camera")                 # the default: the files name no frame
+    src = open_source(images=folder, poses=tmp_path / "gt.txt", pose_frames="/world:cam_front")
+    assert src.frames == PoseFrames("world", "cam_front") and not src.frames.optical
+    np.testing.assert_array_equal(src.poses()[1], default.poses()[1])   # body frames: poses as read
+    parent_only = ImageFolderSource(folder, tmp_path / "gt.txt", pose_frames=("odom", None))   # --frame-id odom
+    assert parent_only.frames == PoseFrames("odom", "camera")
+    for bad in ("map", "map:map", "a:b:c"):
+        with pytest.raises(DataError, match="pose frames"):
+            open_source(images=folder, poses=tmp_path / "gt.txt", pose_frames=bad)
+    with pytest.raises(DataError, match="auto, body, optical"):
+        open_source(images=folder, poses=tmp_path / "gt.txt", camera_convention="sideways")
+
+
+def test_image_folder_optical_convention_is_turned_to_body(tmp_path):
+    """A TUM file of optical-frame camera poses (z forward, as visual SLAM writes them) becomes body poses."""
+    folder = tmp_path / "imgs"
+    make_stamped_folder(folder, [1.0, 2.0])
+    write_tum(tmp_path / "gt.txt", np.array([1.0, 2.0]), trajectory(np.array([0.0, 1.0])))
+    raw = ImageFolderSource(folder, tmp_path / "gt.txt").poses()[1]
+    for kwargs in ({"camera_convention": "optical"}, {"pose_frames": "map:camera_optical_frame"}):
+        src = ImageFolderSource(folder, tmp_path / "gt.txt", **kwargs)
+        assert src.frames.optical
+        poses = src.poses()[1]
+        np.testing.assert_array_equal(poses[:, :3], raw[:, :3])
+        for body, optical in zip(quat_to_matrix(poses[:, 3:]), quat_to_matrix(raw[:, 3:])):
+            # body x = optical z (forward), body y = -optical x (left), body z = -optical y (up)
+            np.testing.assert_allclose(body, np.stack([optical[:, 2], -optical[:, 0], -optical[:, 1]], 1),
+                                       atol=1e-12)
+        assert all(np.array_equal(r.pose, p) for r, p in zip(src, poses))
+    body = ImageFolderSource(folder, tmp_path / "gt.txt", pose_frames="map:camera_optical_frame",
+                             camera_convention="body")
+    assert not body.frames.optical and np.array_equal(body.poses()[1], raw)
+
+
+@pytest.mark.parametrize("pose_type, child", [("odometry", "base_footprint"), ("pose", ""), ("pose_cov", "")])
+def test_rosbag_frames_come_from_the_messages(tmp_path, caplog, pose_type, child):
+    bag = odometry_bag(tmp_path, "bag", pose_type, ("/world", "base_footprint"))
+    with caplog.at_level(logging.WARNING):
+        src = RosbagSource(bag, "/camera/image_raw", "/odom")
+    assert src.frames == PoseFrames("world", child)         # header.frame_id; child_frame_id of Odometry only
+    assert ("do not name the frame whose pose they hold" in caplog.text) == (child == "")
+    if pose_type == "odometry":
+        with pytest.raises(DataError, match=r"name 'base_footprint' \(child_frame_id\)"):
+            RosbagSource(bag, "/camera/image_raw", "/odom", pose_frames="world:camera_link")
+    else:   # PoseStamped names no child: --pose-frames completes it; the parent must agree
+        src = RosbagSource(bag, "/camera/image_raw", "/odom", pose_frames="world:camera_link")
+        assert src.frames == PoseFrames("world", "camera_link")
+    with pytest.raises(DataError, match=r"parent frame 'map', but the messages .* name 'world' \(header.frame_id\)"):
+        RosbagSource(bag, "/camera/image_raw", "/odom", pose_frames=("map", None))
+    assert RosbagSource(bag, "/camera/image_raw").frames == PoseFrames("map", "")   # queries: no poses, no frames
+
+
+def test_rosbag_frames_unnamed_or_mixed(tmp_path, caplog):
+    empty = odometry_bag(tmp_path, "empty", "pose", ("", ""))
+    with caplog.at_level(logging.WARNING):
+        assert RosbagSource(empty, "/camera/image_raw", "/odom").frames == PoseFrames("map", "")
+    assert "empty header.frame_id; assuming their frame is 'map'" in caplog.text
+    assert RosbagSource(empty, "/camera/image_raw", "/odom", pose_frames="utm:gnss").frames == PoseFrames("utm", "gnss")
+    pairs = [("map", "base_link")] * (len(POSE_T) - 2) + [("odom", "base_link")] * 2
+    mixed = odometry_bag(tmp_path, "mixed", "odometry", pairs)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert RosbagSource(mixed, "/camera/image_raw", "/odom").frames == PoseFrames("map", "base_link")
+    assert "several frame pairs" in caplog.text and "odom -> base_link (2)" in caplog.text
+
+
+def test_frame_rules():
+    from r2former_core.cli.common import CAMERA_CONVENTIONS
+    from r2former_core.data import frames
+    from r2former_core.data.frames import (OPTICAL_TO_BODY, is_odom_frame, is_optical_frame, odometry_warning,
+                                           uses_optical_convention)
+    assert CAMERA_CONVENTIONS == frames.CAMERA_CONVENTIONS          # the CLI lists them without importing numpy
+    assert [is_odom_frame(f) for f in ("odom", "/odom", "robot1/odom", "odom_combined", "map", "odometry")] == \
+        [True, True, True, False, False, False]
+    assert [is_optical_frame(f) for f in ("camera_optical_frame", "cam_optical", "camera_link", "optical")] == \
+        [True, True, False, False]
+    assert uses_optical_convention("camera", "optical") and not uses_optical_convention("cam_optical", "body")
+    assert odometry_warning("map") is None and "--tf-frames map:camera_link" in odometry_warning("robot1/odom")
+    # REP-103: camera_link -> camera_optical_frame is rpy (-pi/2, 0, -pi/2); OPTICAL_TO_BODY is its inverse
+    roll, yaw = -math.pi / 2, -math.pi / 2
+    rep103 = quat_to_matrix(np.array([0, 0, math.sin(yaw / 2), math.cos(yaw / 2)])) @ \
+        quat_to_matrix(np.array([math.sin(roll / 2), 0, 0, math.cos(roll / 2)]))
+    np.testing.assert_allclose(quat_to_matrix(OPTICAL_TO_BODY[3:]), rep103.T, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------

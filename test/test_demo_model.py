@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from r2former_core.data.sources import open_source
-from r2former_core.data.synthetic import write_drive
+from r2former_core.synthetic import write_drive
 from r2former_core.evaluation import evaluate
 from r2former_core.localizer import Localizer, LocalizerConfig
 from r2former_core.mapping import build_map

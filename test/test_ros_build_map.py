@@ -11,6 +11,7 @@ from rostools import NodeProcess, RosProbe, save_tiny_model, synthetic_images
 pytestmark = pytest.mark.ros
 
 from geometry_msgs.msg import PoseStamped  # noqa: E402
+from nav_msgs.msg import Odometry  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
 from r2former_ros.conversions import pose_msg, rgb_to_image_msg, sec_to_stamp  # noqa: E402
@@ -33,8 +34,8 @@ def test_live_build_map_keyframes_and_interpolated_poses(tmp_path, probe, model_
     out = tmp_path / "live_map"
     node = NodeProcess("r2former_ros.build_map_node",
                        ["--live", "--image-topic", "/cam/image", "--pose-topic", "/cam/pose", "--pose-type",
-                        "pose_stamped", "--out", str(out), "--model", str(model_file), "--device", "cpu",
-                        "--min-distance", "1.0", "--min-angle", "0",
+                        "pose_stamped", "--pose-frames", "map:camera_link", "--out", str(out), "--model",
+                        str(model_file), "--device", "cpu", "--min-distance", "1.0", "--min-angle", "0",
                         "--ros-args", "-p", "qos_reliability:=reliable"], tmp_path / "logs")
     try:
         pose_pub = probe.publisher(PoseStamped, "/cam/pose")
@@ -56,15 +57,63 @@ def test_live_build_map_keyframes_and_interpolated_poses(tmp_path, probe, model_
             time.sleep(0.03)
         time.sleep(2.0)
         code, seconds = node.interrupt(10.0)
-        assert code == 0, node.output()
+        output = node.output()
+        assert code == 0, output
     finally:
         node.stop()
     db = MapDatabase.load(out, expected_fingerprint=tiny_model.fingerprint)
     # interpolated x = 0.25 + 0.5 k; a keyframe every 1.0 m -> k = 0, 2, ..., 18
-    assert len(db) == 10, node.output()
+    assert len(db) == 10, output
     assert np.allclose(db.poses[:, 0], 0.25 + np.arange(0, 20, 2) * 0.5)
     assert np.allclose(db.stamps, 100.05 + 0.1 * np.arange(0, 20, 2))
     assert db.thumbnail(0) is not None
+    # PoseStamped names the parent (header.frame_id); --pose-frames the child
+    assert (db.info.parent_frame, db.info.child_frame) == ("map", "camera_link")
+    assert "WARN" not in output, output
+
+
+def test_live_build_map_records_odometry_frames_warns_and_turns_optical_poses(tmp_path, probe, model_file):
+    """Odometry names both frames; an odom parent is warned about; an optical child is stored in the body
+    convention."""
+    from r2former_core.data.frames import optical_to_body
+    from r2former_core.mapdb import MapDatabase
+    out = tmp_path / "odom_map"
+    node = NodeProcess("r2former_ros.build_map_node",
+                       ["--live", "--image-topic", "/cam/image", "--pose-topic", "/cam/odom", "--out", str(out),
+                        "--model", str(model_file), "--device", "cpu", "--min-distance", "1.0", "--min-angle", "0",
+                        "--ros-args", "-p", "qos_reliability:=reliable"], tmp_path / "logs")
+    yaw = 0.4
+    raw = np.array([0, 0, 0, 0, 0, np.sin(yaw / 2), np.cos(yaw / 2)])
+    try:
+        odom_pub = probe.publisher(Odometry, "/cam/odom")
+        image_pub = probe.publisher(Image, "/cam/image")
+        assert probe.wait_for_subscriber("/cam/image", 30) and probe.wait_for_subscriber("/cam/odom", 5), \
+            node.output()
+        time.sleep(0.5)
+        images = synthetic_images(6, seed=9)
+        for k in range(7):
+            msg = Odometry()
+            msg.header.stamp = sec_to_stamp(200.0 + 0.1 * k)
+            msg.header.frame_id = "odom"
+            msg.child_frame_id = "camera_optical_frame"
+            msg.pose.pose = pose_msg([2.0 * k, 0, 0, *raw[3:]])
+            odom_pub.publish(msg)
+            if k < 6:
+                img = rgb_to_image_msg(images[k])
+                img.header.stamp = sec_to_stamp(200.0 + 0.1 * k)
+                image_pub.publish(img)
+            time.sleep(0.03)
+        time.sleep(2.0)
+        code, _ = node.interrupt(10.0)
+        output = node.output()
+        assert code == 0, output
+    finally:
+        node.stop()
+    db = MapDatabase.load(out)
+    assert (db.info.parent_frame, db.info.child_frame) == ("odom", "camera_optical_frame"), output
+    assert len(db) == 6 and np.allclose(db.poses[:, 0], 2.0 * np.arange(6))
+    np.testing.assert_allclose(db.poses[:, 3:], np.tile(optical_to_body(raw)[3:], (6, 1)), atol=1e-12)
+    assert "odometry frame 'odom'" in output and "--tf-frames map:camera_link" in output
 
 
 def test_live_build_map_without_input_writes_nothing(tmp_path, model_file):
@@ -102,6 +151,7 @@ def test_offline_build_map_from_a_bag(tmp_path, model_file, tiny_model):
         node.stop()
     db = MapDatabase.load(out, expected_fingerprint=tiny_model.fingerprint)
     assert db.poses[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert (db.info.parent_frame, db.info.child_frame) == ("map", "base_link")     # the bag's Odometry frames
 
     again = NodeProcess("r2former_ros.build_map_node",
                         ["--bag", str(bag), "--out", str(out), "--model", str(model_file), "--device", "cpu"],

@@ -7,8 +7,10 @@ import cv2
 import numpy as np
 import pytest
 
-from r2former_core.data import synthetic as syn
-from r2former_core.data.synthetic import CONDITIONS, LANE, Frame, SyntheticWorld, parse_conditions, write_drive
+from r2former_core import synthetic as syn
+from r2former_core.errors import ConfigError
+from r2former_core.synthetic import CONDITIONS, LANE, Frame, SyntheticWorld, parse_conditions, write_drive
+from r2former_core.synthetic.render import Camera
 
 SIZE = (120, 160)
 
@@ -23,7 +25,7 @@ def _yaw(pose: np.ndarray) -> float:
 
 
 def _map_pose(world: SyntheticWorld, s: float, lateral: float = LANE) -> tuple[float, float, float]:
-    (p,), (t,) = world._route.at(s)
+    (p,), (t,) = world.route.at(s)
     xy = p + lateral * np.array([-t[1], t[0]])
     return float(xy[0]), float(xy[1]), math.atan2(t[1], t[0])
 
@@ -143,15 +145,22 @@ def test_traffic_moves_and_differs_between_drives(world):
     assert [(m.x, m.y) for m in a0] != [(m.x, m.y) for m in b0]
 
 
-def test_invalid_arguments(world):
-    with pytest.raises(ValueError, match="allowed: day, dusk"):
+def test_invalid_arguments(world, tmp_path):
+    with pytest.raises(ConfigError, match="allowed: day, dusk"):
         parse_conditions("day,snow")
     assert parse_conditions(" Night , rain ,night") == ("night", "rain")
     assert parse_conditions("") == ("day",)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="'map' or 'query'"):
         world.trajectory("side", 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="at least 1"):
         world.trajectory("map", 0)
+    with pytest.raises(ConfigError, match="spacing must be positive"):
+        world.trajectory("map", 3, spacing=0.0)
+    with pytest.raises(ConfigError, match="storage"):
+        write_drive(world, tmp_path / "a", frames=1, size=(24, 32), bag=True, storage="zip")
+    with pytest.raises(ConfigError, match="only written into a bag"):
+        write_drive(world, tmp_path / "b", frames=1, size=(24, 32), compressed=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 # ---------------------------------------------------------------- appearance
@@ -204,7 +213,7 @@ def test_lateral_motion_shows_parallax(world):
         x2, y2, _ = _map_pose(world, s, LANE + 0.5)
         a, b = (cv2.cvtColor(world.render(*p, yaw, ("day",), size), cv2.COLOR_RGB2GRAY).astype(np.float32)
                 for p in ((x, y), (x2, y2)))
-        depth = world._cast(syn._Camera(x, y, yaw, *size))[0][0]       # nearest wall per column
+        depth = world.renderer.cast(Camera(x, y, yaw, *size))[0][0]       # nearest wall per column
         for c0 in range(0, size[1] - 40, 40):
             lo, hi = max(0, c0 - 60), min(size[1], c0 + 100)
             score = cv2.matchTemplate(b[60:180, lo:hi], a[60:180, c0:c0 + 40], cv2.TM_CCOEFF_NORMED)
@@ -235,7 +244,6 @@ def test_place_recognition_signal(world):
     best = (q @ m.T).argmax(1)
     err = np.minimum(np.abs(best - np.arange(n)), n - np.abs(best - np.arange(n)))
     assert np.mean(err <= 1) >= 0.5
-
 
 
 # ---------------------------------------------------------------- output files
@@ -282,7 +290,7 @@ def test_bag_output(world, tmp_path, storage, compressed):
     assert len(images) == n and len(odoms) == 2 * n - 1
     np.testing.assert_allclose([t / 1e9 for t, _ in images], stamps, rtol=0, atol=1e-6)
     assert [t for t, _ in odoms] == list(odom.stamps_ns)
-    for (t, msg), frame in zip(images, frames):
+    for (_, msg), frame in zip(images, frames):
         if compressed:
             assert msg.format == "jpeg"
             decoded = cv2.imdecode(np.asarray(msg.data), cv2.IMREAD_COLOR)[..., ::-1]
@@ -291,7 +299,7 @@ def test_bag_output(world, tmp_path, storage, compressed):
         else:
             assert (msg.height, msg.width, msg.encoding, msg.step) == (*size, "rgb8", size[1] * 3)
             assert np.array_equal(np.asarray(msg.data).reshape(*size, 3), frame.image)
-    for (t, msg), pose in zip(odoms, odom.poses):
+    for (_, msg), pose in zip(odoms, odom.poses):
         assert msg.header.frame_id == "map" and msg.child_frame_id == "base_link"
         p, o = msg.pose.pose.position, msg.pose.pose.orientation
         np.testing.assert_allclose([p.x, p.y, p.z, o.x, o.y, o.z, o.w], pose, atol=1e-9)

@@ -6,12 +6,15 @@ angular rate about a fixed axis), so interpolation between TF stamps can be chec
 """
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 
 from bagtools import write_image_pose_bag, write_tf_bag
 from r2former_core.errors import DataError
-from r2former_core.data.sources import RosbagSource, TransformTree, open_source, parse_tf_frames
+from r2former_core.data.sources import PoseFrames, RosbagSource, TransformTree, open_source, parse_tf_frames
 
 IMAGE_TOPIC = "/camera/image_raw"
 IMAGE_STAMPS = 100.0 + 0.1 * np.arange(10) + 0.013   # between the TF stamps below
@@ -190,6 +193,57 @@ def test_open_source_defaults_to_tf_topic(tf_bag):
 
 
 # --------------------------------------------------------------------------------------------
+# Frames: the pair recorded, optical frames in the body convention
+# --------------------------------------------------------------------------------------------
+
+BASE_CAMERA_LINK = Edge([0.25, -0.1, 0.6], [0.0, 0.0, 0.0], [0.0, 0.3, 1.0], 0.4, 0.0)   # body convention, static
+REP103_OPTICAL = np.array([0.0, 0.0, 0.0, -0.5, 0.5, -0.5, 0.5])   # camera_link -> camera_optical_frame (REP-103)
+OPTICAL_STATIC = [(0.0, "base_link", "camera_link", BASE_CAMERA_LINK.pose(0.0)),
+                  (0.0, "camera_link", "camera_optical_frame", REP103_OPTICAL)]
+
+
+def map_camera_link(t):
+    return MAP_ODOM.matrix(t) @ ODOM_BASE.matrix(t) @ BASE_CAMERA_LINK.matrix(t)
+
+
+@pytest.fixture(scope="module")
+def optical_bag(tmp_path_factory):
+    """A hand-made TF tree with a camera mounted the REP-103 way: camera_link (x forward, z up) and its
+    camera_optical_frame (z forward, x right, y down) at the same origin."""
+    path = tmp_path_factory.mktemp("optical") / "bag"
+    return write_tf_bag(path, images(len(IMAGE_STAMPS)), IMAGE_STAMPS, tf=robot_tf(), tf_static=OPTICAL_STATIC)
+
+
+def test_optical_frame_is_stored_in_the_body_convention(optical_bag):
+    optical = RosbagSource(optical_bag, IMAGE_TOPIC, tf_frames="map:camera_optical_frame")
+    assert optical.frames == PoseFrames("map", "camera_optical_frame", optical=True)
+    # the stored pose is the body pose: that of camera_link, computed independently with matrices
+    assert_poses(optical.poses()[1], expected(map_camera_link, IMAGE_STAMPS))
+    assert np.array_equal(np.stack([r.pose for r in optical]), optical.poses()[1])
+    link = RosbagSource(optical_bag, IMAGE_TOPIC, tf_frames="map:camera_link")
+    assert link.frames == PoseFrames("map", "camera_link") and not link.frames.optical
+    assert_poses(link.poses()[1], expected(map_camera_link, IMAGE_STAMPS))
+    # --camera-convention body keeps the optical frame's own pose (z forward) ...
+    raw = RosbagSource(optical_bag, IMAGE_TOPIC, tf_frames="map:camera_optical_frame", camera_convention="body")
+    assert not raw.frames.optical
+    assert_poses(raw.poses()[1], expected(lambda t: map_camera_link(t) @ matrix_of_pose(REP103_OPTICAL),
+                                          IMAGE_STAMPS))
+    # ... and optical turns any frame: here camera_link's pose is taken for an optical one
+    forced = RosbagSource(optical_bag, IMAGE_TOPIC, tf_frames="map:camera_link", camera_convention="optical")
+    assert forced.frames.optical
+    assert_poses(forced.poses()[1], expected(lambda t: map_camera_link(t) @ np.linalg.inv(
+        matrix_of_pose(REP103_OPTICAL)), IMAGE_STAMPS))
+
+
+def test_tf_frames_name_the_pair(tf_bag):
+    assert RosbagSource(tf_bag, IMAGE_TOPIC, tf_frames="odom:camera").frames == PoseFrames("odom", "camera")
+    parent_only = RosbagSource(tf_bag, IMAGE_TOPIC, tf_frames="odom:camera", pose_frames=("odom", None))
+    assert parent_only.frames == PoseFrames("odom", "camera")
+    with pytest.raises(DataError, match="with TF, --tf-frames names the frames"):
+        RosbagSource(tf_bag, IMAGE_TOPIC, tf_frames="odom:camera", pose_frames="map:camera")
+
+
+# --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
 
@@ -268,14 +322,68 @@ def test_build_map_cli_from_tf(tf_bag, model_path, tiny_model, tmp_path):
     assert len(db) == len(IMAGE_STAMPS)
     assert np.allclose(db.stamps, IMAGE_STAMPS, atol=1e-9)
     assert_poses(np.asarray(db.poses), expected(map_camera, db.stamps))
-    assert db.info.frame_id == "map"
-    # the map's frame id defaults to PARENT
+    assert (db.info.parent_frame, db.info.child_frame) == ("map", "camera")
+    # the map's frames are the TF frames
     assert main(["build-map", "--bag", str(tf_bag), "--image-topic", IMAGE_TOPIC, "--tf-frames", "odom:camera",
                  "--out", str(tmp_path / "odom_map"), "--model", str(model_path), "--min-distance", "0.5"]) == 0
     odom_db = MapDatabase.load(tmp_path / "odom_map")
-    assert odom_db.info.frame_id == "odom" and 1 < len(odom_db) < len(IMAGE_STAMPS)
+    assert (odom_db.info.frame_id, odom_db.info.child_frame) == ("odom", "camera")
+    assert 1 < len(odom_db) < len(IMAGE_STAMPS)
     assert_poses(np.asarray(odom_db.poses),
                  expected(lambda t: ODOM_BASE.matrix(t) @ BASE_CAMERA.matrix(t), odom_db.stamps))
+
+
+def test_build_map_cli_warns_about_odometry_frames_and_map_info_shows_the_pair(optical_bag, model_path, tmp_path,
+                                                                               capsys):
+    from r2former_core.cli.main import main
+    from r2former_core.mapdb import MapDatabase
+    common = ["--bag", str(optical_bag), "--image-topic", IMAGE_TOPIC, "--model", str(model_path), "--device", "cpu"]
+    assert main(["build-map", *common, "--tf-frames", "odom:camera_link", "--out", str(tmp_path / "odom")]) == 0
+    out = capsys.readouterr()
+    warnings = [line for line in out.err.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "odometry frame 'odom'" in warnings[0] and "drift" in warnings[0]
+    assert "while AMCL or slam_toolbox" in warnings[0] and "--pose-topic /tf --tf-frames map:camera_link" in warnings[0]
+    assert "poses of camera_link in odom" in out.out
+    assert main(["build-map", *common, "--tf-frames", "map:camera_optical_frame", "--out", str(tmp_path / "map")]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+    db = MapDatabase.load(tmp_path / "map")
+    assert (db.info.parent_frame, db.info.child_frame) == ("map", "camera_optical_frame")
+    assert_poses(np.asarray(db.poses), expected(map_camera_link, db.stamps))        # body convention
+    assert main(["map-info", str(tmp_path / "map")]) == 0
+    assert re.search(r"frames \(parent -> child\)\s+map -> camera_optical_frame", capsys.readouterr().out)
+    assert main(["map-info", str(tmp_path / "odom"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["frame_id"], info["child_frame"]) == ("odom", "camera_link")
+
+
+def test_build_map_cli_folder_frames(model_path, tmp_path, capsys):
+    """--pose-frames for a folder; --frame-id is its parent alone; contradicting options fail in one line."""
+    import cv2
+
+    from r2former_core.cli.main import main
+    from r2former_core.data.poses import write_tum
+    from r2former_core.mapdb import MapDatabase
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for stamp, image in zip(IMAGE_STAMPS[:4], images(4)):
+        cv2.imwrite(str(folder / f"{stamp:.6f}.png"), image)
+    write_tum(tmp_path / "gt.txt", IMAGE_STAMPS[:4], np.stack([ODOM_BASE.pose(t) for t in IMAGE_STAMPS[:4]]))
+    base = ["build-map", "--images", str(folder), "--poses", str(tmp_path / "gt.txt"), "--model", str(model_path)]
+    cases = {"default": ([], ("map", "camera")), "given": (["--pose-frames", "world:front_camera"],
+                                                            ("world", "front_camera")),
+             "frame_id": (["--frame-id", "utm"], ("utm", "camera"))}
+    for name, (options, frames) in cases.items():
+        assert main(base + options + ["--out", str(tmp_path / name)]) == 0, name
+        info = MapDatabase.load(tmp_path / name).info
+        assert (info.parent_frame, info.child_frame) == frames, name
+    capsys.readouterr()
+    assert main(base + ["--frame-id", "map", "--pose-frames", "odom:camera", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "name different parent frames" in err[0] and not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit):
+        main(["build-map", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--pose-frames is the complete form" in help_text and "--camera-convention {auto,body,optical}" in help_text
 
 
 def test_build_map_cli_tf_errors_are_one_line(tf_bag, model_path, tmp_path, capsys):
@@ -288,7 +396,6 @@ def test_build_map_cli_tf_errors_are_one_line(tf_bag, model_path, tmp_path, caps
 
 
 def test_ros_build_map_offline_accepts_tf_frames(tf_bag, model_path, tiny_model, tmp_path, capsys):
-    pytest.importorskip("rclpy")
     from r2former_core.mapdb import MapDatabase
     from r2former_ros import build_map_node
     assert "--tf-frames PARENT:CHILD" in build_map_node.build_parser().format_help()
@@ -298,5 +405,6 @@ def test_ros_build_map_offline_accepts_tf_frames(tf_bag, model_path, tiny_model,
                                 "--device", "cpu", "--min-distance", "0", "--min-angle", "0"]) == 0
     db = MapDatabase.load(out, expected_fingerprint=tiny_model.fingerprint)
     assert_poses(np.asarray(db.poses), expected(map_camera, db.stamps))
+    assert (db.info.parent_frame, db.info.child_frame) == ("map", "camera")
     assert build_map_node.main(["build_map", "--live", "--tf-frames", "map:camera", "--out", str(tmp_path / "x")]) == 2
     assert "--tf-frames works only with --bag" in capsys.readouterr().err

@@ -11,7 +11,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("build-map",
                        help="build a map from posed images (folder + poses file, or rosbag2 with a pose topic or TF)",
                        description="Select keyframes of a posed image source, extract R2Former features and write a "
-                                   "map directory atomically (nothing appears under --out until it is complete).")
+                                   "map directory atomically (nothing appears under --out until it is complete). "
+                                   "The map records the frames of its poses (the pose of CHILD in PARENT): from "
+                                   "the Odometry / pose messages or --tf-frames of a bag, from --pose-frames for "
+                                   "an image folder. Build in the map frame: poses in an odometry frame drift.")
     add_source_options(p, "map", poses_required=True)
     p.add_argument("--out", required=True, help="map directory to create")
     add_model_options(p)
@@ -22,8 +25,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per extraction batch (default: 16 on CUDA; on a CPU 1 for the DeiT-S 480x640 model, "
                         "up to 8 for small models, whichever measured fastest)")
-    p.add_argument("--frame-id", default=None,
-                   help="frame the poses are expressed in (default: PARENT of --tf-frames, else map)")
+    p.add_argument("--frame-id", default=None, metavar="PARENT",
+                   help="the parent frame of the poses alone (kept for old command lines): the same as "
+                        "--pose-frames PARENT:CHILD with the child left to the source; --pose-frames is the "
+                        "complete form")
     p.add_argument("--index", default="flat", choices=["flat", "ivfpq"],
                    help="faiss index: flat (exact, default) or ivfpq (compressed, for maps of millions of images)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing map at --out (atomically)")
@@ -34,10 +39,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     from ..mapping import build_map
     source = open_source_from_args(args, require_poses=True)
-    frame_id = args.frame_id or (source.tf_frames[0] if getattr(source, "tf_frames", None) else "map")
     model = load_model_from_args(args)
     mapdb = build_map(source, model, args.out, min_distance=args.min_distance, min_angle=args.min_angle,
-                      batch_size=args.batch_size, frame_id=frame_id, index=args.index, overwrite=args.overwrite)
-    print(f"map {mapdb.info.path}: {len(mapdb)} images, model {mapdb.info.fingerprint}, "
-          f"keyframe spacing {mapdb.keyframe_spacing():.2f} m")
+                      batch_size=args.batch_size, index=args.index, overwrite=args.overwrite)
+    info = mapdb.info
+    print(f"map {info.path}: {len(mapdb)} images, poses of {info.child_frame or '(child frame unknown)'} in "
+          f"{info.parent_frame}, model {info.fingerprint}, keyframe spacing {mapdb.keyframe_spacing():.2f} m")
     return 0

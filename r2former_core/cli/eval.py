@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_options, add_skip_unreadable, positive_float, positive_int
+from .common import add_model_options, add_skip_unreadable, positive_float
 from ..errors import CliError
 from ..options import RERANK_MODES, LocalizerConfig, add_config_option
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import argparse
-from ..errors import CliError
+
+from ..errors import CliError, ConfigError
 
 # Listed here so that building the parser does not import OpenCV; a test keeps it equal to synthetic.CONDITIONS.
 CONDITION_NAMES = ("day", "dusk", "night", "winter", "autumn", "fog", "rain")
@@ -38,10 +39,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..data.synthetic import CONDITIONS, SyntheticWorld, parse_conditions, write_drive
+    from ..synthetic import CONDITIONS, SyntheticWorld, parse_conditions, write_drive
     try:
         conditions = parse_conditions(args.conditions)
-    except ValueError:
+    except ConfigError:
         raise CliError(f"invalid --conditions {args.conditions!r}; allowed values (comma-separated): "
                        f"{', '.join(CONDITIONS)}") from None
     if args.frames < 1:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ConfigError, DataError
 from .poses import angle_between_quats, check_poses
 
 # Relative slack on the thresholds, so that e.g. frames exactly 2.0 m apart in theory but
@@ -29,19 +30,20 @@ def select_keyframes(poses: np.ndarray, min_distance: float = 0.0, min_angle_deg
     poses = check_poses(poses)
     n = len(poses)
     if min_distance < 0 or min_angle_deg < 0 or min_interval < 0:
-        raise ValueError("min_distance, min_angle_deg and min_interval must be >= 0")
+        raise ConfigError("min_distance, min_angle_deg and min_interval must be >= 0")
+    times = np.zeros(n)
     if min_interval > 0:
         if stamps is None:
             raise ValueError("min_interval needs the frame stamps (pass stamps=...)")
-        stamps = np.asarray(stamps, dtype=np.float64).reshape(-1)
-        if len(stamps) != n:
-            raise ValueError(f"{len(stamps)} stamps but {n} poses")
+        times = np.asarray(stamps, dtype=np.float64).reshape(-1)
+        if len(times) != n:
+            raise ValueError(f"{len(times)} stamps but {n} poses")
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     if min_distance > 0 and not np.all(np.isfinite(poses[:, :3])):
-        raise ValueError("min_distance needs finite positions; some poses are unknown (NaN)")
+        raise DataError("min_distance needs finite positions; some poses are unknown (NaN)")
     if min_angle_deg > 0 and not np.all(np.isfinite(poses[:, 3:])):
-        raise ValueError("min_angle_deg needs finite orientations; some poses are unknown (NaN)")
+        raise DataError("min_angle_deg needs finite orientations; some poses are unknown (NaN)")
 
     spatial = min_distance > 0 or min_angle_deg > 0
     min_angle = np.radians(min_angle_deg)
@@ -55,7 +57,7 @@ def select_keyframes(poses: np.ndarray, min_distance: float = 0.0, min_angle_deg
                 angle_between_quats(poses[last, 3:], poses[i, 3:]) >= min_angle * (1 - _EPS))
             if not (moved or turned):
                 continue
-        if min_interval > 0 and stamps[i] - stamps[last] < min_interval * (1 - _EPS):
+        if min_interval > 0 and times[i] - times[last] < min_interval * (1 - _EPS):
             continue
         kept.append(i)
         last = i

@@ -324,6 +324,7 @@ def read_pose_csv(path: str | Path) -> tuple[list[str], np.ndarray]:
         if header is None:
             raise DataError(f"pose file {path} is empty; expected a header {accepted}")
         columns = {h.strip().lower(): i for i, h in enumerate(header)}
+        wanted: tuple[str, ...]
         if all(c in columns for c in CSV_FULL_COLUMNS):
             wanted, planar = CSV_FULL_COLUMNS, False
         elif all(c in columns for c in CSV_PLANAR_COLUMNS):

@@ -1,7 +1,7 @@
 """Training data: a database and a query set of images with UTM-like positions (metres).
 
 Three adapters, selected by a spec string (`open_dataset`):
-  * ``synthetic:SEEDS[:CONDITIONS]``: procedural worlds (`r2former_core.data.synthetic`), rendered once
+  * ``synthetic:SEEDS[:CONDITIONS]``: procedural worlds (`r2former_core.synthetic`), rendered once
     into a cache folder as memory-mapped uint8 arrays (one `.npy` per drive; processes share them
     through the page cache). SEEDS: ``3``, ``1,2,5`` or ``100-119``; CONDITIONS: comma separated
     (default all). Per world, `map_drives` map drives and `query_drives` query drives cycle through
@@ -157,7 +157,7 @@ def render_drive_cached(seed: int, kind: str, condition: str, spec: SyntheticSpe
     stem = f"seed{seed}_{kind}_{condition}"
     img_path, pose_path = folder / f"{stem}.images.npy", folder / f"{stem}.poses.npy"
     if not (img_path.is_file() and pose_path.is_file()):
-        from ..data.synthetic import SyntheticWorld
+        from ..synthetic import SyntheticWorld
         world = world or SyntheticWorld(seed)
         frames = max(2, int(math.floor(world.route_length / spec.spacing_m)))
         drive = list(world.drive(kind, (condition,), frames=frames, size=(h, w), spacing=spec.spacing_m))
@@ -168,7 +168,7 @@ def render_drive_cached(seed: int, kind: str, condition: str, spec: SyntheticSpe
 
 def synthetic_dataset(spec: SyntheticSpec, cache_dir: str | Path, show_progress: bool = False) -> PlaceDataset:
     """Render (or reuse) the drives of every world of `spec` and assemble database + queries."""
-    from ..data.synthetic import CONDITIONS, parse_conditions
+    from ..synthetic import CONDITIONS, parse_conditions
     conditions = parse_conditions(spec.conditions) if spec.conditions else CONDITIONS
     db_arrays, db_xy, q_arrays, q_xy, db_groups, q_groups = [], [], [], [], [], []
     aligned: list[np.ndarray] = []
