@@ -59,7 +59,7 @@ class EventWindow:
 
     def count(self, now: float) -> int:
         with self._lock:
-            while self._times and self._times[0] <= now - self.window:
+            while self._times and self._times[0] < now - self.window:
                 self._times.popleft()
             return len(self._times)
 
