@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from r2former_core.errors import ConfigError
 from r2former_core.data.poses import (compose_poses, invert_poses, normalize_quat, quat_to_matrix,
                                       rpy_from_quat)
 
@@ -43,7 +44,7 @@ OPTICAL_IN_BODY = np.array([0.0, 0.0, 0.0, -0.5, 0.5, -0.5, 0.5])
 OPTICAL_SUFFIXES = ("_optical", "_optical_frame")
 
 
-class FrameError(ValueError):
+class FrameError(ConfigError):
     """A mounting or transform that cannot be used (wrong length, not finite)."""
 
 
@@ -135,3 +136,20 @@ def normalize_quat_pose(pose: np.ndarray) -> np.ndarray:
 
 def rotation_matrix(pose: np.ndarray) -> np.ndarray:
     return quat_to_matrix(np.asarray(pose, dtype=np.float64)[3:])
+
+
+def map_pose_warning(map_child: str, base_frame: str, map_path: str) -> str:
+    """Why the map's poses are published as they are, or "" when they are base poses / camera poses that
+    the node composes with the mounting (see `poses_are_base`)."""
+    if map_child:
+        return ""
+    return (f"map {map_path} does not record which frame its poses describe (built before maps recorded "
+            f"child_frame): its poses are published as the pose of {base_frame!r}. If they are camera poses, "
+            "rebuild it so the camera mounting is applied: `build_map --pose-topic /odom` records the odometry's "
+            "child_frame_id, `--tf-frames map:camera` the TF pair, `--pose-frames map:camera` a folder's frames")
+
+
+def poses_are_base(map_child: str, base_frame: str) -> bool:
+    """True when the map's poses are published as they are: they describe `base_frame`, or the map does
+    not say (maps built before child_frame was recorded)."""
+    return not map_child or map_child.lstrip("/") == base_frame.lstrip("/")

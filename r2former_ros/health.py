@@ -20,6 +20,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
+from r2former_core.errors import ConfigError
+
 OK, WARN, ERROR, STALE = 0, 1, 2, 3
 LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR", STALE: "STALE"}
 MAX_EVENTS = 100_000     # bound on remembered event times (far above any window x rate used here)
@@ -44,7 +46,7 @@ class EventWindow:
 
     def __init__(self, window: float) -> None:
         if window <= 0:
-            raise ValueError(f"window must be > 0 s, got {window}")
+            raise ConfigError(f"window must be > 0 s, got {window}")
         self.window = float(window)
         self._times: deque[float] = deque(maxlen=MAX_EVENTS)
         self._lock = threading.Lock()
@@ -70,7 +72,7 @@ class FrequencyStatus:
     def __init__(self, name: str, min_rate: float, max_rate: float, window: float = 5.0, tolerance: float = 0.1,
                  start: float = 0.0) -> None:
         if min_rate < 0 or max_rate <= 0 or min_rate > max_rate:
-            raise ValueError(f"{name}: expected rates need 0 <= min ({min_rate}) <= max ({max_rate}), max > 0")
+            raise ConfigError(f"{name}: expected rates need 0 <= min ({min_rate}) <= max ({max_rate}), max > 0")
         self.name, self.min_rate, self.max_rate, self.tolerance = name, float(min_rate), float(max_rate), tolerance
         self.events = EventWindow(window)
         self.start = start
@@ -104,7 +106,7 @@ class InputTimeout:
 
     def __init__(self, name: str, timeout: float, start: float) -> None:
         if timeout <= 0:
-            raise ValueError(f"{name}: timeout must be > 0 s, got {timeout}")
+            raise ConfigError(f"{name}: timeout must be > 0 s, got {timeout}")
         self.name, self.timeout, self.start = name, float(timeout), start
         self.last: float | None = None
 
