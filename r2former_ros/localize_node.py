@@ -90,10 +90,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("model_path", "", "model file (.safetensors or official .pth); empty = the packaged demo model "
               "models/r2former_tiny_demo.safetensors", read_only=True),
     ParamSpec.from_config(LocalizerConfig, "device", read_only=True),
-    ParamSpec.from_config(LocalizerConfig, "top_k", note="applied live"),
-    ParamSpec.from_config(LocalizerConfig, "rerank", note="applied live"),
+    ParamSpec.from_config(LocalizerConfig, "top_k"),
+    ParamSpec.from_config(LocalizerConfig, "rerank"),
     ParamSpec.from_config(LocalizerConfig, "min_confidence", note="rejected results are not published on ~/pose "
-                          "and count towards `lost`; applied live"),
+                          "and count towards `lost`"),
     ParamSpec("image_transport", "raw", "raw: subscribe `image` (sensor_msgs/Image); compressed: subscribe "
               "`image/compressed` (sensor_msgs/CompressedImage, jpeg or png)", choices=TRANSPORT_CHOICES,
               read_only=True),
@@ -108,7 +108,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("odom_frame", "odom", "the odometry frame of map_frame -> odom_frame (publish_tf)", read_only=True),
     ParamSpec("camera_pose_in_base", [], "[x, y, z, roll, pitch, yaw] (metres, radians): pose of the camera frame "
               "(body convention: x forward, y left, z up) in base_frame; empty = from TF (base_frame -> the "
-              "image's frame_id at the image stamp). Used when the map holds camera poses; applied live"),
+              "image's frame_id at the image stamp). Used when the map holds camera poses"),
     ParamSpec("transform_timeout", 0.2, "seconds to wait for a TF lookup at the image stamp", min=0.0, max=10.0),
     ParamSpec("publish_tf", False, "broadcast map_frame -> odom_frame like AMCL (needs odom_frame -> base_frame "
               "in TF at the image stamps)", read_only=True),
@@ -140,10 +140,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("initialpose_min_confidence", 0.7, "minimum confidence of a result published on initialpose",
               min=0.0, max=1.0),
     ParamSpec("localized_after", 2, "consecutive accepted results to become localized (from not_localized "
-              "or lost); applied live", min=1, max=1000),
-    ParamSpec("lost_after", 5, "consecutive rejected results to become lost (from localized); applied live",
-              min=1, max=1000),
+              "or lost)", min=1, max=1000),
+    ParamSpec("lost_after", 5, "consecutive rejected results to become lost (from localized)", min=1, max=1000),
 )
+# Every description says when the value takes effect.
+PARAMETERS = tuple(dataclasses.replace(spec, description=spec.description + (
+    " [fixed: read at configure]" if spec.read_only else " [live: applied when set]")) for spec in PARAMETERS)
 SPECS = {spec.name: spec for spec in PARAMETERS}
 
 
