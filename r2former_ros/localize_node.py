@@ -758,7 +758,7 @@ class LocalizeNode(LifecycleNode):
             s = dataclasses.replace(self._stats, latency_ms=dict(self._stats.latency_ms), lock=threading.Lock())
         with self._localizer_lock:
             state = self._state.state
-        name = self.get_name()
+        name = self.get_fully_qualified_name().lstrip("/")    # robot1/r2former_localizer in a namespace
         hardware_id = self._values["hardware_id"] or self._camera_frame or "camera (no image yet)"
         images = health.merge([h.images.status(now), h.input.status(now)])
         poses = h.poses.status(now)
