@@ -88,7 +88,8 @@ class FrequencyStatus:
 
     def status(self, now: float) -> Status:
         count, duration, rate = self.rate(now)
-        values = [(f"{self.name} events in window", str(count)), (f"{self.name} events since start", str(self.events.total)),
+        values = [(f"{self.name} events in window", str(count)),
+                  (f"{self.name} events since start", str(self.events.total)),
                   (f"{self.name} window (s)", f"{duration:.2f}"), (f"{self.name} rate (Hz)", f"{rate:.2f}"),
                   (f"{self.name} minimum rate (Hz)", f"{self.min_rate:g}"),
                   (f"{self.name} maximum rate (Hz)", f"{self.max_rate:g}")]

@@ -419,7 +419,8 @@ def test_cli_launch_runs_the_node_compressed_best_effort(tmp_path, tiny_model):
         while malformed() != 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert malformed() == 1
-        assert all(st.name.startswith("r2former_localizer: ") for st in diags.last().status)
+        # diagnostics name the node with its namespace
+        assert all(st.name.startswith("robot1/r2former_localizer: ") for st in diags.last().status)
 
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -427,8 +428,12 @@ def test_cli_launch_runs_the_node_compressed_best_effort(tmp_path, tiny_model):
         assert time.monotonic() - t0 < 6.0
         assert "--ros-args -r __node:=r2former_localizer -r __ns:=/robot1 --params-file" in output()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:          # SIGINT first: the CLI stops its nodes (they run in their own sessions)
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         log.close()
         probe.close()
