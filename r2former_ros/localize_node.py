@@ -394,6 +394,7 @@ class LocalizeNode(LifecycleNode):
             self.destroy_timer(timer)
         self._timers.clear()
         self.stop()
+        self._health = None          # inactive: nothing is published (see _swap_map, _on_image)
 
     def _release(self) -> None:
         """Free what configure created: publishers, service, TF, map and model."""
@@ -708,7 +709,7 @@ class LocalizeNode(LifecycleNode):
     def _swap_map(self, map_path: str, localizer: Localizer) -> None:
         self._use_map(localizer)
         self._values = {**self._values, "map_path": map_path}
-        if self._health is not None:    # active: late subscribers get the new map and state
+        if self._health is not None:    # active only: late subscribers get the new map and state
             self._publish_map_poses()
             self._publish_state()
         self.get_logger().info(f"map {map_path} in use ({len(localizer.map)} images; {self._frames_summary()})")
