@@ -15,13 +15,15 @@ setup(
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
-        (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.xml")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.xml")),   # incl. rosdep.yaml
         (f"share/{PACKAGE}/rviz", glob("rviz/*.rviz")),
         (f"share/{PACKAGE}/models", glob("models/*.safetensors")),
     ],
     python_requires=">=3.10",
-    install_requires=["numpy", "torch", "timm", "faiss-cpu", "opencv-python-headless", "safetensors",
-                      "rosbags", "tqdm", "matplotlib", "pyyaml"],
+    # As ROS 2's ament_python template: the dependencies are declared in package.xml (rosdep installs
+    # them) and pinned in requirements.txt (pip); see docs/INSTALL.md.
+    install_requires=["setuptools"],
+    extras_require={"test": ["pytest"]},
     zip_safe=True,
     maintainer="r2former_ros maintainers",
     maintainer_email="maintainers@r2former-ros.org",

@@ -1,25 +1,40 @@
-"""`localize`: the R2Former localization node (default name `r2former_localizer`).
+"""`localize`: the R2Former localization node (managed lifecycle node, default name `r2former_localizer`).
 
 Subscribes `image` (sensor_msgs/Image) or `image/compressed` (CompressedImage), localizes the newest
-frame against a map in a worker thread and publishes
+frame against a map in a worker thread and publishes the pose of `base_frame` in `map_frame`:
 
     ~/pose        geometry_msgs/PoseWithCovarianceStamped  (frame map_frame, stamp = image stamp; accepted only)
     ~/matches     sensor_msgs/Image        query beside the best map image with matched tokens (rate-limited)
-    ~/candidates  visualization_msgs/MarkerArray           top candidates coloured by score
-    ~/map_poses   geometry_msgs/PoseArray  (transient local)  every map image's pose, at load and reload
+    ~/candidates  visualization_msgs/MarkerArray           top candidates (map poses) coloured by score
+    ~/map_poses   geometry_msgs/PoseArray  (transient local)  every map image's pose, at activation and reload
     ~/state       std_msgs/String          (transient local)  not_localized | localized | lost
-    /diagnostics  diagnostic_msgs/DiagnosticArray          latency per stage, rates, drops, map, device
-    /initialpose  PoseWithCovarianceStamped (optional)     once per transition to localized, for AMCL/Nav2
+    /diagnostics  diagnostic_msgs/DiagnosticArray          input and pose rates, input timeout, localization
+    initialpose   PoseWithCovarianceStamped (optional, relative: /<ns>/initialpose) on each transition to localized
+    /tf           map_frame -> odom_frame (optional, publish_tf), the way AMCL sends it
 
-Service `~/reload_map` (std_srvs/Trigger) loads the map at the current `map_path` parameter (and
-applies the current top_k, rerank, localized_after, lost_after) and swaps it in atomically; a failed
-load keeps the old map and the node keeps serving.
+Frames (REP-105): a map of base poses (its child_frame is base_frame) is published as it is; a map
+of camera poses is composed with the camera's mounting, `camera_pose_in_base` when set, else TF
+(base_frame -> the image's frame_id at the image stamp). Maps that do not record their child frame
+are published as they are, with a warning (r2former_ros.frames).
 
-The subscription callback only stores the newest message in a one-slot buffer; frames that are
-overwritten before the worker takes them are counted as dropped. Nothing queues.
+Lifecycle (rclpy.lifecycle; Nav2's lifecycle_manager can drive it): configure loads model and map
+(a failure is logged and returns FAILURE; the process stays up), activate subscribes the camera and
+starts the worker, deactivate stops both, cleanup frees model and map. With `autostart` (default)
+the node configures and activates itself.
+
+Service `~/reload_map` (std_srvs/Trigger) reloads the map at `map_path` from disk (e.g. after a
+rebuild); setting `map_path` loads that map (the change is refused when it cannot be loaded). A
+failed load keeps the old map and the node keeps serving.
+
+Frame processing is one method per step (`_decode`, `_localize`, `_base_estimate`,
+`_advance_state`, `_publish_result`, `_record`), each small and replaceable; the subscription
+callback only stores the newest message in a one-slot buffer; frames overwritten before the
+worker takes them are counted as dropped. Nothing queues.
 """
 from __future__ import annotations
 
+import dataclasses
+import gc
 import sys
 import threading
 import time
@@ -27,12 +42,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 from std_srvs.srv import Trigger
@@ -46,26 +65,33 @@ from r2former_core.options import TIMING_STAGES, LocalizerConfig
 from r2former_core.resources import resolve_model_path
 from r2former_core.results import LocalizationResult
 
-from .conversions import msg_to_rgb, pose_array_msg, pose_with_covariance_msg, rgb_to_image_msg, stamp_to_ns
+from . import health
+from .conversions import (msg_to_rgb, ns_to_stamp, pose_array_msg, pose_with_covariance_msg, rgb_to_image_msg,
+                          stamp_to_ns)
+from .frames import (FrameError, body_from_optical, camera_to_base, is_optical_frame, map_pose_warning,
+                     odom_in_map, pose_from_xyzrpy, poses_are_base)
 from .latest_frame import LatestFrameSlot
 from .localization_state import LOCALIZED, LocalizationStateMachine, Transition
 from .parameters import ParamSpec, declare_parameters
 from .qos import RELIABILITY_CHOICES, latched_qos, stream_qos
+from .tf_io import TfClient, TransformUnavailable, make_tf_client
 from .visualization import candidate_markers, draw_matches
 
 NODE_NAME = "r2former_localizer"
 TRANSPORT_CHOICES = ("raw", "compressed")
 MAX_MATCH_LINES = 500
 WARN_THROTTLE_SEC = 5.0
+TF_REPUBLISH_HZ = 10.0
 
+# Parameters: "fixed" ones are read-only (read at configure); all others are applied live.
 PARAMETERS: tuple[ParamSpec, ...] = (
-    ParamSpec("map_path", "", "map directory built with `r2former build-map` or `build_map` (required); "
-              "applied at start-up and by ~/reload_map"),
+    ParamSpec("map_path", "", "map directory built with `r2former build-map` or `build_map` (required); loaded at "
+              "configure; setting it loads that map (refused when it cannot be loaded), ~/reload_map reloads it"),
     ParamSpec("model_path", "", "model file (.safetensors or official .pth); empty = the packaged demo model "
               "models/r2former_tiny_demo.safetensors", read_only=True),
     ParamSpec.from_config(LocalizerConfig, "device", read_only=True),
-    ParamSpec.from_config(LocalizerConfig, "top_k", note="applied at start-up and by ~/reload_map"),
-    ParamSpec.from_config(LocalizerConfig, "rerank", note="applied at start-up and by ~/reload_map"),
+    ParamSpec.from_config(LocalizerConfig, "top_k"),
+    ParamSpec.from_config(LocalizerConfig, "rerank"),
     ParamSpec.from_config(LocalizerConfig, "min_confidence", note="rejected results are not published on ~/pose "
                           "and count towards `lost`"),
     ParamSpec("image_transport", "raw", "raw: subscribe `image` (sensor_msgs/Image); compressed: subscribe "
@@ -75,7 +101,20 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "data, accepts every publisher) or reliable", choices=RELIABILITY_CHOICES, read_only=True),
     ParamSpec("qos_depth", 5, "history depth of the image subscription (the node itself keeps only the newest "
               "frame)", min=1, max=100, read_only=True),
-    ParamSpec("map_frame", "map", "frame_id of published poses, candidates and map poses", read_only=True),
+    ParamSpec("map_frame", "map", "frame_id of published poses, candidates and map poses (REP-105 map)",
+              read_only=True),
+    ParamSpec("base_frame", "base_link", "the robot frame whose pose is published (REP-105 base_link)",
+              read_only=True),
+    ParamSpec("odom_frame", "odom", "the odometry frame of map_frame -> odom_frame (publish_tf)", read_only=True),
+    ParamSpec("camera_pose_in_base", [], "[x, y, z, roll, pitch, yaw] (metres, radians): pose of the camera frame "
+              "(body convention: x forward, y left, z up) in base_frame; empty = from TF (base_frame -> the "
+              "image's frame_id at the image stamp). Used when the map holds camera poses"),
+    ParamSpec("transform_timeout", 0.2, "seconds to wait for a TF lookup at the image stamp", min=0.0, max=10.0),
+    ParamSpec("publish_tf", False, "broadcast map_frame -> odom_frame like AMCL (needs odom_frame -> base_frame "
+              "in TF at the image stamps)", read_only=True),
+    ParamSpec("transform_tolerance", 1.0, "seconds the published map -> odom transform is post-dated (as AMCL's "
+              "transform_tolerance)", min=0.0, max=10.0),
+    ParamSpec("autostart", True, "configure and activate on start (without a lifecycle manager)", read_only=True),
     ParamSpec("matches_rate", 2.0, "maximum publish rate of ~/matches in Hz (0 = never); drawn only while "
               "someone subscribes", min=0.0, max=100.0),
     ParamSpec("num_match_lines", 30, "matched token pairs drawn on ~/matches (best first)", min=0,
@@ -83,18 +122,35 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("num_candidate_markers", 10, "candidates shown on ~/candidates", min=0, max=1000),
     ParamSpec("diagnostics_rate", 1.0, "publish rate of /diagnostics in Hz (0 = never)", min=0.0, max=100.0,
               read_only=True),
-    ParamSpec("publish_initialpose", False, "publish /initialpose once each time the state becomes localized "
-              "(relocalizes AMCL / Nav2)"),
-    ParamSpec("initialpose_min_confidence", 0.7, "minimum confidence of a result published on /initialpose",
+    ParamSpec("diagnostics_window", 5.0, "seconds over which diagnostic rates and errors are counted (a "
+              "transient error clears after it)", min=0.1, max=600.0, read_only=True),
+    ParamSpec("input_timeout_s", 3.0, "seconds without an image before diagnostics report ERROR (STALE when no "
+              "image ever arrived)", min=0.1, max=5.0, read_only=True),
+    ParamSpec("expected_image_rate_min", 1.0, "Hz, diagnostics warn below this input rate", min=0.0, max=1000.0,
+              read_only=True),
+    ParamSpec("expected_image_rate_max", 100.0, "Hz, diagnostics warn above this input rate", min=0.001,
+              max=1000.0, read_only=True),
+    ParamSpec("expected_pose_rate_min", 0.0, "Hz, diagnostics warn below this rate of published poses (0 = no "
+              "minimum)", min=0.0, max=1000.0, read_only=True),
+    ParamSpec("expected_pose_rate_max", 100.0, "Hz, diagnostics warn above this rate of published poses",
+              min=0.001, max=1000.0, read_only=True),
+    ParamSpec("hardware_id", "", "hardware_id of the diagnostics; empty = the camera's frame_id", read_only=True),
+    ParamSpec("publish_initialpose", False, "publish initialpose (relative to the namespace) once each time the "
+              "state becomes localized (relocalizes AMCL / Nav2)"),
+    ParamSpec("initialpose_min_confidence", 0.7, "minimum confidence of a result published on initialpose",
               min=0.0, max=1.0),
     ParamSpec("localized_after", 2, "consecutive accepted results to become localized (from not_localized "
-              "or lost); applied at start-up and by ~/reload_map", min=1, max=1000),
-    ParamSpec("lost_after", 5, "consecutive rejected results to become lost (from localized); applied at "
-              "start-up and by ~/reload_map", min=1, max=1000),
+              "or lost)", min=1, max=1000),
+    ParamSpec("lost_after", 5, "consecutive rejected results to become lost (from localized)", min=1, max=1000),
 )
+# Every description says when the value takes effect.
+PARAMETERS = tuple(dataclasses.replace(spec, description=spec.description + (
+    " [fixed: read at configure]" if spec.read_only else " [live: applied when set]")) for spec in PARAMETERS)
+SPECS = {spec.name: spec for spec in PARAMETERS}
+
 
 class StartupError(R2FormerError):
-    """The node cannot start (missing map or model, bad parameter); the message says what to do."""
+    """The node cannot configure (missing map or model, bad parameter); the message says what to do."""
 
 
 # ------------------------------------------------------------------------ core adapter
@@ -105,7 +161,7 @@ def localizer_config(values: dict[str, Any]) -> LocalizerConfig:
                            num_matches=MAX_MATCH_LINES)
 
 
-def load_localizer(model, map_path: str, values: dict[str, Any]):
+def load_localizer(model, map_path: str, values: dict[str, Any]) -> Localizer:
     """A `Localizer` of `model` on the map at `map_path` with the node's top_k, rerank, min_confidence."""
     if not map_path:
         raise StartupError("parameter map_path is empty; set it to a map directory built with "
@@ -117,6 +173,16 @@ def load_localizer(model, map_path: str, values: dict[str, Any]):
     return Localizer(model, mapdb, localizer_config(values))
 
 
+def mounting_from_parameter(values: list[float]) -> np.ndarray | None:
+    """camera_pose_in_base -> pose (7,), or None when empty (use TF). FrameError otherwise."""
+    if not values:
+        return None
+    try:
+        return pose_from_xyzrpy(values)
+    except FrameError as exc:
+        raise FrameError(f"camera_pose_in_base: {exc}") from None
+
+
 # ------------------------------------------------------------------------------ stats
 
 @dataclass
@@ -125,9 +191,11 @@ class Stats:
     lock: threading.Lock = field(default_factory=threading.Lock)
     malformed: int = 0
     errors: int = 0
+    tf_failures: int = 0
     localized_results: int = 0
     accepted: int = 0
     rejected: int = 0
+    published: int = 0
     last_confidence: float = float("nan")
     last_reason: str = ""
     last_error: str = ""
@@ -139,141 +207,464 @@ class Stats:
         self.latency_ms[name] = value_ms if old is None else (1 - alpha) * old + alpha * value_ms
 
 
+class Health:
+    """The windowed diagnostics of one activation (r2former_ros.health)."""
+
+    def __init__(self, values: dict[str, Any], start: float) -> None:
+        window = float(values["diagnostics_window"])
+        self.images = health.FrequencyStatus("images", values["expected_image_rate_min"],
+                                             values["expected_image_rate_max"], window, start=start)
+        self.poses = health.FrequencyStatus("poses", values["expected_pose_rate_min"],
+                                            values["expected_pose_rate_max"], window, start=start)
+        self.input = health.InputTimeout("image", values["input_timeout_s"], start)
+        self.errors = health.EventWindow(window)
+        self.malformed = health.EventWindow(window)
+        self.tf_failures = health.EventWindow(window)
+
+
+@dataclass(frozen=True)
+class Received:
+    """An image message with its receipt time (ROS clock, ns: sim time under use_sim_time)."""
+    msg: Image | CompressedImage
+    receipt_ns: int
+
+
+@dataclass(frozen=True)
+class BaseEstimate:
+    """The published pose: of base_frame in map_frame, with its covariance."""
+    pose: np.ndarray
+    covariance: np.ndarray
+
+
 # ------------------------------------------------------------------------------- node
 
-class LocalizeNode(Node):
+class LocalizeNode(LifecycleNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
-        self._values = declare_parameters(self, PARAMETERS)
-        self._model_path = resolve_model_path(self._values["model_path"], "parameter model_path")
-        self._map_frame = self._values["map_frame"]
-        self._model = load_model(self._model_path, device=self._values["device"])
-        self._localizer = load_localizer(self._model, self._values["map_path"], self._values)
+        declare_parameters(self, PARAMETERS)
+        self._values = self._read_parameters()
+        self._mount = mounting_from_parameter(self._values["camera_pose_in_base"])
+        self.add_on_set_parameters_callback(self._check_live_parameters)
+        self.add_post_set_parameters_callback(self._apply_live_parameters)
+        self._model_path: Path | None = None
+        self._model = None
+        self._localizer: Localizer | None = None
         self._localizer_lock = threading.Lock()   # guards swapping `_localizer` and the state machine
-        self._reload_lock = threading.Lock()      # one reload at a time
+        self._reload_lock = threading.Lock()      # one map load at a time
+        self._pending_map: tuple[str, Localizer] | None = None
         self._state = LocalizationStateMachine(self._values["localized_after"], self._values["lost_after"])
         self._initialpose_pending = False
+        self._maps_base_poses = True
+        self._tf: TfClient | None = None
+        self._map_to_odom: np.ndarray | None = None
         self._stats = Stats()
-        self._slot: LatestFrameSlot[Image | CompressedImage] = LatestFrameSlot()
+        self._health: Health | None = None
+        self._camera_frame = ""
+        self._slot: LatestFrameSlot[Received] | None = None
+        self._worker: threading.Thread | None = None
+        self._image_sub = None
+        self._timers: list[Any] = []
         self._last_matches_time = 0.0
         self._window = (time.monotonic(), 0, 0)   # (time, received, taken) at the last diagnostics
+        self._publishers: list[Any] = []
+        self._reload_srv = None
 
-        self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, "~/pose", 10)
-        self._matches_pub = self.create_publisher(Image, "~/matches", stream_qos("reliable", 1))
-        self._candidates_pub = self.create_publisher(MarkerArray, "~/candidates", 10)
-        self._map_poses_pub = self.create_publisher(PoseArray, "~/map_poses", latched_qos())
-        self._state_pub = self.create_publisher(String, "~/state", latched_qos())
-        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._initialpose_pub = self.create_publisher(PoseWithCovarianceStamped, "/initialpose", 1)
+    @property
+    def autostart(self) -> bool:
+        return bool(self._values["autostart"])
 
+    # ------------------------------------------------------------- lifecycle
+    def _read_parameters(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for spec in PARAMETERS:
+            try:
+                value = self.get_parameter(spec.name).value
+            except ParameterUninitializedException:     # an empty array parameter
+                value = None
+            values[spec.name] = list(value or []) if isinstance(spec.default, list) else value
+        return values
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            return self._configure()
+        except Exception as exc:  # noqa: BLE001 - rclpy would turn it into a silent ERROR transition
+            self.get_logger().error(f"configure failed: {type(exc).__name__}: {exc}")
+            self._release()
+            return TransitionCallbackReturn.FAILURE
+
+    def _configure(self) -> TransitionCallbackReturn:
+        values = self._read_parameters()
+        t0 = time.perf_counter()
+        try:
+            self._model_path = resolve_model_path(values["model_path"], "parameter model_path")
+            self._model = load_model(self._model_path, device=values["device"])
+            localizer = load_localizer(self._model, values["map_path"], values)
+            self._mount = mounting_from_parameter(values["camera_pose_in_base"])
+            Health(values, 0.0)                      # checks the expected rates
+            self._values = values
+            self._use_map(localizer)
+            if values["publish_tf"] or (not self._maps_base_poses and self._mount is None):
+                self._tf = make_tf_client(self)
+        except EXPECTED_ERRORS as exc:
+            self.get_logger().error(f"configure failed: {exc}")
+            self._release()
+            return TransitionCallbackReturn.FAILURE
+        self._create_publishers()
+        self._reload_srv = self.create_service(Trigger, "~/reload_map", self._on_reload,
+                                               callback_group=MutuallyExclusiveCallbackGroup())
+        m = localizer.map
+        self.get_logger().info(
+            f"configured in {time.perf_counter() - t0:.1f} s: map={values['map_path']} images={len(m)} "
+            f"poses of {m.info.child_frame or '(unrecorded frame)'} in {m.info.parent_frame} -> published as "
+            f"{values['base_frame']} in {values['map_frame']} ({self._frames_summary()}); model={self._model_path} "
+            f"fingerprint={self._model.fingerprint} device={localizer.device}"
+            f"{'; TF via ' + self._tf.backend if self._tf else ''}")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            return self._activate(state)
+        except Exception as exc:  # noqa: BLE001 - rclpy would turn it into a silent ERROR transition
+            self.get_logger().error(f"activate failed: {type(exc).__name__}: {exc}")
+            self._stop_processing()
+            super().on_deactivate(state)
+            return TransitionCallbackReturn.FAILURE
+
+    def _activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        result = super().on_activate(state)          # enables the lifecycle publishers
+        self._health = Health(self._values, time.monotonic())
+        self._slot = LatestFrameSlot()
+        self._worker = threading.Thread(target=self._work, args=(self._slot,), name="r2former-localize",
+                                        daemon=True)
+        self._worker.start()
         qos = stream_qos(self._values["qos_reliability"], self._values["qos_depth"])
         if self._values["image_transport"] == "compressed":
             self._image_sub = self.create_subscription(CompressedImage, "image/compressed", self._on_image, qos)
         else:
             self._image_sub = self.create_subscription(Image, "image", self._on_image, qos)
-        self._reload_srv = self.create_service(Trigger, "~/reload_map", self._on_reload,
-                                               callback_group=MutuallyExclusiveCallbackGroup())
         rate = float(self._values["diagnostics_rate"])
-        self._diag_timer = self.create_timer(1.0 / rate, self._publish_diagnostics) if rate > 0 else None
-
-        self._check_frame(self._localizer)
+        if rate > 0:
+            self._timers.append(self.create_timer(1.0 / rate, self._publish_diagnostics))
+        if self._values["publish_tf"]:
+            self._timers.append(self.create_timer(1.0 / TF_REPUBLISH_HZ, self._republish_map_to_odom))
         self._publish_map_poses()
         self._publish_state()
-        self._worker = threading.Thread(target=self._work, name="r2former-localize", daemon=True)
-        self._worker.start()
-        m = self._localizer.map
-        self.get_logger().info(
-            f"ready: map={self._values['map_path']} images={len(m)} model={self._model_path} "
-            f"fingerprint={self._localizer.model.fingerprint} device={self._localizer.device} "
-            f"topic={self._image_sub.topic_name} qos={self._values['qos_reliability']}/{self._values['qos_depth']}")
+        self.get_logger().info(f"active: subscribed {self._image_sub.topic_name} "
+                               f"({self._values['qos_reliability']}/{self._values['qos_depth']})")
+        return result
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_processing()
+        self.get_logger().info("inactive: camera unsubscribed, nothing is published")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        self.get_logger().info("cleaned up: model and map freed")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_processing()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_processing()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _create_publishers(self) -> None:
+        create = self.create_lifecycle_publisher
+        self._pose_pub = create(PoseWithCovarianceStamped, "~/pose", 10)
+        self._matches_pub = create(Image, "~/matches", stream_qos("reliable", 1))
+        self._candidates_pub = create(MarkerArray, "~/candidates", 10)
+        self._map_poses_pub = create(PoseArray, "~/map_poses", latched_qos())
+        self._state_pub = create(String, "~/state", latched_qos())
+        self._diag_pub = create(DiagnosticArray, "/diagnostics", 10)
+        self._initialpose_pub = create(PoseWithCovarianceStamped, "initialpose", 1)
+        self._publishers = [self._pose_pub, self._matches_pub, self._candidates_pub, self._map_poses_pub,
+                            self._state_pub, self._diag_pub, self._initialpose_pub]
+
+    def _stop_processing(self) -> None:
+        """Unsubscribe the camera, stop the worker (it finishes its frame) and the timers."""
+        if self._image_sub is not None:
+            self.destroy_subscription(self._image_sub)
+            self._image_sub = None
+        for timer in self._timers:
+            self.destroy_timer(timer)
+        self._timers.clear()
+        self.stop()
+        self._health = None          # inactive: nothing is published (see _swap_map, _on_image)
+
+    def _release(self) -> None:
+        """Free what configure created: publishers, service, TF, map and model."""
+        for pub in self._publishers:
+            self.destroy_lifecycle_publisher(pub)
+        self._publishers = []
+        if self._reload_srv is not None:
+            self.destroy_service(self._reload_srv)
+            self._reload_srv = None
+        if self._tf is not None:
+            self._tf.close()
+            self._tf = None
+        device = getattr(self._model, "device", None)
+        with self._localizer_lock:
+            self._localizer = None
+        self._model = None
+        self._map_to_odom = None
+        gc.collect()
+        if device is not None and getattr(device, "type", "") == "cuda":
+            import torch
+            torch.cuda.empty_cache()
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Stop the worker thread (it finishes the frame it is on)."""
+        if self._slot is not None:
+            self._slot.close()
+        worker, self._worker = self._worker, None
+        if worker is not None and worker.is_alive() and worker is not threading.current_thread():
+            worker.join(timeout)
+
+    # -------------------------------------------------------------- parameters
+    def _check_live_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """Validate changes; a new map_path is loaded here (the change is refused when it fails)."""
+        for p in params:
+            spec = SPECS.get(p.name)
+            reason = spec.check(p.value) if spec is not None else None
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
+            if p.name == "camera_pose_in_base":
+                try:
+                    mounting_from_parameter(list(p.value or []))
+                except FrameError as exc:
+                    return SetParametersResult(successful=False, reason=str(exc))
+        for p in params:
+            if p.name == "map_path" and self._model is not None:
+                try:
+                    localizer = self._load_map(str(p.value))
+                except EXPECTED_ERRORS as exc:
+                    return SetParametersResult(successful=False, reason=f"map not loaded, keeping "
+                                               f"{self._values['map_path']}: {exc}")
+                self._pending_map = (str(p.value), localizer)
+        return SetParametersResult(successful=True)
+
+    def _apply_live_parameters(self, params: list[Parameter]) -> None:
+        changed = {p.name: p.value for p in params if p.name in SPECS}
+        if not changed:
+            return
+        if "camera_pose_in_base" in changed:
+            changed["camera_pose_in_base"] = list(changed["camera_pose_in_base"] or [])
+            self._mount = mounting_from_parameter(changed["camera_pose_in_base"])
+            if self._mount is None and not self._maps_base_poses and self._tf is None and self._model is not None:
+                try:
+                    self._tf = make_tf_client(self)
+                except EXPECTED_ERRORS as exc:
+                    self.get_logger().error(str(exc))
+        self._values = {**self._values, **changed}
+        with self._localizer_lock:
+            if self._localizer is not None and ({"top_k", "rerank", "min_confidence"} & set(changed)):
+                self._localizer.config = dataclasses.replace(
+                    self._localizer.config, top_k=int(self._values["top_k"]), rerank=str(self._values["rerank"]),
+                    min_confidence=float(self._values["min_confidence"]))
+            self._state.localized_after = int(self._values["localized_after"])
+            self._state.lost_after = int(self._values["lost_after"])
+        pending, self._pending_map = self._pending_map, None
+        if pending is not None and "map_path" in changed:
+            self._swap_map(*pending)
 
     # ------------------------------------------------------------------ input
     def _on_image(self, msg: Image | CompressedImage) -> None:
-        self._slot.put(msg)
+        now = time.monotonic()
+        slot, h = self._slot, self._health
+        if slot is None or h is None:
+            return
+        h.images.tick(now)
+        h.input.seen(now)
+        self._camera_frame = msg.header.frame_id
+        slot.put(Received(msg, self.get_clock().now().nanoseconds))
 
     # ----------------------------------------------------------------- worker
-    def _work(self) -> None:
-        while not self._slot.closed:
-            frame = self._slot.take(timeout=0.5)
+    def _work(self, slot: LatestFrameSlot[Received]) -> None:
+        while not slot.closed:
+            frame = slot.take(timeout=0.5)
             if frame is None:
                 continue
             try:
                 self._process(frame.item, frame.received_at)
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything one frame does
-                if self._slot.closed or not rclpy.ok(context=self.context):
+                if slot.closed or not rclpy.ok(context=self.context):
                     return
-                with self._stats.lock:
-                    self._stats.errors += 1
-                    self._stats.last_error = f"{type(exc).__name__}: {exc}"
-                self.get_logger().error(f"localization failed: {type(exc).__name__}: {exc}",
-                                        throttle_duration_sec=WARN_THROTTLE_SEC)
+                self._count_error(exc)
 
-    def _process(self, msg: Image | CompressedImage, received_at: float) -> None:
+    def _process(self, received: Received, received_at: float) -> None:
+        """One frame: decode, localize, express in the base frame, update the state, publish, record."""
+        msg = received.msg
+        stamp_ns = stamp_to_ns(msg.header.stamp) or received.receipt_ns   # zero stamp: receipt time
+        rgb, decode_ms = self._decode(msg)
+        if rgb is None:
+            return
+        localizer = self._current_localizer()
+        if localizer is None:
+            return
+        result = self._localize(localizer, rgb, decode_ms)
+        estimate = self._base_estimate(result, msg.header.frame_id, stamp_ns) if result.accepted else None
+        decision = self._advance_state(localizer, result, published=estimate is not None)
+        if decision is None:             # the map changed while we worked: stale result
+            return
+        transition, send_initialpose = decision
+        self._publish_result(result, estimate, stamp_ns, send_initialpose)
+        if transition is not None:
+            self._on_transition(transition, result)
+        self._publish_extras(rgb, result, localizer, msg.header, stamp_ns)
+        self._record(result, estimate is not None, received_at)
+
+    def _decode(self, msg: Image | CompressedImage) -> tuple[np.ndarray | None, float]:
         t0 = time.perf_counter()
         try:
             rgb = msg_to_rgb(msg)
         except ImageDecodeError as exc:
             with self._stats.lock:
                 self._stats.malformed += 1
+            if self._health is not None:
+                self._health.malformed.add(time.monotonic())
             self.get_logger().warning(f"skipping image: {exc}", throttle_duration_sec=WARN_THROTTLE_SEC)
+            return None, 0.0
+        return rgb, (time.perf_counter() - t0) * 1e3
+
+    def _current_localizer(self) -> Localizer | None:
+        with self._localizer_lock:
+            return self._localizer
+
+    def _localize(self, localizer: Localizer, rgb: np.ndarray, decode_ms: float) -> LocalizationResult:
+        result = localizer.localize(rgb, decode_ms=decode_ms)
+        return result.judge(float(self._values["min_confidence"]))   # it can change at run time
+
+    def _base_estimate(self, result: LocalizationResult, camera_frame: str, stamp_ns: int) -> BaseEstimate | None:
+        """The pose of base_frame for an accepted result: as it is for a map of base poses, else the camera
+        pose composed with the mounting. None (counted, warned) when the mounting is not available in TF."""
+        if self._maps_base_poses:
+            return BaseEstimate(result.pose, result.covariance)
+        mount = self._mount
+        if mount is None:
+            try:
+                mount = self._mount_from_tf(camera_frame, stamp_ns)
+            except TransformUnavailable as exc:
+                with self._stats.lock:
+                    self._stats.tf_failures += 1
+                    self._stats.last_error = f"TF: {exc}"
+                if self._health is not None:
+                    self._health.tf_failures.add(time.monotonic())
+                self.get_logger().warning(f"pose not published: camera mounting unknown: {exc}",
+                                          throttle_duration_sec=WARN_THROTTLE_SEC)
+                return None
+        pose, cov = camera_to_base(result.pose, result.covariance, mount)
+        return BaseEstimate(pose, cov)
+
+    def _mount_from_tf(self, camera_frame: str, stamp_ns: int) -> np.ndarray:
+        if self._tf is None:
+            raise TransformUnavailable("camera_pose_in_base is empty and TF is not available")
+        with self._localizer_lock:
+            fallback = self._localizer.map.info.child_frame if self._localizer is not None else ""
+        frame = camera_frame or fallback
+        mount = self._tf.lookup(self._values["base_frame"], frame, stamp_ns, float(self._values["transform_timeout"]))
+        return body_from_optical(mount) if is_optical_frame(frame) else mount
+
+    def _advance_state(self, localizer: Localizer, result: LocalizationResult,
+                       published: bool) -> tuple[Transition | None, bool] | None:
+        """Feed the state machine; (transition, send initialpose now), or None when the map was swapped."""
+        with self._localizer_lock:
+            if localizer is not self._localizer:
+                return None
+            transition = self._state.update(result.accepted and published)
+            if transition is not None:
+                self._initialpose_pending = transition.current == LOCALIZED
+            send = (self._initialpose_pending and self._state.state == LOCALIZED and published
+                    and bool(self._values["publish_initialpose"])
+                    and result.confidence >= float(self._values["initialpose_min_confidence"]))
+            if send:
+                self._initialpose_pending = False
+            return transition, send
+
+    def _publish_result(self, result: LocalizationResult, estimate: BaseEstimate | None, stamp_ns: int,
+                        send_initialpose: bool) -> None:
+        if estimate is None:
             return
-        decode_ms = (time.perf_counter() - t0) * 1e3
-        with self._localizer_lock:
-            localizer = self._localizer
-        result: LocalizationResult = localizer.localize(rgb, decode_ms=decode_ms)
-        result.judge(float(self.get_parameter("min_confidence").value))   # it can change at run time
-        timings = dict(result.timings_ms)
+        pose = pose_with_covariance_msg(estimate.pose, estimate.covariance, self._values["map_frame"],
+                                        ns_to_stamp(stamp_ns))
+        self._pose_pub.publish(pose)
+        if self._health is not None:
+            self._health.poses.tick(time.monotonic())
+        if send_initialpose:
+            self._initialpose_pub.publish(pose)
+            self.get_logger().info(f"published {self._initialpose_pub.topic_name} "
+                                   f"(confidence {result.confidence:.2f})")
+        if self._values["publish_tf"]:
+            self._update_map_to_odom(estimate.pose, stamp_ns)
 
-        stamp = msg.header.stamp
-        if stamp_to_ns(stamp) == 0:
-            stamp = self.get_clock().now().to_msg()
-        with self._localizer_lock:
-            if localizer is not self._localizer:   # the map changed while we worked: stale result
-                return
-            transition = self._state.update(result.accepted)
-            if transition is not None and transition.current == LOCALIZED:
-                self._initialpose_pending = True
-            elif transition is not None:
-                self._initialpose_pending = False
-            send_initialpose = (self._initialpose_pending and self._state.state == LOCALIZED
-                                and result.accepted and bool(self.get_parameter("publish_initialpose").value)
-                                and result.confidence >= self.get_parameter("initialpose_min_confidence").value)
-            if send_initialpose:
-                self._initialpose_pending = False
+    def _update_map_to_odom(self, base_in_map: np.ndarray, stamp_ns: int) -> None:
+        """map -> odom from the published base pose and odom -> base at the same stamp (AMCL's rule)."""
+        try:
+            base_in_odom = self._tf.lookup(self._values["odom_frame"], self._values["base_frame"], stamp_ns,
+                                           float(self._values["transform_timeout"]))
+        except TransformUnavailable as exc:
+            with self._stats.lock:
+                self._stats.tf_failures += 1
+            if self._health is not None:
+                self._health.tf_failures.add(time.monotonic())
+            self.get_logger().warning(f"map -> odom not updated: {exc}", throttle_duration_sec=WARN_THROTTLE_SEC)
+            return
+        self._map_to_odom = odom_in_map(base_in_map, base_in_odom)
+        tolerance_ns = int(float(self._values["transform_tolerance"]) * 1e9)
+        self._tf.send(self._values["map_frame"], self._values["odom_frame"], self._map_to_odom,
+                      stamp_ns + tolerance_ns)
 
-        if result.accepted:
-            pose = pose_with_covariance_msg(result.pose, result.covariance, self._map_frame, stamp)
-            self._pose_pub.publish(pose)
-            if send_initialpose:
-                self._initialpose_pub.publish(pose)
-                self.get_logger().info(f"published /initialpose (confidence {result.confidence:.2f})")
-        if transition is not None:
-            self._on_transition(transition, result)
+    def _republish_map_to_odom(self) -> None:
+        """Keep the last map -> odom alive between localizations (post-dated by transform_tolerance)."""
+        if self._map_to_odom is None or self._tf is None:
+            return
+        stamp_ns = self.get_clock().now().nanoseconds + int(float(self._values["transform_tolerance"]) * 1e9)
+        self._tf.send(self._values["map_frame"], self._values["odom_frame"], self._map_to_odom, stamp_ns)
+
+    def _publish_extras(self, rgb: np.ndarray, result: LocalizationResult, localizer: Localizer, header: Header,
+                        stamp_ns: int) -> None:
+        stamp = ns_to_stamp(stamp_ns)
         if self._candidates_pub.get_subscription_count() > 0:
             self._candidates_pub.publish(candidate_markers(
-                result.candidates, self._map_frame, stamp,
-                max_markers=int(self.get_parameter("num_candidate_markers").value)))
-        self._maybe_publish_matches(rgb, result, localizer, msg.header, stamp)
+                result.candidates, self._values["map_frame"], stamp,
+                max_markers=int(self._values["num_candidate_markers"])))
+        self._maybe_publish_matches(rgb, result, localizer, header, stamp)
 
+    def _record(self, result: LocalizationResult, published: bool, received_at: float) -> None:
         with self._stats.lock:
             s = self._stats
             s.localized_results += 1
             s.accepted += int(result.accepted)
             s.rejected += int(not result.accepted)
+            s.published += int(published)
             s.last_confidence = float(result.confidence)
             s.last_reason = result.reason
             for name in TIMING_STAGES:
-                if name in timings:
-                    s.smooth(name, float(timings[name]))
+                if name in result.timings_ms:
+                    s.smooth(name, float(result.timings_ms[name]))
             s.end_to_end_ms = (time.monotonic() - received_at) * 1e3
+
+    def _count_error(self, exc: Exception) -> None:
+        with self._stats.lock:
+            self._stats.errors += 1
+            self._stats.last_error = f"{type(exc).__name__}: {exc}"
+        if self._health is not None:
+            self._health.errors.add(time.monotonic())
+        self.get_logger().error(f"localization failed: {type(exc).__name__}: {exc}",
+                                throttle_duration_sec=WARN_THROTTLE_SEC)
 
     def _on_transition(self, transition: Transition, result: LocalizationResult) -> None:
         self.get_logger().info(f"state {transition.previous} -> {transition.current} "
                                f"(confidence {result.confidence:.2f}{', ' + result.reason if result.reason else ''})")
         self._publish_state()
 
-    def _maybe_publish_matches(self, rgb, result: LocalizationResult, localizer, header: Header, stamp) -> None:
-        rate = float(self.get_parameter("matches_rate").value)
+    def _maybe_publish_matches(self, rgb, result: LocalizationResult, localizer: Localizer, header: Header,
+                               stamp) -> None:
+        rate = float(self._values["matches_rate"])
         now = time.monotonic()
         if rate <= 0 or now - self._last_matches_time < 1.0 / rate:
             return
@@ -288,112 +679,132 @@ class LocalizeNode(Node):
             lines.append(f"best #{best.index} {best.name}  score {best.score:.3f}  global {best.global_score:.3f}"
                          f"  rerank {best.rerank_score:.3f}")
         image = draw_matches(rgb, thumb, result.matches, model_size=tuple(localizer.model.cfg.image_size),
-                             num_lines=int(self.get_parameter("num_match_lines").value), text=lines)
+                             num_lines=int(self._values["num_match_lines"]), text=lines)
         out = rgb_to_image_msg(image, encoding="rgb8")
         out.header.stamp = stamp
         out.header.frame_id = header.frame_id
         self._matches_pub.publish(out)
 
-    def _check_frame(self, localizer) -> None:
-        frame = localizer.map.info.frame_id
-        if frame != self._map_frame:
-            self.get_logger().warning(f"map {localizer.map.info.path} was built in frame {frame!r}, poses are "
-                                      f"published in map_frame {self._map_frame!r}")
+    # ------------------------------------------------------------------ map
+    def _load_map(self, map_path: str) -> Localizer:
+        with self._reload_lock:
+            return load_localizer(self._model, map_path, self._values)
+
+    def _use_map(self, localizer: Localizer) -> None:
+        """Make `localizer` current: frames of its poses, fresh state machine."""
+        info = localizer.map.info
+        base = self._values["base_frame"]
+        if info.parent_frame != self._values["map_frame"]:
+            self.get_logger().warning(f"map {info.path} holds poses in frame {info.parent_frame!r}; they are "
+                                      f"published in map_frame {self._values['map_frame']!r}")
+        warning = map_pose_warning(info.child_frame, base, str(info.path))
+        if warning:
+            self.get_logger().warning(warning, once=True)
+        with self._localizer_lock:
+            self._localizer = localizer
+            self._maps_base_poses = poses_are_base(info.child_frame, base)
+            self._state = LocalizationStateMachine(self._values["localized_after"], self._values["lost_after"])
+            self._initialpose_pending = False
+
+    def _swap_map(self, map_path: str, localizer: Localizer) -> None:
+        self._use_map(localizer)
+        self._values = {**self._values, "map_path": map_path}
+        if self._health is not None:    # active only: late subscribers get the new map and state
+            self._publish_map_poses()
+            self._publish_state()
+        self.get_logger().info(f"map {map_path} in use ({len(localizer.map)} images; {self._frames_summary()})")
+
+    def _frames_summary(self) -> str:
+        if self._maps_base_poses:
+            return "map poses published as they are"
+        if self._mount is not None:
+            return "camera poses composed with camera_pose_in_base"
+        return "camera poses composed with the mounting from TF"
+
+    def _on_reload(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        map_path = str(self.get_parameter("map_path").value)
+        t0 = time.perf_counter()
+        try:
+            localizer = self._load_map(map_path)
+        except EXPECTED_ERRORS as exc:
+            response.success = False
+            response.message = f"map not reloaded, keeping the loaded map: {exc}"
+            self.get_logger().error(response.message)
+            return response
+        self._swap_map(map_path, localizer)
+        response.success = True
+        response.message = f"loaded {map_path} ({len(localizer.map)} images) in {time.perf_counter() - t0:.2f} s"
+        return response
 
     # ------------------------------------------------------------ publishing
     def _publish_state(self) -> None:
         self._state_pub.publish(String(data=self._state.state))
 
     def _publish_map_poses(self) -> None:
-        poses = self._localizer.map.poses
-        self._map_poses_pub.publish(pose_array_msg(poses, self._map_frame, self.get_clock().now().to_msg()))
+        localizer = self._current_localizer()
+        if localizer is not None:
+            self._map_poses_pub.publish(pose_array_msg(localizer.map.poses, self._values["map_frame"],
+                                                       self.get_clock().now().to_msg()))
 
     def _publish_diagnostics(self) -> None:
-        counts = self._slot.counts()
+        h, slot, localizer = self._health, self._slot, self._current_localizer()
+        if h is None or slot is None or localizer is None:
+            return
         now = time.monotonic()
+        counts = slot.counts()
         t_prev, rec_prev, taken_prev = self._window
         dt = max(now - t_prev, 1e-6)
         self._window = (now, counts.received, counts.taken)
         with self._stats.lock:
-            s = self._stats
-            latency = dict(s.latency_ms)
-            snapshot = dict(malformed=s.malformed, errors=s.errors, accepted=s.accepted, rejected=s.rejected,
-                            confidence=s.last_confidence, reason=s.last_reason, last_error=s.last_error,
-                            end_to_end=s.end_to_end_ms)
+            s = dataclasses.replace(self._stats, latency_ms=dict(self._stats.latency_ms), lock=threading.Lock())
         with self._localizer_lock:
-            localizer = self._localizer
             state = self._state.state
-        status = DiagnosticStatus(name=f"{self.get_name()}: localization", hardware_id=str(localizer.device))
-        if snapshot["errors"] and snapshot["last_error"]:
-            status.level, status.message = DiagnosticStatus.WARN, f"{state}; last error: {snapshot['last_error']}"
-        elif state == LOCALIZED:
-            status.level, status.message = DiagnosticStatus.OK, state
-        else:
-            status.level = DiagnosticStatus.WARN
-            status.message = f"{state}{'; ' + snapshot['reason'] if snapshot['reason'] else ''}"
+        name = self.get_fully_qualified_name().lstrip("/")    # robot1/r2former_localizer in a namespace
+        hardware_id = self._values["hardware_id"] or self._camera_frame or "camera (no image yet)"
+        images = health.merge([h.images.status(now), h.input.status(now)])
+        poses = h.poses.status(now)
+        errors, malformed, tf_failures = (w.count(now) for w in (h.errors, h.malformed, h.tf_failures))
+        parts = [health.Status(health.OK if state == LOCALIZED else health.WARN,
+                               state + (f" ({s.last_reason})" if s.last_reason and state != LOCALIZED else ""))]
+        window = f"{h.errors.window:g} s"
+        if errors:
+            parts.append(health.Status(health.WARN, f"{errors} errors in the last {window}: {s.last_error}"))
+        if malformed:
+            parts.append(health.Status(health.WARN, f"{malformed} malformed images in the last {window}"))
+        if tf_failures:
+            parts.append(health.Status(health.WARN, f"{tf_failures} TF lookups failed in the last {window}"))
+        if images.level >= health.ERROR:
+            parts.append(health.Status(images.level, images.message))
+        summary = health.merge(parts)
         values: list[tuple[str, Any]] = [
             ("state", state),
-            ("confidence", f"{snapshot['confidence']:.3f}"),
+            ("confidence", f"{s.last_confidence:.3f}"),
             ("input_rate_hz", f"{(counts.received - rec_prev) / dt:.2f}"),
             ("processed_rate_hz", f"{(counts.taken - taken_prev) / dt:.2f}"),
-            ("received", counts.received),
-            ("processed", counts.taken),
-            ("dropped", counts.dropped),
-            ("pending", counts.pending),
-            ("malformed", snapshot["malformed"]),
-            ("errors", snapshot["errors"]),
-            ("accepted", snapshot["accepted"]),
-            ("rejected", snapshot["rejected"]),
-            *((f"latency_{name}_ms", f"{latency[name]:.2f}") for name in TIMING_STAGES if name in latency),
-            ("latency_end_to_end_ms", f"{snapshot['end_to_end']:.2f}"),
-            ("device", str(localizer.device)),
-            ("map_size", len(localizer.map)),
-            ("map_path", self._values["map_path"]),
-            ("model_path", str(self._model_path)),
+            ("received", counts.received), ("processed", counts.taken), ("dropped", counts.dropped),
+            ("pending", counts.pending), ("malformed", s.malformed), ("errors", s.errors),
+            ("tf_failures", s.tf_failures), ("accepted", s.accepted), ("rejected", s.rejected),
+            ("published", s.published),
+            *((f"latency_{n}_ms", f"{s.latency_ms[n]:.2f}") for n in TIMING_STAGES if n in s.latency_ms),
+            ("latency_end_to_end_ms", f"{s.end_to_end_ms:.2f}"),
+            ("device", str(localizer.device)), ("map_size", len(localizer.map)),
+            ("map_path", self._values["map_path"]), ("model_path", str(self._model_path)),
             ("model_fingerprint", localizer.model.fingerprint),
+            ("map_child_frame", localizer.map.info.child_frame), ("base_frame", self._values["base_frame"]),
+            ("frames", self._frames_summary()),
         ]
-        status.values = [KeyValue(key=k, value=str(v)) for k, v in values]
-        array = DiagnosticArray(status=[status])
+        statuses = [self._status(f"{name}: input images", hardware_id, images),
+                    self._status(f"{name}: published poses", hardware_id, poses),
+                    self._status(f"{name}: localization", hardware_id,
+                                 health.Status(summary.level, summary.message, [(k, str(v)) for k, v in values]))]
+        array = DiagnosticArray(status=statuses)
         array.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(array)
 
-    # --------------------------------------------------------------- reload
-    def _on_reload(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        if not self._reload_lock.acquire(blocking=False):
-            response.success, response.message = False, "a reload is already running"
-            return response
-        try:
-            values = {spec.name: self.get_parameter(spec.name).value for spec in PARAMETERS}
-            t0 = time.perf_counter()
-            try:
-                localizer = load_localizer(self._model, values["map_path"], values)
-            except Exception as exc:  # noqa: BLE001 - any failure keeps the old map
-                response.success = False
-                response.message = f"map not reloaded, keeping {self._values['map_path']}: {exc}"
-                self.get_logger().error(response.message)
-                return response
-            self._check_frame(localizer)
-            with self._localizer_lock:
-                self._localizer = localizer
-                self._values = values
-                self._state = LocalizationStateMachine(values["localized_after"], values["lost_after"])
-                self._initialpose_pending = False
-            self._publish_map_poses()
-            self._publish_state()
-            response.success = True
-            response.message = (f"loaded {values['map_path']} ({len(localizer.map)} images) in "
-                                f"{time.perf_counter() - t0:.2f} s")
-            self.get_logger().info(response.message)
-            return response
-        finally:
-            self._reload_lock.release()
-
-    # ------------------------------------------------------------- shutdown
-    def stop(self, timeout: float = 3.0) -> None:
-        """Stop the worker thread (it finishes the frame it is on)."""
-        self._slot.close()
-        if self._worker.is_alive() and self._worker is not threading.current_thread():
-            self._worker.join(timeout)
+    @staticmethod
+    def _status(name: str, hardware_id: str, status: health.Status) -> DiagnosticStatus:
+        return DiagnosticStatus(level=bytes([status.level]), name=name, message=status.message,
+                                hardware_id=hardware_id, values=[KeyValue(key=k, value=v) for k, v in status.values])
 
 
 def main(args: list[str] | None = None) -> int:
@@ -403,10 +814,12 @@ def main(args: list[str] | None = None) -> int:
         node = LocalizeNode()
         executor = MultiThreadedExecutor(num_threads=2)
         executor.add_node(node)
+        if node.autostart and node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            node.trigger_activate()
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except EXPECTED_ERRORS as exc:
+    except EXPECTED_ERRORS as exc:       # parameters that cannot even be declared
         rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {exc}")
         return 1
     except Exception:

@@ -15,7 +15,8 @@ from typing import Any
 
 from r2former_core.errors import ConfigError
 from r2former_core.options import Option, config_options
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType,
+                                SetParametersResult)
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -84,6 +85,14 @@ def declare_parameters(node: Node, specs: Sequence[ParamSpec]) -> dict[str, Any]
     values: dict[str, Any] = {}
     for spec in specs:
         try:
+            if isinstance(spec.default, list) and not spec.default:
+                # An empty array has no type of its own: declared as a double array, unset until given
+                # (an empty `[]` in a params file leaves it unset too).
+                descriptor = spec.descriptor()
+                descriptor.type = ParameterType.PARAMETER_DOUBLE_ARRAY
+                param = node.declare_parameter(spec.name, Parameter.Type.DOUBLE_ARRAY, descriptor)
+                values[spec.name] = list(param.value) if param.value is not None else []
+                continue
             param = node.declare_parameter(spec.name, spec.default, spec.descriptor())
         except InvalidParameterTypeException as exc:
             raise ParameterError(f"parameter {spec.name} must be a {type(spec.default).__name__} "

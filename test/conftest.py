@@ -30,3 +30,20 @@ def tiny_config():
 def tiny_model(tiny_config):
     from r2former_core.model import build_model
     return build_model(tiny_config, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tf2_msgs_path(tmp_path_factory):
+    """Where `tf2_msgs` comes from for the test process and the nodes it starts: None when a ROS 2
+    installation provides it, else the site-packages of a tf2_msgs built here from its definition with the
+    ROS wheels' message generators (r2former_ros.msg_build, a few seconds). Child processes get it through
+    PYTHONPATH (rostools.with_tf2_msgs)."""
+    import importlib.util
+    import sys
+    if importlib.util.find_spec("tf2_msgs") is not None:
+        return None
+    from r2former_ros.msg_build import build
+    path = build(tmp_path_factory.mktemp("tf2_msgs_prefix"))
+    sys.path.insert(0, str(path))
+    return path
+

@@ -160,6 +160,16 @@ class NodeProcess:
         self._out.close()
 
 
+def with_tf2_msgs(env: dict[str, str], path: Path | None) -> dict[str, str]:
+    """`env` with the tf2_msgs built by the `tf2_msgs_path` fixture on PYTHONPATH (unchanged when None: a
+    ROS installation provides tf2_msgs)."""
+    if path is None:
+        return env
+    env = dict(env)
+    env["PYTHONPATH"] = os.pathsep.join([str(path)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
 def synthetic_images(count: int, height: int = 120, width: int = 160, seed: int = 0) -> list[np.ndarray]:
     """Distinct smooth RGB images (blobs and stripes), deterministic."""
     rng = np.random.default_rng(seed)
@@ -195,7 +205,7 @@ def line_poses(count: int, spacing: float = 1.0) -> np.ndarray:
 
 
 def build_test_map(model, images: Sequence[np.ndarray], poses: np.ndarray, path: Path,
-                   frame_id: str = "map") -> Path:
+                   frame_id: str = "map", child_frame: str = "") -> Path:
     """A map of `images` at `poses`, written through MapDatabase like the real builders do."""
     import json
 
@@ -204,7 +214,8 @@ def build_test_map(model, images: Sequence[np.ndarray], poses: np.ndarray, path:
     cfg = model.cfg
     writer = MapDatabase.create(path, fingerprint=model.fingerprint, model_config=json.loads(cfg.to_json()),
                                 image_size=cfg.image_size, global_dim=cfg.global_dim, num_local=cfg.local_tokens,
-                                local_values=cfg.local_values, frame_id=frame_id, source="test")
+                                local_values=cfg.local_values, frame_id=frame_id, child_frame=child_frame,
+                                source="test")
     for i, (image, pose) in enumerate(zip(images, poses)):
         feats = model.extract(preprocess(image, size=cfg.image_size))
         writer.add(feats.global_desc[0].numpy(), feats.local[0].numpy(), pose, float(i), f"img{i:03d}",

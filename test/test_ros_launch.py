@@ -158,58 +158,111 @@ SCENARIOS = [
     {},
     {"map": "/maps/123", "model": "/models/m.safetensors", "device": "cpu"},
     {"map": "maps/a b", "image_topic": "/camera/image_raw", "compressed": "true", "namespace": "robot1"},
+    {"autostart": "false", "use_sim_time": "true"},
+    {"lifecycle_manager": "true", "namespace": "robot2", "rviz": "true", "use_sim_time": "true",
+     "image_topic": "/robot2/camera/image_raw"},
 ]
+LIFECYCLE_PARAMS = f"{SHARE}/config/lifecycle_manager.yaml"
+
+
+def flag(arguments, name, default="false"):
+    return arguments.get(name, default) == "true"
 
 
 @pytest.mark.parametrize("arguments", SCENARIOS)
-def test_launch_file_nodes_equal_cli_node_table(launch_module, arguments):
+def test_launch_file_nodes_equal_cli_invocations(launch_module, arguments):
     nodes, declared, context = launch_nodes(launch_module, **arguments)
-    ours = [n for n in nodes if n.kwargs["package"] == "r2former_ros"]
     invocations = cli_launch.localize_invocations(
         params_file=f"{SHARE}/config/localize.yaml", map_path=arguments.get("map", ""),
         model=arguments.get("model", ""), device=arguments.get("device", ""),
-        image_topic=arguments.get("image_topic", ""), compressed=arguments.get("compressed") == "true",
-        namespace=arguments.get("namespace", ""))
-    assert len(ours) == len(invocations) == len(cli_launch.NODES["localize"])
-    for node, inv in zip(ours, invocations):
+        image_topic=arguments.get("image_topic", ""), compressed=flag(arguments, "compressed"),
+        namespace=arguments.get("namespace", ""), autostart=flag(arguments, "autostart", "true"),
+        use_sim_time=flag(arguments, "use_sim_time"), lifecycle_manager=flag(arguments, "lifecycle_manager"),
+        rviz=flag(arguments, "rviz"), lifecycle_params_file=LIFECYCLE_PARAMS,
+        rviz_config=f"{SHARE}/{cli_launch.RVIZ_CONFIG}")
+    assert [(n.kwargs["package"], n.kwargs["executable"], n.kwargs["name"]) for n in nodes] == [
+        (inv.node.package, inv.node.executable, inv.node.name) for inv in invocations]
+    for node, inv in zip(nodes, invocations):
         kw = node.kwargs
-        assert (kw["package"], kw["executable"], kw["name"]) == (inv.node.package, inv.node.executable,
-                                                                 inv.node.name)
         assert resolve(kw.get("namespace", ""), context) == inv.namespace
-        params = kw["parameters"]
-        assert resolve(params[0], context) == inv.params_file == f"{SHARE}/{inv.node.params_file}"
-        overrides = {k: resolve(v, context) for p in params[1:] for k, v in p.items()}
+        params = kw.get("parameters", [])
+        files = [resolve(p, context) for p in params if not isinstance(p, dict)]
+        assert files == inv.params_files
+        overrides = {k: v if isinstance(v, bool) else resolve(v, context) for p in params if isinstance(p, dict)
+                     for k, v in p.items()}
         assert overrides == inv.overrides
         assert [tuple(resolve(x, context) for x in r) for r in kw.get("remappings", [])] == inv.remappings
+        assert [resolve(a, context) for a in kw.get("arguments", [])] == inv.arguments
+    localizer = invocations[0]
+    if flag(arguments, "lifecycle_manager") or not flag(arguments, "autostart", "true"):
+        assert localizer.overrides["autostart"] is False     # a manager brings it up
+    if flag(arguments, "use_sim_time"):
+        assert all(inv.overrides.get("use_sim_time") is True for inv in invocations)
+    if flag(arguments, "rviz"):                              # RViz in the same namespace, same camera remap
+        rviz = invocations[-1]
+        assert rviz.namespace == localizer.namespace and rviz.remappings == localizer.remappings
 
 
 def test_cli_command_line_carries_the_same_values():
     inv = cli_launch.localize_invocations("/p/localize.yaml", map_path="123", image_topic="/cam",
-                                          compressed=True, namespace="r1")[0]
+                                          compressed=True, namespace="r1", autostart=False, use_sim_time=True)[0]
     args = inv.ros_args()
     assert args[:3] == ["--ros-args", "-r", "__node:=r2former_localizer"]
     assert ["-r", "__ns:=/r1"] == args[3:5] and ["--params-file", "/p/localize.yaml"] == args[5:7]
     assert "image:=/cam" in args and "image/compressed:=/cam/compressed" in args
     assert "map_path:='123'" in args            # quoted: rcl would parse 123 as an integer
     assert "image_transport:='compressed'" in args
+    assert "autostart:=false" in args and "use_sim_time:=true" in args   # booleans stay booleans
+
+
+def test_cli_refuses_nodes_that_are_not_installed(monkeypatch, tmp_path):
+    monkeypatch.setenv("AMENT_PREFIX_PATH", str(tmp_path))
+    with pytest.raises(cli_launch.CliError, match="nav2_lifecycle_manager is not installed"):
+        cli_launch.executable_command(cli_launch.LIFECYCLE_MANAGER)
+    (tmp_path / "lib" / "nav2_lifecycle_manager").mkdir(parents=True)
+    exe = tmp_path / "lib" / "nav2_lifecycle_manager" / "lifecycle_manager"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    assert cli_launch.executable_command(cli_launch.LIFECYCLE_MANAGER) == [str(exe)]
 
 
 def test_launch_arguments_rviz_and_files(launch_module):
     nodes, declared, context = launch_nodes(launch_module)
     assert set(declared) == {"map", "model", "device", "image_topic", "compressed", "namespace", "rviz",
-                             "params_file"}
+                             "params_file", "autostart", "use_sim_time", "lifecycle_manager",
+                             "lifecycle_params_file"}
     assert all(arg.kwargs.get("description") for arg in declared.values())
-    rviz = [n for n in nodes if n.kwargs["package"] == "rviz2"]
-    assert len(rviz) == 1 and isinstance(rviz[0].kwargs.get("condition"), IfCondition)
-    assert rviz[0].kwargs["condition"].args[0].name == "rviz"
-    config = resolve(rviz[0].kwargs["arguments"][1], context)
-    assert config == f"{SHARE}/{cli_launch.RVIZ_CONFIG}" and (ROOT / cli_launch.RVIZ_CONFIG).is_file()
+    assert [n.kwargs["package"] for n in nodes] == ["r2former_ros"]      # rviz2 is not looked up unless asked
     assert declared["rviz"].kwargs["default_value"] == "false"
+    assert declared["autostart"].kwargs["default_value"] == "true"
+    assert resolve(declared["lifecycle_params_file"].kwargs["default_value"], context) == LIFECYCLE_PARAMS
+    assert (ROOT / cli_launch.RVIZ_CONFIG).is_file() and (ROOT / cli_launch.LIFECYCLE_MANAGER.params_file).is_file()
+    nodes, _, context = launch_nodes(launch_module, rviz="true")
+    config = resolve(nodes[-1].kwargs["arguments"][1], context)
+    assert config == f"{SHARE}/{cli_launch.RVIZ_CONFIG}"
     # the CLI offers every launch argument as an option
     import argparse
     sub = argparse.ArgumentParser().add_subparsers()
     dests = {a.dest for a in cli_launch.add_parser(sub)._actions}
-    assert {"map", "model", "device", "image_topic", "compressed", "namespace", "rviz", "params_file"} <= dests
+    assert {"map", "model", "device", "image_topic", "compressed", "namespace", "rviz", "params_file", "autostart",
+            "use_sim_time", "lifecycle_manager", "lifecycle_params_file"} <= dests
+
+
+def test_rviz_topics_are_relative_and_exist():
+    """RViz follows the namespace: its topics are relative names of topics the node uses."""
+    text = (ROOT / cli_launch.RVIZ_CONFIG).read_text()
+    topics = re.findall(r"Topic:\s*\n\s*Value: (\S+)", text)
+    assert topics and not any(t.startswith("/") for t in topics), topics
+    node_topics = {"image", "initialpose"} | {f"r2former_localizer/{t}" for t in ("matches", "map_poses",
+                                                                                   "candidates", "pose")}
+    assert set(topics) <= node_topics
+
+
+def test_lifecycle_manager_config_manages_the_localizer():
+    doc = yaml.safe_load((ROOT / cli_launch.LIFECYCLE_MANAGER.params_file).read_text())
+    params = doc["/**"]["ros__parameters"]
+    assert params["node_names"] == [cli_launch.LOCALIZER.name] and params["autostart"] is True
+    assert params["bond_timeout"] == 0.0          # the rclpy node has no bond
 
 
 def test_executables_are_console_scripts_and_params_files_match_any_node():
@@ -242,6 +295,17 @@ def test_yaml_lists_exactly_the_declared_parameters_with_their_defaults(module, 
     for i, line in enumerate(lines):
         if re.match(r"^\s{4}\w+:", line):
             assert lines[i - 1].strip().startswith("#"), f"{yaml_file}: no comment above {line.strip()}"
+    if module is localize_node:       # the comment says when it applies: "fixed" = read-only, else "live"
+        for i, line in enumerate(lines):
+            m = re.match(r"^\s{4}(\w+):", line)
+            if m:
+                j = i - 1
+                while j > 0 and lines[j - 1].strip().startswith("#"):
+                    j -= 1
+                comment = " ".join(lines[j:i])
+                spec = specs[m.group(1)]
+                assert ("fixed." in comment) == spec.read_only and ("live" in comment) != spec.read_only, line
+                assert ("[fixed" in spec.description) == spec.read_only, spec.name
 
 
 def test_node_parameters_yaml_and_cli_take_the_localizer_config():
@@ -347,12 +411,16 @@ def test_cli_launch_runs_the_node_compressed_best_effort(tmp_path, tiny_model):
 
         def malformed() -> int:
             last = diags.last()
-            return int({kv.key: kv.value for kv in last.status[0].values}["malformed"]) if last else -1
+            if last is None:
+                return -1
+            status = next(st for st in last.status if st.name.endswith(": localization"))
+            return int({kv.key: kv.value for kv in status.values}["malformed"])
         deadline = time.monotonic() + 5
         while malformed() != 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert malformed() == 1
-        assert diags.last().status[0].name.startswith("r2former_localizer")
+        # diagnostics name the node with its namespace
+        assert all(st.name.startswith("robot1/r2former_localizer: ") for st in diags.last().status)
 
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -360,8 +428,12 @@ def test_cli_launch_runs_the_node_compressed_best_effort(tmp_path, tiny_model):
         assert time.monotonic() - t0 < 6.0
         assert "--ros-args -r __node:=r2former_localizer -r __ns:=/robot1 --params-file" in output()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:          # SIGINT first: the CLI stops its nodes (they run in their own sessions)
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         log.close()
         probe.close()

@@ -40,6 +40,10 @@ def assets(tmp_path_factory, tiny_model):
     return dict(root=root, model=model, map_a=map_a, map_b=map_b, images=images)
 
 
+def localization_status(array: DiagnosticArray):
+    return next(s for s in array.status if s.name.endswith(": localization"))
+
+
 class Session:
     """The node under test, the probe and its subscriptions."""
 
@@ -93,10 +97,10 @@ class Session:
         return False
 
     def diag(self, timeout: float = 5.0) -> dict[str, str]:
-        """Values of a diagnostics message received after this call."""
+        """Values of the localization status of a diagnostics message received after this call."""
         n = len(self.diagnostics)
         assert self.diagnostics.wait(n + 1, timeout), "no /diagnostics"
-        status = self.diagnostics.last().status[0]
+        status = localization_status(self.diagnostics.last())
         return {kv.key: kv.value for kv in status.values} | {"_level": status.level, "_message": status.message}
 
     def set_params(self, **values) -> None:
@@ -247,24 +251,28 @@ def test_stream_drops_frames_instead_of_queuing(session, rate_hz):
         assert dropped > 0 and processed < received / 2, d1
 
 
-def test_reload_map_swaps_and_bad_path_keeps_serving(session, assets):
+def test_map_path_applied_live_bad_path_refused_and_reload(session, assets):
     s = session
     n = len(s.map_poses)
-    s.set_params(map_path=str(assets["map_b"]))
-    res = s.probe.call(Trigger, f"{NODE}/reload_map", Trigger.Request())
-    assert res.success, res.message
+    s.set_params(map_path=str(assets["map_b"]))        # setting map_path loads the map (applied live)
     assert s.map_poses.wait(n + 1, 10)
     assert len(s.map_poses.last().poses) == MAP2_SIZE
     assert s.state.last().data == "not_localized"   # evidence from the old map is discarded
     assert s.diag()["map_size"] == str(MAP2_SIZE)
 
-    s.set_params(map_path=str(assets["root"] / "no_such_map"))
-    res = s.probe.call(Trigger, f"{NODE}/reload_map", Trigger.Request())
-    assert not res.success and "no_such_map" in res.message
+    req = SetParameters.Request(parameters=[Parameter("map_path", value=str(assets["root"] / "no_such_map"))
+                                            .to_parameter_msg()])
+    res = s.probe.call(SetParameters, f"{NODE}/set_parameters", req)
+    assert not res.results[0].successful and "no_such_map" in res.results[0].reason
     stamp = s.publish()
     assert s.processed(stamp)
     assert any(stamp_to_ns(p.header.stamp) == stamp for p in s.poses.snapshot())
     assert len(s.map_poses) == n + 1 and s.diag()["map_size"] == str(MAP2_SIZE)
+    assert s.diag()["map_path"] == str(assets["map_b"])
+
+    res = s.probe.call(Trigger, f"{NODE}/reload_map", Trigger.Request())   # from disk again
+    assert res.success and str(assets["map_b"]) in res.message, res.message
+    assert s.map_poses.wait(n + 2, 10)
 
 
 def test_sigint_exits_zero_within_5_seconds(session):
@@ -280,8 +288,7 @@ def test_sigint_exits_zero_within_5_seconds(session):
     (["-p", "rerank:=foo"], "rerank"),
     (["-p", "top_k:=0"], "top_k"),
     (["-p", "image_transport:=h264"], "image_transport"),
-    pytest.param(["-p", "device:=cuda"], "CUDA is not available",
-                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")),
+    (["-p", "camera_pose_in_base:=[0.1, 0.2]"], "camera_pose_in_base"),
 ])
 def test_invalid_parameters_fail_at_startup(assets, args, expected):
     node = NodeProcess("r2former_ros.localize_node",
@@ -293,3 +300,24 @@ def test_invalid_parameters_fail_at_startup(assets, args, expected):
         assert expected in out and "cannot start" in out and "Traceback" not in out
     finally:
         node.stop()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_failed_configure_keeps_the_process_up(assets):
+    """A configure that fails (here: no CUDA) is logged, the node stays unconfigured and answers its
+    lifecycle services; a manager could fix the parameter and configure again."""
+    from lifecycle_msgs.srv import GetState
+    node = NodeProcess("r2former_ros.localize_node",
+                       ["--ros-args", "-r", "__node:=cuda_localizer", "-p", f"map_path:={assets['map_a']}",
+                        "-p", f"model_path:={assets['model']}", "-p", "device:=cuda"], assets["root"] / "logs")
+    probe = RosProbe("configure_failure_probe")
+    try:
+        state = probe.call(GetState, "/cuda_localizer/get_state", GetState.Request(), timeout=60)
+        assert wait_until(lambda: "configure failed" in node.output(), 60), node.output()
+        state = probe.call(GetState, "/cuda_localizer/get_state", GetState.Request())
+        assert state.current_state.label == "unconfigured"
+        assert node.alive() and "CUDA is not available" in node.output()
+        assert "Traceback" not in node.output()
+    finally:
+        node.stop()
+        probe.close()

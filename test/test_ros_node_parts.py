@@ -222,3 +222,73 @@ def test_param_spec_checks():
     assert num.check(0) and num.check(1) is None
     assert num.descriptor().integer_range[0].from_value == 1
     assert ParamSpec("x", 0.5, "d", min=0.0, max=1.0).descriptor().floating_point_range[0].to_value == 1.0
+
+
+# ------------------------------------------------------------------------------ TF adapters
+
+class _StandInTf2:
+    """A stand-in of tf2_ros's API (Buffer, TransformListener, TransformBroadcaster, TransformException):
+    tf2_ros has no wheel, so Tf2RosClient's use of it is checked against this, not the real package."""
+
+    class TransformException(Exception):
+        pass
+
+    def __init__(self, transforms):
+        self.transforms = transforms
+        self.sent = []
+        self.listeners = []
+        outer = self
+
+        class Buffer:
+            def lookup_transform(self, target, source, time, timeout=None):
+                outer.last_query = (target, source, time.nanoseconds, timeout.nanoseconds)
+                if (target, source) not in outer.transforms:
+                    raise outer.TransformException(f"no {target} -> {source}")
+                return outer.transforms[(target, source)]
+
+        class TransformListener:
+            def __init__(self, buffer, node):
+                outer.listeners.append((buffer, node))
+
+        class TransformBroadcaster:
+            def __init__(self, node):
+                pass
+
+            def sendTransform(self, msg):  # noqa: N802 - tf2_ros's name
+                outer.sent.append(msg)
+
+        self.Buffer, self.TransformListener, self.TransformBroadcaster = Buffer, TransformListener, TransformBroadcaster
+
+
+def test_tf2_ros_client_against_a_stand_in():
+    pytest.importorskip("rclpy")
+    from r2former_ros.frames import pose_from_xyzrpy
+    from r2former_ros.tf_io import Tf2RosClient, TransformUnavailable, pose_from_transform, transform_stamped
+    mount = pose_from_xyzrpy([0.3, -0.1, 1.2, 0.0, 0.1, 0.5])
+    tf2 = _StandInTf2({("base_link", "camera"): transform_stamped("base_link", "camera", mount, 5)})
+    client = Tf2RosClient(node="node", tf2=tf2)
+    assert tf2.listeners and tf2.listeners[0][1] == "node"
+    got = client.lookup("base_link", "camera", 1_500_000_000, timeout=0.25)
+    assert np.allclose(got, mount)
+    assert tf2.last_query == ("base_link", "camera", 1_500_000_000, 250_000_000)
+    with pytest.raises(TransformUnavailable, match="no odom -> base_link"):
+        client.lookup("odom", "base_link", 0, 0.1)
+    client.send("map", "odom", mount, 2_000_000_001)
+    msg = tf2.sent[-1]
+    assert (msg.header.frame_id, msg.child_frame_id) == ("map", "odom")
+    assert (msg.header.stamp.sec, msg.header.stamp.nanosec) == (2, 1)
+    assert np.allclose(pose_from_transform(msg.transform), mount)
+
+
+def test_ekf_example_fuses_x_y_yaw_with_a_history_covering_the_latency():
+    """config/ekf.yaml (robot_localization, not run here): pose0 is the localizer's pose with x, y, yaw,
+    lagged data is smoothed over a history longer than the released model's worst latency on a CPU."""
+    import yaml
+    from pathlib import Path
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "ekf.yaml").read_text())
+    p = doc["ekf_filter_node"]["ros__parameters"]
+    assert p["pose0"] == "r2former_localizer/pose" and p["world_frame"] == p["map_frame"] == "map"
+    config = p["pose0_config"]
+    assert len(config) == 15 and [i for i, v in enumerate(config) if v] == [0, 1, 5]   # x, y, yaw
+    assert p["smooth_lagged_data"] is True and p["history_length"] >= 5.6   # docs/BENCHMARKS.md: up to 5.6 s
+    assert p["two_d_mode"] is True and p["publish_tf"] is True

@@ -1,0 +1,128 @@
+"""Diagnostic levels computed over a time window, as diagnostic_updater does them. No rclpy.
+
+* `FrequencyStatus`: the rate of events (images received, poses published) over the last
+  `window` seconds against a minimum and maximum expected rate, with a tolerance - the checks of
+  diagnostic_updater's FrequencyStatus ("No events recorded." ERROR, "Frequency too low." /
+  "Frequency too high." WARN, else OK). A minimum of 0 means no events are fine.
+* `InputTimeout`: ERROR when the last event is older than `timeout` seconds, STALE when no event
+  ever arrived within `timeout` of the start (the camera never published).
+* `EventWindow`: events (errors, malformed images) of the last `window` seconds: a transient error
+  raises WARN while it is in the window and clears after it.
+* `merge` combines statuses like DiagnosticStatusWrapper.mergeSummary: the highest level wins and the
+  messages of that level are joined.
+
+Levels are the values of diagnostic_msgs/DiagnosticStatus (OK 0, WARN 1, ERROR 2, STALE 3).
+Times are seconds from a monotonic clock, passed in (`now`) so the logic is testable.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+from r2former_core.errors import ConfigError
+
+OK, WARN, ERROR, STALE = 0, 1, 2, 3
+LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR", STALE: "STALE"}
+MAX_EVENTS = 100_000     # bound on remembered event times (far above any window x rate used here)
+
+
+@dataclass
+class Status:
+    level: int
+    message: str
+    values: list[tuple[str, str]] = field(default_factory=list)
+
+
+def merge(statuses: list[Status]) -> Status:
+    """Highest level; messages of that level joined with '; '; values concatenated."""
+    top = max(s.level for s in statuses)
+    message = "; ".join(s.message for s in statuses if s.level == top and s.message)
+    return Status(top, message, [kv for s in statuses for kv in s.values])
+
+
+class EventWindow:
+    """Times of the events of the last `window` seconds (thread-safe)."""
+
+    def __init__(self, window: float) -> None:
+        if window <= 0:
+            raise ConfigError(f"window must be > 0 s, got {window}")
+        self.window = float(window)
+        self._times: deque[float] = deque(maxlen=MAX_EVENTS)
+        self._lock = threading.Lock()
+        self.total = 0
+        self.last: float | None = None
+
+    def add(self, now: float) -> None:
+        with self._lock:
+            self._times.append(now)
+            self.total += 1
+            self.last = now
+
+    def count(self, now: float) -> int:
+        with self._lock:
+            while self._times and self._times[0] < now - self.window:
+                self._times.popleft()
+            return len(self._times)
+
+
+class FrequencyStatus:
+    """Event rate over a window against [min_rate, max_rate] (Hz) with a relative `tolerance`."""
+
+    def __init__(self, name: str, min_rate: float, max_rate: float, window: float = 5.0, tolerance: float = 0.1,
+                 start: float = 0.0) -> None:
+        if min_rate < 0 or max_rate <= 0 or min_rate > max_rate:
+            raise ConfigError(f"{name}: expected rates need 0 <= min ({min_rate}) <= max ({max_rate}), max > 0")
+        self.name, self.min_rate, self.max_rate, self.tolerance = name, float(min_rate), float(max_rate), tolerance
+        self.events = EventWindow(window)
+        self.start = start
+
+    def tick(self, now: float) -> None:
+        self.events.add(now)
+
+    def rate(self, now: float) -> tuple[int, float, float]:
+        """(events in the window, window duration, rate in Hz); the window is shorter right after start."""
+        duration = max(min(self.events.window, now - self.start), 1e-9)
+        count = self.events.count(now)
+        return count, duration, count / duration
+
+    def status(self, now: float) -> Status:
+        count, duration, rate = self.rate(now)
+        values = [(f"{self.name} events in window", str(count)),
+                  (f"{self.name} events since start", str(self.events.total)),
+                  (f"{self.name} window (s)", f"{duration:.2f}"), (f"{self.name} rate (Hz)", f"{rate:.2f}"),
+                  (f"{self.name} minimum rate (Hz)", f"{self.min_rate:g}"),
+                  (f"{self.name} maximum rate (Hz)", f"{self.max_rate:g}")]
+        if count == 0 and self.min_rate > 0:
+            return Status(ERROR, f"{self.name}: no events recorded in {duration:.1f} s", values)
+        if rate < self.min_rate * (1 - self.tolerance):
+            return Status(WARN, f"{self.name}: frequency too low ({rate:.2f} Hz < {self.min_rate:g} Hz)", values)
+        if rate > self.max_rate * (1 + self.tolerance):
+            return Status(WARN, f"{self.name}: frequency too high ({rate:.2f} Hz > {self.max_rate:g} Hz)", values)
+        return Status(OK, f"{self.name}: desired frequency met ({rate:.2f} Hz)", values)
+
+
+class InputTimeout:
+    """ERROR when the newest input is older than `timeout` s; STALE when none arrived since `start`."""
+
+    def __init__(self, name: str, timeout: float, start: float) -> None:
+        if timeout <= 0:
+            raise ConfigError(f"{name}: timeout must be > 0 s, got {timeout}")
+        self.name, self.timeout, self.start = name, float(timeout), start
+        self.last: float | None = None
+
+    def seen(self, now: float) -> None:
+        self.last = now
+
+    def status(self, now: float) -> Status:
+        if self.last is None:
+            waited = now - self.start
+            if waited > self.timeout:
+                return Status(STALE, f"no {self.name} received in {waited:.1f} s since activation",
+                              [(f"{self.name} age (s)", "never")])
+            return Status(OK, "", [(f"{self.name} age (s)", "never")])
+        age = now - self.last
+        values = [(f"{self.name} age (s)", f"{age:.2f}")]
+        if age > self.timeout:
+            return Status(ERROR, f"no {self.name} for {age:.1f} s (input_timeout_s {self.timeout:g})", values)
+        return Status(OK, "", values)
