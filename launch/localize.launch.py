@@ -12,7 +12,7 @@ names; /diagnostics and /tf stay global). `lifecycle_manager:=true` starts nav2_
 (config/lifecycle_manager.yaml) to configure and activate the node, whose own autostart is then off;
 `autostart:=false` leaves the node unconfigured for an external manager.
 `r2former launch localize ...` starts the same nodes with the same parameters where `ros2 launch`
-is not available (see r2former_core/cli/launch.py; a test keeps the two in step).
+is not available (see r2former_ros/launcher.py; a test keeps the two in step).
 """
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction

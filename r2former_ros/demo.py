@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from r2former_core.cli import launch as cli_launch
+from r2former_ros import launcher
 from r2former_core.resources import find_file, resolve_model_path
 
 from .processes import Child, stop_children
@@ -176,9 +176,9 @@ class Demo:
         self.say(f"[4/{steps}] starting localize and demo_evaluator ...", end=" ")
         t = time.monotonic()
         params = self.localize_params(model)
-        inv = cli_launch.localize_invocations(str(params), map_path=str(map_dir.resolve()), model=str(model),
+        inv = launcher.localize_invocations(str(params), map_path=str(map_dir.resolve()), model=str(model),
                                               image_topic=QUERY_TOPIC)[0]
-        localize = self.start("localize", cli_launch.executable_command(inv.node) + inv.ros_args())
+        localize = self.start("localize", launcher.executable_command(inv.node) + inv.ros_args())
         ready_file = self.work / "evaluator.ready"
         title = (f"seed {a.seed}: map {a.map_conditions}, query {a.query_conditions}; model {model.name} "
                  f"({_sha256(model)[:12]})")

@@ -26,7 +26,7 @@ from rostools import RosProbe, build_test_map, line_poses, save_tiny_model, synt
 
 pytestmark = pytest.mark.ros
 
-from r2former_core.cli import launch as cli_launch  # noqa: E402
+from r2former_ros import launcher  # noqa: E402
 from r2former_ros import build_map_node, localize_node  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,14 +172,14 @@ def flag(arguments, name, default="false"):
 @pytest.mark.parametrize("arguments", SCENARIOS)
 def test_launch_file_nodes_equal_cli_invocations(launch_module, arguments):
     nodes, declared, context = launch_nodes(launch_module, **arguments)
-    invocations = cli_launch.localize_invocations(
+    invocations = launcher.localize_invocations(
         params_file=f"{SHARE}/config/localize.yaml", map_path=arguments.get("map", ""),
         model=arguments.get("model", ""), device=arguments.get("device", ""),
         image_topic=arguments.get("image_topic", ""), compressed=flag(arguments, "compressed"),
         namespace=arguments.get("namespace", ""), autostart=flag(arguments, "autostart", "true"),
         use_sim_time=flag(arguments, "use_sim_time"), lifecycle_manager=flag(arguments, "lifecycle_manager"),
         rviz=flag(arguments, "rviz"), lifecycle_params_file=LIFECYCLE_PARAMS,
-        rviz_config=f"{SHARE}/{cli_launch.RVIZ_CONFIG}")
+        rviz_config=f"{SHARE}/{launcher.RVIZ_CONFIG}")
     assert [(n.kwargs["package"], n.kwargs["executable"], n.kwargs["name"]) for n in nodes] == [
         (inv.node.package, inv.node.executable, inv.node.name) for inv in invocations]
     for node, inv in zip(nodes, invocations):
@@ -204,7 +204,7 @@ def test_launch_file_nodes_equal_cli_invocations(launch_module, arguments):
 
 
 def test_cli_command_line_carries_the_same_values():
-    inv = cli_launch.localize_invocations("/p/localize.yaml", map_path="123", image_topic="/cam",
+    inv = launcher.localize_invocations("/p/localize.yaml", map_path="123", image_topic="/cam",
                                           compressed=True, namespace="r1", autostart=False, use_sim_time=True)[0]
     args = inv.ros_args()
     assert args[:3] == ["--ros-args", "-r", "__node:=r2former_localizer"]
@@ -217,13 +217,13 @@ def test_cli_command_line_carries_the_same_values():
 
 def test_cli_refuses_nodes_that_are_not_installed(monkeypatch, tmp_path):
     monkeypatch.setenv("AMENT_PREFIX_PATH", str(tmp_path))
-    with pytest.raises(cli_launch.CliError, match="nav2_lifecycle_manager is not installed"):
-        cli_launch.executable_command(cli_launch.LIFECYCLE_MANAGER)
+    with pytest.raises(launcher.CliError, match="nav2_lifecycle_manager is not installed"):
+        launcher.executable_command(launcher.LIFECYCLE_MANAGER)
     (tmp_path / "lib" / "nav2_lifecycle_manager").mkdir(parents=True)
     exe = tmp_path / "lib" / "nav2_lifecycle_manager" / "lifecycle_manager"
     exe.write_text("#!/bin/sh\n")
     exe.chmod(0o755)
-    assert cli_launch.executable_command(cli_launch.LIFECYCLE_MANAGER) == [str(exe)]
+    assert launcher.executable_command(launcher.LIFECYCLE_MANAGER) == [str(exe)]
 
 
 def test_launch_arguments_rviz_and_files(launch_module):
@@ -236,21 +236,21 @@ def test_launch_arguments_rviz_and_files(launch_module):
     assert declared["rviz"].kwargs["default_value"] == "false"
     assert declared["autostart"].kwargs["default_value"] == "true"
     assert resolve(declared["lifecycle_params_file"].kwargs["default_value"], context) == LIFECYCLE_PARAMS
-    assert (ROOT / cli_launch.RVIZ_CONFIG).is_file() and (ROOT / cli_launch.LIFECYCLE_MANAGER.params_file).is_file()
+    assert (ROOT / launcher.RVIZ_CONFIG).is_file() and (ROOT / launcher.LIFECYCLE_MANAGER.params_file).is_file()
     nodes, _, context = launch_nodes(launch_module, rviz="true")
     config = resolve(nodes[-1].kwargs["arguments"][1], context)
-    assert config == f"{SHARE}/{cli_launch.RVIZ_CONFIG}"
+    assert config == f"{SHARE}/{launcher.RVIZ_CONFIG}"
     # the CLI offers every launch argument as an option
     import argparse
     sub = argparse.ArgumentParser().add_subparsers()
-    dests = {a.dest for a in cli_launch.add_parser(sub)._actions}
+    dests = {a.dest for a in launcher.add_parser(sub)._actions}
     assert {"map", "model", "device", "image_topic", "compressed", "namespace", "rviz", "params_file", "autostart",
             "use_sim_time", "lifecycle_manager", "lifecycle_params_file"} <= dests
 
 
 def test_rviz_topics_are_relative_and_exist():
     """RViz follows the namespace: its topics are relative names of topics the node uses."""
-    text = (ROOT / cli_launch.RVIZ_CONFIG).read_text()
+    text = (ROOT / launcher.RVIZ_CONFIG).read_text()
     topics = re.findall(r"Topic:\s*\n\s*Value: (\S+)", text)
     assert topics and not any(t.startswith("/") for t in topics), topics
     node_topics = {"image", "initialpose"} | {f"r2former_localizer/{t}" for t in ("matches", "map_poses",
@@ -259,15 +259,15 @@ def test_rviz_topics_are_relative_and_exist():
 
 
 def test_lifecycle_manager_config_manages_the_localizer():
-    doc = yaml.safe_load((ROOT / cli_launch.LIFECYCLE_MANAGER.params_file).read_text())
+    doc = yaml.safe_load((ROOT / launcher.LIFECYCLE_MANAGER.params_file).read_text())
     params = doc["/**"]["ros__parameters"]
-    assert params["node_names"] == [cli_launch.LOCALIZER.name] and params["autostart"] is True
+    assert params["node_names"] == [launcher.LOCALIZER.name] and params["autostart"] is True
     assert params["bond_timeout"] == 0.0          # the rclpy node has no bond
 
 
 def test_executables_are_console_scripts_and_params_files_match_any_node():
     scripts = console_scripts()
-    for name, nodes in cli_launch.NODES.items():
+    for name, nodes in launcher.NODES.items():
         for node in nodes:
             assert node.executable in scripts, f"{node.executable} is not a console_script of setup.py"
             module, func = scripts[node.executable].split(":")
@@ -277,7 +277,7 @@ def test_executables_are_console_scripts_and_params_files_match_any_node():
             assert list(doc) == ["/**"], "params files are keyed /** so that any name and namespace reads them"
     assert scripts["build_map"] == "r2former_ros.build_map_node:main"
     assert scripts["bag_player"] == "r2former_ros.bag_player:main"
-    assert localize_node.NODE_NAME == cli_launch.LOCALIZER.name
+    assert localize_node.NODE_NAME == launcher.LOCALIZER.name
 
 
 @pytest.mark.parametrize("module, yaml_file", [(localize_node, "config/localize.yaml"),

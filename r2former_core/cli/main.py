@@ -17,8 +17,9 @@ import sys
 from ..errors import EXPECTED_ERRORS
 from ..logging_setup import setup_logging
 
-# Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ["build_map", "localize", "eval", "map_info", "synth", "train", "launch", "check_parity"]
+# Subcommand modules, in the order `--help` lists them: names relative to this package, or absolute (`launch`
+# starts ROS processes and lives with the nodes; it never imports rclpy).
+SUBCOMMANDS = ["build_map", "localize", "eval", "map_info", "synth", "train", "r2former_ros.launcher", "check_parity"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging_options(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        module = importlib.import_module(f"{__package__}.{name}")
+        module = importlib.import_module(name if "." in name else f"{__package__}.{name}")
         _add_logging_options(module.add_parser(sub), top_level=False)
     return parser
 

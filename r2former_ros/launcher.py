@@ -11,8 +11,10 @@ processes:
 runs  `localize --ros-args -r __node:=r2former_localizer [-r __ns:=/robot1] --params-file ...
        [-r image:=T -r image/compressed:=T/compressed] [-p map_path:=...] [-p autostart:=false]
        [-p use_sim_time:=true]` (plus nav2_lifecycle_manager and rviz2 when asked for and installed).
-Ctrl-C is forwarded to every node (SIGINT; SIGTERM after 10 s). Only processes are spawned here:
-r2former_core never imports rclpy. `localize_invocations` is what the tests compare with the launch file.
+Ctrl-C is forwarded to every node (SIGINT; SIGTERM after 10 s, then SIGKILL: r2former_ros.processes, the
+process control `make demo` uses too). Only processes are spawned here: this module never imports rclpy, so
+the `r2former` command line (r2former_core.cli.main) can offer it as its `launch` subcommand.
+`localize_invocations` is what the tests compare with the launch file.
 """
 from __future__ import annotations
 
@@ -20,16 +22,16 @@ import argparse
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from ..errors import CliError
-from ..options import device_type
-from ..resources import PACKAGE, find_file
 
-STOP_TIMEOUT_SEC = 10.0
+from r2former_core.errors import CliError
+from r2former_core.options import device_type
+from r2former_core.resources import PACKAGE, find_file
+
+from .processes import Child, stop_children
 
 
 @dataclass(frozen=True)
@@ -165,23 +167,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + STOP_TIMEOUT_SEC
-    for proc in procs:
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(5.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def run(args: argparse.Namespace) -> int:
     params_file = args.params_file or str(find_file(NODES[args.name][0].params_file))
     if not Path(params_file).is_file():
@@ -208,19 +193,18 @@ def run(args: argparse.Namespace) -> int:
 
     old_int = signal.signal(signal.SIGINT, on_signal)
     old_term = signal.signal(signal.SIGTERM, on_signal)
-    procs: list[subprocess.Popen] = []
+    children: list[Child] = []
     try:
         for cmd in commands:
             print("starting: " + " ".join(cmd), file=sys.stderr, flush=True)
-            # Own session: Ctrl-C reaches the children once, through us.
-            procs.append(subprocess.Popen(cmd, start_new_session=True))
-        while not interrupted and all(p.poll() is None for p in procs):
+            # Own session: Ctrl-C reaches the children once, through us; their output stays on our terminal.
+            children.append(Child(Path(cmd[0]).name, cmd, log_path=None))
+        while not interrupted and all(c.alive() for c in children):
             time.sleep(0.1)
     finally:
-        _stop(procs)
+        codes = stop_children(children)
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
-    codes = [p.returncode for p in procs]
     failed = [(cmd[0], code) for cmd, code in zip(commands, codes) if code not in (0, None)]
     for exe, code in failed:
         print(f"r2former launch: {exe} exited with status {code}", file=sys.stderr)
