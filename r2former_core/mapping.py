@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import ConfigError, DataError
-from .data.frames import PoseFrames, warn_if_odometry_frame
+from .frames import PoseFrames, warn_if_odometry_frame
 from .data.keyframes import select_keyframes
 from .data.sources import PosedImage, Source
 from .features import extract_arrays

@@ -45,7 +45,7 @@ from rclpy.parameter import Parameter
 from rclpy.utilities import remove_ros_args
 from sensor_msgs.msg import CompressedImage, Image
 
-from r2former_core.data.frames import (CAMERA_CONVENTIONS, PoseFrames, clean_frame_id, frames_from_messages,
+from r2former_core.frames import (CAMERA_CONVENTIONS, PoseFrames, clean_frame_id, frames_from_messages,
                                        given_frames, odometry_warning, to_body_convention,
                                        uses_optical_convention)
 from r2former_core.data.sources import open_source

@@ -15,7 +15,7 @@ frame against a map in a worker thread and publishes the pose of `base_frame` in
 Frames (REP-105): a map of base poses (its child_frame is base_frame) is published as it is; a map
 of camera poses is composed with the camera's mounting, `camera_pose_in_base` when set, else TF
 (base_frame -> the image's frame_id at the image stamp). Maps that do not record their child frame
-are published as they are, with a warning (r2former_ros.frames).
+are published as they are, with a warning (r2former_core.frames).
 
 Lifecycle (rclpy.lifecycle; Nav2's lifecycle_manager can drive it): configure loads model and map
 (a failure is logged and returns FAILURE; the process stays up), activate subscribes the camera and
@@ -68,7 +68,7 @@ from r2former_core.results import LocalizationResult
 from . import health
 from .conversions import (msg_to_rgb, ns_to_stamp, pose_array_msg, pose_with_covariance_msg, rgb_to_image_msg,
                           stamp_to_ns)
-from .frames import (FrameError, body_from_optical, camera_to_base, is_optical_frame, map_pose_warning,
+from r2former_core.frames import (FrameError, optical_to_body, camera_to_base, is_optical_frame, map_pose_warning,
                      odom_in_map, pose_from_xyzrpy, poses_are_base)
 from .latest_frame import LatestFrameSlot
 from .localization_state import LOCALIZED, LocalizationStateMachine, Transition
@@ -567,7 +567,7 @@ class LocalizeNode(LifecycleNode):
             fallback = self._localizer.map.info.child_frame if self._localizer is not None else ""
         frame = camera_frame or fallback
         mount = self._tf.lookup(self._values["base_frame"], frame, stamp_ns, float(self._values["transform_timeout"]))
-        return body_from_optical(mount) if is_optical_frame(frame) else mount
+        return optical_to_body(mount) if is_optical_frame(frame) else mount
 
     def _advance_state(self, localizer: Localizer, result: LocalizationResult,
                        published: bool) -> tuple[Transition | None, bool] | None:

@@ -646,8 +646,8 @@ def test_rosbag_frames_unnamed_or_mixed(tmp_path, caplog):
 
 def test_frame_rules():
     from r2former_core.cli.common import CAMERA_CONVENTIONS
-    from r2former_core.data import frames
-    from r2former_core.data.frames import (OPTICAL_TO_BODY, is_odom_frame, is_optical_frame, odometry_warning,
+    from r2former_core import frames
+    from r2former_core.frames import (OPTICAL_TO_BODY, is_odom_frame, is_optical_frame, odometry_warning,
                                            uses_optical_convention)
     assert CAMERA_CONVENTIONS == frames.CAMERA_CONVENTIONS          # the CLI lists them without importing numpy
     assert [is_odom_frame(f) for f in ("odom", "/odom", "robot1/odom", "odom_combined", "map", "odometry")] == \

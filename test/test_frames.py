@@ -1,4 +1,4 @@
-"""r2former_ros.frames: base pose from the camera pose and its mounting, covariance propagation
+"""r2former_core.frames: base pose from the camera pose and its mounting, covariance propagation
 (hand-made cases and a Monte-Carlo check), optical frames, the map -> odom correction."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from r2former_core.data.poses import compose_poses, invert_poses, rpy_from_quat
-from r2former_ros.frames import (OPTICAL_IN_BODY, FrameError, body_from_optical, camera_to_base,
+from r2former_core.frames import (OPTICAL_IN_BODY, FrameError, optical_to_body, camera_to_base,
                                  compose_jacobian, is_optical_frame, odom_in_map, planar_error, pose_from_xyzrpy,
                                  quat_from_rpy)
 
@@ -118,10 +118,10 @@ def test_jacobian_matches_finite_differences():
 def test_optical_frames():
     assert is_optical_frame("camera_optical_frame") and is_optical_frame("cam_optical")
     assert not is_optical_frame("camera_link") and not is_optical_frame("optical_camera")
-    assert np.allclose(body_from_optical(OPTICAL_IN_BODY), [0, 0, 0, 0, 0, 0, 1], atol=1e-12)
+    assert np.allclose(optical_to_body(OPTICAL_IN_BODY), [0, 0, 0, 0, 0, 0, 1], atol=1e-12)
     # the optical z axis is the body x axis: a point 1 m ahead in the body frame is (0, 0, 1) optical
     optical = compose_poses(pose(0.2, 0.0, 1.0, yaw=0.5), OPTICAL_IN_BODY)
-    body = body_from_optical(optical)
+    body = optical_to_body(optical)
     assert np.allclose(body, pose(0.2, 0.0, 1.0, yaw=0.5), atol=1e-12)
 
 

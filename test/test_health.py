@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from r2former_core.data.poses import compose_poses, invert_poses
-from r2former_ros.frames import pose_from_xyzrpy
+from r2former_core.frames import pose_from_xyzrpy
 from r2former_ros.health import ERROR, OK, STALE, WARN, EventWindow, FrequencyStatus, InputTimeout, Status, merge
 from r2former_ros.transform_cache import TransformCache, TransformLookupError
 

@@ -75,7 +75,7 @@ def test_live_build_map_keyframes_and_interpolated_poses(tmp_path, probe, model_
 def test_live_build_map_records_odometry_frames_warns_and_turns_optical_poses(tmp_path, probe, model_file):
     """Odometry names both frames; an odom parent is warned about; an optical child is stored in the body
     convention."""
-    from r2former_core.data.frames import optical_to_body
+    from r2former_core.frames import optical_to_body
     from r2former_core.mapdb import MapDatabase
     out = tmp_path / "odom_map"
     node = NodeProcess("r2former_ros.build_map_node",

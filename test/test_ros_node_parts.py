@@ -262,7 +262,7 @@ class _StandInTf2:
 
 def test_tf2_ros_client_against_a_stand_in():
     pytest.importorskip("rclpy")
-    from r2former_ros.frames import pose_from_xyzrpy
+    from r2former_core.frames import pose_from_xyzrpy
     from r2former_ros.tf_io import Tf2RosClient, TransformUnavailable, pose_from_transform, transform_stamped
     mount = pose_from_xyzrpy([0.3, -0.1, 1.2, 0.0, 0.1, 0.5])
     tf2 = _StandInTf2({("base_link", "camera"): transform_stamped("base_link", "camera", mount, 5)})

@@ -36,7 +36,7 @@ from std_msgs.msg import String  # noqa: E402
 from r2former_core.data.poses import compose_poses, invert_poses  # noqa: E402
 from r2former_core.data.sources import PosedImage  # noqa: E402
 from r2former_ros.conversions import pose_from_msg, rgb_to_image_msg, sec_to_stamp, stamp_to_ns  # noqa: E402
-from r2former_ros.frames import OPTICAL_IN_BODY, planar_error, pose_from_xyzrpy  # noqa: E402
+from r2former_core.frames import OPTICAL_IN_BODY, planar_error, pose_from_xyzrpy  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODEL = os.path.join(ROOT, "models", "r2former_tiny_demo.safetensors")

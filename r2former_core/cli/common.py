@@ -7,7 +7,7 @@ from ..resources import resolve_model_path
 from ..errors import CliError
 from ..options import LocalizerConfig, add_config_option
 
-# Listed here so that building the parser imports no numpy; a test keeps it equal to data.frames.CAMERA_CONVENTIONS.
+# Listed here so that building the parser imports no numpy; a test keeps it equal to frames.CAMERA_CONVENTIONS.
 CAMERA_CONVENTIONS = ("auto", "body", "optical")
 
 
@@ -85,7 +85,7 @@ def pose_frames_from_args(args) -> str | tuple[str | None, str | None] | None:
         return pose_frames
     if not pose_frames:
         return (frame_id, None)
-    from ..data.frames import clean_frame_id, parse_frame_pair
+    from ..frames import clean_frame_id, parse_frame_pair
     if parse_frame_pair(pose_frames, "--pose-frames")[0] != clean_frame_id(frame_id):
         raise CliError(f"--frame-id {frame_id} and --pose-frames {pose_frames} name different parent frames; "
                        "give only --pose-frames PARENT:CHILD")

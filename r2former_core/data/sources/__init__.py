@@ -19,7 +19,7 @@ from .files import IMAGE_EXTENSIONS, list_image_files, parse_stamp_stem, read_im
 from .folder import CSV_SUFFIXES, TUM_SUFFIXES, ImageFolderSource
 from .open import open_source
 from .rosbag import RosbagSource
-from ..frames import PoseFrames, clean_frame_id
+from ...frames import PoseFrames, clean_frame_id
 from .tf import TransformTree, parse_tf_frames
 from .vg import VGFolderSource, is_vg_folder, parse_vg_name
 

@@ -7,7 +7,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..frames import PoseFrames
+from ...frames import PoseFrames
 
 _EXAMPLES = 3  # how many example names a log message or error lists
 

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from ...errors import DataError, ImageDecodeError
-from ..frames import (DEFAULT_FOLDER_CHILD, DEFAULT_PARENT, PoseFrames, check_convention, given_frames,
+from ...frames import (DEFAULT_FOLDER_CHILD, DEFAULT_PARENT, PoseFrames, check_convention, given_frames,
                       to_body_convention)
 from ..poses import nan_poses
 from .base import PosedImage, examples
@@ -92,7 +92,7 @@ class FileListSource:
 
     Files name no frame: `pose_frames` ("PARENT:CHILD", or a pair with None for a frame not given)
     says which, default map:camera; optical-convention camera poses are turned into the body
-    convention (`camera_convention`, see `r2former_core.data.frames`).
+    convention (`camera_convention`, see `r2former_core.frames`).
     """
 
     description: str = ""

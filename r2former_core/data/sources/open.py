@@ -47,7 +47,7 @@ def open_source(images: str | Path | None = None, poses: str | Path | None = Non
     Every source reports the frames of its poses as `frames`: from the messages or the TF frames for a
     bag, completed by `pose_frames` ("PARENT:CHILD", or a pair with None for a frame not given); for a
     folder `pose_frames`, default map:camera. `camera_convention` (auto / body / optical) says when poses
-    are of an optical camera frame and are turned into the body convention (`r2former_core.data.frames`).
+    are of an optical camera frame and are turned into the body convention (`r2former_core.frames`).
     """
     if images is not None and bag is not None:
         raise DataError("give either an image folder or a bag, not both")

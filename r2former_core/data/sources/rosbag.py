@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ImageDecodeError
-from ..frames import PoseFrames, check_convention, given_frames, to_body_convention
+from ...frames import PoseFrames, check_convention, given_frames, to_body_convention
 from ..poses import nan_poses
 from .bag import IMAGE_MSG_TYPES, MESSAGE_ERRORS, TF_TOPIC, connections, decode_image_msg, open_bag
 from .bag_scan import (BagRecord, MessageCounter, ScanCounts, ScanRequest, assign_poses, read_bag, scan_frames,
@@ -33,7 +33,7 @@ class RosbagSource:
       `tf_frames` = "PARENT:CHILD" (or a pair): the pose of CHILD in PARENT, chained over the frame
       tree (`TransformTree`), each dynamic transform interpolated at the image stamp;
     * `frames` (`PoseFrames`) names the frame pair of the poses; poses of an optical camera frame are
-      turned into the body convention (`camera_convention`, see `r2former_core.data.frames`);
+      turned into the body convention (`camera_convention`, see `r2former_core.frames`);
     * stamps are header stamps, or the bag time when a header stamp is zero;
     * the pose of an image is interpolated at its stamp (`interpolate_poses` with `tolerance` and
       `max_gap`); images without a pose are skipped and counted (kept with a NaN pose when

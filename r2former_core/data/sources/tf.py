@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import DataError
-from ..frames import clean_frame_id, parse_frame_pair
+from ...frames import clean_frame_id, parse_frame_pair
 from ..poses import compose_poses, interpolate_poses, invert_poses
 from .bag import header_stamp
 
