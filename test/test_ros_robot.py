@@ -78,7 +78,7 @@ def render(world, camera_pose: np.ndarray, size) -> np.ndarray:
 def world(tmp_path_factory):
     """Map of camera poses of a mounted camera, and a query drive: base ground truth + rendered images."""
     pytest.importorskip("timm")
-    from r2former_core.data.synthetic import SyntheticWorld
+    from r2former_core.synthetic import SyntheticWorld
     from r2former_core.mapping import build_map
     from r2former_core.model import load_model
     root = tmp_path_factory.mktemp("robot_world")
