@@ -34,7 +34,7 @@ from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
 from r2former_core.data.poses import compose_poses, invert_poses  # noqa: E402
-from r2former_core.data.sources import PosedImage  # noqa: E402
+from r2former_core.data.sources import ListSource, PosedImage, PoseFrames  # noqa: E402
 from r2former_ros.conversions import pose_from_msg, rgb_to_image_msg, sec_to_stamp, stamp_to_ns  # noqa: E402
 from r2former_core.frames import OPTICAL_IN_BODY, planar_error, pose_from_xyzrpy  # noqa: E402
 
@@ -43,24 +43,6 @@ DEMO_MODEL = os.path.join(ROOT, "models", "r2former_tiny_demo.safetensors")
 MOUNT = [0.9, -0.35, 1.5, 0.0, 0.0, -0.9]    # camera 0.9 m ahead, 0.35 m right, 1.5 m up, turned 52 deg right
 SEED, MAP_FRAMES, QUERY_FRAMES, SPACING = 11, 50, 14, 2.0
 MAX_POSITION_M, MAX_YAW_DEG = 4.0, 10.0      # localization error allowed per frame (map spacing 2 m)
-
-
-class MemorySource:
-    """A map source of rendered images (what build_map reads)."""
-
-    def __init__(self, records: list[PosedImage]) -> None:
-        self.records = records
-        self.names = [r.name for r in records]
-        self.description = f"{len(records)} rendered images"
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __iter__(self):
-        return iter(self.records)
-
-    def poses(self):
-        return np.array([r.stamp for r in self.records]), np.stack([r.pose for r in self.records])
 
 
 def base_poses(trajectory) -> np.ndarray:
@@ -91,7 +73,7 @@ def world(tmp_path_factory):
     records = [PosedImage(f"map{i:03d}", float(s) / 1e9, cam, render(w, cam, size))
                for i, (s, cam) in enumerate(zip(map_traj.stamps_ns, cameras))]
     map_dir = root / "map"
-    build_map(MemorySource(records), model, map_dir, frame_id="map", child_frame="camera", progress=False)
+    build_map(ListSource(records, PoseFrames("map", "camera")), model, map_dir, progress=False)
     query_traj = w.trajectory("query", QUERY_FRAMES, SPACING)
     bases = base_poses(query_traj)
     images = [render(w, cam, size) for cam in compose_poses(bases, mount)]

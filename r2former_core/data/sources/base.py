@@ -49,6 +49,30 @@ class Source(Protocol):
         ...
 
 
+class ListSource:
+    """Records already in memory (rendered, or decoded elsewhere) as a `Source`."""
+
+    def __init__(self, records: Sequence[PosedImage], frames: PoseFrames, description: str = "") -> None:
+        self.records = list(records)
+        self.frames = frames
+        self.description = description or f"{len(self.records)} images in memory"
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.records]
+
+    def __iter__(self) -> Iterator[PosedImage]:
+        return iter(self.records)
+
+    def poses(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.records:
+            return np.zeros(0), np.zeros((0, 7))
+        return np.array([r.stamp for r in self.records]), np.stack([r.pose for r in self.records])
+
+
 def examples(items: Sequence[Any]) -> str:
     """The first few items, comma-separated, with '...' when there are more (for messages)."""
     shown = ", ".join(str(x) for x in items[:_EXAMPLES])
