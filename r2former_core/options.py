@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
+from .data.image_limits import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_CEILING
 from .errors import ConfigError
 
 RERANK_MODES = ("r2former", "ransac", "none")
@@ -177,6 +178,10 @@ class LocalizerConfig:
                                    min=0.0, max=1.0)
     num_matches: int = option(40, "matched token pairs kept in the result for drawing", min=0, max=500)
     device: str = device_option()
+    max_image_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, "largest image accepted, in pixels (width x height, "
+                                   "read from the message or the PNG/JPEG header before decoding; larger images "
+                                   "are refused unread). The default, 16 MP (4096 x 4096), fits every usual camera",
+                                   min=1, max=MAX_IMAGE_PIXELS_CEILING)
     pose: PoseConfig = field(default_factory=PoseConfig)
 
     def validate(self) -> LocalizerConfig:

@@ -16,6 +16,7 @@ import sys
 
 from ..errors import EXPECTED_ERRORS
 from ..logging_setup import setup_logging
+from .common import apply_image_limit
 
 # Subcommand modules, in the order `--help` lists them.
 SUBCOMMANDS = ["build_map", "localize", "eval", "map_info", "synth", "train", "launch", "check_parity"]
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level, json_lines=args.log_json)
+    apply_image_limit(args)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

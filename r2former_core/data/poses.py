@@ -253,11 +253,15 @@ def read_tum(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a TUM trajectory: lines `timestamp tx ty tz qx qy qz qw` -> `(stamps (N,), poses (N, 7))`.
 
     `#` starts a comment, blank lines are skipped, fields may be separated by spaces, tabs or
-    commas. Quaternions are normalized. Rows are returned in file order.
+    commas. Quaternions are normalized. Rows are returned in file order. Timestamps must increase:
+    a stamp earlier than the previous one (two trajectories concatenated, a clock jump) or a repeated
+    stamp with another pose is refused with the line numbers; an exact repeated line is dropped (logged).
     """
     path = Path(path)
     stamps: list[float] = []
     rows: list[list[float]] = []
+    last_line = 0
+    repeated = 0
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
@@ -279,11 +283,22 @@ def read_tum(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         if math.sqrt(sum(v * v for v in values[4:])) < 1e-12:
             raise DataError(f"{path}:{lineno}: zero quaternion (qx qy qz qw all 0); "
                             "use 0 0 0 1 for the identity orientation")
+        if stamps and values[0] <= stamps[-1]:
+            if values[0] == stamps[-1] and values[1:] == rows[-1]:
+                repeated += 1
+                continue
+            what = ("repeats the timestamp of line {0} with another pose" if values[0] == stamps[-1]
+                    else "has timestamp {1!r}, earlier than {2!r} on line {0}").format(last_line, values[0], stamps[-1])
+            raise DataError(f"{path}:{lineno}: {what}; a TUM trajectory must be sorted by strictly increasing "
+                            "time (sort it, or split concatenated trajectories)")
         stamps.append(values[0])
         rows.append(values[1:])
+        last_line = lineno
     if not rows:
         raise DataError(f"pose file {path} contains no poses (expected TUM lines "
                         "'timestamp tx ty tz qx qy qz qw')")
+    if repeated:
+        log.warning("pose file %s: %d repeated line(s) (same timestamp and pose) ignored", path, repeated)
     poses = np.asarray(rows, dtype=np.float64)
     poses[:, 3:] = normalize_quat(poses[:, 3:])
     return np.asarray(stamps, dtype=np.float64), poses

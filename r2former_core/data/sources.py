@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import DataError, ImageDecodeError
 from .image_codec import decode_compressed, decode_raw
+from .image_limits import check_image_file
 from .poses import (compose_poses, interpolate_poses, invert_poses, nan_poses, quat_from_yaw, read_pose_csv,
                     read_tum)
 
@@ -97,6 +98,7 @@ def list_image_files(folder: str | Path) -> list[Path]:
 def read_image_file(path: str | Path) -> np.ndarray:
     """Decode an image file to HxWx3 uint8 RGB; ImageDecodeError names the file on failure."""
     path = Path(path)
+    check_image_file(path)   # image_limits: regular file, size and PNG/JPEG header within max_image_pixels
     try:
         # np.fromfile + imdecode instead of imread: works for any path encoding.
         buf = np.fromfile(path, dtype=np.uint8)
