@@ -82,7 +82,10 @@ BIG_FILES = (LOCAL_FILE, THUMBS_FILE)
 
 AUTO_FULL_VERIFY_BYTES = 2 * 1024**3   # verify="auto": full sha256 below this total size
 MAP_JSON_MAX_BYTES = 16 * 1024**2      # map.json is a few kB; anything this big is not one
-JSON_CHECKSUM_KEY = "json_sha256"      # map.json's checksum of its own content (see _json_checksum)
+JSON_CHECKSUM_KEY = "json_sha256"      # map.json's first key: sha256 of the rest of the file (map_json_text)
+# How map.json begins: signed (this writer) or as written before it was signed (accepted, not verifiable).
+_SIGNED_MAP_JSON = re.compile(rb'\{"' + JSON_CHECKSUM_KEY.encode() + rb'": "([0-9a-f]{64})",')
+_UNSIGNED_MAP_JSON = b'{\n  "format": "r2former_ros.map",\n  "format_version": 1,\n'
 THUMBNAIL_MAX_SIDE = 160
 THUMBNAIL_JPEG_QUALITY = 80
 POSE_LAYOUT = "x y z qx qy qz qw"
@@ -197,11 +200,29 @@ def _is_map_dir(path: Path) -> bool:
     return (path / MAP_JSON).is_file()
 
 
-def _json_checksum(doc: dict) -> str:
-    """sha256 of map.json's content without its own checksum, serialised canonically (sorted keys)."""
-    body = {k: v for k, v in doc.items() if k != JSON_CHECKSUM_KEY}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-                          .encode("utf-8")).hexdigest()
+def map_json_text(doc: dict) -> str:
+    """map.json as written: the document (indented JSON) whose first key, `json_sha256`, is the sha256 of the
+    bytes of the same text without that key, i.e. of ``"{" + text[len('{"json_sha256": "<hex>",'):]``.
+
+    Checked on the bytes, so every changed byte of the file is found, including one in the checksum's own
+    key (which a check of the parsed document would take for a map written before maps were signed)."""
+    body = json.dumps({k: v for k, v in doc.items() if k != JSON_CHECKSUM_KEY}, indent=2, ensure_ascii=False) + "\n"
+    digest = hashlib.sha256(body.encode("utf-8")).hexdigest()
+    return f'{{"{JSON_CHECKSUM_KEY}": "{digest}",' + body[1:]
+
+
+def _check_map_json_bytes(root: Path, raw: bytes) -> None:
+    signed = _SIGNED_MAP_JSON.match(raw)
+    if signed:
+        if hashlib.sha256(b"{" + raw[signed.end():]).hexdigest() != signed.group(1).decode():
+            raise MapError(f"{MAP_JSON} in {root} is corrupted: its content does not match its own checksum "
+                           f"({JSON_CHECKSUM_KEY}); the file changed after the map was built: {_REBUILD} or restore "
+                           "it from a backup")
+    elif raw.startswith(_UNSIGNED_MAP_JSON):
+        log.debug("%s in %s carries no checksum (written before maps were signed)", MAP_JSON, root)
+    else:
+        raise MapError(f"{MAP_JSON} in {root} is damaged or was edited: it does not begin with its checksum "
+                       f"({JSON_CHECKSUM_KEY}); {_REBUILD} or restore it from a backup")
 
 
 # What a map entry name must not contain: control characters, an absolute start, a '..' component. With
@@ -565,10 +586,8 @@ class MapWriter:
                         "source": self._meta["source"]},
             "files": files,
         }
-        doc[JSON_CHECKSUM_KEY] = _json_checksum(doc)
         with open(self._tmp / MAP_JSON, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+            f.write(map_json_text(doc))
             f.flush()
             os.fsync(f.fileno())
 
@@ -1004,7 +1023,8 @@ def _read_map_json(root: Path) -> dict:
                        f"{_REBUILD}")
     try:
         with open(mj, "rb") as f:
-            doc = json.loads(f.read(MAP_JSON_MAX_BYTES + 1).decode("utf-8"))
+            raw = f.read(MAP_JSON_MAX_BYTES + 1)
+        doc = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise MapError(f"{MAP_JSON} in {root} is not valid JSON ({str(e)[:200]}): the map is damaged; "
                        f"{_REBUILD}") from e
@@ -1017,11 +1037,7 @@ def _read_map_json(root: Path) -> dict:
     if version != FORMAT_VERSION:
         raise MapError(f"map {root} has format version {version!r}; this r2former_ros ({__version__}) reads format "
                        f"version {FORMAT_VERSION}: {_REBUILD} (or use the r2former_ros version that wrote it)")
-    checksum = doc.get(JSON_CHECKSUM_KEY)
-    if checksum is not None and checksum != _json_checksum(doc):
-        raise MapError(f"{MAP_JSON} in {root} is corrupted: its content does not match its own checksum "
-                       f"({JSON_CHECKSUM_KEY}); the file changed after the map was built: {_REBUILD} or restore it "
-                       "from a backup")
+    _check_map_json_bytes(root, raw)
     return doc
 
 
@@ -1125,8 +1141,9 @@ def _check_sha(root: Path, name: str, expected: str, actual: str) -> None:
 def _load_npy(root: Path, name: str, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
     try:
         arr = np.load(root / name, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise MapError(f"{name} in {root} is not a readable .npy file ({e}): {_REBUILD}") from e
+    except Exception as e:  # noqa: BLE001 - numpy's header parser raises ValueError, SyntaxError, TokenError...
+        raise MapError(f"{name} in {root} is not a readable .npy file ({type(e).__name__}: {str(e)[:120]}): "
+                       f"{_REBUILD}") from e
     if arr.dtype != np.dtype(dtype) or arr.shape != shape:
         raise MapError(f"{name} in {root} holds {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {shape} "
                        f"(see {MAP_JSON}): {_REBUILD}")
@@ -1162,8 +1179,9 @@ def _read_global_into(root: Path, out: np.ndarray, expected_sha: str | None) -> 
                 shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
             else:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        except (ValueError, OSError) as e:
-            raise MapError(f"{GLOBAL_FILE} in {root} has no valid .npy header ({e}): {_REBUILD}") from e
+        except Exception as e:  # noqa: BLE001 - numpy's header parser raises ValueError, SyntaxError, TokenError...
+            raise MapError(f"{GLOBAL_FILE} in {root} has no valid .npy header ({type(e).__name__}: {str(e)[:120]}): "
+                           f"{_REBUILD}") from e
         if shape != out.shape or fortran or dtype != out.dtype or f.tell() != _NPY_HEADER_BYTES:
             raise MapError(f"{GLOBAL_FILE} in {root} holds {dtype} {shape}, expected {out.dtype} {out.shape} "
                            f"(see {MAP_JSON}): {_REBUILD}")

@@ -86,8 +86,7 @@ def edit_json(path: Path, drop: tuple[str, ...] = (), **changes) -> None:
     doc.update(changes)
     for key in drop:
         del doc[key]
-    doc[mapdb.JSON_CHECKSUM_KEY] = mapdb._json_checksum(doc)
-    (path / "map.json").write_text(json.dumps(doc))
+    (path / "map.json").write_text(mapdb.map_json_text(doc))
 
 
 # ------------------------------------------------------------------------------ round trip

@@ -32,8 +32,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    source = open_source_from_args(args, require_poses=True)   # bad sources fail before torch is imported
     from ..mapping import build_map
-    source = open_source_from_args(args, require_poses=True)
     frame_id = args.frame_id or (source.tf_frames[0] if getattr(source, "tf_frames", None) else "map")
     model = load_model_from_args(args)
     mapdb = build_map(source, model, args.out, min_distance=args.min_distance, min_angle=args.min_angle,

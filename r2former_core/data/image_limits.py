@@ -47,6 +47,7 @@ MAX_JPEG_SCANS = 500
 MAX_JPEG_SEGMENTS = 1000
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"              # the PNG's last chunk, always the same 12 bytes
 JPEG_SOI = b"\xff\xd8"
 # Start-of-frame markers: every SOFn except DHT (C4), JPG (C8) and DAC (CC), which share the range.
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -161,6 +162,8 @@ def _png_header(buf: _Bytes, what: str) -> ImageHeader:
         raise ImageDecodeError(f"{what} is a PNG without a valid IHDR chunk (truncated or damaged)")
     if zlib.crc32(head[4:21]) != int.from_bytes(head[21:25], "big"):
         raise ImageDecodeError(f"{what} is a PNG whose IHDR chunk fails its CRC (damaged)")
+    if buf.get(buf.size - len(PNG_IEND), len(PNG_IEND)) != PNG_IEND:
+        raise ImageDecodeError(f"{what} is a PNG that does not end with its IEND chunk (truncated)")
     width, height = int.from_bytes(head[8:12], "big"), int.from_bytes(head[12:16], "big")
     depth, colour = head[16], head[17]
     if colour not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
@@ -204,13 +207,19 @@ def _jpeg_header(buf: _Bytes, what: str) -> ImageHeader:
 
 
 def _check_scans(buf: _Bytes, pos: int, what: str) -> None:
-    scans = 0
+    """At most MAX_JPEG_SCANS scans, and an end-of-image marker after the last one. In entropy-coded data
+    0xFF is always followed by 0x00 or a restart marker, so these byte pairs are real markers."""
+    scans, last = 0, -1
     while (pos := buf.find(b"\xff\xda", pos)) >= 0:
-        scans += 1
+        scans, last = scans + 1, pos
         if scans > MAX_JPEG_SCANS:
             raise ImageTooLargeError(f"{what} is a JPEG with more than {MAX_JPEG_SCANS} scans; refused without "
                                      "decoding (decoding it would take minutes)")
         pos += 2
+    if last < 0:
+        raise ImageDecodeError(f"{what} is a JPEG without image data (no scan; truncated)")
+    if buf.find(b"\xff\xd9", last) < 0:
+        raise ImageDecodeError(f"{what} is a JPEG without its end-of-image marker (truncated)")
 
 
 def read_header(data: Any, what: str = "image") -> ImageHeader:
@@ -240,24 +249,29 @@ def check_image_file(path: str | os.PathLike, max_pixels: int | None = None) -> 
     path = Path(path)
     what = f"image file {path}"
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ImageDecodeError(f"{what} is not a regular file")
-            cap = max_encoded_bytes(max_pixels)
-            if st.st_size > cap:
-                raise ImageTooLargeError(f"{what} has {st.st_size:,} bytes, more than the {cap:,} an image of "
-                                         f"max_image_pixels = {_limit(max_pixels):,} can need; refused unread")
-            if st.st_size == 0:
-                raise ImageDecodeError(f"{what} is empty")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                view = memoryview(mapped)
-                try:
-                    return check_encoded(view, what, max_pixels)
-                finally:
-                    view.release()      # before the map closes, even when a traceback still refers to it
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)   # a FIFO named *.png must not block the reader
     except OSError as exc:
         raise ImageDecodeError(f"cannot read {what}: {exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageDecodeError(f"{what} is not a regular file")
+        cap = max_encoded_bytes(max_pixels)
+        if st.st_size > cap:
+            raise ImageTooLargeError(f"{what} has {st.st_size:,} bytes, more than the {cap:,} an image of "
+                                     f"max_image_pixels = {_limit(max_pixels):,} can need; refused unread")
+        if st.st_size == 0:
+            raise ImageDecodeError(f"{what} is empty")
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                return check_encoded(view, what, max_pixels)
+            finally:
+                view.release()      # before the map closes, even when a traceback still refers to it
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read {what}: {exc}") from exc
+    finally:
+        os.close(fd)
 
 
 __all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "ImageHeader", "ImageTooLargeError", "MAX_IMAGE_PIXELS_CEILING",

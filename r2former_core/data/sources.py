@@ -458,8 +458,25 @@ def _open_bag(bag_path: str | Path) -> Iterator[Any]:
         raise DataError(f"cannot read bag {location}: {exc}") from exc
     try:
         yield reader
+    except _bag_read_errors() as exc:   # reliability: a bag damaged past its index fails while messages are read
+        raise DataError(f"cannot read bag {location}: {type(exc).__name__}: {exc}; the bag is truncated or damaged "
+                        "(a recording cut short can often be repaired with `ros2 bag reindex`)") from exc
     finally:
         reader.close()
+
+
+def _bag_read_errors() -> tuple[type[BaseException], ...]:
+    """What the bag readers raise for damaged files: rosbags' errors, sqlite3 / apsw (rosbags' SQLite) errors."""
+    import sqlite3
+
+    from rosbags.highlevel import AnyReaderError
+    from rosbags.rosbag2 import ReaderError
+    errors: tuple[type[BaseException], ...] = (AnyReaderError, ReaderError, sqlite3.DatabaseError)
+    try:
+        import apsw
+    except ImportError:
+        return errors
+    return errors + (apsw.Error,)
 
 
 def list_topics(bag_path: str | Path) -> dict[str, str]:
