@@ -196,6 +196,14 @@ def _cleanup_stale(final: Path) -> None:
         _remove_tree(tmp)
 
 
+def _bytes_text(n: int) -> str:
+    """A size for people: 1.2 GB, 340.5 MB, 12.0 kB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.1f} kB"
+
+
 def _is_map_dir(path: Path) -> bool:
     return (path / MAP_JSON).is_file()
 
@@ -484,7 +492,10 @@ class MapWriter:
             return
         self._state = "aborted"
         for f in (self._global_f, self._local_f, self._thumb_f):
-            f.close()
+            try:
+                f.close()
+            except OSError:     # closing flushes; on a full disk that fails too, and the data is discarded anyway
+                pass
         self._finalizer()
         log.info("map build aborted, removed %s", self._tmp)
 
@@ -709,11 +720,11 @@ class MapDatabase:
                                              global_dtype=global_dtype)["disk_bytes"]
             final.parent.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(final.parent).free
-            log.info("map %s: %d images need about %.2f GB on disk (%.2f GB free)", final, expected_count,
-                     need / 1e9, free / 1e9)
+            log.info("map %s: %d images need about %s on disk (%s free)", final, expected_count, _bytes_text(need),
+                     _bytes_text(free))
             if need > free:
                 raise MapError(f"not enough disk space for map {final}: {expected_count} images need about "
-                               f"{need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free on {final.parent}; "
+                               f"{_bytes_text(need)}, {_bytes_text(free)} are free on {final.parent}; "
                                "free some space or write the map elsewhere")
         return MapWriter(final, fingerprint=fingerprint, model_config=model_config, image_size=size,
                          global_dim=int(global_dim), num_local=int(num_local), local_values=int(local_values),
