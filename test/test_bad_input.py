@@ -748,7 +748,7 @@ def test_config_and_parameter_values_refused():
         with pytest.raises(ConfigError) as info:
             bad.validate()
         assert needle in str(info.value)
-    observed("config-invalid-value", "ConfigError: 'max_image_pixels: 0 is not an integer in [1, 1.07374e+09]'")
+    observed("config-invalid-value", "ConfigError: 'max_image_pixels: 0 is not an integer in [1, 1073741824]'")
     pytest.importorskip("rclpy")
     from r2former_ros.parameters import ParamSpec
     spec = ParamSpec.from_config(LocalizerConfig, "max_image_pixels")
