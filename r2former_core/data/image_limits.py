@@ -55,6 +55,7 @@ _JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}   # RSTn and TEM carry 
 _JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}            # colour type -> channels once decoded
 _CHUNK = 1 << 20
+_COPY_LIMIT = 8 << 20            # payloads up to this size are searched in one copy
 
 _limit_lock = threading.Lock()
 _max_pixels = DEFAULT_MAX_IMAGE_PIXELS
@@ -125,26 +126,52 @@ def check_pixels(width: int, height: int, what: str, max_pixels: int | None = No
 # ----------------------------------------------------------------------------- header parsing
 
 class _Bytes:
-    """Random access to a buffer (bytes, bytearray, memoryview, numpy uint8 array, mmap) without copying it."""
+    """Random access to a buffer (bytes, bytearray, memoryview, array.array, numpy uint8 array, mmap).
+
+    Searches run in C: on the object itself when it has `find` (bytes, mmap), on one copy when it is
+    small (a camera frame), else over 1 MB windows (nothing larger than a window is copied)."""
 
     def __init__(self, data: Any) -> None:
         view = data if isinstance(data, memoryview) else memoryview(data)
         self.view = view if view.format == "B" and view.ndim == 1 else view.cast("B")
         self.size = self.view.nbytes
+        if isinstance(data, (bytes, bytearray, mmap.mmap)):
+            self.whole: Any = data
+        else:
+            self.whole = bytes(self.view) if self.size <= _COPY_LIMIT else None
 
     def get(self, pos: int, n: int) -> bytes:
         return bytes(self.view[pos:pos + n])
 
+    def _windows(self, pos: int, pattern: bytes, backwards: bool = False):
+        """(start, bytes) windows of the buffer from `pos`, overlapping by len(pattern) - 1 bytes."""
+        starts = range(pos, self.size, _CHUNK)
+        for start in reversed(starts) if backwards else starts:
+            yield start, bytes(self.view[start:start + _CHUNK + len(pattern) - 1])
+
     def find(self, pattern: bytes, pos: int) -> int:
-        """Offset of the next `pattern` at or after `pos`, or -1 (scans in 1 MB chunks, in C)."""
-        step = _CHUNK
-        while pos < self.size:
-            chunk = bytes(self.view[pos:pos + step + len(pattern) - 1])
-            hit = chunk.find(pattern)
-            if hit >= 0:
-                return pos + hit
-            pos += step
+        """Offset of the next `pattern` at or after `pos`, or -1."""
+        if self.whole is not None:
+            return self.whole.find(pattern, pos)
+        for start, window in self._windows(pos, pattern):
+            if (hit := window.find(pattern)) >= 0:
+                return start + hit
         return -1
+
+    def rfind(self, pattern: bytes, pos: int) -> int:
+        """Offset of the last `pattern` at or after `pos`, or -1."""
+        if self.whole is not None:
+            return self.whole.rfind(pattern, pos)
+        for start, window in self._windows(pos, pattern, backwards=True):
+            if (hit := window.rfind(pattern)) >= 0:
+                return start + hit
+        return -1
+
+    def count(self, pattern: bytes, pos: int) -> int:
+        """Occurrences of `pattern` (which cannot overlap itself) at or after `pos`."""
+        if self.whole is not None:
+            return self.whole.count(pattern, pos)
+        return sum(window[:_CHUNK + len(pattern) - 1].count(pattern) for _, window in self._windows(pos, pattern))
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -176,7 +203,8 @@ def _jpeg_header(buf: _Bytes, what: str) -> ImageHeader:
     then count the scans (SOS markers) of the whole stream."""
     pos = 2
     for _ in range(MAX_JPEG_SEGMENTS):
-        pos = buf.find(b"\xff", pos)
+        if buf.get(pos, 1) != b"\xff":               # well-formed streams: the next marker is right here
+            pos = buf.find(b"\xff", pos)
         while 0 <= pos and buf.get(pos + 1, 1) in (b"\xff", b"\x00"):   # fill bytes and stuffed zeros
             pos = buf.find(b"\xff", pos + 1)
         if pos < 0 or pos + 1 >= buf.size:
@@ -207,18 +235,17 @@ def _jpeg_header(buf: _Bytes, what: str) -> ImageHeader:
 
 
 def _check_scans(buf: _Bytes, pos: int, what: str) -> None:
-    """At most MAX_JPEG_SCANS scans, and an end-of-image marker after the last one. In entropy-coded data
-    0xFF is always followed by 0x00 or a restart marker, so these byte pairs are real markers."""
-    scans, last = 0, -1
-    while (pos := buf.find(b"\xff\xda", pos)) >= 0:
-        scans, last = scans + 1, pos
-        if scans > MAX_JPEG_SCANS:
-            raise ImageTooLargeError(f"{what} is a JPEG with more than {MAX_JPEG_SCANS} scans; refused without "
-                                     "decoding (decoding it would take minutes)")
-        pos += 2
-    if last < 0:
+    """At most MAX_JPEG_SCANS scans after the frame header at `pos`, and an end-of-image marker after the last
+    one. In entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so these byte pairs are
+    real markers. One pass over the data (the count); the end marker is normally the file's last two bytes."""
+    scans = buf.count(b"\xff\xda", pos)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageTooLargeError(f"{what} is a JPEG with {scans} scans, more than {MAX_JPEG_SCANS}; refused without "
+                                 "decoding (decoding it would take minutes)")
+    if scans == 0:
         raise ImageDecodeError(f"{what} is a JPEG without image data (no scan; truncated)")
-    if buf.find(b"\xff\xd9", last) < 0:
+    end = buf.rfind(b"\xff\xd9", pos)
+    if end < 0 or buf.find(b"\xff\xda", end) >= 0:
         raise ImageDecodeError(f"{what} is a JPEG without its end-of-image marker (truncated)")
 
 
