@@ -8,6 +8,7 @@ phase 2 of issue 12 runs them through the live node as well.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -557,10 +558,9 @@ def map_results(world):
 
     def rename_in_json(d: dict, old: str = "names.json", new: str = "../names.json") -> None:
         d["files"][new] = d["files"].pop(old)
-    for row in ("map-names-outside",):            # the names file's checksum and size, signed again
-        data = (maps[row] / "names.json").read_bytes()
-        resign(maps[row], lambda d: d["files"]["names.json"].update(
-            bytes=len(data), sha256=__import__("hashlib").sha256(data).hexdigest()))
+    names_bytes = (maps["map-names-outside"] / "names.json").read_bytes()   # its checksum and size, signed again
+    resign(maps["map-names-outside"], lambda d: d["files"]["names.json"].update(
+        bytes=len(names_bytes), sha256=hashlib.sha256(names_bytes).hexdigest()))
     resign(maps["map-files-outside"], rename_in_json)
     elsewhere = root / "elsewhere"
     elsewhere.mkdir()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import mmap
 import os
 import stat
-import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,6 @@ _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}            # colour type -> chann
 _CHUNK = 1 << 20
 _COPY_LIMIT = 8 << 20            # payloads up to this size are searched in one copy
 
-_limit_lock = threading.Lock()
 _max_pixels = DEFAULT_MAX_IMAGE_PIXELS
 
 
