@@ -43,6 +43,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import time
 import weakref
 import zlib
@@ -56,7 +57,8 @@ import faiss
 import numpy as np
 
 from . import __version__
-from .errors import ConfigError, DeviceError, MapError
+from .data.image_limits import check_encoded
+from .errors import ConfigError, DeviceError, ImageDecodeError, MapError
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,11 @@ DATA_FILES = (GLOBAL_FILE, LOCAL_FILE, LOCAL_CRC_FILE, POSES_FILE, STAMPS_FILE, 
 BIG_FILES = (LOCAL_FILE, THUMBS_FILE)
 
 AUTO_FULL_VERIFY_BYTES = 2 * 1024**3   # verify="auto": full sha256 below this total size
+MAP_JSON_MAX_BYTES = 16 * 1024**2      # map.json is a few kB; anything this big is not one
+JSON_CHECKSUM_KEY = "json_sha256"      # map.json's first key: sha256 of the rest of the file (map_json_text)
+# How map.json begins: signed (this writer) or as written before it was signed (accepted, not verifiable).
+_SIGNED_MAP_JSON = re.compile(rb'\{"' + JSON_CHECKSUM_KEY.encode() + rb'": "([0-9a-f]{64})",')
+_UNSIGNED_MAP_JSON = b'{\n  "format": "r2former_ros.map",\n  "format_version": 1,\n'
 THUMBNAIL_MAX_SIDE = 160
 THUMBNAIL_JPEG_QUALITY = 80
 POSE_LAYOUT = "x y z qx qy qz qw"
@@ -169,7 +176,7 @@ def _stale_siblings(final: Path, kind: str) -> list[Path]:
     stale = []
     for entry in final.parent.iterdir():
         m = pattern.match(entry.name)
-        if m and entry.is_dir() and not _pid_alive(int(m.group(1))):
+        if m and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(m.group(1))):
             stale.append(entry)
     return sorted(stale)
 
@@ -189,8 +196,61 @@ def _cleanup_stale(final: Path) -> None:
         _remove_tree(tmp)
 
 
+def _bytes_text(n: int) -> str:
+    """A size for people: 1.2 GB, 340.5 MB, 12.0 kB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.1f} kB"
+
+
 def _is_map_dir(path: Path) -> bool:
     return (path / MAP_JSON).is_file()
+
+
+def map_json_text(doc: dict) -> str:
+    """map.json as written: the document (indented JSON) whose first key, `json_sha256`, is the sha256 of the
+    bytes of the same text without that key, i.e. of ``"{" + text[len('{"json_sha256": "<hex>",'):]``.
+
+    Checked on the bytes, so every changed byte of the file is found, including one in the checksum's own
+    key (which a check of the parsed document would take for a map written before maps were signed)."""
+    body = json.dumps({k: v for k, v in doc.items() if k != JSON_CHECKSUM_KEY}, indent=2, ensure_ascii=False) + "\n"
+    digest = hashlib.sha256(body.encode("utf-8")).hexdigest()
+    return f'{{"{JSON_CHECKSUM_KEY}": "{digest}",' + body[1:]
+
+
+def _check_map_json_bytes(root: Path, raw: bytes) -> None:
+    signed = _SIGNED_MAP_JSON.match(raw)
+    if signed:
+        if hashlib.sha256(b"{" + raw[signed.end():]).hexdigest() != signed.group(1).decode():
+            raise MapError(f"{MAP_JSON} in {root} is corrupted: its content does not match its own checksum "
+                           f"({JSON_CHECKSUM_KEY}); the file changed after the map was built: {_REBUILD} or restore "
+                           "it from a backup")
+    elif raw.startswith(_UNSIGNED_MAP_JSON):
+        log.debug("%s in %s carries no checksum (written before maps were signed)", MAP_JSON, root)
+    else:
+        raise MapError(f"{MAP_JSON} in {root} is damaged or was edited: it does not begin with its checksum "
+                       f"({JSON_CHECKSUM_KEY}); {_REBUILD} or restore it from a backup")
+
+
+# What a map entry name must not contain: control characters, an absolute start, a '..' component. With
+# re.M it also checks all names at once, joined by newlines (which the first class leaves out for that).
+_BAD_NAME = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]|^(?:[/\\]|[A-Za-z]:[\\/])|(?:^|[\\/])\.\.(?:[\\/]|$)", re.M)
+
+
+def entry_name_problem(name: Any) -> str | None:
+    """Why `name` cannot be a map entry name, or None. Names are labels (file names, bag stamps, relative
+    paths such as 'seq/000013.png'); none is ever opened, but tools join them to folders, so a name must not
+    leave one: no absolute path, no '..' component, no control characters."""
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not a string"
+    if re.search(r"[\x00-\x1f\x7f]", name):
+        return "contains control characters"
+    if re.match(r"[/\\]|[A-Za-z]:[\\/]", name):
+        return "is an absolute path"
+    if ".." in re.split(r"[\\/]", name):
+        return "has a '..' component (it would point outside a folder it is joined to)"
+    return None
 
 
 def _make_thumbnail(image: np.ndarray) -> bytes:
@@ -356,8 +416,9 @@ class MapWriter:
         if thumbnails is not None and len(thumbnails) != B:
             raise ValueError(f"expected {B} thumbnails (or None), got {len(thumbnails)}")
         for n in names:
-            if not isinstance(n, str):
-                raise ValueError(f"entry names must be str, got {type(n).__name__}")
+            problem = entry_name_problem(n)
+            if problem:
+                raise ValueError(f"entry name {n!r} {problem}")
         if not np.issubdtype(g.dtype, np.floating) or not np.issubdtype(loc.dtype, np.floating):
             raise ValueError("global descriptors and local features must be floating point arrays")
         with np.errstate(over="ignore"):   # overflow shows up as inf and is refused just below
@@ -431,7 +492,10 @@ class MapWriter:
             return
         self._state = "aborted"
         for f in (self._global_f, self._local_f, self._thumb_f):
-            f.close()
+            try:
+                f.close()
+            except OSError:     # closing flushes; on a full disk that fails too, and the data is discarded anyway
+                pass
         self._finalizer()
         log.info("map build aborted, removed %s", self._tmp)
 
@@ -534,8 +598,7 @@ class MapWriter:
             "files": files,
         }
         with open(self._tmp / MAP_JSON, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+            f.write(map_json_text(doc))
             f.flush()
             os.fsync(f.fileno())
 
@@ -610,8 +673,8 @@ class MapDatabase:
                 self._index = cpu_index
         self.nprobe = nprobe
         self._spacing: float | None = None
-        self._local_fd = os.open(self.path / LOCAL_FILE, os.O_RDONLY)
-        self._thumb_fd = os.open(self.path / THUMBS_FILE, os.O_RDONLY)
+        self._local_fd = os.open(self.path / LOCAL_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+        self._thumb_fd = os.open(self.path / THUMBS_FILE, os.O_RDONLY | os.O_NOFOLLOW)
         self._closer = weakref.finalize(self, _close_fds, (self._local_fd, self._thumb_fd))
 
     # ----------------------------------------------------------------- creation / loading
@@ -657,11 +720,11 @@ class MapDatabase:
                                              global_dtype=global_dtype)["disk_bytes"]
             final.parent.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(final.parent).free
-            log.info("map %s: %d images need about %.2f GB on disk (%.2f GB free)", final, expected_count,
-                     need / 1e9, free / 1e9)
+            log.info("map %s: %d images need about %s on disk (%s free)", final, expected_count, _bytes_text(need),
+                     _bytes_text(free))
             if need > free:
                 raise MapError(f"not enough disk space for map {final}: {expected_count} images need about "
-                               f"{need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free on {final.parent}; "
+                               f"{_bytes_text(need)}, {_bytes_text(free)} are free on {final.parent}; "
                                "free some space or write the map elsewhere")
         return MapWriter(final, fingerprint=fingerprint, model_config=model_config, image_size=size,
                          global_dim=int(global_dim), num_local=int(num_local), local_values=int(local_values),
@@ -747,6 +810,11 @@ class MapDatabase:
                  nprobe, verify_reads, search_threads)
         log.info("map loaded: %s (%d entries, index %s on %s, verify=%s, %.2f s)", root, M, info.index,
                  db.search_device, verify, time.perf_counter() - t0)
+        leftovers = _leftovers(root)
+        if leftovers:
+            log.warning("next to map %s: %d temporary director%s of interrupted builds (%s), removed by the next "
+                        "build of this map or safe to delete", root, len(leftovers),
+                        "y" if len(leftovers) == 1 else "ies", ", ".join(leftovers[:3]))
         return db
 
     # ----------------------------------------------------------------- queries
@@ -869,7 +937,13 @@ class MapDatabase:
         if length == 0:
             return None
         data = os.pread(self._thumb_fd, length, offset)
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if len(data) == length else None
+        img = None
+        if len(data) == length:
+            try:    # a thumbnail is a JPEG of at most 160 x 160: never decode anything bigger
+                check_encoded(data, f"thumbnail {i}", max_pixels=THUMBNAIL_MAX_SIDE * THUMBNAIL_MAX_SIDE)
+                img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            except ImageDecodeError as e:
+                log.debug("thumbnail %d refused: %s", i, e)
         if img is None:
             log.warning("thumbnail of map entry %d in %s cannot be decoded (damaged %s)", i, self.path, THUMBS_FILE)
             return None
@@ -951,13 +1025,20 @@ def _read_map_json(root: Path) -> dict:
     if not root.is_dir():
         raise MapError(f"{root} is not a directory: a map is a directory containing {MAP_JSON}")
     mj = root / MAP_JSON
-    if not mj.is_file():
+    if not mj.is_file() and not mj.is_symlink():
         raise MapError(f"{root} is not a complete map: {MAP_JSON} is missing (a build that was interrupted "
                        f"leaves no {MAP_JSON}); {_REBUILD}")
+    size = _regular_file_size(root, MAP_JSON)
+    if size > MAP_JSON_MAX_BYTES:
+        raise MapError(f"{MAP_JSON} in {root} has {size} bytes, far more than a map.json holds: the map is damaged; "
+                       f"{_REBUILD}")
     try:
-        doc = json.loads(mj.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MapError(f"{MAP_JSON} in {root} is not valid JSON ({e}): the map is damaged; {_REBUILD}") from e
+        with open(mj, "rb") as f:
+            raw = f.read(MAP_JSON_MAX_BYTES + 1)
+        doc = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise MapError(f"{MAP_JSON} in {root} is not valid JSON ({str(e)[:200]}): the map is damaged; "
+                       f"{_REBUILD}") from e
     if not isinstance(doc, dict):
         raise MapError(f"{MAP_JSON} in {root} is not a JSON object: the map is damaged; {_REBUILD}")
     if doc.get("format") != FORMAT_NAME:
@@ -967,7 +1048,27 @@ def _read_map_json(root: Path) -> dict:
     if version != FORMAT_VERSION:
         raise MapError(f"map {root} has format version {version!r}; this r2former_ros ({__version__}) reads format "
                        f"version {FORMAT_VERSION}: {_REBUILD} (or use the r2former_ros version that wrote it)")
+    _check_map_json_bytes(root, raw)
     return doc
+
+
+def _regular_file_size(root: Path, name: str) -> int:
+    """Size of `root/name`, which must be a regular file (not a symbolic link, not a device or pipe)."""
+    try:
+        st = os.lstat(root / name)
+    except FileNotFoundError:
+        raise MapError(f"map {root} is incomplete: {name} is missing; {_REBUILD} (or restore the file)") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise MapError(f"{name} in {root} is a symbolic link (to {os.readlink(root / name)!r}): a map's files must "
+                       "be regular files inside the map directory; copy the map instead of linking its files")
+    if not stat.S_ISREG(st.st_mode):
+        raise MapError(f"{name} in {root} is not a regular file: the map is damaged; {_REBUILD}")
+    return st.st_size
+
+
+def _leftovers(root: Path) -> list[str]:
+    """Temporary directories of dead writers of this map (removed by the next build of the same name)."""
+    return [p.name for p in _stale_siblings(root, "tmp")]
 
 
 def _field(root: Path, doc: dict, key: str, kind: type | tuple[type, ...]) -> Any:
@@ -1011,6 +1112,13 @@ def _parse_info(root: Path, doc: dict) -> MapInfo:
 def _check_files(root: Path, doc: dict, info: MapInfo) -> dict[str, dict]:
     """Every data file exists and has the size map.json records (and the size the dims imply)."""
     listed = _field(root, doc, "files", dict)
+    outside = sorted(str(k) for k in listed if Path(k).name != k or k in ("", ".", ".."))
+    if outside:
+        raise MapError(f"{MAP_JSON} in {root} lists files outside the map directory ({', '.join(outside)[:200]}): "
+                       f"the map is damaged or was not written by r2former; {_REBUILD}")
+    if info.index == "ivfpq" and doc["index"].get("file", INDEX_FILE) != INDEX_FILE:
+        raise MapError(f"{MAP_JSON} in {root}: index file {doc['index'].get('file')!r} is not {INDEX_FILE!r}: the map "
+                       f"is damaged or was not written by r2former; {_REBUILD}")
     needed = DATA_FILES + ((INDEX_FILE,) if info.index == "ivfpq" else ())
     M, G, N, C = info.count, info.global_dim, info.num_local, info.local_values
     implied = {LOCAL_FILE: (M * N * C * 2, f"{M} entries x {N} x {C} float16"),
@@ -1022,10 +1130,7 @@ def _check_files(root: Path, doc: dict, info: MapInfo) -> dict[str, dict]:
         if (not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int)
                 or not isinstance(entry.get("sha256"), str)):
             raise MapError(f"{MAP_JSON} in {root} has no valid size/checksum record for {name}; {_REBUILD}")
-        path = root / name
-        if not path.is_file():
-            raise MapError(f"map {root} is incomplete: {name} is missing; {_REBUILD} (or restore the file)")
-        actual = path.stat().st_size
+        actual = _regular_file_size(root, name)
         if actual != entry["bytes"]:
             what = "truncated" if actual < entry["bytes"] else "longer than written"
             raise MapError(f"{name} in {root} has {actual} bytes but {MAP_JSON} records {entry['bytes']}: the file "
@@ -1047,8 +1152,9 @@ def _check_sha(root: Path, name: str, expected: str, actual: str) -> None:
 def _load_npy(root: Path, name: str, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
     try:
         arr = np.load(root / name, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise MapError(f"{name} in {root} is not a readable .npy file ({e}): {_REBUILD}") from e
+    except Exception as e:  # noqa: BLE001 - numpy's header parser raises ValueError, SyntaxError, TokenError...
+        raise MapError(f"{name} in {root} is not a readable .npy file ({type(e).__name__}: {str(e)[:120]}): "
+                       f"{_REBUILD}") from e
     if arr.dtype != np.dtype(dtype) or arr.shape != shape:
         raise MapError(f"{name} in {root} holds {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {shape} "
                        f"(see {MAP_JSON}): {_REBUILD}")
@@ -1063,6 +1169,13 @@ def _load_names(root: Path, count: int) -> list[str]:
         raise MapError(f"{NAMES_FILE} in {root} is not valid JSON ({e}): {_REBUILD}") from e
     if not isinstance(names, list) or len(names) != count or not all(isinstance(n, str) for n in names):
         raise MapError(f"{NAMES_FILE} in {root} must be a list of {count} strings: {_REBUILD}")
+    joined = "\n".join(names)      # one regular-expression pass over all names; per name only on a hit
+    bad = (next(((i, p) for i, n in enumerate(names) if (p := entry_name_problem(n))), None)
+           if joined.count("\n") != len(names) - 1 or _BAD_NAME.search(joined) else None)
+    if bad:
+        i, problem = bad
+        raise MapError(f"{NAMES_FILE} in {root}: entry {i} {names[i]!r} {problem}; the map is damaged or was not "
+                       f"written by r2former: {_REBUILD}")
     return names
 
 
@@ -1077,8 +1190,9 @@ def _read_global_into(root: Path, out: np.ndarray, expected_sha: str | None) -> 
                 shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
             else:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        except (ValueError, OSError) as e:
-            raise MapError(f"{GLOBAL_FILE} in {root} has no valid .npy header ({e}): {_REBUILD}") from e
+        except Exception as e:  # noqa: BLE001 - numpy's header parser raises ValueError, SyntaxError, TokenError...
+            raise MapError(f"{GLOBAL_FILE} in {root} has no valid .npy header ({type(e).__name__}: {str(e)[:120]}): "
+                           f"{_REBUILD}") from e
         if shape != out.shape or fortran or dtype != out.dtype or f.tell() != _NPY_HEADER_BYTES:
             raise MapError(f"{GLOBAL_FILE} in {root} holds {dtype} {shape}, expected {out.dtype} {out.shape} "
                            f"(see {MAP_JSON}): {_REBUILD}")

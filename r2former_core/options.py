@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
+from .data.image_limits import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_CEILING
 from .errors import ConfigError
 
 RERANK_MODES = ("r2former", "ransac", "none")
@@ -44,8 +45,8 @@ class Option:
             return self.pattern_help
         if self.min is not None or self.max is not None:
             kind = "an integer" if isinstance(default, int) and not isinstance(default, bool) else "a number"
-            lo = "-inf" if self.min is None else f"{self.min:g}"
-            hi = "inf" if self.max is None else f"{self.max:g}"
+            lo = "-inf" if self.min is None else _number_text(self.min)
+            hi = "inf" if self.max is None else _number_text(self.max)
             return f"{kind} in [{lo}, {hi}]"
         return f"a {type(default).__name__}" if default is not None else "any value"
 
@@ -60,6 +61,11 @@ class Option:
                     self.max is not None and value > self.max):
                 return f"{value!r} is not {self.allowed(default)}"
         return None
+
+
+def _number_text(value: float) -> str:
+    """A range bound as people write it: 1000 and 1073741824 in full, 0.5 and 1e-06 as %g does."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] = (), min: float | None = None,  # noqa: A002
@@ -177,6 +183,10 @@ class LocalizerConfig:
                                    min=0.0, max=1.0)
     num_matches: int = option(40, "matched token pairs kept in the result for drawing", min=0, max=500)
     device: str = device_option()
+    max_image_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, "largest image accepted, in pixels (width x height, "
+                                   "read from the message or the PNG/JPEG header before decoding; larger images "
+                                   "are refused unread). The default, 16 MP (4096 x 4096), fits every usual camera",
+                                   min=1, max=MAX_IMAGE_PIXELS_CEILING)
     pose: PoseConfig = field(default_factory=PoseConfig)
 
     def validate(self) -> LocalizerConfig:

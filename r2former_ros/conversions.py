@@ -15,8 +15,9 @@ from std_msgs.msg import Header
 
 from r2former_core.errors import ImageDecodeError
 from r2former_core.data.image_codec import decode_compressed, decode_raw, encode_compressed, encode_raw
+from r2former_core.data.image_limits import ImageTooLargeError
 
-__all__ = ["ImageDecodeError", "compressed_msg_to_rgb", "covariance_to_msg", "image_msg_to_rgb", "msg_to_rgb",
+__all__ = ["ImageDecodeError", "ImageTooLargeError", "compressed_msg_to_rgb", "covariance_to_msg", "image_msg_to_rgb", "msg_to_rgb",
            "ns_to_stamp", "pose_array_msg", "pose_from_msg", "pose_msg", "pose_with_covariance_msg",
            "rgb_to_compressed_msg", "rgb_to_image_msg", "sec_to_stamp", "stamp_to_ns", "stamp_to_sec"]
 
@@ -41,20 +42,25 @@ def sec_to_stamp(seconds: float) -> Time:
 
 # -------------------------------------------------------------------------------- images
 
-def image_msg_to_rgb(msg: Image) -> np.ndarray:
-    """sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8, mono16, ...) -> HxWx3 uint8 RGB."""
-    return decode_raw(msg.encoding, msg.height, msg.width, msg.step, msg.data, bool(msg.is_bigendian))
+def image_msg_to_rgb(msg: Image, max_pixels: int | None = None) -> np.ndarray:
+    """sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8, mono16, ...) -> HxWx3 uint8 RGB.
+
+    A size above `max_pixels` (None: the process-wide `max_image_pixels`) is refused before anything
+    is allocated (`ImageTooLargeError`, an `ImageDecodeError`)."""
+    return decode_raw(msg.encoding, msg.height, msg.width, msg.step, msg.data, bool(msg.is_bigendian),
+                      max_pixels=max_pixels)
 
 
-def compressed_msg_to_rgb(msg: CompressedImage) -> np.ndarray:
-    """sensor_msgs/CompressedImage (jpeg, png) -> HxWx3 uint8 RGB."""
-    return decode_compressed(msg.format, msg.data)
+def compressed_msg_to_rgb(msg: CompressedImage, max_pixels: int | None = None) -> np.ndarray:
+    """sensor_msgs/CompressedImage (jpeg, png) -> HxWx3 uint8 RGB; the size declared in the PNG/JPEG
+    header is checked against `max_pixels` before decoding."""
+    return decode_compressed(msg.format, msg.data, max_pixels=max_pixels)
 
 
-def msg_to_rgb(msg: Image | CompressedImage) -> np.ndarray:
+def msg_to_rgb(msg: Image | CompressedImage, max_pixels: int | None = None) -> np.ndarray:
     if isinstance(msg, CompressedImage):
-        return compressed_msg_to_rgb(msg)
-    return image_msg_to_rgb(msg)
+        return compressed_msg_to_rgb(msg, max_pixels)
+    return image_msg_to_rgb(msg, max_pixels)
 
 
 def rgb_to_image_msg(image_rgb: np.ndarray, header: Header | None = None, encoding: str = "rgb8") -> Image:

@@ -37,8 +37,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    source = open_source_from_args(args, require_poses=True)   # bad sources fail before torch is imported
     from ..mapping import build_map
-    source = open_source_from_args(args, require_poses=True)
     model = load_model_from_args(args)
     mapdb = build_map(source, model, args.out, min_distance=args.min_distance, min_angle=args.min_angle,
                       batch_size=args.batch_size, index=args.index, overwrite=args.overwrite)

@@ -31,9 +31,19 @@ unit_float = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def add_skip_unreadable(p) -> None:
+    """The options on reading input images (every command that reads images has them):
+    --skip-unreadable and --max-image-pixels (applied process-wide by `apply_image_limit`)."""
     p.add_argument("--skip-unreadable", action="store_true",
                    help="image folders: skip (and count) image files that do not decode instead of stopping at "
                         "the first one")
+    add_config_option(p, LocalizerConfig, "max_image_pixels")
+
+
+def apply_image_limit(args: argparse.Namespace) -> None:
+    """Make --max-image-pixels the limit of every image decoded in this process (files, bag messages)."""
+    from ..data.image_limits import set_max_image_pixels
+    if getattr(args, "max_image_pixels", None) is not None:
+        set_max_image_pixels(args.max_image_pixels)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

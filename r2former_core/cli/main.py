@@ -16,6 +16,7 @@ import sys
 
 from ..errors import EXPECTED_ERRORS
 from ..logging_setup import setup_logging
+from .common import apply_image_limit
 
 # Subcommand modules, in the order `--help` lists them: names relative to this package, or absolute (`launch`
 # starts ROS processes and lives with the nodes; it never imports rclpy).
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level, json_lines=args.log_json)
+    apply_image_limit(args)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

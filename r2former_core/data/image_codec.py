@@ -2,6 +2,9 @@
 
 Works on plain fields, so the same code serves rclpy messages (the node), rosbags messages
 (offline bag reading) and tests. Every malformed input raises `ImageDecodeError` with the reason.
+Sizes are checked against `max_image_pixels` before anything is decoded or allocated
+(`image_limits`: raw width x height, the PNG/JPEG header of compressed payloads); `max_pixels=None`
+means the process-wide limit (`image_limits.get_max_image_pixels`).
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import cv2
 import numpy as np
 
 from ..errors import ImageDecodeError
+from .image_limits import check_encoded, check_pixels
 
 # encoding -> (channels, numpy dtype, conversion to RGB or None for already-RGB)
 RAW_ENCODINGS: dict[str, tuple[int, type, int | None]] = {
@@ -40,14 +44,15 @@ RAW_ENCODINGS: dict[str, tuple[int, type, int | None]] = {
 COMPRESSED_FORMATS = ("jpeg", "jpg", "png")
 
 
-def decode_raw(encoding: str, height: int, width: int, step: int, data, is_bigendian: bool = False) -> np.ndarray:
-    """sensor_msgs/Image fields -> HxWx3 uint8 RGB."""
+def decode_raw(encoding: str, height: int, width: int, step: int, data, is_bigendian: bool = False,
+               max_pixels: int | None = None) -> np.ndarray:
+    """sensor_msgs/Image fields -> HxWx3 uint8 RGB; sizes above `max_pixels` are refused first."""
     enc = (encoding or "").strip().lower()
     if enc not in RAW_ENCODINGS:
         raise ImageDecodeError(f"unsupported image encoding {encoding!r}; supported: {', '.join(RAW_ENCODINGS)}")
     channels, dtype, conversion = RAW_ENCODINGS[enc]
-    if height <= 0 or width <= 0:
-        raise ImageDecodeError(f"image has zero size ({width}x{height})")
+    height, width, step = int(height), int(width), int(step)
+    check_pixels(width, height, f"{enc} image", max_pixels)
     if channels == 2 and width % 2:
         raise ImageDecodeError(f"{enc} needs an even width (pixel pairs share U and V), got {width}")
     itemsize = np.dtype(dtype).itemsize
@@ -67,18 +72,26 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, is_bigen
     return cv2.cvtColor(np.ascontiguousarray(pixels), conversion)
 
 
-def decode_compressed(fmt: str, data) -> np.ndarray:
-    """sensor_msgs/CompressedImage fields -> HxWx3 uint8 RGB (JPEG or PNG payloads)."""
+def decode_compressed(fmt: str, data, max_pixels: int | None = None) -> np.ndarray:
+    """sensor_msgs/CompressedImage fields -> HxWx3 uint8 RGB (JPEG or PNG payloads, recognised by content;
+    an empty format is accepted). Sizes above `max_pixels` are refused from the header, before decoding."""
     f = (fmt or "").lower()
+    if "compresseddepth" in f:
+        raise ImageDecodeError(f"compressed format {fmt!r} is a depth image (compressedDepth), which is not "
+                               "supported: subscribe the colour or mono camera image")
     if f and not any(name in f for name in COMPRESSED_FORMATS):
         raise ImageDecodeError(f"unsupported compressed format {fmt!r}; supported: jpeg, png")
+    return decode_encoded(data, f"compressed image (format {fmt!r})", max_pixels)
+
+
+def decode_encoded(data, what: str, max_pixels: int | None = None) -> np.ndarray:
+    """An encoded PNG or JPEG in memory -> HxWx3 uint8 RGB, after its header passed `check_encoded`."""
     buf = np.frombuffer(memoryview(data), dtype=np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8)
-    if buf.size == 0:
-        raise ImageDecodeError("compressed image has no data")
+    header = check_encoded(buf.reshape(-1), what, max_pixels)
     image = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
-        raise ImageDecodeError(f"compressed image ({buf.size} bytes, format {fmt!r}) could not be decoded; "
-                               "the payload is corrupt or not JPEG/PNG")
+        raise ImageDecodeError(f"{what} ({buf.size} bytes, {header.format.upper()} {header.width}x{header.height}) "
+                               "could not be decoded: the data is corrupt or truncated")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

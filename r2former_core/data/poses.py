@@ -253,11 +253,18 @@ def read_tum(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a TUM trajectory: lines `timestamp tx ty tz qx qy qz qw` -> `(stamps (N,), poses (N, 7))`.
 
     `#` starts a comment, blank lines are skipped, fields may be separated by spaces, tabs or
-    commas. Quaternions are normalized. Rows are returned in file order.
+    commas. Quaternions are normalized. Rows are returned in file order. A timestamp repeated with
+    another pose is refused with both line numbers (which pose would be meant?); an exactly repeated
+    line is dropped; timestamps out of order (two trajectories concatenated, a clock jump) are
+    accepted, since users of the rows sort them by time, but said in one warning with the first place.
     """
     path = Path(path)
     stamps: list[float] = []
     rows: list[list[float]] = []
+    seen: dict[float, int] = {}          # stamp -> index in rows
+    lines: list[int] = []
+    repeated = 0
+    backwards: list[tuple[int, float, float, int]] = []   # (line, stamp, previous stamp, its line)
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
@@ -279,11 +286,29 @@ def read_tum(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         if math.sqrt(sum(v * v for v in values[4:])) < 1e-12:
             raise DataError(f"{path}:{lineno}: zero quaternion (qx qy qz qw all 0); "
                             "use 0 0 0 1 for the identity orientation")
+        first = seen.get(values[0])
+        if first is not None:
+            if rows[first] == values[1:]:
+                repeated += 1
+                continue
+            raise DataError(f"{path}:{lineno}: timestamp {values[0]!r} repeats line {lines[first]} with another pose; "
+                            "each timestamp may have one pose (remove one of the lines)")
+        if stamps and values[0] < stamps[-1]:
+            backwards.append((lineno, values[0], stamps[-1], lines[-1]))
+        seen[values[0]] = len(rows)
         stamps.append(values[0])
         rows.append(values[1:])
+        lines.append(lineno)
     if not rows:
         raise DataError(f"pose file {path} contains no poses (expected TUM lines "
                         "'timestamp tx ty tz qx qy qz qw')")
+    if repeated:
+        log.warning("pose file %s: %d repeated line(s) (same timestamp and pose) ignored", path, repeated)
+    if backwards:
+        line, stamp, previous, previous_line = backwards[0]
+        log.warning("pose file %s: timestamps go back in time %d time(s), first on line %d (%r after %r on line %d); "
+                    "the poses are used in time order; if two trajectories were concatenated, split them",
+                    path, len(backwards), line, stamp, previous, previous_line)
     poses = np.asarray(rows, dtype=np.float64)
     poses[:, 3:] = normalize_quat(poses[:, 3:])
     return np.asarray(stamps, dtype=np.float64), poses

@@ -18,7 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +95,21 @@ def _numpy_safe_globals() -> list:
 
 def _read_torch_file(path: Path):
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
+        with torch.serialization.safe_globals(_numpy_safe_globals()), warnings.catch_warnings():
+            # a plain pickle (not torch.save's format) makes torch warn about its protocol before refusing it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():     # torch's restricted unpickler refused a global
+            found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global| Please|\n|$)", str(exc))
+            detail = re.sub(r"\x1b\[[0-9;]*m", "", found.group(1) if found else "a non-tensor object").strip()
+            raise CheckpointError(f"{path} is refused: it holds pickled Python objects that are not weights ({detail}) "
+                                  "or is damaged; "
+                                  "unpickling them could run code, so weights are only read with weights_only=True and "
+                                  "this file was not executed. Use the official checkpoint, DeiT weights or a "
+                                  ".safetensors model") from None
+        raise CheckpointError(f"cannot read {path} as a torch checkpoint (UnpicklingError: {str(exc)[:200]}). The file "
+                              "is truncated, corrupted or not a weights file; download or copy it again.") from None
     except Exception as exc:  # torch raises several unrelated types for damaged files
         raise CheckpointError(f"cannot read {path} as a torch checkpoint ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}). The file is truncated, corrupted "
@@ -166,7 +182,8 @@ def load_model(path: str | os.PathLike, device: str = "cpu", config: ModelConfig
     if path.is_dir():
         raise CheckpointError(f"model path {path} is a directory; pass the weights file itself (.pth or .safetensors)")
     if not path.is_file():
-        raise CheckpointError(f"model file {path} does not exist (pass --model with a checkpoint path)")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise CheckpointError(f"model file {path} {what} (pass --model with a checkpoint path)")
     dev = resolve_device(device)
     if _is_safetensors(path):
         state, meta = _read_safetensors(path)

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import apsw
 import numpy as np
 from rosbags.highlevel import AnyReader, AnyReaderError
 from rosbags.rosbag2 import ReaderError
@@ -62,8 +63,16 @@ def open_bag(bag_path: str | Path) -> Iterator[Any]:
         raise DataError(f"cannot read bag {location}: {exc}") from exc
     try:
         yield reader
+    except bag_read_errors() as exc:   # a bag damaged past its index fails while messages are read
+        raise DataError(f"cannot read bag {location}: {type(exc).__name__}: {exc}; the bag is truncated or damaged "
+                        "(a recording cut short can often be repaired with `ros2 bag reindex`)") from exc
     finally:
         reader.close()
+
+
+def bag_read_errors() -> tuple[type[BaseException], ...]:
+    """What the bag readers raise for damaged files: rosbags' errors, sqlite3 / apsw (rosbags' SQLite) errors."""
+    return (AnyReaderError, ReaderError, sqlite3.DatabaseError, apsw.Error)
 
 
 def reader_topics(reader: Any) -> dict[str, str]:

@@ -13,6 +13,7 @@ import numpy as np
 from ...errors import DataError, ImageDecodeError
 from ...frames import (DEFAULT_FOLDER_CHILD, DEFAULT_PARENT, PoseFrames, check_convention, given_frames,
                       to_body_convention)
+from ..image_limits import check_image_file
 from ..poses import nan_poses
 from .base import PosedImage, examples
 
@@ -36,6 +37,7 @@ def list_image_files(folder: str | Path) -> list[Path]:
 def read_image_file(path: str | Path) -> np.ndarray:
     """Decode an image file to HxWx3 uint8 RGB; ImageDecodeError names the file on failure."""
     path = Path(path)
+    check_image_file(path)   # image_limits: regular file, size and PNG/JPEG header within max_image_pixels
     try:
         # np.fromfile + imdecode instead of imread: works for any path encoding.
         buf = np.fromfile(path, dtype=np.uint8)
