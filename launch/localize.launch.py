@@ -14,12 +14,13 @@ names; /diagnostics and /tf stay global). `lifecycle_manager:=true` starts nav2_
 `r2former launch localize ...` starts the same nodes with the same parameters where `ros2 launch`
 is not available (see r2former_ros/launcher.py; a test keeps the two in step).
 """
-from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
+
+from launch import LaunchDescription
 
 PACKAGE = "r2former_ros"
 TRUE = ("true", "1", "yes", "on")

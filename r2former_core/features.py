@@ -38,7 +38,8 @@ def images_to_tensor(images: Sequence[np.ndarray], size: tuple[int, int]) -> tor
 def extract_arrays(model: R2FormerModel, images: Sequence[np.ndarray], local: bool = True,
                    local_dtype: type = np.float32) -> FeatureArrays:
     """Features of one batch of images."""
-    feats = model.extract(images_to_tensor(images, tuple(model.cfg.image_size)))
+    height, width = model.cfg.image_size
+    feats = model.extract(images_to_tensor(images, (int(height), int(width))))
     return FeatureArrays(global_desc=feats.global_desc.numpy().astype(np.float32, copy=False),
                          local=feats.local.numpy().astype(local_dtype, copy=False) if local else None)
 

@@ -45,7 +45,7 @@ class LocalizationResult:
     timings_ms: dict[str, float]  # decode, extract, search, rerank, pose, total (options.TIMING_STAGES)
     agreement: float = 1.0      # weight of the top candidates that agree with the best one
 
-    def judge(self, min_confidence: float) -> "LocalizationResult":
+    def judge(self, min_confidence: float) -> LocalizationResult:
         """The acceptance rule: accepted when confidence >= min_confidence (sets `accepted` and `reason`)."""
         self.accepted = self.confidence >= min_confidence
         self.reason = "" if self.accepted else (f"confidence {self.confidence:.2f} below min_confidence "

@@ -62,7 +62,7 @@ class TopicPlayback:
     topic: str
     msgtype: str
     msg_class: type
-    publisher: Publisher | None = None
+    publisher: Publisher
     checked: bool = False
     published: int = 0
 

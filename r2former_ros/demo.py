@@ -32,8 +32,8 @@ from pathlib import Path
 
 import yaml
 
-from r2former_ros import launcher
 from r2former_core.resources import find_file, resolve_model_path
+from r2former_ros import launcher
 
 from .processes import Child, stop_children
 
@@ -167,7 +167,8 @@ class Demo:
         self.say(f"[3/{steps}] build_map from the map bag ...", end=" ")
         dt = self.run_step("build_map", self.python(
             "r2former_ros.build_map_node", "--bag", str(self.work / "map" / "bag"), "--image-topic", QUERY_TOPIC,
-            "--pose-topic", ODOM_TOPIC, "--out", str(map_dir), "--model", str(model), "--device", a.device, "--overwrite"),
+            "--pose-topic", ODOM_TOPIC, "--out", str(map_dir), "--model", str(model), "--device", a.device,
+            "--overwrite"),
             timeout=1200)
         self.timings["build_map"] = dt
         map_size = _map_size(map_dir)

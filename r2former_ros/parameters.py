@@ -8,18 +8,17 @@ the YAML files and is checked against them by the tests.
 from __future__ import annotations
 
 import sys
-
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from r2former_core.errors import ConfigError
-from r2former_core.options import Option, config_options
-from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType,
-                                SetParametersResult)
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType, SetParametersResult
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+
+from r2former_core.errors import ConfigError
+from r2former_core.options import Option, config_options
 
 
 class ParameterError(ConfigError):
@@ -83,6 +82,7 @@ class ParamSpec:
 def declare_parameters(node: Node, specs: Sequence[ParamSpec]) -> dict[str, Any]:
     """Declare every spec on `node`; returns {name: value}. Raises ParameterError on a bad value."""
     values: dict[str, Any] = {}
+    param: Parameter
     for spec in specs:
         try:
             if isinstance(spec.default, list) and not spec.default:

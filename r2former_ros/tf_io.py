@@ -11,6 +11,7 @@ Two implementations behind one interface (`TfClient`):
 """
 from __future__ import annotations
 
+import importlib
 import time
 from typing import Any, Protocol
 
@@ -72,7 +73,7 @@ class Tf2RosClient:
 
     def __init__(self, node: Any, tf2: Any = None) -> None:
         if tf2 is None:
-            import tf2_ros as tf2
+            tf2 = importlib.import_module("tf2_ros")
         self._tf2 = tf2
         self._buffer = tf2.Buffer()
         self._listener = tf2.TransformListener(self._buffer, node)

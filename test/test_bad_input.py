@@ -22,9 +22,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from bagtools import image_msg, pose_msg, typestore, write_image_pose_bag, write_tf_bag
 from hostile import PickleBomb, flip_byte, jpeg_declaring, png_bomb, truncate
+
 from r2former_core import mapdb
 from r2former_core.data.image_limits import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, set_max_image_pixels
 from r2former_core.data.poses import quat_from_yaw, read_pose_csv, read_tum, write_tum
@@ -91,9 +91,9 @@ def cli_ok(result: subprocess.CompletedProcess) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model, tiny_config):
     """A tiny model (and another one), a posed image folder, and a map of it."""
+    from r2former_core.data.sources import ImageFolderSource
     from r2former_core.mapping import build_map
     from r2former_core.model import build_model, save_model
-    from r2former_core.data.sources import ImageFolderSource
     root = tmp_path_factory.mktemp("bad_input")
     (root / "images").mkdir()
     stamps = T0 + np.arange(N_IMAGES) * 0.5
@@ -165,7 +165,8 @@ def test_raw_image_refused(row):
     fields, error, needle = RAW_REFUSED[row]
     msg = image_msg_of(textured(0), "rgb8")
     msg = image_msg_of(None, fields.get("encoding", "rgb8"), fields.get("height", msg.height),
-                       fields.get("width", msg.width), fields.get("step", msg.step), fields.get("data", bytes(msg.data)))
+                       fields.get("width", msg.width), fields.get("step", msg.step),
+                       fields.get("data", bytes(msg.data)))
     with pytest.raises(error) as info:
         image_msg_to_rgb(msg)
     assert needle in str(info.value) and "\n" not in str(info.value)
@@ -681,7 +682,8 @@ def checkpoint_results(world, tiny_model):
     (root / "truncated.pth").write_bytes(pth.read_bytes()[:pth.stat().st_size // 2])
     jobs = {row: ["map-info", str(world["map"]), "--model", str(root / name)] for row, name in (
         ("checkpoint-pickle-payload", "pickle_payload.pth"), ("checkpoint-plain-pickle", "plain_pickle.pth"),
-        ("checkpoint-missing-keys", "missing_keys.safetensors"), ("checkpoint-wrong-shapes", "wrong_shapes.safetensors"),
+        ("checkpoint-missing-keys", "missing_keys.safetensors"),
+        ("checkpoint-wrong-shapes", "wrong_shapes.safetensors"),
         ("checkpoint-truncated-safetensors", "truncated.safetensors"), ("checkpoint-truncated-pth", "truncated.pth"))}
     return marker, run_all(jobs)
 

@@ -8,16 +8,37 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from bagtools import write_image_pose_bag
+
+from r2former_core.data.keyframes import select_keyframes
+from r2former_core.data.poses import (
+    angle_between_quats,
+    interpolate_poses,
+    normalize_quat,
+    quat_from_yaw,
+    quat_to_matrix,
+    read_pose_csv,
+    read_tum,
+    rpy_from_quat,
+    slerp,
+    write_pose_csv,
+    write_tum,
+    yaw_from_quat,
+)
+from r2former_core.data.sources import (
+    ImageFolderSource,
+    PosedImage,
+    PoseFrames,
+    RosbagSource,
+    Source,
+    VGFolderSource,
+    is_vg_folder,
+    list_topics,
+    open_source,
+    parse_vg_name,
+)
 from r2former_core.data.sources import bag as bag_access
 from r2former_core.errors import DataError
-from r2former_core.data.keyframes import select_keyframes
-from r2former_core.data.poses import (angle_between_quats, interpolate_poses, normalize_quat, quat_from_yaw,
-                                      quat_to_matrix, read_pose_csv, read_tum, rpy_from_quat, slerp,
-                                      write_pose_csv, write_tum, yaw_from_quat)
-from r2former_core.data.sources import (ImageFolderSource, PosedImage, PoseFrames, RosbagSource, Source,
-                                        VGFolderSource, is_vg_folder, list_topics, open_source, parse_vg_name)
 
 IDENTITY = np.array([0.0, 0.0, 0.0, 1.0])
 
@@ -533,8 +554,7 @@ def test_rosbag_path_errors(tmp_path):
 
 def test_scan_steps_read_assign_and_deduplicate(tmp_path, caplog):
     """The three steps of a bag's first pass, one by one: reading, pose assignment, de-duplication."""
-    from r2former_core.data.sources.bag_scan import (MessageCounter, ScanRequest, assign_poses, read_bag,
-                                                     unique_records)
+    from r2former_core.data.sources.bag_scan import MessageCounter, ScanRequest, assign_poses, read_bag, unique_records
     image_t = [IMAGE_T[0], IMAGE_T[1], IMAGE_T[1] + 1e-8, IMAGE_T[2], T0 + 3.0]  # a repeated stamp, one unposed
     images = [sample_image(i) for i in range(len(image_t))]
     bag = write_image_pose_bag(tmp_path / "bag", images, image_t, trajectory(POSE_T - T0), POSE_T)
@@ -645,10 +665,15 @@ def test_rosbag_frames_unnamed_or_mixed(tmp_path, caplog):
 
 
 def test_frame_rules():
-    from r2former_core.cli.common import CAMERA_CONVENTIONS
     from r2former_core import frames
-    from r2former_core.frames import (OPTICAL_TO_BODY, is_odom_frame, is_optical_frame, odometry_warning,
-                                           uses_optical_convention)
+    from r2former_core.cli.common import CAMERA_CONVENTIONS
+    from r2former_core.frames import (
+        OPTICAL_TO_BODY,
+        is_odom_frame,
+        is_optical_frame,
+        odometry_warning,
+        uses_optical_convention,
+    )
     assert CAMERA_CONVENTIONS == frames.CAMERA_CONVENTIONS          # the CLI lists them without importing numpy
     assert [is_odom_frame(f) for f in ("odom", "/odom", "robot1/odom", "odom_combined", "map", "odometry")] == \
         [True, True, True, False, False, False]

@@ -17,8 +17,18 @@ import numpy as np
 import pytest
 
 from r2former_core.data.poses import quat_from_yaw, read_tum
-from r2former_core.demo_report import (PoseRecord, covariance_ellipse, format_table, ground_truth_at, is_spd,
-                                       pair_latencies, plot_trajectory, pose_errors, summarize, within)
+from r2former_core.demo_report import (
+    PoseRecord,
+    covariance_ellipse,
+    format_table,
+    ground_truth_at,
+    is_spd,
+    pair_latencies,
+    plot_trajectory,
+    pose_errors,
+    summarize,
+    within,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,6 +130,7 @@ def run_demo(args: list[str], timeout: float = 300) -> subprocess.CompletedProce
 def test_demo_end_to_end_on_a_tiny_world(tmp_path, tiny_model):
     from geometry_msgs.msg import PoseWithCovarianceStamped
     from rostools import RosProbe, save_tiny_model
+
     from r2former_ros.conversions import stamp_to_ns
 
     model = save_tiny_model(tiny_model, tmp_path / "tiny.safetensors")
@@ -173,7 +184,8 @@ def test_demo_end_to_end_on_a_tiny_world(tmp_path, tiny_model):
 def test_demo_failed_step_is_one_line_and_nonzero(tmp_path):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"not a model")
-    result = run_demo(["--out", str(tmp_path / "out"), "--map", "", "--model", str(bad), "--map-frames", "3", "--query-frames", "2",
+    result = run_demo(["--out", str(tmp_path / "out"), "--map", "", "--model", str(bad), "--map-frames", "3",
+                       "--query-frames", "2",
                        "--size", "64x48"], timeout=120)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
@@ -204,7 +216,8 @@ def test_demo_ctrl_c_stops_every_child(tmp_path, tiny_model):
     model = save_tiny_model(tiny_model, tmp_path / "tiny.safetensors")
     out = tmp_path / "interrupted"
     log = open(tmp_path / "demo.out", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "r2former_ros.demo", "--out", str(out), "--map", "", "--model", str(model),
+    proc = subprocess.Popen([sys.executable, "-m", "r2former_ros.demo", "--out", str(out), "--map", "",
+                             "--model", str(model),
                              "--map-frames", "6", "--query-frames", "600", "--size", "128x96", "--device", "cpu",
                              "--domain-id", os.environ["ROS_DOMAIN_ID"]], stdout=log, stderr=subprocess.STDOUT,
                             cwd=ROOT, env=os.environ.copy())

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from r2former_core.data.sources import open_source
-from r2former_core.synthetic import write_drive
 from r2former_core.evaluation import evaluate
 from r2former_core.localizer import Localizer, LocalizerConfig
 from r2former_core.mapping import build_map
 from r2former_core.model import load_model, preset
 from r2former_core.resources import DEMO_MODEL, default_model_path
+from r2former_core.synthetic import write_drive
 
 HELD_OUT_SEED = 961          # not a training (100-139), validation (900, 901) or documented test (950-952) world
 

@@ -105,6 +105,7 @@ def zygote():
 def inputs(tmp_path_factory, tiny_model):
     """40 posed 96 x 128 images as a folder and as an mcap bag, and the tiny model."""
     from bagtools import write_image_pose_bag
+
     from r2former_core.model import save_model
     root = tmp_path_factory.mktemp("faults")
     n = 40
@@ -217,7 +218,8 @@ def run_kills(kind: str, zygote: Zygote, inputs: dict, tmp_path: Path, caplog) -
             pass
         status = zygote.wait(pid)
         landed.append(f"{point[0]} {point[1] if isinstance(point[1], str) else round(point[1], 2)}: "
-                      f"{'killed ' + state_after_kill(out, pid, inputs['n'], inputs['entry_bytes']) if status == -9 else 'finished (exit ' + str(status) + ')'}")
+                      + (f"killed {state_after_kill(out, pid, inputs['n'], inputs['entry_bytes'])}" if status == -9
+                         else f"finished (exit {status})"))
         # No half map under the final name: it is absent or complete (the old one or the new one).
         if out.exists():
             check_complete(out, reference)

@@ -8,9 +8,18 @@ import numpy as np
 import pytest
 
 from r2former_core.data.poses import compose_poses, invert_poses, rpy_from_quat
-from r2former_core.frames import (OPTICAL_IN_BODY, FrameError, optical_to_body, camera_to_base,
-                                 compose_jacobian, is_optical_frame, odom_in_map, planar_error, pose_from_xyzrpy,
-                                 quat_from_rpy)
+from r2former_core.frames import (
+    OPTICAL_IN_BODY,
+    FrameError,
+    camera_to_base,
+    compose_jacobian,
+    is_optical_frame,
+    odom_in_map,
+    optical_to_body,
+    planar_error,
+    pose_from_xyzrpy,
+    quat_from_rpy,
+)
 
 
 def pose(x, y, z, roll=0.0, pitch=0.0, yaw=0.0):

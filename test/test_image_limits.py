@@ -10,8 +10,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from hostile import jpeg_declaring, jpeg_with_scans, png_bomb
+
 from r2former_core.data import image_limits as L
 from r2former_core.data.image_codec import decode_compressed, decode_encoded, decode_raw
 from r2former_core.errors import ImageDecodeError
@@ -290,7 +290,8 @@ control = decode_compressed("png", (work / "control.png").read_bytes(), max_pixe
 control_after = hwm_mb()
 print(json.dumps({"steady_mb": steady, "after_mb": after, "refused": refused, "bag_frames": bag_frames,
                   "bag_skipped": bag.skipped_undecodable, "good_after": good_after, "control_mb": control_after,
-                  "control_shape": list(control.shape), "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "control_shape": list(control.shape),
+                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "message_path": paths["message"]}))
 """
 
@@ -314,7 +315,8 @@ def test_png_bomb_keeps_peak_memory_within_100_mb_of_the_steady_state(tmp_path):
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"bomb memory: steady {r['steady_mb']:.0f} MB, after {r['after_mb']:.0f} MB, control {r['control_mb']:.0f} MB")
+    print(f"bomb memory: steady {r['steady_mb']:.0f} MB, after {r['after_mb']:.0f} MB, "
+          f"control {r['control_mb']:.0f} MB")
     assert r["refused"] == 40 and r["bag_frames"] == 2 and r["bag_skipped"] == 1 and r["good_after"] == 3
     assert r["after_mb"] - r["steady_mb"] < 100
     assert r["control_shape"] == [6000, 6000, 3] and r["control_mb"] - r["after_mb"] > 100   # the probe sees 100 MB

@@ -21,13 +21,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from rostools import RosProbe, build_test_map, line_poses, save_tiny_model, synthetic_images
 
 pytestmark = pytest.mark.ros
 
-from r2former_ros import launcher  # noqa: E402
-from r2former_ros import build_map_node, localize_node  # noqa: E402
+from r2former_ros import (  # noqa: E402
+    build_map_node,
+    launcher,  # noqa: E402
+    localize_node,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = ROOT / "launch" / "localize.launch.py"
@@ -267,7 +269,7 @@ def test_lifecycle_manager_config_manages_the_localizer():
 
 def test_executables_are_console_scripts_and_params_files_match_any_node():
     scripts = console_scripts()
-    for name, nodes in launcher.NODES.items():
+    for nodes in launcher.NODES.values():
         for node in nodes:
             assert node.executable in scripts, f"{node.executable} is not a console_script of setup.py"
             module, func = scripts[node.executable].split(":")
@@ -370,9 +372,9 @@ def test_real_launch_file_when_launch_ros_is_installed():
 
 def test_cli_launch_runs_the_node_compressed_best_effort(tmp_path, tiny_model):
     """`r2former launch localize --compressed`: corrupt JPEGs are skipped, good ones localized; Ctrl-C -> 0."""
-    from sensor_msgs.msg import CompressedImage
-    from geometry_msgs.msg import PoseWithCovarianceStamped
     from diagnostic_msgs.msg import DiagnosticArray
+    from geometry_msgs.msg import PoseWithCovarianceStamped
+    from sensor_msgs.msg import CompressedImage
 
     from r2former_ros.conversions import rgb_to_compressed_msg, sec_to_stamp, stamp_to_ns
     images = synthetic_images(6, seed=2)

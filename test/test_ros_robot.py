@@ -20,9 +20,17 @@ import time
 import numpy as np
 import pytest
 import yaml
-
-from rostools import (LATCHED, NodeProcess, RosProbe, build_test_map, line_poses, save_tiny_model, synthetic_images,
-                      wait_until, with_tf2_msgs)
+from rostools import (
+    LATCHED,
+    NodeProcess,
+    RosProbe,
+    build_test_map,
+    line_poses,
+    save_tiny_model,
+    synthetic_images,
+    wait_until,
+    with_tf2_msgs,
+)
 
 pytestmark = pytest.mark.ros
 
@@ -35,8 +43,8 @@ from std_msgs.msg import String  # noqa: E402
 
 from r2former_core.data.poses import compose_poses, invert_poses  # noqa: E402
 from r2former_core.data.sources import ListSource, PosedImage, PoseFrames  # noqa: E402
-from r2former_ros.conversions import pose_from_msg, rgb_to_image_msg, sec_to_stamp, stamp_to_ns  # noqa: E402
 from r2former_core.frames import OPTICAL_IN_BODY, planar_error, pose_from_xyzrpy  # noqa: E402
+from r2former_ros.conversions import pose_from_msg, rgb_to_image_msg, sec_to_stamp, stamp_to_ns  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODEL = os.path.join(ROOT, "models", "r2former_tiny_demo.safetensors")
@@ -60,9 +68,9 @@ def render(world, camera_pose: np.ndarray, size) -> np.ndarray:
 def world(tmp_path_factory):
     """Map of camera poses of a mounted camera, and a query drive: base ground truth + rendered images."""
     pytest.importorskip("timm")
-    from r2former_core.synthetic import SyntheticWorld
     from r2former_core.mapping import build_map
     from r2former_core.model import load_model
+    from r2former_core.synthetic import SyntheticWorld
     root = tmp_path_factory.mktemp("robot_world")
     model = load_model(DEMO_MODEL, device="cpu")
     size = tuple(model.cfg.image_size)

@@ -11,10 +11,10 @@ import re
 
 import numpy as np
 import pytest
-
 from bagtools import write_image_pose_bag, write_tf_bag
-from r2former_core.errors import DataError
+
 from r2former_core.data.sources import PoseFrames, RosbagSource, TransformTree, open_source, parse_tf_frames
+from r2former_core.errors import DataError
 
 IMAGE_TOPIC = "/camera/image_raw"
 IMAGE_STAMPS = 100.0 + 0.1 * np.arange(10) + 0.013   # between the TF stamps below

@@ -305,10 +305,10 @@ def read_tum(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if repeated:
         log.warning("pose file %s: %d repeated line(s) (same timestamp and pose) ignored", path, repeated)
     if backwards:
-        line, stamp, previous, previous_line = backwards[0]
+        first_line, stamp, previous, previous_line = backwards[0]
         log.warning("pose file %s: timestamps go back in time %d time(s), first on line %d (%r after %r on line %d); "
                     "the poses are used in time order; if two trajectories were concatenated, split them",
-                    path, len(backwards), line, stamp, previous, previous_line)
+                    path, len(backwards), first_line, stamp, previous, previous_line)
     poses = np.asarray(rows, dtype=np.float64)
     poses[:, 3:] = normalize_quat(poses[:, 3:])
     return np.asarray(stamps, dtype=np.float64), poses

@@ -9,8 +9,16 @@
 from .export import write_drive
 from .render import Renderer
 from .scene import CAMERA_HEIGHT, CONDITIONS, HFOV_DEG, LANE, ROAD_HALF, Mover, parse_conditions
-from .world import (DEFAULT_SPACING, EPOCH, FRAME_PERIOD_NS, MAX_QUERY_OFFSET, MAX_QUERY_YAW, Frame, SyntheticWorld,
-                    Trajectory)
+from .world import (
+                    DEFAULT_SPACING,
+                    EPOCH,
+                    FRAME_PERIOD_NS,
+                    MAX_QUERY_OFFSET,
+                    MAX_QUERY_YAW,
+                    Frame,
+                    SyntheticWorld,
+                    Trajectory,
+)
 
 __all__ = ["CAMERA_HEIGHT", "CONDITIONS", "DEFAULT_SPACING", "EPOCH", "FRAME_PERIOD_NS", "HFOV_DEG", "LANE",
            "MAX_QUERY_OFFSET", "MAX_QUERY_YAW", "ROAD_HALF", "Frame", "Mover", "Renderer", "SyntheticWorld",

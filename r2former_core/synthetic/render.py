@@ -18,8 +18,27 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from .scene import (CAMERA_HEIGHT, COL_KIND, COL_R, COL_RGB, COL_VAR, COL_X, COL_Y, COL_Z0, COL_Z1, CROWN,
-                    GROUND_RES, HFOV_DEG, LAMP, LEAVES, LIGHT_RES, PERSON, PPM, Mover, parse_conditions)
+from .scene import (
+    CAMERA_HEIGHT,
+    COL_KIND,
+    COL_R,
+    COL_RGB,
+    COL_VAR,
+    COL_X,
+    COL_Y,
+    COL_Z0,
+    COL_Z1,
+    CROWN,
+    GROUND_RES,
+    HFOV_DEG,
+    LAMP,
+    LEAVES,
+    LIGHT_RES,
+    PERSON,
+    PPM,
+    Mover,
+    parse_conditions,
+)
 
 if TYPE_CHECKING:
     from .world import SyntheticWorld

@@ -23,8 +23,22 @@ import numpy as np
 from ..errors import ConfigError
 from .facades import Canvas, draw_facade, new_style
 from .render import Renderer
-from .scene import (CAMERA_HEIGHT, CROWN, LAMP, LANE, LIGHT_RES, GROUND_RES, PLAIN, ROAD_HALF, SIDEWALK, SIGN,
-                    VIVID, WALL_COLOURS, Mover, parse_conditions)
+from .scene import (
+    CAMERA_HEIGHT,
+    CROWN,
+    GROUND_RES,
+    LAMP,
+    LANE,
+    LIGHT_RES,
+    PLAIN,
+    ROAD_HALF,
+    SIDEWALK,
+    SIGN,
+    VIVID,
+    WALL_COLOURS,
+    Mover,
+    parse_conditions,
+)
 
 log = logging.getLogger(__name__)
 

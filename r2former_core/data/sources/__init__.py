@@ -14,13 +14,13 @@ image (`poses()`), so callers can select keyframes or check coverage first.
 
 A pose of NaNs means "unknown" (localization queries without ground truth).
 """
+from ...frames import PoseFrames, clean_frame_id
 from .bag import IMAGE_MSG_TYPES, POSE_MSG_TYPES, TF_MSG_TYPE, TF_STATIC_TOPIC, TF_TOPIC, list_topics
 from .base import ListSource, PosedImage, Source
 from .files import IMAGE_EXTENSIONS, list_image_files, parse_stamp_stem, read_image_file
 from .folder import CSV_SUFFIXES, TUM_SUFFIXES, ImageFolderSource
 from .open import open_source
 from .rosbag import RosbagSource
-from ...frames import PoseFrames, clean_frame_id
 from .tf import TransformTree, parse_tf_frames
 from .vg import VGFolderSource, is_vg_folder, parse_vg_name
 

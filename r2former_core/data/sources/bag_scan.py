@@ -22,8 +22,18 @@ import numpy as np
 from ...errors import DataError
 from ...frames import DEFAULT_PARENT, PoseFrames, clean_frame_id, frames_from_messages
 from ..poses import interpolate_poses, nan_poses
-from .bag import (IMAGE_MSG_TYPES, MESSAGE_ERRORS, POSE_MSG_TYPES, TF_MSG_TYPE, TF_STATIC_TOPIC, TF_TOPIC,
-                  connections, header_stamp, open_bag, pose_of)
+from .bag import (
+    IMAGE_MSG_TYPES,
+    MESSAGE_ERRORS,
+    POSE_MSG_TYPES,
+    TF_MSG_TYPE,
+    TF_STATIC_TOPIC,
+    TF_TOPIC,
+    connections,
+    header_stamp,
+    open_bag,
+    pose_of,
+)
 from .tf import TransformTree, frame_list
 
 log = logging.getLogger(__name__)

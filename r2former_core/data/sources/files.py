@@ -11,8 +11,14 @@ import cv2
 import numpy as np
 
 from ...errors import DataError, ImageDecodeError
-from ...frames import (DEFAULT_FOLDER_CHILD, DEFAULT_PARENT, PoseFrames, check_convention, given_frames,
-                      to_body_convention)
+from ...frames import (
+    DEFAULT_FOLDER_CHILD,
+    DEFAULT_PARENT,
+    PoseFrames,
+    check_convention,
+    given_frames,
+    to_body_convention,
+)
 from ..image_limits import check_image_file
 from ..poses import nan_poses
 from .base import PosedImage, examples

@@ -10,8 +10,7 @@ import numpy as np
 from ...errors import DataError
 from ..poses import interpolate_poses, nan_poses, read_pose_csv, read_tum
 from .base import examples
-from .files import (IMAGE_EXTENSIONS, FileListSource, FileRecord, check_folder, image_files_or_error,
-                    parse_stamp_stem)
+from .files import IMAGE_EXTENSIONS, FileListSource, FileRecord, check_folder, image_files_or_error, parse_stamp_stem
 
 log = logging.getLogger(__name__)
 

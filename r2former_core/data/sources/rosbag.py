@@ -11,8 +11,16 @@ from ...errors import ImageDecodeError
 from ...frames import PoseFrames, check_convention, given_frames, to_body_convention
 from ..poses import nan_poses
 from .bag import IMAGE_MSG_TYPES, MESSAGE_ERRORS, TF_TOPIC, connections, decode_image_msg, open_bag
-from .bag_scan import (BagRecord, MessageCounter, ScanCounts, ScanRequest, assign_poses, read_bag, scan_frames,
-                       unique_records)
+from .bag_scan import (
+    BagRecord,
+    MessageCounter,
+    ScanCounts,
+    ScanRequest,
+    assign_poses,
+    read_bag,
+    scan_frames,
+    unique_records,
+)
 from .base import PosedImage
 from .tf import TransformTree, parse_tf_frames
 
