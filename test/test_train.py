@@ -17,18 +17,34 @@ import pytest
 import torch
 
 from r2former_core.cli.main import main as cli_main
-from r2former_core.model import build_model, load_model, save_model
 from r2former_core.errors import ConfigError
+from r2former_core.model import build_model, load_model, save_model
 from r2former_core.train.augment import photometric_augment
 from r2former_core.train.batches import GroupBatch
 from r2former_core.train.checkpointing import load_training_state, save_training_state
 from r2former_core.train.config import TrainConfig
-from r2former_core.train.datasets import (SyntheticSpec, drive_conditions, msls_dataset, open_dataset, parse_seeds,
-                                          synthetic_dataset, vg_dataset)
-from r2former_core.train.losses import dense_correspondence_loss, infonce_loss, rerank_loss, triplet_loss
-from r2former_core.train.mining import hardest_negatives, neighbours_within, select_triplets
+from r2former_core.train.datasets import (
+    SyntheticSpec,
+    drive_conditions,
+    msls_dataset,
+    open_dataset,
+    parse_seeds,
+    synthetic_dataset,
+    vg_dataset,
+)
+from r2former_core.train.losses import (
+    TripletTerm,
+    dense_correspondence_loss,
+    infonce_loss,
+    rerank_loss,
+    triplet_loss,
+)
+from r2former_core.train.mining import (
+    hardest_negatives,
+    neighbours_within,
+    select_triplets,
+)
 from r2former_core.train.stages import StageNet, reinit_reranker_xavier
-from r2former_core.train.losses import TripletTerm
 
 REPO = Path(__file__).resolve().parents[1]
 SPACING = 6.0           # metres between synthetic frames: ~70 frames per drive, fast to render
@@ -51,8 +67,8 @@ def init_model(tmp_path_factory, tiny_config):
 
 def _common(cache_dir) -> list[str]:
     # --device cpu: these runs assume the CPU (a GPU machine would otherwise pick CUDA).
-    return ["--device", "cpu", "--cache-dir", str(cache_dir), "--spacing", str(SPACING), "--no-progress", "--threads", "2",
-            "--val-max-queries", "24", "--val-rerank-top", "5", "--extract-batch", "16"]
+    return ["--device", "cpu", "--cache-dir", str(cache_dir), "--spacing", str(SPACING), "--no-progress",
+            "--threads", "2", "--val-max-queries", "24", "--val-rerank-top", "5", "--extract-batch", "16"]
 
 
 def _train(*args: str) -> int:
@@ -338,9 +354,9 @@ def test_three_stages_end_to_end_and_resume(tmp_path, cache_dir, init_model, cap
     assert float(after.reranker.ratio.detach()) == pytest.approx(0.5)
 
     f = tmp_path / "finetune"
-    assert _train("finetune", "--end-to-end", "--global-loss", "infonce", "--data", DATA, "--val", VAL, "--out", str(f), "--model",
-                  str(r / "best.safetensors"), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "3",
-                  "--refresh-steps", "2", "--mining-groups", "1", *common) == 0
+    assert _train("finetune", "--end-to-end", "--global-loss", "infonce", "--data", DATA, "--val", VAL, "--out",
+                  str(f), "--model", str(r / "best.safetensors"), "--epochs", "1", "--steps-per-epoch", "2",
+                  "--batch-size", "3", "--refresh-steps", "2", "--mining-groups", "1", *common) == 0
     tuned = load_model(f / "best.safetensors")
     rows = _metrics(f)
     assert float(rows[0]["infonce_loss"]) > 0 and float(rows[0]["rerank_loss"]) > 0
@@ -436,7 +452,7 @@ def test_dense_stage_trains_backbone_and_local_head_only(tmp_path, cache_dir, in
     assert float(rows[0]["dense_loss"]) > 0 and float(rows[0]["infonce_loss"]) > 0 and rows[0]["val_R@5"] != ""
     assert not torch.equal(before.backbone.blocks[0].attn.qkv.weight, after.backbone.blocks[0].attn.qkv.weight)
     assert not torch.equal(before.local_head.weight, after.local_head.weight)
-    for (name, x), y in zip(before.reranker.state_dict().items(), after.reranker.state_dict().values()):
+    for (name, x), y in zip(before.reranker.state_dict().items(), after.reranker.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
 
 

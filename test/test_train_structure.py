@@ -22,13 +22,30 @@ from r2former_core.cli.train import configs_from_args
 from r2former_core.errors import ConfigError, DataError, DeviceError
 from r2former_core.features import images_to_tensor
 from r2former_core.model import build_model
-from r2former_core.train.batches import AlignedPairs, GroupBatch, HardNegativePairs, PairBatch, TripletMining
+from r2former_core.train.batches import (
+    AlignedPairs,
+    GroupBatch,
+    HardNegativePairs,
+    PairBatch,
+    TripletMining,
+)
 from r2former_core.train.checkpointing import restore_grad_scaler
 from r2former_core.train.config import STAGES, RunOptions, TrainConfig, option_fields
 from r2former_core.train.datasets import ArrayImageList, PlaceDataset
 from r2former_core.train.distributed import DistInfo, select_device
-from r2former_core.train.stages import ALWAYS_FROZEN, BATCH_SOURCES, LOSS_TERMS, build_stage
-from r2former_core.train.trainer import FP16_MAX, MEASURED_MAX_ACTIVATION_GRAD, initial_grad_scale
+from r2former_core.train.losses import InfoNCETerm
+from r2former_core.train.stages import (
+    ALWAYS_FROZEN,
+    BATCH_SOURCES,
+    LOSS_TERMS,
+    StageNet,
+    build_stage,
+)
+from r2former_core.train.trainer import (
+    FP16_MAX,
+    MEASURED_MAX_ACTIVATION_GRAD,
+    initial_grad_scale,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "r2former_core"
@@ -57,8 +74,8 @@ def _import_graph() -> dict[str, set[str]]:
         module, is_package = _module_name(path)
         package = module if is_package else module.rpartition(".")[0]
         tree = ast.parse(path.read_text())
-        skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-                for n in ast.walk(node)}
+        skip = {id(n) for node in ast.walk(tree)
+                if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
         for node in ast.walk(tree):
             if id(node) in skip:
                 continue
@@ -119,7 +136,8 @@ def test_r2former_core_has_no_import_cycle():
 
 def test_every_module_of_r2former_core_imports_in_a_fresh_interpreter():
     code = ("import importlib, pkgutil, r2former_core\n"
-            "names = ['r2former_core'] + [m.name for m in pkgutil.walk_packages(r2former_core.__path__, 'r2former_core.')]\n"
+            "names = ['r2former_core'] + [m.name for m in\n"
+            "                             pkgutil.walk_packages(r2former_core.__path__, 'r2former_core.')]\n"
             "[importlib.import_module(n) for n in names]\n"
             "print(len(names))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -282,6 +300,27 @@ def test_initial_grad_scale_keeps_the_first_fp16_step():
     assert initial_grad_scale(17.0) < scale < initial_grad_scale(0.17)
 
 
+@pytest.mark.parametrize("init_scale, taken", [(initial_grad_scale(), True), (2.0 ** 16, False)])
+def test_first_fp16_step_is_taken_with_the_initial_scale(tiny_config, init_scale, taken):
+    """Real fp16 arithmetic (autocast on the CPU; the CPU GradScaler has the CUDA one's logic): one InfoNCE step
+    of a fresh tiny model. With the trainer's initial scale the first optimizer step is taken; with torch's
+    default, 2**16, its gradients overflow and the step is skipped (issue 13: Adam's step count lagged)."""
+    rng = np.random.default_rng(0)
+    images = images_to_tensor(list(rng.integers(0, 256, (24, *tiny_config.image_size, 3), dtype=np.uint8)),
+                              tiny_config.image_size)
+    model = build_model(tiny_config, seed=0).train()
+    net = StageNet(model, [InfoNCETerm()])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss, _ = net(GroupBatch(images, 3))
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert bool(opt.state) == taken                       # Adam keeps state only for a step it took
+    assert scaler.get_scale() == (init_scale if taken else init_scale / 2)
+
+
 def test_restore_grad_scaler_only_between_enabled_scalers():
     saved = {"scale": 256.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 7}
     on = torch.amp.GradScaler("cpu", init_scale=1024.0)
@@ -305,7 +344,7 @@ def places(tiny_config) -> PlaceDataset:
         base = rng.integers(0, 256, (30, h, w, 3), dtype=np.uint8)
         xy = np.stack([np.arange(30) * 2.0 + world * 100_000.0, np.zeros(30)], 1)
         start = len(db_xy) * 30
-        for drive in range(2):
+        for _ in range(2):                      # two map drives
             noisy = np.clip(base.astype(int) + rng.integers(-30, 30, base.shape), 0, 255).astype(np.uint8)
             db_imgs.append(noisy)
             db_xy.append(xy)

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CliError
-from ..train.config import GROUPS, STAGES, OptionField, RunOptions, TrainConfig, option_fields
+from ..train.config import (
+    GROUPS,
+    STAGES,
+    OptionField,
+    RunOptions,
+    TrainConfig,
+    option_fields,
+)
 
 log = logging.getLogger("r2former.train")
 

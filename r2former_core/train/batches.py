@@ -31,7 +31,13 @@ from .augment import photometric_augment
 from .config import TrainConfig
 from .datasets import ImageList, PlaceDataset, extract_descriptors
 from .distributed import DistInfo, gather_rows
-from .mining import Positives, Triplet, choose_groups, hardest_negatives, select_triplets
+from .mining import (
+    Positives,
+    Triplet,
+    choose_groups,
+    hardest_negatives,
+    select_triplets,
+)
 
 log = logging.getLogger(__name__)
 

@@ -168,7 +168,7 @@ def option_fields(cls: type) -> Iterator[OptionField]:
                           meta["metavar"])
 
 
-def _field_default(f: Field) -> Any:
+def _field_default(f: Field[Any]) -> Any:
     if f.default is not MISSING:
         return f.default
     if f.default_factory is not MISSING:
@@ -176,7 +176,7 @@ def _field_default(f: Field) -> Any:
     return MISSING
 
 
-def _kind(f: Field) -> type:
+def _kind(f: Field[Any]) -> type:
     """The value type from the annotation (a string under `from __future__ import annotations`)."""
     text = str(f.type)
     for name, kind in _KINDS.items():
@@ -191,6 +191,8 @@ def check_fields(obj: Any) -> None:
         value = getattr(obj, of.name)
         if value is None and (of.default is None or of.per_stage):
             continue
+        if of.repeat and not isinstance(value, (tuple, list)):
+            raise ConfigError(f"{of.name}: expected a tuple of values, not {value!r}")
         for item in (value if of.repeat else (value,)):
             _check_value(of, item)
 

@@ -21,9 +21,9 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -171,7 +171,12 @@ def synthetic_dataset(spec: SyntheticSpec, cache_dir: str | Path, show_progress:
     """Render (or reuse) the drives of every world of `spec` and assemble database + queries."""
     from ..data.synthetic import CONDITIONS, parse_conditions
     conditions = parse_conditions(spec.conditions) if spec.conditions else CONDITIONS
-    db_arrays, db_xy, q_arrays, q_xy, db_groups, q_groups = [], [], [], [], [], []
+    db_arrays: list[np.ndarray] = []
+    q_arrays: list[np.ndarray] = []
+    db_xy: list[np.ndarray] = []
+    q_xy: list[np.ndarray] = []
+    db_groups: list[np.ndarray] = []
+    q_groups: list[np.ndarray] = []
     aligned: list[np.ndarray] = []
     n_db = 0
     seeds = spec.seeds
@@ -293,7 +298,7 @@ def open_dataset(spec: str, split: str, cache_dir: str | Path, size: tuple[int, 
         if unknown:
             raise ConfigError(f"dataset spec {spec!r}: unknown condition(s) {', '.join(unknown)}; allowed: "
                               f"{', '.join(CONDITIONS)}")
-        return synthetic_dataset(SyntheticSpec(parse_seeds(seeds_text), conditions, tuple(size), spacing_m,
+        return synthetic_dataset(SyntheticSpec(parse_seeds(seeds_text), conditions, (size[0], size[1]), spacing_m,
                                                map_drives, query_drives), cache_dir, show_progress)
     if kind == "vg":
         return vg_dataset(rest, split)

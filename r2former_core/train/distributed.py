@@ -58,9 +58,9 @@ def select_device(requested: str, local_rank: int, world_size: int, gpu_count: i
             raise DeviceError(f"--device {requested}: under torchrun every rank uses cuda:LOCAL_RANK; pass --device "
                               "cuda (choose the GPUs with CUDA_VISIBLE_DEVICES)")
         if local_rank >= gpu_count:
-            raise DeviceError(f"torchrun rank with LOCAL_RANK {local_rank} needs GPU {local_rank}, but this machine has "
-                              f"{gpu_count} visible GPU(s): start torchrun with --nproc_per_node <= {gpu_count}, or "
-                              "train on the CPU with --device cpu")
+            raise DeviceError(f"torchrun rank with LOCAL_RANK {local_rank} needs GPU {local_rank}, but this machine "
+                              f"has {gpu_count} visible GPU(s): start torchrun with --nproc_per_node <= {gpu_count}, "
+                              "or train on the CPU with --device cpu")
         return torch.device("cuda", local_rank)
     if index >= gpu_count:
         raise DeviceError(f"device {requested!r} does not exist: this machine has {gpu_count} visible GPU(s) "

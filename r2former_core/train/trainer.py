@@ -25,7 +25,11 @@ from tqdm import tqdm
 from ..errors import CheckpointError
 from ..model import R2FormerModel, load_model, save_model
 from .batches import Batch
-from .checkpointing import load_training_state, read_training_scalars, save_training_state
+from .checkpointing import (
+    load_training_state,
+    read_training_scalars,
+    save_training_state,
+)
 from .config import TrainConfig
 from .datasets import PlaceDataset
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object
@@ -219,12 +223,12 @@ class Trainer:
                 row["selection"] = score
             row["seconds"] = time.time() - t0
             self.history.append(row)
-            extra = {"stage": cfg.stage, "epoch": epoch, "global_step": self.global_step}
+            extra = {"stage": cfg.stage, "epoch": str(epoch), "global_step": str(self.global_step)}
             save_model(self.model, self.out / "last.safetensors", extra=extra)
             improved = False
             if score is not None and score > self.best_score:
                 self.best_score, self.best_epoch, self.not_improved, improved = score, epoch, 0, True
-                save_model(self.model, best_path, extra={**extra, "selection_recall@5": score})
+                save_model(self.model, best_path, extra={**extra, "selection_recall@5": str(score)})
             elif score is None and self.val is None:
                 save_model(self.model, best_path, extra=extra)   # no validation: the latest is the best we know
                 self.best_epoch = epoch
