@@ -43,20 +43,21 @@ METRIC_FIELDS = ["epoch", "step", "lr", "loss", "triplet_loss", "infonce_loss", 
                  "val_R@1", "val_R@5", "val_R@10", "val_rerank_R@1", "val_rerank_R@5", "val_rerank_R@10",
                  "selection", "seconds"]
 
-FP16_MAX = 65504.0
-# Largest activation gradient of a freshly initialised demo model (r2former_demo) in a training step:
-# ~1.2 (triplet) and ~1.7 (dense), measured in fp32 with backward hooks on every module output
-# (docs/TRAINING.md, "Mixed precision"). GradScaler's default initial scale, 2**16, makes that 1.7 * 65536 =
-# 111,411 > FP16_MAX: the first steps overflow and are skipped (Adam's step count lags the global step).
-MEASURED_MAX_ACTIVATION_GRAD = 1.7
-GRAD_SCALE_HEADROOM = 32.0   # room for models and batches whose gradients are larger than the demo model's
+# The largest gradient-scaler scale whose first fp16 backward pass had no inf/nan, measured for the four
+# losses (triplet, InfoNCE, rerank CE, dense; batch 16) with fp16 autocast on the CPU for the tiny test model,
+# a freshly initialised r2former_demo and the packaged demo model (docs/TRAINING.md section 6.1): worst
+# case 2**13 (the packaged model's rerank CE, the tiny model's dense loss). torch's default initial scale,
+# 2**16, overflowed in 4 of the 12 cases: their first optimizer step was skipped, so Adam's step count
+# lagged the global step, and every --resume started at 2**16 again.
+MEASURED_SAFE_SCALE = 2.0 ** 13
+GRAD_SCALE_HEADROOM = 8.0    # three powers of two below it: room for larger models, batches and other data
 
 
-def initial_grad_scale(max_grad: float = MEASURED_MAX_ACTIVATION_GRAD, headroom: float = GRAD_SCALE_HEADROOM) -> float:
-    """The largest power of two s with max_grad * s * headroom <= FP16_MAX: the first fp16 backward pass
-    does not overflow. The scaler still doubles s every 2000 steps without overflow, so a small start
-    costs nothing later; with the defaults s = 2**10."""
-    return 2.0 ** math.floor(math.log2(FP16_MAX / (max_grad * headroom)))
+def initial_grad_scale(safe_scale: float = MEASURED_SAFE_SCALE, headroom: float = GRAD_SCALE_HEADROOM) -> float:
+    """The initial scale of the fp16 gradient scaler: the largest power of two at most safe_scale / headroom
+    (2**10 with the defaults). The scaler doubles it after every 2000 steps without overflow, so a low start
+    costs nothing later, while an overflowing start skips optimizer steps."""
+    return 2.0 ** math.floor(math.log2(safe_scale / headroom))
 
 
 @dataclass
