@@ -26,7 +26,6 @@ import torch
 
 from r2former_core.features import images_to_tensor
 from r2former_core.model import ModelConfig, R2FormerModel, build_model, load_model, preset
-from r2former_core.model.zoo import default_model_path
 from r2former_core.train.batches import Batch, GroupBatch, PairBatch
 from r2former_core.train.datasets import SyntheticSpec, synthetic_dataset
 from r2former_core.train.losses import DenseTerm, InfoNCETerm, LossTerm, RerankTerm, TripletTerm
@@ -38,15 +37,15 @@ TINY = ModelConfig(image_size=(96, 128), embed_dim=48, depth=3, num_heads=3, glo
                    num_local=24, rerank_dim=16, rerank_heads=4, rerank_depth=2, rerank_pair_depth=2)
 
 
+DEMO_MODEL = ROOT / "models" / "r2former_tiny_demo.safetensors"
+
+
 def _model(name: str) -> R2FormerModel:
     if name == "tiny":
         return build_model(TINY, seed=0)
     if name == "fresh_demo":
         return build_model(preset("r2former_demo"), seed=0)
-    path = default_model_path()
-    if path is None:
-        raise SystemExit("the packaged demo model is missing (models/)")
-    return load_model(path)
+    return load_model(DEMO_MODEL)
 
 
 def _overflows(model: R2FormerModel, net: StageNet, batch: Batch, scale: float) -> bool:

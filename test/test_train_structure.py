@@ -257,7 +257,7 @@ def test_stage_help_shows_that_stages_defaults(capsys):
 ])
 def test_train_cli_user_errors_are_one_line(tmp_path, argv, message, capsys):
     status = cli_main(["--log-level", "ERROR", "train", "global", "--out", str(tmp_path / "run"), "--cache-dir",
-                       str(tmp_path / "cache"), "--preset", "r2former_tiny", *argv])
+                       str(tmp_path / "cache"), "--preset", "r2former_tiny", "--config", "depth=1", *argv])
     err = capsys.readouterr().err
     assert status == 2, err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -89,6 +89,14 @@ class BatchSource:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------- helpers
+    def _positives(self) -> Positives:
+        cfg, data = self.cfg, self.data
+        pos = Positives.around(data.database.xy, data.queries.xy, cfg.pos_radius, cfg.soft_radius, data.name)
+        if self.info.is_main:
+            log.info("%d of %d queries have a database image within %g m", len(pos.trainable), len(data.queries),
+                     cfg.pos_radius)
+        return pos
+
     def _descriptors(self, images: ImageList, ids: np.ndarray, desc: str) -> np.ndarray:
         """Global descriptors of `images[ids]`: each rank computes every W-th, all ranks get all."""
         info = self.info
@@ -131,8 +139,7 @@ class TripletMining(BatchSource):
 
     def __init__(self, cfg: TrainConfig, data: PlaceDataset, model: R2FormerModel, info: DistInfo):
         super().__init__(cfg, data, model, info)
-        self.positives = Positives.around(data.database.xy, data.queries.xy, cfg.pos_radius, cfg.soft_radius,
-                                          data.name)
+        self.positives = self._positives()
         self.augment = (torch.Generator().manual_seed(cfg.seed * 1000 + info.rank)
                         if cfg.augment == "photometric" else None)
         self.epoch = 0
@@ -204,8 +211,7 @@ class HardNegativePairs(BatchSource):
 
     def __init__(self, cfg: TrainConfig, data: PlaceDataset, model: R2FormerModel, info: DistInfo):
         super().__init__(cfg, data, model, info)
-        self.positives = Positives.around(data.database.xy, data.queries.xy, cfg.pos_radius, cfg.soft_radius,
-                                          data.name)
+        self.positives = self._positives()
         self.hardest = np.zeros((0, cfg.rerank_top), np.int64)
         self.best_positive = np.zeros(0, np.int64)
         self.usable = np.zeros(0, np.int64)
