@@ -1,5 +1,6 @@
-"""Training pipeline: datasets (synthetic, VG, MSLS), mining rules, losses, the three stages end to end,
-resume, and a 2-process torchrun run."""
+"""Training pipeline: datasets (synthetic, VG, MSLS), mining rules, losses, the stages end to end, resume,
+and a 2-process torchrun run. The config, the stages as data, the batch sources, device choice and the
+gradient scaler's state: test/test_train_structure.py."""
 from __future__ import annotations
 
 import csv
@@ -16,13 +17,34 @@ import pytest
 import torch
 
 from r2former_core.cli.main import main as cli_main
+from r2former_core.errors import ConfigError
 from r2former_core.model import build_model, load_model, save_model
+from r2former_core.train.augment import photometric_augment
+from r2former_core.train.batches import GroupBatch
 from r2former_core.train.checkpointing import load_training_state, save_training_state
-from r2former_core.train.datasets import (SyntheticSpec, drive_conditions, msls_dataset, open_dataset, parse_seeds,
-                                          synthetic_dataset, vg_dataset)
-from r2former_core.train.losses import dense_correspondence_loss, infonce_loss, rerank_loss, triplet_loss
-from r2former_core.train.mining import hardest_negatives, neighbours_within, select_triplets
-from r2former_core.train.trainer import _TrainNet, reinit_reranker_xavier
+from r2former_core.train.config import TrainConfig
+from r2former_core.train.datasets import (
+    SyntheticSpec,
+    drive_conditions,
+    msls_dataset,
+    open_dataset,
+    parse_seeds,
+    synthetic_dataset,
+    vg_dataset,
+)
+from r2former_core.train.losses import (
+    TripletTerm,
+    dense_correspondence_loss,
+    infonce_loss,
+    rerank_loss,
+    triplet_loss,
+)
+from r2former_core.train.mining import (
+    hardest_negatives,
+    neighbours_within,
+    select_triplets,
+)
+from r2former_core.train.stages import StageNet, reinit_reranker_xavier
 
 REPO = Path(__file__).resolve().parents[1]
 SPACING = 6.0           # metres between synthetic frames: ~70 frames per drive, fast to render
@@ -44,8 +66,9 @@ def init_model(tmp_path_factory, tiny_config):
 
 
 def _common(cache_dir) -> list[str]:
-    return ["--cache-dir", str(cache_dir), "--spacing", str(SPACING), "--no-progress", "--threads", "2",
-            "--val-max-queries", "24", "--val-rerank-top", "5", "--extract-batch", "16"]
+    # --device cpu: these runs assume the CPU (a GPU machine would otherwise pick CUDA).
+    return ["--device", "cpu", "--cache-dir", str(cache_dir), "--spacing", str(SPACING), "--no-progress",
+            "--threads", "2", "--val-max-queries", "24", "--val-rerank-top", "5", "--extract-batch", "16"]
 
 
 def _train(*args: str) -> int:
@@ -100,8 +123,9 @@ def test_neighbours_and_mining_respect_10m_25m_rules():
 def test_parse_seeds_and_condition_rotation():
     assert parse_seeds("3") == (3,)
     assert parse_seeds("1,10-12") == (1, 10, 11, 12)
-    with pytest.raises(ValueError):
-        parse_seeds("5-3")
+    for bad in ("5-3", "a", "1,,x-2", ""):
+        with pytest.raises(ConfigError):
+            parse_seeds(bad)
     maps, queries = drive_conditions(0, ["day", "night", "fog"], 1, 2)
     assert maps == ["day"] and queries == ["night", "fog"]
     maps, queries = drive_conditions(1, ["day", "night", "fog"], 1, 2)
@@ -124,11 +148,11 @@ def test_triplet_loss_decreases_when_overfitting_four_triplets(tiny_config):
     from r2former_core.model.preprocess import preprocess_batch
     images = preprocess_batch(np.stack(groups), tiny_config.image_size)
     model = build_model(tiny_config, seed=1).train()
-    net = _TrainNet(model, "global")
+    net = StageNet(model, [TripletTerm()])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(15):
-        loss, parts = net(images, 3)
+        loss, parts = net(GroupBatch(images, 3))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -261,9 +285,23 @@ def test_training_state_round_trip_without_pickle(tmp_path, tiny_config):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.03)
     model.forward_features(torch.randn(2, 3, *tiny_config.image_size)).global_desc.sum().backward()
     opt.step()
-    save_training_state(tmp_path, opt, names, {"stage": "global", "epoch": 3})
+    # A gradient scaler (the CPU one: same state_dict as the CUDA one) that has backed off once and counted
+    # two good steps since: a resumed run must continue from exactly there.
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=5)
+    for bad in (True, False, False):
+        p = torch.nn.Parameter(torch.ones(2))
+        sgd = torch.optim.SGD([p], lr=0.1)
+        scaler.scale(p.sum() * (float("inf") if bad else 1.0)).backward()
+        scaler.step(sgd)
+        scaler.update()
+    saved_scaler = scaler.state_dict()
+    assert saved_scaler["scale"] == 512.0 and saved_scaler["_growth_tracker"] == 2
+    save_training_state(tmp_path, opt, names, {"stage": "global", "epoch": 3}, scaler)
     opt2 = torch.optim.AdamW(model.parameters(), lr=5.0)
-    assert load_training_state(tmp_path, opt2, names) == {"stage": "global", "epoch": 3}
+    scaler2 = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert load_training_state(tmp_path, opt2, names, scaler2) == {"stage": "global", "epoch": 3}
+    assert scaler2.state_dict() == saved_scaler
+    assert json.loads((tmp_path / "train_state.json").read_text())["grad_scaler"] == saved_scaler
     a, b = opt.state_dict(), opt2.state_dict()
     assert a["param_groups"] == b["param_groups"]
     for k in a["state"]:
@@ -273,7 +311,7 @@ def test_training_state_round_trip_without_pickle(tmp_path, tiny_config):
 
 
 # ------------------------------------------------------------------------------- end to end
-def test_three_stages_end_to_end_and_resume(tmp_path, cache_dir, init_model):
+def test_three_stages_end_to_end_and_resume(tmp_path, cache_dir, init_model, capsys):
     common = _common(cache_dir)
     g = tmp_path / "global"
     assert _train("global", "--data", DATA, "--val", VAL, "--out", str(g), "--model", str(init_model),
@@ -285,8 +323,11 @@ def test_three_stages_end_to_end_and_resume(tmp_path, cache_dir, init_model):
     assert list((g / "tb").glob("events.out.tfevents.*"))
     rows = _metrics(g)
     assert len(rows) == 1 and rows[0]["step"] == "3" and float(rows[0]["val_R@5"]) >= 0
-    # A second run into the same directory without --resume is refused.
+    # A second run into the same directory without --resume is refused; so is resuming it as another stage.
     assert _train("global", "--data", DATA, "--out", str(g), "--model", str(init_model), *common) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert _train("rerank", "--data", DATA, "--out", str(g), "--resume", "--epochs", "2", *common) == 2
+    assert "holds a 'global' run" in capsys.readouterr().err
     # Resume: continues at epoch 2 from step 3, with the optimizer state.
     assert _train("global", "--data", DATA, "--val", VAL, "--out", str(g), "--model", str(init_model),
                   "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "4", "--refresh-steps", "3",
@@ -313,9 +354,9 @@ def test_three_stages_end_to_end_and_resume(tmp_path, cache_dir, init_model):
     assert float(after.reranker.ratio.detach()) == pytest.approx(0.5)
 
     f = tmp_path / "finetune"
-    assert _train("finetune", "--end-to-end", "--global-loss", "infonce", "--data", DATA, "--val", VAL, "--out", str(f), "--model",
-                  str(r / "best.safetensors"), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "3",
-                  "--refresh-steps", "2", "--mining-groups", "1", *common) == 0
+    assert _train("finetune", "--end-to-end", "--global-loss", "infonce", "--data", DATA, "--val", VAL, "--out",
+                  str(f), "--model", str(r / "best.safetensors"), "--epochs", "1", "--steps-per-epoch", "2",
+                  "--batch-size", "3", "--refresh-steps", "2", "--mining-groups", "1", *common) == 0
     tuned = load_model(f / "best.safetensors")
     rows = _metrics(f)
     assert float(rows[0]["infonce_loss"]) > 0 and float(rows[0]["rerank_loss"]) > 0
@@ -332,7 +373,7 @@ def test_torchrun_two_processes(tmp_path, cache_dir, init_model):
            "-m", "r2former_core.cli.main", "train", "global", "--data", DATA, "--out", str(out),
            "--model", str(init_model), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "3",
            "--refresh-steps", "2", "--db-sample", "60", "--lr", "1e-4", "--cache-dir", str(cache_dir),
-           "--spacing", str(SPACING), "--no-progress", "--threads", "1"]
+           "--spacing", str(SPACING), "--no-progress", "--threads", "1", "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log_text = (out / "train.log").read_text()
@@ -351,8 +392,6 @@ def test_torchrun_two_processes(tmp_path, cache_dir, init_model):
 
 
 def test_photometric_augment_changes_lighting_only():
-    import torch
-    from r2former_core.train.trainer import photometric_augment
     from r2former_core.model.preprocess import preprocess_batch
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (6, 16, 20, 3), dtype=np.uint8)
@@ -373,8 +412,7 @@ def test_photometric_augment_changes_lighting_only():
 
 
 def test_train_config_rejects_unknown_augment(tmp_path):
-    from r2former_core.train.trainer import TrainConfig
-    with pytest.raises(ValueError, match="augment"):
+    with pytest.raises(ConfigError, match="augment"):
         TrainConfig(stage="global", out=tmp_path, augment="mixup")
 
 
@@ -414,7 +452,7 @@ def test_dense_stage_trains_backbone_and_local_head_only(tmp_path, cache_dir, in
     assert float(rows[0]["dense_loss"]) > 0 and float(rows[0]["infonce_loss"]) > 0 and rows[0]["val_R@5"] != ""
     assert not torch.equal(before.backbone.blocks[0].attn.qkv.weight, after.backbone.blocks[0].attn.qkv.weight)
     assert not torch.equal(before.local_head.weight, after.local_head.weight)
-    for (name, x), y in zip(before.reranker.state_dict().items(), after.reranker.state_dict().values()):
+    for (name, x), y in zip(before.reranker.state_dict().items(), after.reranker.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
 
 

@@ -1,42 +1,33 @@
-"""`r2former train global|rerank|finetune|dense`: train R2Former models (single process or torchrun DDP)."""
+"""`r2former train global|rerank|finetune|dense`: train R2Former models (single process or torchrun DDP).
+
+Every option is built from the fields of `TrainConfig` and `RunOptions` (r2former_core/train/config.py):
+their flag, help, choices, range and default, per stage where the stage decides (`STAGES`). An option not
+given keeps the stage's default. `r2former train STAGE --help` shows that stage's defaults.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from ..device import DEVICE_CHOICES
 from ..errors import CliError
+from ..train.config import (
+    GROUPS,
+    STAGES,
+    OptionField,
+    RunOptions,
+    TrainConfig,
+    option_fields,
+)
 
 log = logging.getLogger("r2former.train")
 
-# Per-stage defaults (the official recipes, R2FORMER.md section 4). A value given on the command line wins.
-STAGE_DEFAULTS = {
-    "global": dict(optimizer="adam", lr=1e-5, weight_decay=0.0, schedule="constant", warmup_epochs=0.0, negs=2,
-                   batch_size=16),
-    "rerank": dict(optimizer="adamw", lr=5e-4, weight_decay=0.03, schedule="cosine", warmup_epochs=5.0, negs=1,
-                   batch_size=64),
-    "finetune": dict(optimizer="adamw", lr=1e-5, weight_decay=0.03, schedule="cosine", warmup_epochs=0.0, negs=2,
-                     batch_size=48),
-    # Ours (not in the paper): from-scratch pre-training on pixel-aligned synthetic pairs.
-    "dense": dict(optimizer="adamw", lr=2e-4, weight_decay=0.05, schedule="cosine", warmup_epochs=0.5, negs=1,
-                  batch_size=16),
-}
-DEFAULT_CACHE = os.environ.get("R2FORMER_CACHE", str(Path.home() / ".cache" / "r2former_ros"))
-
 EPILOG = """\
-stages:
-  global    triplet margin loss (m=0.1) on the global descriptors, partial mining (best positive within
-            --pos-radius, negatives the nearest in descriptor space beyond --soft-radius)
-  rerank    backbone frozen; local_head + reranker trained with cross-entropy on (query, positive)=1 and
-            (query, negative)=0, negatives drawn from each query's --rerank-top hardest global neighbours
-  finetune  both losses, all parameters (--end-to-end: reranker gradient also through the local tokens)
-  dense     ours, for training from scratch on synthetic worlds: --batch-size pairs of one pose under two
-            conditions (the map drives), the second shifted by up to --dense-shift patches; every patch token's
-            local feature must find its counterpart and every pair's global descriptors each other (InfoNCE);
-            backbone + local_head learn. Run it before `rerank` (docs/TRAINING.md)
-
 data specs (--data / --val):
   synthetic:SEEDS[:CONDITIONS]  procedural worlds, e.g. synthetic:100-139 or synthetic:900,901:night,fog,rain
                                 (rendered once into --cache-dir)
@@ -44,154 +35,167 @@ data specs (--data / --val):
   msls:ROOT                     Mapillary SLS ROOT/train_val/<city>/{database,query}/ (+ postprocessed.csv)
 
 distributed:
-  torchrun --nproc_per_node=N -m r2former_core.cli.main train global ...   (gloo on CPU, NCCL on CUDA);
-  --batch-size is per process; only rank 0 validates, logs and writes files.
+  torchrun --nproc_per_node=N -m r2former_core.cli.main train global ...   (gloo on CPU, NCCL on CUDA: one
+  GPU per process, rank r on cuda:LOCAL_RANK); --batch-size is per process; only rank 0 validates, logs and
+  writes files.
 
 outputs in --out: last.safetensors, best.safetensors (best validation recall@5), train_state.{json,safetensors}
-(resume), metrics.csv, curves.png, tb/ (TensorBoard), train.log, train_config.json
+(resume: optimizer and gradient-scaler state), metrics.csv, curves.png, tb/ (TensorBoard), train.log,
+train_config.json
 """
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="train a model: global retrieval, reranker, or joint fine-tuning",
+def _stages_text(only: str | None = None) -> str:
+    lines = ["stages:"]
+    for spec in STAGES.values():
+        if only is None or spec.name == only:
+            lines.append(textwrap.fill(spec.summary, 110, initial_indent=f"  {spec.name:<9} ",
+                                       subsequent_indent=" " * 12, break_on_hyphens=False))
+    return "\n".join(lines)
+
+
+def _default_text(of: OptionField, stage: str | None) -> str:
+    if of.kind is bool or of.required or of.default in (None, ()) and not of.per_stage:
+        return ""
+    if of.per_stage and stage is not None:
+        return f" (default for {stage}: {of.default_for(stage)})"
+    if of.per_stage:
+        return " (default: " + ", ".join(f"{s} {of.default_for(s)}" for s in STAGES) + ")"
+    return f" (default {of.default})"
+
+
+def _help(of: OptionField, stage: str | None) -> str:
+    """The option's help with its default: for `stage`, or for every stage when None."""
+    if stage is None:
+        return of.option.help + _default_text(of, None) + (f" [{', '.join(of.stages)}]" if of.stages else "")
+    if not of.applies_to(stage):
+        return f"{of.option.help} [not used by {stage}; {', '.join(of.stages)} only]"
+    return of.option.help + _default_text(of, stage)
+
+
+def _value_type(of: OptionField) -> Callable[[str], Any]:
+    """argparse `type=`: the value parsed and checked against the field's Option (one-line usage error)."""
+    def parse(text: str) -> Any:
+        try:
+            value = of.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n' if of.kind is int else ''} "
+                                             f"{'number' if of.kind is float else of.kind.__name__}") from None
+        reason = of.option.problem(value, value)
+        if reason:
+            raise argparse.ArgumentTypeError(reason)
+        return value
+    return parse
+
+
+class _StageHelp(argparse.Action):
+    """-h/--help: after a stage (`r2former train dense --help`) every option shows that stage's default
+    and whether the stage uses it; before one, the defaults of every stage."""
+
+    def __init__(self, option_strings: list[str], dest: str, actions: dict[str, tuple[OptionField, argparse.Action]],
+                 **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.actions = actions
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        stage = getattr(namespace, "stage", None)
+        if stage in STAGES:
+            for of, action in self.actions.values():
+                action.help = _help(of, stage)
+            parser.epilog = _stages_text(stage) + "\n\n" + EPILOG
+        parser.print_help()
+        parser.exit()
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train a model: global retrieval, reranker, joint fine-tuning, dense pre-training",
                        description="Train R2Former on synthetic worlds, a VG-benchmark dataset or MSLS. Runs as one "
-                                   "process or under torchrun (DDP).",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["global", "rerank", "finetune", "dense"], help="what to train (see below)")
-    p.add_argument("--data", required=True, help="training data spec (see below)")
-    p.add_argument("--out", required=True, help="run directory (created; holds checkpoints, metrics and logs)")
-    p.add_argument("--val", default=None,
-                   help="validation data spec; for vg:/msls: the val split of that root (default: the val split of a "
-                        "vg:/msls: --data; none for synthetic, then best.safetensors is the last epoch)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None,
-                   help="initial weights (any file `load_model` reads: a run's best.safetensors, DeiT ImageNet "
-                        "weights, the official checkpoint). Default: random initialisation from --preset (from scratch)")
-    g.add_argument("--preset", default="r2former_tiny",
-                   help="model configuration preset when starting from scratch: r2former_tiny (default), "
-                        "r2former_demo (the packaged demo model's configuration: 128x160, 6 blocks, conv stem, "
-                        "instance normalisation) or r2former_deits (the released DeiT-S configuration)")
-    g.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the preset, e.g. --config depth=6 --config image_size=128,160 "
-                        "(repeatable; only without --model)")
-    g.add_argument("--end-to-end", action="store_true",
-                   help="finetune: let the reranker's gradient reach the backbone through the local tokens "
-                        "(official finetune=1); default: local tokens detached")
-    g.add_argument("--global-loss", choices=["triplet", "infonce"], default="triplet",
-                   help="global/finetune: triplet margin loss (m=0.1, the paper; default) or InfoNCE (temperature "
-                        "0.07) over every database image of the batch (positives of the other queries too, except "
-                        "those within --soft-radius); InfoNCE trains a model from scratch where the triplet loss "
-                        "collapses all descriptors to one point")
-    g.add_argument("--reranker-init", choices=["keep", "xavier", "xavier_reranker"], default="keep",
-                   help="keep the given local_head/reranker weights (default), or re-initialise their linear layers "
-                        "with Xavier-uniform before training (xavier: local_head and reranker; xavier_reranker: the "
-                        "reranker only, keeping a local_head trained by the dense stage): a freshly initialised "
-                        "reranker then starts learning much sooner than with the ViT-style std-0.02 init")
-    g.add_argument("--augment", choices=["none", "photometric"], default="none",
-                   help="global/finetune: random lighting changes of every training image (brightness, colour gain, "
-                        "gamma, grey, fog-like blend, noise; geometry untouched) so the descriptor learns that a place "
-                        "at dusk, in fog or in snow is the same place (default none: the paper's images as they are)")
-    g.add_argument("--dense-shift", type=int, default=3,
-                   help="dense: the second view of a pair is shifted by up to this many whole patches sideways (and "
-                        "one up or down), so a token must be found by its content, not its position (default 3)")
-    g.add_argument("--dense-global-weight", type=float, default=1.0,
-                   help="dense: weight of the pairs' global-descriptor InfoNCE next to the token loss (default 1)")
-    g = p.add_argument_group("optimisation (defaults per stage: the official recipes)")
-    g.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
-    g.add_argument("--steps-per-epoch", type=int, default=100, help="optimizer steps per epoch (default 100)")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="queries (dense: pairs) per step and process (default: global 16, rerank 64, finetune 48, dense 16)")
-    g.add_argument("--negs", type=int, default=None, help="negatives per query (default: global 2, rerank 1, finetune 2)")
-    g.add_argument("--optimizer", choices=["adam", "adamw"], default=None,
-                   help="default: global adam, rerank/finetune adamw")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (default: global 1e-5, rerank 5e-4, "
-                                                         "finetune 1e-5)")
-    g.add_argument("--weight-decay", type=float, default=None, help="default: 0 (global), 0.03 (rerank, finetune)")
-    g.add_argument("--schedule", choices=["constant", "cosine"], default=None,
-                   help="learning-rate schedule over all epochs (default: global constant, others cosine)")
-    g.add_argument("--warmup-epochs", type=float, default=None,
-                   help="linear warm-up (factor 0.1 -> 1) in epochs (default: rerank 5, others 0)")
-    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (default 0: off)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (initialisation, mining, sampling; default 0)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from last.safetensors + train_state.* (same stage; --model, --preset "
-                        "and --config are then ignored; --epochs may be raised)")
-    g.add_argument("--patience", type=int, default=0,
-                   help="stop after this many validations without improvement (default 0: never)")
-    g = p.add_argument_group("mining")
-    g.add_argument("--refresh-steps", type=int, default=50,
-                   help="global/finetune: mine new triplets every this many steps (default 50)")
-    g.add_argument("--db-sample", type=int, default=1000,
-                   help="global/finetune: random database images searched for negatives per refresh (default 1000)")
-    g.add_argument("--neg-pool", type=int, default=0,
-                   help="global/finetune: draw each query's negatives at random among its this many nearest valid "
-                        "candidates instead of taking the nearest (default 0: the nearest, as the paper); softer "
-                        "negatives keep a model trained from scratch from collapsing")
-    g.add_argument("--mining-groups", type=int, default=0,
-                   help="global/finetune, synthetic data: per refresh, mine within this many random worlds (all their "
-                        "database images are the negative pool) instead of --db-sample random database images; cheaper "
-                        "and harder negatives (default 0: the official uniform sampling)")
-    g.add_argument("--rerank-top", type=int, default=100,
-                   help="rerank: negatives drawn from each query's this many hardest global neighbours (default 100)")
-    g.add_argument("--pos-radius", type=float, default=10.0,
-                   help="metres: database images this close are positives (default 10)")
-    g.add_argument("--soft-radius", type=float, default=25.0,
-                   help="metres: database images this close are never negatives (default 25)")
-    g = p.add_argument_group("validation")
-    g.add_argument("--val-threshold", type=float, default=25.0, help="recall distance threshold, metres (default 25)")
-    g.add_argument("--val-rerank-top", type=int, default=20,
-                   help="rerank/finetune: candidates reranked per validation query (default 20; the paper uses 100)")
-    g.add_argument("--val-max-queries", type=int, default=300,
-                   help="validate on at most this many queries, evenly spread (default 300)")
-    g.add_argument("--val-every", type=int, default=1, help="validate every N epochs (default 1; always the last)")
-    g = p.add_argument_group("synthetic data")
-    g.add_argument("--cache-dir", default=DEFAULT_CACHE,
-                   help=f"where synthetic drives are rendered once (default $R2FORMER_CACHE or {DEFAULT_CACHE})")
-    g.add_argument("--render-size", default=None, metavar="H,W",
-                   help="rendered image size (default: the model's input size)")
-    g.add_argument("--spacing", type=float, default=2.5, help="metres between frames of a drive (default 2.5)")
-    g.add_argument("--map-drives", type=int, default=2, help="database drives per training world (default 2)")
-    g.add_argument("--query-drives", type=int, default=2, help="query drives per training world (default 2)")
-    g.add_argument("--val-map-drives", type=int, default=1, help="database drives per validation world (default 1)")
-    g.add_argument("--val-query-drives", type=int, default=2, help="query drives per validation world (default 2)")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
-                   help="auto (CUDA when available), cpu or cuda (default auto); under torchrun each rank uses "
-                        "cuda:LOCAL_RANK")
-    g.add_argument("--no-amp", action="store_true", help="disable fp16 autocast on CUDA")
-    g.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads per process (default 0: torch's choice divided by the local world size)")
-    g.add_argument("--extract-batch", type=int, default=32, help="images per batch when computing descriptors")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+                                   "process or under torchrun (DDP). Options not given take the stage's defaults; "
+                                   "`r2former train STAGE --help` lists them for that stage.",
+                       usage="%(prog)s {" + ",".join(STAGES) + "} --data SPEC --out DIR [options]",
+                       epilog=_stages_text() + "\n\n" + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       add_help=False)
+    actions: dict[str, tuple[OptionField, argparse.Action]] = {}
+    p.add_argument("-h", "--help", action=_StageHelp, actions=actions,
+                   help="show this help (after STAGE: with that stage's defaults) and exit")
+    p.add_argument("stage", choices=list(STAGES), help="what to train (see below)")
+    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
+    groups["data"].add_argument("--out", required=True,
+                                help="run directory (created; holds checkpoints, metrics and logs)")
+    for cls in (RunOptions, TrainConfig):
+        for of in option_fields(cls):
+            actions[of.name] = (of, _add_option(groups[of.group], of))
     p.set_defaults(func=run)
     return p
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    parts = [int(v) for v in text.replace("x", ",").split(",")]
-    if len(parts) != 2:
-        raise ValueError(f"expected H,W, got {text!r}")
-    return parts[0], parts[1]
+def _add_option(group: Any, of: OptionField) -> argparse.Action:
+    """Every option defaults to None ("not given"): the config dataclass then supplies its default."""
+    kwargs: dict[str, Any] = {"dest": of.name, "default": None, "help": _help(of, None)}
+    if of.kind is bool:
+        kwargs["action"] = "store_false" if of.default is True else "store_true"
+        kwargs["default"] = None
+    else:
+        if of.option.choices:
+            kwargs["choices"] = of.option.choices
+        else:
+            kwargs["type"] = _value_type(of)
+        if of.repeat:
+            kwargs["action"] = "append"
+        if not of.option.choices:
+            kwargs["metavar"] = of.metavar or of.flag.lstrip("-").upper().replace("-", "_")
+    if of.required:
+        kwargs["required"] = True
+    return group.add_argument(of.flag, **kwargs)
 
 
-def _model_config(args):
+def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, RunOptions, list[str]]:
+    """TrainConfig and RunOptions from the options given (the others keep their defaults), and the names of
+    the given options the stage does not use. ConfigError for values that are not allowed together."""
+    given: dict[type, dict[str, Any]] = {TrainConfig: {}, RunOptions: {}}
+    unused = []
+    for cls in given:
+        for of in option_fields(cls):
+            value = getattr(args, of.name, None)
+            if value is None:
+                continue
+            given[cls][of.name] = tuple(value) if of.repeat else value
+            if not of.applies_to(args.stage):
+                unused.append(of.flag)
+    cfg = TrainConfig(stage=args.stage, out=Path(args.out), **given[TrainConfig])
+    return cfg, RunOptions(**given[RunOptions]), unused
+
+
+def _model_config(run: RunOptions) -> Any:
+    """The preset with the --config KEY=VALUE overrides."""
     from ..model import ModelConfig, preset
-    import dataclasses
-    base = dataclasses.asdict(preset(args.preset))
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    for item in args.config:
+    base = dataclasses.asdict(preset(run.preset))
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    for item in run.config:
         key, sep, value = item.partition("=")
         key = key.strip()
-        if not sep or key not in fields:
-            raise CliError(f"--config {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
-        current = base[key]
-        if isinstance(current, bool):
-            base[key] = value.strip().lower() in ("1", "true", "yes", "on")
-        elif isinstance(current, tuple):
-            base[key] = _parse_size(value)
-        else:
-            base[key] = type(current)(value)
+        if not sep or key not in names:
+            raise CliError(f"--config {item!r}: expected KEY=VALUE with KEY one of {sorted(names)}")
+        base[key] = _config_value(key, value.strip(), base[key])
     return ModelConfig.from_dict(base)
+
+
+def _config_value(key: str, text: str, current: Any) -> Any:
+    """`text` as the type of the preset's value `current` (CliError when it is not one)."""
+    if isinstance(current, bool):
+        if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise CliError(f"--config {key}={text}: expected true or false")
+        return text.lower() in ("1", "true", "yes", "on")
+    parts = text.replace("x", ",").split(",") if isinstance(current, tuple) else [text]
+    kind = type(current[0]) if isinstance(current, tuple) else type(current)
+    if isinstance(current, tuple) and len(parts) != len(current):
+        raise CliError(f"--config {key}={text}: expected {len(current)} comma-separated values")
+    try:
+        values = [kind(v) for v in parts]
+    except ValueError:
+        raise CliError(f"--config {key}={text}: expected {kind.__name__} value(s), like {current!r}") from None
+    return tuple(values) if isinstance(current, tuple) else values[0]
 
 
 def _add_file_log(path: Path) -> logging.Handler:
@@ -202,54 +206,57 @@ def _add_file_log(path: Path) -> logging.Handler:
     return handler
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..device import resolve_device
     from ..model import build_model, load_model
+    from ..resources import resolve_model_path
     from ..train.datasets import open_dataset
     from ..train.distributed import barrier, init_distributed, shutdown
-    from ..train.trainer import TrainConfig, Trainer
+    from ..train.trainer import Trainer
 
-    info = init_distributed(resolve_device(args.device))
-    out = Path(args.out)
+    cfg, run_opts, unused = configs_from_args(args)
+    out = cfg.out
+    last = out / "last.safetensors"
+    if run_opts.resume and not last.is_file():
+        raise CliError(f"--resume: {out} holds no run to continue (no last.safetensors)")
+    if not run_opts.resume and last.exists():
+        raise CliError(f"{out} already holds a run (last.safetensors); pass --resume to continue it or choose "
+                       "another --out")
+    if run_opts.model and run_opts.config and not run_opts.resume:
+        raise CliError("--config applies to a model built from scratch; it cannot change --model's config")
+    info = init_distributed(run_opts.device)
     handler = None
     try:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
+        if run_opts.threads > 0:
+            torch.set_num_threads(run_opts.threads)
         elif local_world > 1 and info.device.type == "cpu":
             torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
             handler = _add_file_log(out / "train.log")
-            if not args.resume and (out / "last.safetensors").exists():
-                raise CliError(f"{out} already holds a run (last.safetensors); pass --resume to continue it or "
-                               "choose another --out")
+            for flag in unused:
+                log.warning("%s does not apply to stage %s: ignored", flag, cfg.stage)
         barrier(info)
 
-        if args.resume and (out / "last.safetensors").is_file():
-            model = load_model(out / "last.safetensors", device="cpu")   # weights replaced again by the trainer
-        elif args.model:
-            if args.config:
-                raise CliError("--config applies to a model built from scratch; it cannot change --model's config")
-            from ..resources import resolve_model_path
-            model = load_model(resolve_model_path(args.model), device="cpu")
+        if run_opts.resume:
+            model = load_model(last, device="cpu")   # weights replaced again by the trainer
+        elif run_opts.model:
+            model = load_model(resolve_model_path(run_opts.model), device="cpu")
         else:
-            model = build_model(_model_config(args), seed=args.seed)
-        cfg_model = model.cfg
-        size = _parse_size(args.render_size) if args.render_size else cfg_model.image_size
+            model = build_model(_model_config(run_opts), seed=cfg.seed)
+        size = run_opts.render_hw or model.cfg.image_size
+        show = info.is_main and cfg.progress
 
-        def open_sets():
-            data = open_dataset(args.data, "train", args.cache_dir, size, args.spacing, args.map_drives,
-                                args.query_drives, show_progress=info.is_main and not args.no_progress)
+        def open_sets() -> tuple[Any, Any]:
+            data = open_dataset(run_opts.data, "train", run_opts.cache_dir, size, run_opts.spacing,
+                                run_opts.map_drives, run_opts.query_drives, show_progress=show)
+            val_spec = run_opts.val_spec()
             val = None
-            val_spec = args.val
-            if val_spec is None and not args.data.startswith("synthetic:"):
-                val_spec = args.data
             if val_spec:
-                val = open_dataset(val_spec, "val", args.cache_dir, size, args.spacing, args.val_map_drives,
-                                   args.val_query_drives, show_progress=info.is_main and not args.no_progress)
+                val = open_dataset(val_spec, "val", run_opts.cache_dir, size, run_opts.spacing,
+                                   run_opts.val_map_drives, run_opts.val_query_drives, show_progress=show)
             return data, val
 
         # Rank 0 renders synthetic drives into the cache first; the others then read them.
@@ -258,32 +265,14 @@ def run(args) -> int:
         barrier(info)
         if not info.is_main:
             data, val = open_sets()
-
-        d = STAGE_DEFAULTS[args.stage]
-        pick = lambda name: getattr(args, name) if getattr(args, name) is not None else d[name]  # noqa: E731
-        cfg = TrainConfig(stage=args.stage, out=out, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                          batch_size=pick("batch_size"), negs=pick("negs"), optimizer=pick("optimizer"),
-                          lr=pick("lr"), weight_decay=pick("weight_decay"), warmup_epochs=pick("warmup_epochs"),
-                          schedule=pick("schedule"), grad_clip=args.grad_clip, refresh_steps=args.refresh_steps,
-                          db_sample=args.db_sample, mining_groups=args.mining_groups, neg_pool=args.neg_pool, rerank_top=args.rerank_top, pos_radius=args.pos_radius,
-                          soft_radius=args.soft_radius, end_to_end=args.end_to_end, reranker_init=args.reranker_init, global_loss=args.global_loss,
-                          augment=args.augment, dense_shift=args.dense_shift,
-                          dense_global_weight=args.dense_global_weight,
-                          val_threshold_m=args.val_threshold, val_rerank_top=args.val_rerank_top,
-                          val_max_queries=args.val_max_queries, val_every=args.val_every, patience=args.patience,
-                          seed=args.seed, amp=not args.no_amp, extract_batch=args.extract_batch,
-                          progress=not args.no_progress)
         if info.is_main:
-            log.info("model config %s; data %s; validation %s", cfg_model.to_json(), data.name,
+            log.info("model config %s; data %s; validation %s", model.cfg.to_json(), data.name,
                      val.name if val else "none")
-        trainer = Trainer(cfg, model, data, val, info, resume=args.resume)
-        result = trainer.train()
+        result = Trainer(cfg, model, data, val, info, resume=run_opts.resume).train()
         if info.is_main:
             log.info("done: %d epochs, %d steps; best selection recall@5 %.4f at epoch %d -> %s", result.epochs_done,
                      result.global_step, result.best_score, result.best_epoch, result.best_path)
         return 0
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
     finally:
         if handler is not None:
             logging.getLogger().removeHandler(handler)

@@ -19,16 +19,17 @@ import csv
 import logging
 import math
 import os
+import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ..data.sources import read_image_file
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..features import extract_all
 from ..model import R2FormerModel
 
@@ -112,19 +113,19 @@ class SyntheticSpec:
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
-    """'3', '1,2,5', '100-119' or a mix ('1,10-12') -> seeds in order."""
+    """'3', '1,2,5', '100-119' or a mix ('1,10-12') -> seeds in order; ConfigError when malformed."""
     seeds: list[int] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        if "-" in part[1:]:
-            a, b = part.split("-", 1) if not part.startswith("-") else part[1:].split("-", 1)
-            a_i, b_i = int(a), int(b)
-            if b_i < a_i:
-                raise ValueError(f"seed range {part!r} is empty")
-            seeds.extend(range(a_i, b_i + 1))
-        else:
-            seeds.append(int(part))
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if m is None:
+            raise ConfigError(f"seeds {text!r}: {part!r} is neither a seed (e.g. 3) nor a range (e.g. 100-119)")
+        first = int(m.group(1))
+        last = int(m.group(2)) if m.group(2) is not None else first
+        if last < first:
+            raise ConfigError(f"seeds {text!r}: the range {part!r} is empty")
+        seeds.extend(range(first, last + 1))
     if not seeds:
-        raise ValueError(f"no seeds in {text!r}")
+        raise ConfigError(f"no seeds in {text!r}")
     return tuple(seeds)
 
 
@@ -170,7 +171,12 @@ def synthetic_dataset(spec: SyntheticSpec, cache_dir: str | Path, show_progress:
     """Render (or reuse) the drives of every world of `spec` and assemble database + queries."""
     from ..synthetic import CONDITIONS, parse_conditions
     conditions = parse_conditions(spec.conditions) if spec.conditions else CONDITIONS
-    db_arrays, db_xy, q_arrays, q_xy, db_groups, q_groups = [], [], [], [], [], []
+    db_arrays: list[np.ndarray] = []
+    q_arrays: list[np.ndarray] = []
+    db_xy: list[np.ndarray] = []
+    q_xy: list[np.ndarray] = []
+    db_groups: list[np.ndarray] = []
+    q_groups: list[np.ndarray] = []
     aligned: list[np.ndarray] = []
     n_db = 0
     seeds = spec.seeds
@@ -253,7 +259,7 @@ def msls_dataset(root: str | Path, split: str = "train", cities: Sequence[str] |
         elif split == "train":
             cities = [c for c in available if c not in MSLS_VAL_CITIES and c not in MSLS_TEST_CITIES]
         else:
-            raise ValueError(f"MSLS split must be 'train' or 'val', not {split!r}")
+            raise ConfigError(f"MSLS split must be 'train' or 'val', not {split!r}")
     if not cities:
         raise DataError(f"MSLS root {base}: no city folders with database/ and query/ for split {split!r} "
                         f"(found {available})")
@@ -279,20 +285,26 @@ def msls_dataset(root: str | Path, split: str = "train", cities: Sequence[str] |
 def open_dataset(spec: str, split: str, cache_dir: str | Path, size: tuple[int, int] = (128, 160),
                  spacing_m: float = 2.5, map_drives: int = 2, query_drives: int = 2,
                  show_progress: bool = False) -> PlaceDataset:
-    """Dataset from a command-line spec (see the module docstring); `split` is train or val."""
+    """Dataset from a command-line spec (see the module docstring); `split` is train or val.
+    ConfigError for a malformed spec, DataError for data that is missing or cannot be used."""
     kind, _, rest = spec.partition(":")
     if not rest:
-        raise ValueError(f"dataset spec {spec!r}: expected synthetic:SEEDS[:CONDITIONS], vg:PATH or msls:PATH")
+        raise ConfigError(f"dataset spec {spec!r}: expected synthetic:SEEDS[:CONDITIONS], vg:PATH or msls:PATH")
     if kind == "synthetic":
+        from ..synthetic import CONDITIONS
         seeds_text, _, cond_text = rest.partition(":")
-        conditions = tuple(c.strip() for c in cond_text.split(",") if c.strip())
-        return synthetic_dataset(SyntheticSpec(parse_seeds(seeds_text), conditions, tuple(size), spacing_m,
+        conditions = tuple(c.strip().lower() for c in cond_text.split(",") if c.strip())
+        unknown = [c for c in conditions if c not in CONDITIONS]
+        if unknown:
+            raise ConfigError(f"dataset spec {spec!r}: unknown condition(s) {', '.join(unknown)}; allowed: "
+                              f"{', '.join(CONDITIONS)}")
+        return synthetic_dataset(SyntheticSpec(parse_seeds(seeds_text), conditions, (size[0], size[1]), spacing_m,
                                                map_drives, query_drives), cache_dir, show_progress)
     if kind == "vg":
         return vg_dataset(rest, split)
     if kind == "msls":
         return msls_dataset(rest, split)
-    raise ValueError(f"unknown dataset kind {kind!r} in {spec!r}; use synthetic:, vg: or msls:")
+    raise ConfigError(f"dataset spec {spec!r}: unknown kind {kind!r}; use synthetic:, vg: or msls:")
 
 
 def extract_descriptors(model: R2FormerModel, images: ImageList, ids: np.ndarray, batch: int, local: bool = False,

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import DeviceError
+from ..options import DEVICE_PATTERN
+
 log = logging.getLogger(__name__)
 
 
@@ -33,20 +36,54 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: torch.device, timeout_min: float = 60.0) -> DistInfo:
-    """Join the process group when started by torchrun; return rank, world size and the device to use."""
+def select_device(requested: str, local_rank: int, world_size: int, gpu_count: int) -> torch.device:
+    """The device of one process: `requested` is auto, cpu, cuda or cuda:N; `gpu_count` the visible GPUs.
+
+    One process: cuda means cuda:0, cuda:N must exist. Under torchrun (world_size > 1) on CUDA every rank
+    uses cuda:LOCAL_RANK (NCCL needs one GPU per rank), so LOCAL_RANK must be below the GPU count.
+    DeviceError, saying what to do, when the device does not exist here.
+    """
+    name = requested.strip().lower()
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise DeviceError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N")
+    if name == "auto":
+        name = "cuda" if gpu_count > 0 else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if gpu_count == 0:
+        raise DeviceError(f"device {requested!r} requested but this machine has no CUDA GPU; use --device cpu")
+    index = int(name.partition(":")[2] or 0)
+    if world_size > 1:
+        if ":" in name:
+            raise DeviceError(f"--device {requested}: under torchrun every rank uses cuda:LOCAL_RANK; pass --device "
+                              "cuda (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+        if local_rank >= gpu_count:
+            raise DeviceError(f"torchrun rank with LOCAL_RANK {local_rank} needs GPU {local_rank}, but this machine "
+                              f"has {gpu_count} visible GPU(s): start torchrun with --nproc_per_node <= {gpu_count}, "
+                              "or train on the CPU with --device cpu")
+        return torch.device("cuda", local_rank)
+    if index >= gpu_count:
+        raise DeviceError(f"device {requested!r} does not exist: this machine has {gpu_count} visible GPU(s) "
+                          f"(cuda:0 .. cuda:{gpu_count - 1})")
+    return torch.device("cuda", index)
+
+
+def init_distributed(device: str = "auto", timeout_min: float = 60.0) -> DistInfo:
+    """Join the process group when started by torchrun; return rank, world size and this process's device
+    (`select_device`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    gpus = torch.cuda.device_count() if device != "cpu" else 0
+    chosen = select_device(device, local_rank, world, gpus)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=timeout_min))
-        log.info("distributed: rank %d of %d (%s backend), device %s", rank, world, backend, device)
-    return DistInfo(rank, world, local_rank, device)
+        log.info("distributed: rank %d of %d (%s backend), device %s", rank, world, backend, chosen)
+    return DistInfo(rank, world, local_rank, chosen)
 
 
 def shutdown(info: DistInfo) -> None:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-POS_RADIUS_M = 10.0
-SOFT_RADIUS_M = 25.0
+from ..errors import DataError
+from .config import POS_RADIUS_M, SOFT_RADIUS_M
 
 
 def neighbours_within(db_xy: np.ndarray, q_xy: np.ndarray, radius: float) -> list[np.ndarray]:
@@ -31,6 +31,33 @@ def neighbours_within(db_xy: np.ndarray, q_xy: np.ndarray, radius: float) -> lis
         d, j = dist[lims[i]:lims[i + 1]], ids[lims[i]:lims[i + 1]]
         out.append(j[np.argsort(d, kind="stable")].astype(np.int64))
     return out
+
+
+@dataclass(frozen=True)
+class Positives:
+    """Per query: `hard` database indices within `pos_radius` (candidates for the best positive), `soft`
+    ones within `soft_radius` (never negatives); `trainable` the queries with at least one hard positive."""
+    hard: list[np.ndarray]
+    soft: list[np.ndarray]
+    trainable: np.ndarray
+
+    @classmethod
+    def around(cls, db_xy: np.ndarray, q_xy: np.ndarray, pos_radius: float = POS_RADIUS_M,
+               soft_radius: float = SOFT_RADIUS_M, name: str = "dataset") -> Positives:
+        """DataError when no query has a database image within `pos_radius`."""
+        hard = neighbours_within(db_xy, q_xy, pos_radius)
+        soft = neighbours_within(db_xy, q_xy, soft_radius)
+        trainable = np.array([i for i, h in enumerate(hard) if len(h)], np.int64)
+        if len(trainable) == 0:
+            raise DataError(f"{name}: no query has a database image within {pos_radius:g} m (--pos-radius); "
+                            "check the positions of the data")
+        return cls(hard, soft, trainable)
+
+
+def choose_groups(groups: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` distinct random groups (worlds) among the labels `groups`."""
+    labels = np.unique(groups)
+    return rng.choice(labels, min(count, len(labels)), replace=False)
 
 
 @dataclass
