@@ -160,6 +160,27 @@ class NodeProcess:
         self._out.close()
 
 
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM (peak RSS) ... of a running process, in kB, from /proc/<pid>/status (Linux)."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.startswith("Vm") and value.strip().endswith("kB"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def diagnostic_values(array: Any, name_suffix: str, node: str = "") -> dict[str, str] | None:
+    """Values (plus `_level`, `_message`) of the status named `<node>: <name_suffix>` in a DiagnosticArray
+    (any node when `node` is empty); None when the array has no such status."""
+    for status in array.status:
+        head, _, tail = status.name.rpartition(": ")
+        if tail == name_suffix and (not node or head == node):
+            return {kv.key: kv.value for kv in status.values} | {"_level": status.level[0] if isinstance(
+                status.level, bytes) else status.level, "_message": status.message}
+    return None
+
+
 def with_tf2_msgs(env: dict[str, str], path: Path | None) -> dict[str, str]:
     """`env` with the tf2_msgs built by the `tf2_msgs_path` fixture on PYTHONPATH (unchanged when None: a
     ROS installation provides tf2_msgs)."""
