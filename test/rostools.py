@@ -226,8 +226,9 @@ def line_poses(count: int, spacing: float = 1.0) -> np.ndarray:
 
 
 def build_test_map(model, images: Sequence[np.ndarray], poses: np.ndarray, path: Path,
-                   frame_id: str = "map", child_frame: str = "") -> Path:
-    """A map of `images` at `poses`, written through MapDatabase like the real builders do."""
+                   frame_id: str = "map", child_frame: str = "", overwrite: bool = False) -> Path:
+    """A map of `images` at `poses`, written through MapDatabase like the real builders do (with
+    `overwrite`, an existing map at `path` is replaced the way `build-map --overwrite` replaces it)."""
     import json
 
     from r2former_core.mapdb import MapDatabase
@@ -236,7 +237,7 @@ def build_test_map(model, images: Sequence[np.ndarray], poses: np.ndarray, path:
     writer = MapDatabase.create(path, fingerprint=model.fingerprint, model_config=json.loads(cfg.to_json()),
                                 image_size=cfg.image_size, global_dim=cfg.global_dim, num_local=cfg.local_tokens,
                                 local_values=cfg.local_values, frame_id=frame_id, child_frame=child_frame,
-                                source="test")
+                                source="test", overwrite=overwrite)
     for i, (image, pose) in enumerate(zip(images, poses)):
         feats = model.extract(preprocess(image, size=cfg.image_size))
         writer.add(feats.global_desc[0].numpy(), feats.local[0].numpy(), pose, float(i), f"img{i:03d}",
