@@ -11,7 +11,8 @@ cycles through them.
 Measured:
 * the node's resident memory (VmRSS from /proc/<pid>/status) every second: growth after `--warmup` seconds
   (median of the last 30 samples minus median of the first 30 after warm-up, shorter windows for short runs),
-  the least-squares slope, the peak (VmHWM);
+  the least-squares slope after warm-up and over its second half (what remains once allocators settled),
+  the peak (VmHWM);
 * the node's diagnostics (`received`, `processed`, `dropped`, `pending`, `malformed`) every second: `pending`
   (frames waiting in the node: its one-slot buffer) must never exceed 1, and at the end `dropped` must equal
   `received - processed`;
@@ -161,10 +162,13 @@ def rss_summary(memory: list[tuple[float, int, int]], t_start: float, warmup: fl
     ts, rs = t[after], rss[after]
     window = max(2, min(30, len(rs) // 4))
     slope = float(np.polyfit(ts / 60.0, rs, 1)[0])
+    half = ts >= ts[0] + (ts[-1] - ts[0]) / 2           # settling (allocator, caches) shows in the first half
+    slope_late = float(np.polyfit(ts[half] / 60.0, rs[half], 1)[0]) if half.sum() >= 4 else float("nan")
     return {"warmup_s": warmup, "samples": int(len(rs)), "window_samples": window,
             "rss_at_warmup_mb": float(np.median(rs[:window])), "rss_final_mb": float(np.median(rs[-window:])),
             "growth_mb": float(np.median(rs[-window:]) - np.median(rs[:window])),
             "growth_max_mb": float(rs.max() - np.median(rs[:window])), "slope_mb_per_min": slope,
+            "slope_second_half_mb_per_min": slope_late,
             "rss_min_mb": float(rss.min()), "rss_max_mb": float(rss.max()),
             "peak_hwm_mb": float(max(m[2] for m in memory) / 1024)}
 
@@ -364,7 +368,8 @@ def table(r: dict[str, Any]) -> str:
         ("max frames waiting in the node", str(r["max_pending"])),
         ("RSS after warm-up", f"{m['rss_at_warmup_mb']:.0f} MB -> {m['rss_final_mb']:.0f} MB: growth "
                               f"{m['growth_mb']:+.1f} MB (max {m['growth_max_mb']:+.1f} MB; bound {RSS_BOUND_MB:g}), "
-                              f"slope {m['slope_mb_per_min']:+.3f} MB/min, peak (VmHWM) {m['peak_hwm_mb']:.0f} MB"),
+                              f"slope {m['slope_mb_per_min']:+.3f} MB/min (second half {m['slope_second_half_mb_per_min']:+.3f}), "
+                              f"peak (VmHWM) {m['peak_hwm_mb']:.0f} MB"),
         ("latency image -> pose", f"p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, max {lat['max']:.0f} ms "
                                   f"({lat['poses']} poses)"),
         ("node decode..publish (smoothed)", f"{r['node_latency_total_ms']:.0f} ms"),
