@@ -368,7 +368,8 @@ def table(r: dict[str, Any]) -> str:
         ("max frames waiting in the node", str(r["max_pending"])),
         ("RSS after warm-up", f"{m['rss_at_warmup_mb']:.0f} MB -> {m['rss_final_mb']:.0f} MB: growth "
                               f"{m['growth_mb']:+.1f} MB (max {m['growth_max_mb']:+.1f} MB; bound {RSS_BOUND_MB:g}), "
-                              f"slope {m['slope_mb_per_min']:+.3f} MB/min (second half {m['slope_second_half_mb_per_min']:+.3f}), "
+                              f"slope {m['slope_mb_per_min']:+.3f} MB/min "
+                              f"(second half {m['slope_second_half_mb_per_min']:+.3f}), "
                               f"peak (VmHWM) {m['peak_hwm_mb']:.0f} MB"),
         ("latency image -> pose", f"p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, max {lat['max']:.0f} ms "
                                   f"({lat['poses']} poses)"),

@@ -63,9 +63,10 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.event_handler import (QoSMessageLostInfo, QoSRequestedIncompatibleQoSInfo, QoSSubscriptionMatchedInfo,
-                                 SubscriptionEventCallbacks, qos_policy_name_from_kind)
+                                 SubscriptionEventCallbacks)
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
+from rclpy.qos import qos_policy_name_from_kind
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 from std_srvs.srv import Trigger

@@ -257,8 +257,9 @@ def test_large_raw_message_with_full_data_costs_its_bytes_in_the_middleware(node
     after = memory_kb(n.node.proc.pid)
     assert n.localized(n.send(n.good(0)))
     assert n.node.alive()
+    delta_kb = after["VmHWM"] - steady["VmHWM"]
     print(f"\nLARGE RAW {side}x{side} rgb8 ({side * side * 3 / 1e6:.0f} MB of data): refused by size; node peak RSS "
           f"{steady['VmHWM'] / 1024:.0f} -> {after['VmHWM'] / 1024:.0f} MB "
-          f"(+{(after['VmHWM'] - steady['VmHWM']) / 1024:.0f} MB = {(after['VmHWM'] - steady['VmHWM']) * 1024 / (side * side * 3):.1f}"
-          " x the message's data), RSS afterwards "
+          f"(+{delta_kb / 1024:.0f} MB = {delta_kb * 1024 / (side * side * 3):.1f} x the message's data), "
+          "RSS afterwards "
           f"{after['VmRSS'] / 1024:.0f} MB (steady {steady['VmRSS'] / 1024:.0f} MB)")

@@ -163,7 +163,8 @@ def test_node_started_before_the_camera_and_incompatible_qos_say_why_then_locali
     print(f"\nno camera yet: STALE '{d['_message']}'")
 
     offered = []                  # the publisher's side of the event (a callback instead of rclpy's default log)
-    wrong = s.probe.node.create_publisher(Image, TOPIC, BEST_EFFORT,     # a best-effort camera; the node subscribes reliably
+    # a best-effort camera; the node subscribes reliably
+    wrong = s.probe.node.create_publisher(Image, TOPIC, BEST_EFFORT,
                                           event_callbacks=PublisherEventCallbacks(incompatible_qos=offered.append))
     n_poses = len(s.poses)
     stop = time.monotonic() + 60
