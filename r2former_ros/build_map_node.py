@@ -45,19 +45,26 @@ from rclpy.parameter import Parameter
 from rclpy.utilities import remove_ros_args
 from sensor_msgs.msg import CompressedImage, Image
 
-from r2former_core.frames import (CAMERA_CONVENTIONS, PoseFrames, clean_frame_id, frames_from_messages,
-                                       given_frames, odometry_warning, to_body_convention,
-                                       uses_optical_convention)
+from r2former_core.data.image_limits import set_max_image_pixels
+from r2former_core.data.keyframes import select_keyframes
 from r2former_core.data.sources import open_source
 from r2former_core.errors import EXPECTED_ERRORS, ImageDecodeError, R2FormerError
+from r2former_core.features import extract_image
+from r2former_core.frames import (
+    CAMERA_CONVENTIONS,
+    PoseFrames,
+    clean_frame_id,
+    frames_from_messages,
+    given_frames,
+    odometry_warning,
+    to_body_convention,
+    uses_optical_convention,
+)
 from r2former_core.mapdb import MapDatabase, MapWriter
 from r2former_core.mapping import build_map
 from r2former_core.model import load_model
-from r2former_core.data.keyframes import select_keyframes
-from r2former_core.resources import resolve_model_path
 from r2former_core.options import LocalizerConfig, add_config_option, device_type
-from r2former_core.data.image_limits import set_max_image_pixels
-from r2former_core.features import extract_image
+from r2former_core.resources import resolve_model_path
 
 from .conversions import msg_to_rgb, pose_from_msg, stamp_to_ns
 from .parameters import ParamSpec, declare_parameters

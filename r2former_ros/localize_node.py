@@ -60,10 +60,14 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.event_handler import (
+    QoSMessageLostInfo,
+    QoSRequestedIncompatibleQoSInfo,
+    QoSSubscriptionMatchedInfo,
+    SubscriptionEventCallbacks,
+)
 from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-from rclpy.event_handler import (QoSMessageLostInfo, QoSRequestedIncompatibleQoSInfo, QoSSubscriptionMatchedInfo,
-                                 SubscriptionEventCallbacks)
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_policy_name_from_kind
@@ -74,6 +78,16 @@ from visualization_msgs.msg import MarkerArray
 
 from r2former_core.data.image_limits import ImageTooLargeError
 from r2former_core.errors import EXPECTED_ERRORS, ImageDecodeError, MapError, R2FormerError
+from r2former_core.frames import (
+    FrameError,
+    camera_to_base,
+    is_optical_frame,
+    map_pose_warning,
+    odom_in_map,
+    optical_to_body,
+    pose_from_xyzrpy,
+    poses_are_base,
+)
 from r2former_core.localizer import Localizer
 from r2former_core.mapdb import MapDatabase
 from r2former_core.model import load_model
@@ -82,10 +96,14 @@ from r2former_core.resources import resolve_model_path
 from r2former_core.results import LocalizationResult
 
 from . import health
-from .conversions import (msg_to_rgb, ns_to_stamp, pose_array_msg, pose_with_covariance_msg, rgb_to_image_msg,
-                          stamp_to_ns)
-from r2former_core.frames import (FrameError, optical_to_body, camera_to_base, is_optical_frame, map_pose_warning,
-                     odom_in_map, pose_from_xyzrpy, poses_are_base)
+from .conversions import (
+    msg_to_rgb,
+    ns_to_stamp,
+    pose_array_msg,
+    pose_with_covariance_msg,
+    rgb_to_image_msg,
+    stamp_to_ns,
+)
 from .latest_frame import LatestFrameSlot
 from .localization_state import LOCALIZED, LocalizationStateMachine, Transition
 from .parameters import ParamSpec, declare_parameters
@@ -276,7 +294,7 @@ class LocalizeNode(LifecycleNode):
         self.add_on_set_parameters_callback(self._check_live_parameters)
         self.add_post_set_parameters_callback(self._apply_live_parameters)
         self._model_path: Path | None = None
-        self._model = None
+        self._model: Any = None
         self._localizer: Localizer | None = None
         self._localizer_lock = threading.Lock()   # guards swapping `_localizer` and the state machine
         self._reload_lock = threading.Lock()      # one map load at a time
@@ -291,12 +309,12 @@ class LocalizeNode(LifecycleNode):
         self._camera_frame = ""
         self._slot: LatestFrameSlot[Received] | None = None
         self._worker: threading.Thread | None = None
-        self._image_sub = None
+        self._image_sub: Any = None
         self._timers: list[Any] = []
         self._last_matches_time = 0.0
         self._window = (time.monotonic(), 0, 0)   # (time, received, taken) at the last diagnostics
         self._publishers: list[Any] = []
-        self._reload_srv = None
+        self._reload_srv: Any = None
         self._map_on_disk: health.MapOnDisk | None = None
         self._fault_frame_id = os.environ.get(FAULT_INJECTION_ENV, "")
 
@@ -371,11 +389,12 @@ class LocalizeNode(LifecycleNode):
         qos = stream_qos(self._values["qos_reliability"], self._values["qos_depth"])
         events = self._subscription_events()
         if self._values["image_transport"] == "compressed":
-            self._image_sub = self.create_subscription(CompressedImage, "image/compressed", self._on_image, qos,
-                                                       event_callbacks=events)
+            sub = self.create_subscription(CompressedImage, "image/compressed", self._on_image, qos,
+                                           event_callbacks=events)
         else:
-            self._image_sub = self.create_subscription(Image, "image", self._on_image, qos, event_callbacks=events)
-        self._health.subscription.topic = self._image_sub.topic_name
+            sub = self.create_subscription(Image, "image", self._on_image, qos, event_callbacks=events)
+        self._image_sub = sub
+        self._health.subscription.topic = sub.topic_name
         rate = float(self._values["diagnostics_rate"])
         if rate > 0:
             self._timers.append(self.create_timer(1.0 / rate, self._publish_diagnostics))
@@ -630,9 +649,8 @@ class LocalizeNode(LifecycleNode):
                                            "under the node; rebuild or restore it, then ~/reload_map"))
         return health.merge(parts)
 
-    def _input_status(self, now: float) -> health.Status:
+    def _input_status(self, h: Health, now: float) -> health.Status:
         """Input rate and timeout, with the reason when no image arrives (publishers, QoS events)."""
-        h = self._health
         status = health.merge([h.images.status(now), h.input.status(now)])
         topic = self._image_sub.topic_name if self._image_sub is not None else h.subscription.topic
         try:
@@ -882,7 +900,7 @@ class LocalizeNode(LifecycleNode):
             state = self._state.state
         name = self.get_fully_qualified_name().lstrip("/")    # robot1/r2former_localizer in a namespace
         hardware_id = self._values["hardware_id"] or self._camera_frame or "camera (no image yet)"
-        images = self._input_status(now)
+        images = self._input_status(h, now)
         map_status = self._map_status(now)
         poses = h.poses.status(now)
         errors, malformed, tf_failures = (w.count(now) for w in (h.errors, h.malformed, h.tf_failures))

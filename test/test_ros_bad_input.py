@@ -21,20 +21,28 @@ import time
 
 import numpy as np
 import pytest
-
-from rostools import (NodeProcess, RosProbe, build_test_map, diagnostic_values, line_poses, memory_kb,
-                      save_tiny_model, synthetic_images, wait_until)
+from rostools import (
+    NodeProcess,
+    RosProbe,
+    build_test_map,
+    diagnostic_values,
+    line_poses,
+    memory_kb,
+    save_tiny_model,
+    synthetic_images,
+    wait_until,
+)
 
 pytestmark = pytest.mark.ros
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from geometry_msgs.msg import PoseWithCovarianceStamped  # noqa: E402
+from hostile import png_bomb  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
-
-from hostile import png_bomb  # noqa: E402
-from r2former_ros.conversions import rgb_to_compressed_msg, rgb_to_image_msg, sec_to_stamp, stamp_to_ns  # noqa: E402
 from test_bad_input import COMPRESSED_REFUSED, RAW_REFUSED, compressed, image_msg_of, textured  # noqa: E402
+
+from r2former_ros.conversions import rgb_to_compressed_msg, rgb_to_image_msg, sec_to_stamp, stamp_to_ns  # noqa: E402
 
 MAP_SIZE = 8
 BOMB_SENDS = 5

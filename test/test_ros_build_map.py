@@ -5,7 +5,6 @@ import time
 
 import numpy as np
 import pytest
-
 from rostools import NodeProcess, RosProbe, save_tiny_model, synthetic_images
 
 pytestmark = pytest.mark.ros

@@ -32,14 +32,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from rostools import (NodeProcess, RosProbe, build_test_map, diagnostic_values, line_poses, save_tiny_model,
-                      synthetic_images, wait_until)
+from rostools import (
+    NodeProcess,
+    RosProbe,
+    build_test_map,
+    diagnostic_values,
+    line_poses,
+    save_tiny_model,
+    synthetic_images,
+    wait_until,
+)
 
 pytestmark = pytest.mark.ros
 
+from bagtools import write_image_pose_bag  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from geometry_msgs.msg import PoseWithCovarianceStamped  # noqa: E402
+from hostile import flip_byte, truncate  # noqa: E402
 from rcl_interfaces.srv import SetParameters  # noqa: E402
 from rclpy.event_handler import PublisherEventCallbacks  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
@@ -47,8 +56,6 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
-from bagtools import write_image_pose_bag  # noqa: E402
-from hostile import flip_byte, truncate  # noqa: E402
 from r2former_core.errors import MapError  # noqa: E402
 from r2former_core.mapdb import MapDatabase  # noqa: E402
 from r2former_ros.conversions import rgb_to_image_msg, sec_to_stamp, stamp_to_ns  # noqa: E402

@@ -283,8 +283,9 @@ def test_tf2_ros_client_against_a_stand_in():
 def test_ekf_example_fuses_x_y_yaw_with_a_history_covering_the_latency():
     """config/ekf.yaml (robot_localization, not run here): pose0 is the localizer's pose with x, y, yaw,
     lagged data is smoothed over a history longer than the released model's worst latency on a CPU."""
-    import yaml
     from pathlib import Path
+
+    import yaml
     doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "ekf.yaml").read_text())
     p = doc["ekf_filter_node"]["ros__parameters"]
     assert p["pose0"] == "r2former_localizer/pose" and p["world_frame"] == p["map_frame"] == "map"

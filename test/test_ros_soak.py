@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from rostools import save_tiny_model
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
