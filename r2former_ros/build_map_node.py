@@ -45,18 +45,26 @@ from rclpy.parameter import Parameter
 from rclpy.utilities import remove_ros_args
 from sensor_msgs.msg import CompressedImage, Image
 
-from r2former_core.frames import (CAMERA_CONVENTIONS, PoseFrames, clean_frame_id, frames_from_messages,
-                                       given_frames, odometry_warning, to_body_convention,
-                                       uses_optical_convention)
+from r2former_core.data.image_limits import set_max_image_pixels
+from r2former_core.data.keyframes import select_keyframes
 from r2former_core.data.sources import open_source
 from r2former_core.errors import EXPECTED_ERRORS, ImageDecodeError, R2FormerError
+from r2former_core.features import extract_image
+from r2former_core.frames import (
+    CAMERA_CONVENTIONS,
+    PoseFrames,
+    clean_frame_id,
+    frames_from_messages,
+    given_frames,
+    odometry_warning,
+    to_body_convention,
+    uses_optical_convention,
+)
 from r2former_core.mapdb import MapDatabase, MapWriter
 from r2former_core.mapping import build_map
 from r2former_core.model import load_model
-from r2former_core.data.keyframes import select_keyframes
+from r2former_core.options import LocalizerConfig, add_config_option, device_type
 from r2former_core.resources import resolve_model_path
-from r2former_core.options import LocalizerConfig, device_type
-from r2former_core.features import extract_image
 
 from .conversions import msg_to_rgb, pose_from_msg, stamp_to_ns
 from .parameters import ParamSpec, declare_parameters
@@ -78,6 +86,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "CompressedImage topic <image_topic>/compressed)", read_only=True),
     ParamSpec("image_transport", "raw", "raw (sensor_msgs/Image) or compressed (CompressedImage, jpeg/png)",
               choices=("raw", "compressed"), read_only=True),
+    ParamSpec.from_config(LocalizerConfig, "max_image_pixels", read_only=True,
+                          note="an image above it is skipped unread (counted as malformed)"),
     ParamSpec("pose_topic", "pose", "pose topic: the pose of the camera (or of the base) in the map frame",
               read_only=True),
     ParamSpec("pose_type", "odometry", "message type of pose_topic: odometry (nav_msgs/Odometry), pose_stamped "
@@ -288,7 +298,7 @@ class MapBuilderNode(Node):
                 return
 
     def _add(self, msg: Image | CompressedImage, stamp: float, pose: np.ndarray) -> None:
-        rgb = msg_to_rgb(msg)
+        rgb = msg_to_rgb(msg, max_pixels=int(self.values["max_image_pixels"]))
         writer = self._open_map()
         assert self.frames is not None
         # Keyframes are chosen on the poses as received: turning every pose by one fixed rotation (optical
@@ -342,7 +352,7 @@ class MapBuilderNode(Node):
 OPTION_PARAMETERS = {"out": "out", "model": "model_path", "device": "device", "image_topic": "image_topic",
                      "pose_topic": "pose_topic", "pose_type": "pose_type", "min_distance": "min_distance",
                      "min_angle": "min_angle", "duration": "duration", "pose_frames": "pose_frames",
-                     "camera_convention": "camera_convention"}
+                     "camera_convention": "camera_convention", "max_image_pixels": "max_image_pixels"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-angle", type=float, help=f"keyframe angle in degrees (default {defaults['min_angle']})")
     p.add_argument("--duration", type=float, help="live: stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing map")
+    add_config_option(p, LocalizerConfig, "max_image_pixels", help_suffix="; offline: every image of the bag, "
+                      "live: overrides the max_image_pixels parameter")
+    p.set_defaults(max_image_pixels=None)      # live: left out = the parameter's value (params file)
     return p
 
 
@@ -391,6 +404,8 @@ def run_offline(args: argparse.Namespace) -> int:
         print("build_map: error: --out MAP is required", file=sys.stderr)
         return 2
     try:
+        set_max_image_pixels(args.max_image_pixels if args.max_image_pixels is not None
+                             else defaults["max_image_pixels"])
         model = load_model(resolve_model_path(args.model or ""), device=args.device or defaults["device"])
         source = open_source(bag=args.bag, image_topic=args.image_topic, pose_topic=args.pose_topic,
                              tf_frames=args.tf_frames, pose_frames=args.pose_frames,

@@ -13,12 +13,12 @@ from geometry_msgs.msg import Pose, PoseArray, PoseWithCovarianceStamped
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from r2former_core.errors import ImageDecodeError
 from r2former_core.data.image_codec import decode_compressed, decode_raw, encode_compressed, encode_raw
 from r2former_core.data.image_limits import ImageTooLargeError
+from r2former_core.errors import ImageDecodeError
 
-__all__ = ["ImageDecodeError", "ImageTooLargeError", "compressed_msg_to_rgb", "covariance_to_msg", "image_msg_to_rgb", "msg_to_rgb",
-           "ns_to_stamp", "pose_array_msg", "pose_from_msg", "pose_msg", "pose_with_covariance_msg",
+__all__ = ["ImageDecodeError", "ImageTooLargeError", "compressed_msg_to_rgb", "covariance_to_msg", "image_msg_to_rgb",
+           "msg_to_rgb", "ns_to_stamp", "pose_array_msg", "pose_from_msg", "pose_msg", "pose_with_covariance_msg",
            "rgb_to_compressed_msg", "rgb_to_image_msg", "sec_to_stamp", "stamp_to_ns", "stamp_to_sec"]
 
 # --------------------------------------------------------------------------------- time

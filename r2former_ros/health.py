@@ -10,15 +10,21 @@
   raises WARN while it is in the window and clears after it.
 * `merge` combines statuses like DiagnosticStatusWrapper.mergeSummary: the highest level wins and the
   messages of that level are joined.
+* `SubscriptionMonitor`: what the image subscription's QoS events say (publishers matched, publishers
+  with an incompatible QoS and the policy, messages lost in the middleware), turned into the reason
+  why no image arrives.
+* `MapOnDisk`: whether the map directory a node loaded is still the one on disk (deleted, replaced).
 
 Levels are the values of diagnostic_msgs/DiagnosticStatus (OK 0, WARN 1, ERROR 2, STALE 3).
 Times are seconds from a monotonic clock, passed in (`now`) so the logic is testable.
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from r2former_core.errors import ConfigError
 
@@ -126,3 +132,99 @@ class InputTimeout:
         if age > self.timeout:
             return Status(ERROR, f"no {self.name} for {age:.1f} s (input_timeout_s {self.timeout:g})", values)
         return Status(OK, "", values)
+
+
+class SubscriptionMonitor:
+    """Counters fed by a subscription's QoS event callbacks (thread-safe; no rclpy here).
+
+    `matched(current)` from the `matched` event (publishers whose QoS fits), `incompatible(total, policy)`
+    from `incompatible_qos` (a publisher that can never deliver, e.g. best_effort to a reliable
+    subscription), `lost(total)` from `message_lost` (samples the middleware dropped, e.g. fragments of
+    large best-effort images)."""
+
+    def __init__(self, topic: str, reliability: str) -> None:
+        self.topic, self.reliability = topic, reliability
+        self._lock = threading.Lock()
+        self.matched_publishers: int | None = None     # None: no matched event yet
+        self.incompatible_events = 0
+        self.incompatible_policy = ""
+        self.lost_messages = 0
+
+    def matched(self, current_count: int) -> None:
+        with self._lock:
+            self.matched_publishers = int(current_count)
+
+    def incompatible(self, total_count: int, policy: str) -> None:
+        with self._lock:
+            self.incompatible_events = int(total_count)
+            self.incompatible_policy = policy
+
+    def lost(self, total_count: int) -> None:
+        with self._lock:
+            self.lost_messages = int(total_count)
+
+    def values(self, publishers: int) -> list[tuple[str, str]]:
+        with self._lock:
+            matched = "unknown" if self.matched_publishers is None else str(self.matched_publishers)
+            return [("publishers", str(publishers)), ("matched publishers", matched),
+                    ("incompatible QoS events", str(self.incompatible_events)),
+                    ("incompatible QoS policy", self.incompatible_policy or "none"),
+                    ("messages lost", str(self.lost_messages))]
+
+    def why_no_input(self, publishers: int) -> str:
+        """Why no image arrives, from what the graph and the events say ("" when nothing explains it).
+
+        `publishers` counts every publisher on the topic, compatible or not (`count_publishers`)."""
+        with self._lock:
+            matched, incompatible = self.matched_publishers, self.incompatible_events
+            policy, lost = self.incompatible_policy, self.lost_messages
+        if publishers == 0:
+            return f"no publisher on {self.topic}"
+        if incompatible and not matched:
+            hint = (" (the subscription is reliable: a best_effort camera needs qos_reliability best_effort)"
+                    if "RELIABILITY" in policy.upper() and self.reliability == "reliable" else "")
+            return (f"{publishers} publisher(s) on {self.topic}, none with a compatible QoS "
+                    f"({incompatible} incompatible-QoS event(s), policy {policy}){hint}")
+        if lost:
+            return (f"{lost} message(s) lost in the middleware on {self.topic} (large best-effort images between "
+                    "processes need the Fast DDS shared-memory profile, config/fastdds_shm.xml)")
+        return f"{publishers} publisher(s) on {self.topic}, but no message arrived"
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    device: int
+    inode: int
+    mtime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileIdentity | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class MapOnDisk:
+    """Is the map a node loaded still the map at its path? (A loaded map keeps working when its directory is
+    deleted or replaced: its arrays are in memory and its big files are read through descriptors opened at
+    load, which keep the old files alive. The node should still say so: a restart would load something else.)
+    """
+
+    def __init__(self, map_dir: Path, marker: str = "map.json") -> None:
+        self.path = Path(map_dir)
+        self.marker = marker
+        self.loaded = FileIdentity.of(self.path / marker)
+
+    def status(self) -> Status:
+        current = FileIdentity.of(self.path / self.marker)
+        if current is not None and current == self.loaded:
+            return Status(OK, "", [("map on disk", "as loaded")])
+        if current is None:
+            what = (f"map {self.path} was deleted (or is unreadable) since it was loaded; the node serves the "
+                    "copy it loaded, a restart would fail")
+            return Status(WARN, what, [("map on disk", "deleted")])
+        return Status(WARN, f"map {self.path} was replaced on disk since it was loaded; the node serves the map it "
+                            "loaded: call ~/reload_map to use the new one", [("map on disk", "replaced")])

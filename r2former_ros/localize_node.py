@@ -30,11 +30,23 @@ Frame processing is one method per step (`_decode`, `_localize`, `_base_estimate
 `_advance_state`, `_publish_result`, `_record`), each small and replaceable; the subscription
 callback only stores the newest message in a one-slot buffer; frames overwritten before the
 worker takes them are counted as dropped. Nothing queues.
+
+Reliability (docs/RELIABILITY.md): an image above `max_image_pixels` (read from the message or the
+PNG/JPEG header before anything is decoded) or a malformed one is skipped, counted in diagnostics
+(`malformed`, `too_large`, `last_malformed`) and logged (throttled); an exception in one frame is
+counted (`errors`) and the worker goes on with the next; the image subscription's QoS events
+(matched, incompatible QoS, lost messages) say in diagnostics why no image arrives; a map directory
+deleted or replaced under the running node is reported (the loaded map keeps serving).
+
+Fault injection, for tests only: with the environment variable `R2FORMER_INJECT_FAULT_FRAME_ID` set
+to a frame id, every image whose `header.frame_id` equals it raises `InjectedFault` in the pose step
+of the worker (after localization, before the pose is published), as a bug in that step would.
 """
 from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import sys
 import threading
 import time
@@ -48,16 +60,34 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.event_handler import (
+    QoSMessageLostInfo,
+    QoSRequestedIncompatibleQoSInfo,
+    QoSSubscriptionMatchedInfo,
+    SubscriptionEventCallbacks,
+)
 from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
+from rclpy.qos import qos_policy_name_from_kind
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
-from r2former_core.errors import EXPECTED_ERRORS, ImageDecodeError, R2FormerError
+from r2former_core.data.image_limits import ImageTooLargeError
+from r2former_core.errors import EXPECTED_ERRORS, ImageDecodeError, MapError, R2FormerError
+from r2former_core.frames import (
+    FrameError,
+    camera_to_base,
+    is_optical_frame,
+    map_pose_warning,
+    odom_in_map,
+    optical_to_body,
+    pose_from_xyzrpy,
+    poses_are_base,
+)
 from r2former_core.localizer import Localizer
 from r2former_core.mapdb import MapDatabase
 from r2former_core.model import load_model
@@ -66,10 +96,14 @@ from r2former_core.resources import resolve_model_path
 from r2former_core.results import LocalizationResult
 
 from . import health
-from .conversions import (msg_to_rgb, ns_to_stamp, pose_array_msg, pose_with_covariance_msg, rgb_to_image_msg,
-                          stamp_to_ns)
-from r2former_core.frames import (FrameError, optical_to_body, camera_to_base, is_optical_frame, map_pose_warning,
-                     odom_in_map, pose_from_xyzrpy, poses_are_base)
+from .conversions import (
+    msg_to_rgb,
+    ns_to_stamp,
+    pose_array_msg,
+    pose_with_covariance_msg,
+    rgb_to_image_msg,
+    stamp_to_ns,
+)
 from .latest_frame import LatestFrameSlot
 from .localization_state import LOCALIZED, LocalizationStateMachine, Transition
 from .parameters import ParamSpec, declare_parameters
@@ -82,6 +116,7 @@ TRANSPORT_CHOICES = ("raw", "compressed")
 MAX_MATCH_LINES = 500
 WARN_THROTTLE_SEC = 5.0
 TF_REPUBLISH_HZ = 10.0
+FAULT_INJECTION_ENV = "R2FORMER_INJECT_FAULT_FRAME_ID"
 
 # Parameters: "fixed" ones are read-only (read at configure); all others are applied live.
 PARAMETERS: tuple[ParamSpec, ...] = (
@@ -94,6 +129,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec.from_config(LocalizerConfig, "rerank"),
     ParamSpec.from_config(LocalizerConfig, "min_confidence", note="rejected results are not published on ~/pose "
                           "and count towards `lost`"),
+    ParamSpec.from_config(LocalizerConfig, "max_image_pixels", note="an image above it is skipped unread and "
+                          "counted in diagnostics (too_large)"),
     ParamSpec("image_transport", "raw", "raw: subscribe `image` (sensor_msgs/Image); compressed: subscribe "
               "`image/compressed` (sensor_msgs/CompressedImage, jpeg or png)", choices=TRANSPORT_CHOICES,
               read_only=True),
@@ -153,12 +190,16 @@ class StartupError(R2FormerError):
     """The node cannot configure (missing map or model, bad parameter); the message says what to do."""
 
 
+class InjectedFault(RuntimeError):
+    """Raised for test images when R2FORMER_INJECT_FAULT_FRAME_ID names their frame id (see the module doc)."""
+
+
 # ------------------------------------------------------------------------ core adapter
 
 def localizer_config(values: dict[str, Any]) -> LocalizerConfig:
     return LocalizerConfig(top_k=int(values["top_k"]), rerank=str(values["rerank"]),
                            min_confidence=float(values["min_confidence"]), device=str(values["device"]),
-                           num_matches=MAX_MATCH_LINES)
+                           num_matches=MAX_MATCH_LINES, max_image_pixels=int(values["max_image_pixels"]))
 
 
 def load_localizer(model, map_path: str, values: dict[str, Any]) -> Localizer:
@@ -190,7 +231,11 @@ class Stats:
     """Counters and smoothed latencies, shared by the worker and the diagnostics timer (under `lock`)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     malformed: int = 0
+    too_large: int = 0         # malformed images refused for their size (max_image_pixels)
+    last_malformed: str = ""
     errors: int = 0
+    map_errors: int = 0        # errors reading the loaded map's files (changed under the node)
+    last_map_error: str = ""
     tf_failures: int = 0
     localized_results: int = 0
     accepted: int = 0
@@ -218,8 +263,10 @@ class Health:
                                             values["expected_pose_rate_max"], window, start=start)
         self.input = health.InputTimeout("image", values["input_timeout_s"], start)
         self.errors = health.EventWindow(window)
+        self.map_errors = health.EventWindow(window)
         self.malformed = health.EventWindow(window)
         self.tf_failures = health.EventWindow(window)
+        self.subscription = health.SubscriptionMonitor("image", str(values["qos_reliability"]))
 
 
 @dataclass(frozen=True)
@@ -247,7 +294,7 @@ class LocalizeNode(LifecycleNode):
         self.add_on_set_parameters_callback(self._check_live_parameters)
         self.add_post_set_parameters_callback(self._apply_live_parameters)
         self._model_path: Path | None = None
-        self._model = None
+        self._model: Any = None
         self._localizer: Localizer | None = None
         self._localizer_lock = threading.Lock()   # guards swapping `_localizer` and the state machine
         self._reload_lock = threading.Lock()      # one map load at a time
@@ -262,12 +309,14 @@ class LocalizeNode(LifecycleNode):
         self._camera_frame = ""
         self._slot: LatestFrameSlot[Received] | None = None
         self._worker: threading.Thread | None = None
-        self._image_sub = None
+        self._image_sub: Any = None
         self._timers: list[Any] = []
         self._last_matches_time = 0.0
         self._window = (time.monotonic(), 0, 0)   # (time, received, taken) at the last diagnostics
         self._publishers: list[Any] = []
-        self._reload_srv = None
+        self._reload_srv: Any = None
+        self._map_on_disk: health.MapOnDisk | None = None
+        self._fault_frame_id = os.environ.get(FAULT_INJECTION_ENV, "")
 
     @property
     def autostart(self) -> bool:
@@ -338,10 +387,14 @@ class LocalizeNode(LifecycleNode):
                                         daemon=True)
         self._worker.start()
         qos = stream_qos(self._values["qos_reliability"], self._values["qos_depth"])
+        events = self._subscription_events()
         if self._values["image_transport"] == "compressed":
-            self._image_sub = self.create_subscription(CompressedImage, "image/compressed", self._on_image, qos)
+            sub = self.create_subscription(CompressedImage, "image/compressed", self._on_image, qos,
+                                           event_callbacks=events)
         else:
-            self._image_sub = self.create_subscription(Image, "image", self._on_image, qos)
+            sub = self.create_subscription(Image, "image", self._on_image, qos, event_callbacks=events)
+        self._image_sub = sub
+        self._health.subscription.topic = sub.topic_name
         rate = float(self._values["diagnostics_rate"])
         if rate > 0:
             self._timers.append(self.create_timer(1.0 / rate, self._publish_diagnostics))
@@ -440,11 +493,10 @@ class LocalizeNode(LifecycleNode):
                     return SetParametersResult(successful=False, reason=str(exc))
         for p in params:
             if p.name == "map_path" and self._model is not None:
-                try:
-                    localizer = self._load_map(str(p.value))
-                except EXPECTED_ERRORS as exc:
+                localizer, reason = self._try_load_map(str(p.value))
+                if localizer is None:
                     return SetParametersResult(successful=False, reason=f"map not loaded, keeping "
-                                               f"{self._values['map_path']}: {exc}")
+                                               f"{self._values['map_path']}: {reason}")
                 self._pending_map = (str(p.value), localizer)
         return SetParametersResult(successful=True)
 
@@ -507,6 +559,7 @@ class LocalizeNode(LifecycleNode):
         if localizer is None:
             return
         result = self._localize(localizer, rgb, decode_ms)
+        self._inject_fault(msg)
         estimate = self._base_estimate(result, msg.header.frame_id, stamp_ns) if result.accepted else None
         decision = self._advance_state(localizer, result, published=estimate is not None)
         if decision is None:             # the map changed while we worked: stale result
@@ -519,17 +572,97 @@ class LocalizeNode(LifecycleNode):
         self._record(result, estimate is not None, received_at)
 
     def _decode(self, msg: Image | CompressedImage) -> tuple[np.ndarray | None, float]:
+        """The RGB image, or None for a malformed one (counted, logged). The size limit is checked from the
+        message or the PNG/JPEG header before anything is allocated."""
         t0 = time.perf_counter()
         try:
-            rgb = msg_to_rgb(msg)
+            rgb = msg_to_rgb(msg, max_pixels=int(self._values["max_image_pixels"]))
         except ImageDecodeError as exc:
-            with self._stats.lock:
-                self._stats.malformed += 1
-            if self._health is not None:
-                self._health.malformed.add(time.monotonic())
-            self.get_logger().warning(f"skipping image: {exc}", throttle_duration_sec=WARN_THROTTLE_SEC)
+            self._count_malformed(exc)
             return None, 0.0
         return rgb, (time.perf_counter() - t0) * 1e3
+
+    # ------------------------------------------------------- input checking
+    def _count_malformed(self, exc: ImageDecodeError) -> None:
+        too_large = isinstance(exc, ImageTooLargeError)
+        with self._stats.lock:
+            self._stats.malformed += 1
+            self._stats.too_large += int(too_large)
+            self._stats.last_malformed = str(exc)
+            total = self._stats.malformed
+        if self._health is not None:
+            self._health.malformed.add(time.monotonic())
+        self.get_logger().warning(f"skipping image ({total} malformed so far): {exc}",
+                                  throttle_duration_sec=WARN_THROTTLE_SEC)
+
+    def _subscription_events(self) -> SubscriptionEventCallbacks:
+        """QoS events of the image subscription, kept for diagnostics (why no image arrives)."""
+        return SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_qos, matched=self._on_matched,
+                                          message_lost=self._on_message_lost)
+
+    def _on_incompatible_qos(self, info: QoSRequestedIncompatibleQoSInfo) -> None:
+        policy = qos_policy_name_from_kind(info.last_policy_kind)
+        if self._health is not None:
+            self._health.subscription.incompatible(info.total_count, policy)
+        self.get_logger().warning(
+            f"a publisher on {self._image_sub.topic_name if self._image_sub else 'image'} has a QoS incompatible "
+            f"with this subscription ({self._values['qos_reliability']}): policy {policy}; its images never "
+            "arrive", throttle_duration_sec=WARN_THROTTLE_SEC)
+
+    def _on_matched(self, info: QoSSubscriptionMatchedInfo) -> None:
+        if self._health is not None:
+            self._health.subscription.matched(info.current_count)
+
+    def _on_message_lost(self, info: QoSMessageLostInfo) -> None:
+        if self._health is not None:
+            self._health.subscription.lost(info.total_count)
+
+    # --------------------------------------------------------- fault handling
+    def _inject_fault(self, msg: Image | CompressedImage) -> None:
+        """Test hook (module doc): raise in the pose step for images of the configured frame id."""
+        if self._fault_frame_id and msg.header.frame_id == self._fault_frame_id:
+            raise InjectedFault(f"fault injected for frame_id {self._fault_frame_id!r} "
+                                f"({FAULT_INJECTION_ENV})")
+
+    def _try_load_map(self, map_path: str) -> tuple[Localizer | None, str]:
+        """(the map's localizer, "") or (None, why it cannot be used). Never raises: a damaged map, a map of
+        another model or a bug in the loader must leave the node serving the map it has."""
+        try:
+            return self._load_map(map_path), ""
+        except EXPECTED_ERRORS as exc:
+            return None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - a service or parameter callback must not end the process
+            self.get_logger().error(f"loading map {map_path} failed unexpectedly: {type(exc).__name__}: {exc}")
+            return None, f"{type(exc).__name__}: {exc}"
+
+    def _map_status(self, now: float) -> health.Status:
+        """The map on disk (deleted / replaced since loaded) and errors reading its files (ERROR)."""
+        on_disk = self._map_on_disk.status() if self._map_on_disk is not None else health.Status(health.OK, "")
+        parts = [on_disk]
+        if self._health is not None:
+            count = self._health.map_errors.count(now)
+            if count:
+                with self._stats.lock:
+                    last = self._stats.last_map_error
+                parts.append(health.Status(health.ERROR, f"{count} frames failed reading the map in the last "
+                                           f"{self._health.map_errors.window:g} s ({last}): the map's files changed "
+                                           "under the node; rebuild or restore it, then ~/reload_map"))
+        return health.merge(parts)
+
+    def _input_status(self, h: Health, now: float) -> health.Status:
+        """Input rate and timeout, with the reason when no image arrives (publishers, QoS events)."""
+        status = health.merge([h.images.status(now), h.input.status(now)])
+        topic = self._image_sub.topic_name if self._image_sub is not None else h.subscription.topic
+        try:
+            publishers = self.count_publishers(topic)
+        except Exception:  # noqa: BLE001 - the graph is not available while shutting down
+            publishers = 0
+        status.values.extend(h.subscription.values(publishers))
+        if status.level >= health.ERROR:
+            reason = h.subscription.why_no_input(publishers)
+            if reason:
+                status.message = f"{status.message}: {reason}"
+        return status
 
     def _current_localizer(self) -> Localizer | None:
         with self._localizer_lock:
@@ -649,11 +782,17 @@ class LocalizeNode(LifecycleNode):
             s.end_to_end_ms = (time.monotonic() - received_at) * 1e3
 
     def _count_error(self, exc: Exception) -> None:
+        map_error = isinstance(exc, MapError)
         with self._stats.lock:
             self._stats.errors += 1
+            self._stats.map_errors += int(map_error)
             self._stats.last_error = f"{type(exc).__name__}: {exc}"
+            if map_error:
+                self._stats.last_map_error = str(exc)
         if self._health is not None:
             self._health.errors.add(time.monotonic())
+            if map_error:
+                self._health.map_errors.add(time.monotonic())
         self.get_logger().error(f"localization failed: {type(exc).__name__}: {exc}",
                                 throttle_duration_sec=WARN_THROTTLE_SEC)
 
@@ -702,6 +841,7 @@ class LocalizeNode(LifecycleNode):
             self.get_logger().warning(warning, once=True)
         with self._localizer_lock:
             self._localizer = localizer
+            self._map_on_disk = health.MapOnDisk(info.path)
             self._maps_base_poses = poses_are_base(info.child_frame, base)
             self._state = LocalizationStateMachine(self._values["localized_after"], self._values["lost_after"])
             self._initialpose_pending = False
@@ -724,11 +864,10 @@ class LocalizeNode(LifecycleNode):
     def _on_reload(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         map_path = str(self.get_parameter("map_path").value)
         t0 = time.perf_counter()
-        try:
-            localizer = self._load_map(map_path)
-        except EXPECTED_ERRORS as exc:
+        localizer, reason = self._try_load_map(map_path)
+        if localizer is None:
             response.success = False
-            response.message = f"map not reloaded, keeping the loaded map: {exc}"
+            response.message = f"map not reloaded, keeping the loaded map: {reason}"
             self.get_logger().error(response.message)
             return response
         self._swap_map(map_path, localizer)
@@ -761,7 +900,8 @@ class LocalizeNode(LifecycleNode):
             state = self._state.state
         name = self.get_fully_qualified_name().lstrip("/")    # robot1/r2former_localizer in a namespace
         hardware_id = self._values["hardware_id"] or self._camera_frame or "camera (no image yet)"
-        images = health.merge([h.images.status(now), h.input.status(now)])
+        images = self._input_status(h, now)
+        map_status = self._map_status(now)
         poses = h.poses.status(now)
         errors, malformed, tf_failures = (w.count(now) for w in (h.errors, h.malformed, h.tf_failures))
         parts = [health.Status(health.OK if state == LOCALIZED else health.WARN,
@@ -770,7 +910,10 @@ class LocalizeNode(LifecycleNode):
         if errors:
             parts.append(health.Status(health.WARN, f"{errors} errors in the last {window}: {s.last_error}"))
         if malformed:
-            parts.append(health.Status(health.WARN, f"{malformed} malformed images in the last {window}"))
+            parts.append(health.Status(health.WARN, f"{malformed} malformed images in the last {window} (last: "
+                                       f"{s.last_malformed})"))
+        if map_status.level > health.OK:
+            parts.append(health.Status(map_status.level, map_status.message))
         if tf_failures:
             parts.append(health.Status(health.WARN, f"{tf_failures} TF lookups failed in the last {window}"))
         if images.level >= health.ERROR:
@@ -782,13 +925,15 @@ class LocalizeNode(LifecycleNode):
             ("input_rate_hz", f"{(counts.received - rec_prev) / dt:.2f}"),
             ("processed_rate_hz", f"{(counts.taken - taken_prev) / dt:.2f}"),
             ("received", counts.received), ("processed", counts.taken), ("dropped", counts.dropped),
-            ("pending", counts.pending), ("malformed", s.malformed), ("errors", s.errors),
+            ("pending", counts.pending), ("malformed", s.malformed), ("too_large", s.too_large),
+            ("last_malformed", s.last_malformed), ("errors", s.errors), ("last_error", s.last_error),
+            ("map_errors", s.map_errors),
             ("tf_failures", s.tf_failures), ("accepted", s.accepted), ("rejected", s.rejected),
             ("published", s.published),
             *((f"latency_{n}_ms", f"{s.latency_ms[n]:.2f}") for n in TIMING_STAGES if n in s.latency_ms),
             ("latency_end_to_end_ms", f"{s.end_to_end_ms:.2f}"),
             ("device", str(localizer.device)), ("map_size", len(localizer.map)),
-            ("map_path", self._values["map_path"]), ("model_path", str(self._model_path)),
+            ("map_path", self._values["map_path"]), *map_status.values, ("model_path", str(self._model_path)),
             ("model_fingerprint", localizer.model.fingerprint),
             ("map_child_frame", localizer.map.info.child_frame), ("base_frame", self._values["base_frame"]),
             ("frames", self._frames_summary()),

@@ -160,6 +160,27 @@ class NodeProcess:
         self._out.close()
 
 
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM (peak RSS) ... of a running process, in kB, from /proc/<pid>/status (Linux)."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.startswith("Vm") and value.strip().endswith("kB"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def diagnostic_values(array: Any, name_suffix: str, node: str = "") -> dict[str, str] | None:
+    """Values (plus `_level`, `_message`) of the status named `<node>: <name_suffix>` in a DiagnosticArray
+    (any node when `node` is empty); None when the array has no such status."""
+    for status in array.status:
+        head, _, tail = status.name.rpartition(": ")
+        if tail == name_suffix and (not node or head == node):
+            return {kv.key: kv.value for kv in status.values} | {"_level": status.level[0] if isinstance(
+                status.level, bytes) else status.level, "_message": status.message}
+    return None
+
+
 def with_tf2_msgs(env: dict[str, str], path: Path | None) -> dict[str, str]:
     """`env` with the tf2_msgs built by the `tf2_msgs_path` fixture on PYTHONPATH (unchanged when None: a
     ROS installation provides tf2_msgs)."""
@@ -205,8 +226,9 @@ def line_poses(count: int, spacing: float = 1.0) -> np.ndarray:
 
 
 def build_test_map(model, images: Sequence[np.ndarray], poses: np.ndarray, path: Path,
-                   frame_id: str = "map", child_frame: str = "") -> Path:
-    """A map of `images` at `poses`, written through MapDatabase like the real builders do."""
+                   frame_id: str = "map", child_frame: str = "", overwrite: bool = False) -> Path:
+    """A map of `images` at `poses`, written through MapDatabase like the real builders do (with
+    `overwrite`, an existing map at `path` is replaced the way `build-map --overwrite` replaces it)."""
     import json
 
     from r2former_core.mapdb import MapDatabase
@@ -215,7 +237,7 @@ def build_test_map(model, images: Sequence[np.ndarray], poses: np.ndarray, path:
     writer = MapDatabase.create(path, fingerprint=model.fingerprint, model_config=json.loads(cfg.to_json()),
                                 image_size=cfg.image_size, global_dim=cfg.global_dim, num_local=cfg.local_tokens,
                                 local_values=cfg.local_values, frame_id=frame_id, child_frame=child_frame,
-                                source="test")
+                                source="test", overwrite=overwrite)
     for i, (image, pose) in enumerate(zip(images, poses)):
         feats = model.extract(preprocess(image, size=cfg.image_size))
         writer.add(feats.global_desc[0].numpy(), feats.local[0].numpy(), pose, float(i), f"img{i:03d}",

@@ -5,7 +5,6 @@ import time
 
 import numpy as np
 import pytest
-
 from rostools import NodeProcess, RosProbe, save_tiny_model, synthetic_images
 
 pytestmark = pytest.mark.ros
@@ -161,3 +160,32 @@ def test_offline_build_map_from_a_bag(tmp_path, model_file, tiny_model):
         assert "already exists" in again.output() and "Traceback" not in again.output()
     finally:
         again.stop()
+
+
+def test_build_map_max_image_pixels_offline_option_and_live_parameter(tmp_path, model_file):
+    """--max-image-pixels applies to every image of the bag (offline); live, it overrides the parameter."""
+    from bagtools import write_image_pose_bag
+
+    from r2former_core.data.image_limits import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
+    from r2former_ros import build_map_node
+    stamps = [10.0 + 0.1 * i for i in range(4)]
+    poses = np.zeros((4, 7))
+    poses[:, 0] = np.arange(4)
+    poses[:, 6] = 1
+    bag = write_image_pose_bag(tmp_path / "bag", synthetic_images(4, seed=3), stamps, poses=poses,
+                               pose_stamps=stamps, storage="mcap")       # 160 x 120 = 19,200 pixels each
+    common = ["build_map", "--bag", str(bag), "--model", str(model_file), "--device", "cpu", "--min-distance", "0",
+              "--min-angle", "0"]
+    try:
+        assert build_map_node.main([*common, "--out", str(tmp_path / "small"), "--max-image-pixels", "19199"]) == 2
+        assert not (tmp_path / "small").exists()
+        assert build_map_node.main([*common, "--out", str(tmp_path / "fits"), "--max-image-pixels", "19200"]) == 0
+        assert (tmp_path / "fits" / "map.json").exists()
+    finally:
+        set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS)
+    args = build_map_node.build_parser().parse_args(["--live", "--max-image-pixels", "640"])
+    assert [(p.name, p.value) for p in build_map_node.parameter_overrides(args)] == [("max_image_pixels", 640)]
+    args = build_map_node.build_parser().parse_args(["--live"])
+    assert build_map_node.parameter_overrides(args) == []         # left out: the parameter (params file) decides
+    spec = next(s for s in build_map_node.PARAMETERS if s.name == "max_image_pixels")
+    assert (spec.default, spec.min, spec.max) == (DEFAULT_MAX_IMAGE_PIXELS, 1, 2 ** 30)

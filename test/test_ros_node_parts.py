@@ -283,8 +283,9 @@ def test_tf2_ros_client_against_a_stand_in():
 def test_ekf_example_fuses_x_y_yaw_with_a_history_covering_the_latency():
     """config/ekf.yaml (robot_localization, not run here): pose0 is the localizer's pose with x, y, yaw,
     lagged data is smoothed over a history longer than the released model's worst latency on a CPU."""
-    import yaml
     from pathlib import Path
+
+    import yaml
     doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "ekf.yaml").read_text())
     p = doc["ekf_filter_node"]["ros__parameters"]
     assert p["pose0"] == "r2former_localizer/pose" and p["world_frame"] == p["map_frame"] == "map"
@@ -292,3 +293,40 @@ def test_ekf_example_fuses_x_y_yaw_with_a_history_covering_the_latency():
     assert len(config) == 15 and [i for i, v in enumerate(config) if v] == [0, 1, 5]   # x, y, yaw
     assert p["smooth_lagged_data"] is True and p["history_length"] >= 5.6   # docs/BENCHMARKS.md: up to 5.6 s
     assert p["two_d_mode"] is True and p["publish_tf"] is True
+
+
+# ------------------------------------------------------------------------------ diagnostics of faults
+
+def test_subscription_monitor_says_why_no_image_arrives():
+    from r2former_ros.health import SubscriptionMonitor
+    m = SubscriptionMonitor("/cam/image", "reliable")
+    assert m.why_no_input(0) == "no publisher on /cam/image"
+    m.incompatible(2, "RELIABILITY_QOS_POLICY")
+    why = m.why_no_input(1)
+    assert "none with a compatible QoS" in why and "RELIABILITY" in why and "qos_reliability best_effort" in why
+    m.matched(1)                                  # a compatible publisher too: the QoS is not the reason any more
+    assert "but no message arrived" in m.why_no_input(2)
+    m.lost(7)
+    assert "7 message(s) lost" in m.why_no_input(2) and "fastdds_shm.xml" in m.why_no_input(2)
+    assert dict(m.values(2))["incompatible QoS events"] == "2"
+
+
+def test_map_on_disk_tells_deleted_and_replaced_apart(tmp_path):
+    import os
+    import shutil
+
+    from r2former_ros.health import OK, WARN, MapOnDisk
+    m = tmp_path / "map"
+    m.mkdir()
+    (m / "map.json").write_text("{}")
+    watch = MapOnDisk(m)
+    assert watch.status().level == OK and dict(watch.status().values)["map on disk"] == "as loaded"
+    os.rename(m, tmp_path / "aside")
+    assert watch.status().level == WARN and dict(watch.status().values)["map on disk"] == "deleted"
+    shutil.copytree(tmp_path / "aside", m)          # same content, another file: a rebuild or a copy
+    status = watch.status()
+    assert status.level == WARN and dict(status.values)["map on disk"] == "replaced"
+    assert "~/reload_map" in status.message
+    shutil.rmtree(m)
+    os.rename(tmp_path / "aside", m)                # the loaded files back under the name
+    assert dict(watch.status().values)["map on disk"] == "as loaded"
