@@ -27,7 +27,8 @@ PIP_ONLY_MODULES = {"r2former_ros/msg_build.py"}
 PYTHON_KEYS = {"numpy": "python3-numpy", "cv2": "python3-opencv", "yaml": "python3-yaml", "tqdm": "python3-tqdm",
                "matplotlib": "python3-matplotlib", "timm": "python3-timm-pip", "torch": "python3-torch-pip",
                "faiss": "python3-faiss-cpu-pip", "safetensors": "python3-safetensors-pip",
-               "rosbags": "python3-rosbags-pip"}
+               "rosbags": "python3-rosbags-pip",
+               "apsw": "python3-rosbags-pip"}   # rosbags' SQLite binding (its dependency): bag read errors
 ROS_MODULE = re.compile(r"^(rclpy|launch|launch_ros|ament_index_python|tf2_ros|tf2_msgs|rcl_interfaces|"
                         r"builtin_interfaces|std_srvs|rosidl_\w+|\w+_msgs)$")
 DEPRECATED_KEYS = {"python3-pytorch-pip", "python3-faiss-pip"}   # end-of-life alias / never existed
