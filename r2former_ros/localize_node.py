@@ -64,6 +64,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("model_path", "", "model file (.safetensors or official .pth); empty = the packaged demo model "
               "models/r2former_tiny_demo.safetensors", read_only=True),
     ParamSpec.from_config(LocalizerConfig, "device", read_only=True),
+    ParamSpec.from_config(LocalizerConfig, "precision", read_only=True),
     ParamSpec.from_config(LocalizerConfig, "top_k", note="applied at start-up and by ~/reload_map"),
     ParamSpec.from_config(LocalizerConfig, "rerank", note="applied at start-up and by ~/reload_map"),
     ParamSpec.from_config(LocalizerConfig, "min_confidence", note="rejected results are not published on ~/pose "
