@@ -46,13 +46,14 @@ def heldout_rankings(model_path: str, mode: str, args) -> dict:
     model = load_model(model_path, precision=mode)
     size = tuple(model.cfg.image_size)
     work = Path(args.work)
-    tag = "" if model.precision == "fp32" else f"_{model.precision}"
+    tag = "" if model.precision == "fp32" or args.fp32_maps else f"_{model.precision}"
+    map_model = load_model(model_path, precision="fp32") if args.fp32_maps else model
     out = {"best": [], "rank": [], "global_idx": [], "global_score": [], "rerank_score": [], "query_xy": [],
            "map_xy": {}, "set": [], "ms": []}
     maps = {}
     for seed, cond in parse_sets(args.sets):
         if seed not in maps:
-            maps[seed] = map_for(work, seed, model, render_drive(work, seed, "map", "day", 160, size, 2.5), tag)
+            maps[seed] = map_for(work, seed, map_model, render_drive(work, seed, "map", "day", 160, size, 2.5), tag)
             out["map_xy"][seed] = maps[seed].poses[:, :2]
         loc = Localizer(model, maps[seed], LocalizerConfig(top_k=args.top_k, device="cpu", precision=mode))
         src = open_source(images=str(render_drive(work, seed, "query", cond, 60, size, 2.5) / "images"),
@@ -129,6 +130,11 @@ def main() -> int:
     p.add_argument("--sets", default=DEFAULT_SETS, help=f"heldout query sets (default {DEFAULT_SETS})")
     p.add_argument("--top-k", type=int, default=100, help="candidates retrieved and reranked (default 100)")
     p.add_argument("--threshold-m", type=float, default=25.0, help="positive radius in metres (default 25)")
+    p.add_argument("--fp32-maps", action="store_true",
+                   help="heldout: every mode localizes against maps built in fp32 (default: maps built in the mode)")
+    p.add_argument("--tie-margin", type=float, default=0.01,
+                   help="heldout: fp32 top-1 vs top-2 match-probability margin below which a query counts as a "
+                        "near-tie (reported separately; the acceptance rule counts every query) (default 0.01)")
     p.add_argument("--work", default="runs/heldout", help="rendered drives and maps (default runs/heldout)")
     p.add_argument("--deits-db", type=int, default=16, help="DeiT-S part: database images (default 16)")
     p.add_argument("--deits-queries", type=int, default=8, help="DeiT-S part: queries (default 8)")
@@ -146,6 +152,8 @@ def main() -> int:
     parts = {s.strip() for s in args.parts.split(",")}
     from r2former_core.model.precision import cpu_flags_text
     report: dict = {"meta": {"cpu": platform.processor() or platform.machine(), "flags": cpu_flags_text(),
+                             "fp32_maps": args.fp32_maps, "tie_margin": args.tie_margin,
+                             "command": " ".join(["bench/precision_equivalence.py", *sys.argv[1:]]),
                              "torch": torch.__version__, "modes": modes, "date": time.strftime("%Y-%m-%d %H:%M")},
                     "heldout": {}, "deits": {}}
     try:
@@ -159,18 +167,29 @@ def main() -> int:
         runs = {m: heldout_rankings(args.model, m, args) for m in modes}
         ref = runs["fp32"]
         print(f"\n== held-out synthetic set, {len(ref['best'])} queries, top-{args.top_k}, {args.threshold_m:g} m")
-        print(f"{'mode':<6} {'runs as (extract/rerank)':<24} {'top-1 agree':>11} {'R@1':>7} {'R@5':>7} {'dR@1':>7} "
-              f"{'ms/query':>9}")
+        ref_scores = np.sort(np.array(ref["rerank_score"]), axis=1)
+        decidable = ref_scores[:, -1] - ref_scores[:, -2] >= args.tie_margin
+        ref_xy = np.array([ref["map_xy"][s][b] for s, b in zip(ref["set"], ref["best"])])
+        print(f"{'mode':<6} {'runs as (extract/rerank)':<24} {'top-1 agree':>11} {'non-tie':>8} {'<=5 m':>6} {'R@1':>7} "
+              f"{'R@5':>7} {'dR@1':>7} {'ms/query':>9}")
         for m, r in runs.items():
             r1, r5 = recall_from_ranks(r["rank"], 1), recall_from_ranks(r["rank"], 5)
             agree = float(np.mean(np.array(r["best"]) == np.array(ref["best"])))
             d_r1 = 100 * (r1 - recall_from_ranks(ref["rank"], 1))
+            same = np.array(r["best"]) == np.array(ref["best"])
+            best_xy = np.array([ref["map_xy"][s][b] for s, b in zip(r["set"], r["best"])])
+            near = float(np.mean(np.linalg.norm(best_xy - ref_xy, axis=1) <= 5.0))
             row = {"precision": r["precision"], "rerank_precision": r["rerank_precision"], "top1_agreement": agree,
-                   "recall@1": r1, "recall@5": r5, "delta_r1_points": d_r1, "ms_per_query": float(np.median(r["ms"])),
+                   "top1_agreement_non_tie": float(same[decidable].mean()) if decidable.any() else None,
+                   "non_tie_queries": int(decidable.sum()), "top1_within_5m": near, "recall@1": r1, "recall@5": r5, "delta_r1_points": d_r1, "ms_per_query": float(np.median(r["ms"])),
                    "equivalent": bool(agree >= 0.99 and abs(d_r1) <= 0.5)}
             report["heldout"][m] = row
-            print(f"{m:<6} {r['precision'] + '/' + r['rerank_precision']:<24} {100 * agree:>10.1f}% {100 * r1:>6.1f}% "
+            nt = row["top1_agreement_non_tie"]
+            print(f"{m:<6} {r['precision'] + '/' + r['rerank_precision']:<24} {100 * agree:>10.1f}% "
+                  f"{'-' if nt is None else f'{100 * nt:.1f}%':>8} {100 * near:>5.1f}% {100 * r1:>6.1f}% "
                   f"{100 * r5:>6.1f}% {d_r1:>+7.2f} {row['ms_per_query']:>9.1f}")
+        print(f"(non-tie: the {int(decidable.sum())} queries whose fp32 top-1 leads top-2 by >= {args.tie_margin:g} in "
+              "match probability; <=5 m: top-1 within 5 m of fp32's top-1)")
         Path(args.scores_out).parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(args.scores_out, **{f"{m}_{k}": np.asarray(v) for m, r in runs.items()
                                                for k, v in r.items() if k not in ("map_xy", "precision",

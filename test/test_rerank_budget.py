@@ -60,7 +60,7 @@ def test_margin_reranks_the_confident_few_exactly(setup):
 
 
 def test_time_budget_follows_the_measured_cost(setup):
-    loc, res = localize(setup, rerank_budget_ms=1e-3, rerank_min=4)             # nothing fits: rerank_min only
+    loc, _ = localize(setup, rerank_budget_ms=1e-3, rerank_min=4)             # nothing fits: rerank_min only
     assert loc.last_reranked == 4 and loc.rerank_ms_per_candidate["r2former"] > 0
     model, mapdb, qg, ql = setup
     loc = Localizer(model, mapdb, LocalizerConfig(top_k=20, device="cpu", precision="fp32", rerank_budget_ms=1e6,
