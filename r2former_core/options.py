@@ -182,8 +182,9 @@ class LocalizerConfig:
     device: str = device_option()
     precision: str = option("auto", "numeric precision of extraction and reranking: fp32 (exact, parity with the "
                             "official code), bf16 (CPUs with AMX or AVX512-BF16, and GPUs), fp16 (CUDA), int8 "
-                            "(dynamic int8 backbone linears, CPU) or auto (bf16 where the CPU accelerates it, fp16 "
-                            "on CUDA, else fp32; only modes that keep the ranking, docs/BENCHMARKS.md)",
+                            "(dynamic int8 backbone linears, CPU) or auto (the fastest mode the device accelerates "
+                            "among those that keep the ranking: fp16 on CUDA, fp32 on CPUs today; "
+                            "docs/BENCHMARKS.md section 5)",
                             choices=PRECISIONS)
     rerank_budget_ms: float = option(0.0, "time budget of the reranking stage per frame in milliseconds: "
                                      "candidates are reranked best-global-first while the measured cost per "

@@ -32,8 +32,18 @@ def cpu_with(monkeypatch, **flags):
                                              ({"avx512": True, "amx": True}, "bf16")])
 def test_auto_picks_bf16_only_where_the_cpu_accelerates_it(monkeypatch, flags, expected):
     cpu_with(monkeypatch, **flags)
+    monkeypatch.setattr(precision, "RANKING_EQUIVALENT", ("fp32", "bf16", "fp16"))   # as if bf16 had passed
     assert precision.resolve_precision("auto", "cpu") == expected
     assert precision.resolve_precision("fp32", "cpu") == "fp32"
+
+
+def test_auto_never_picks_a_mode_that_failed_the_ranking_equivalence(monkeypatch):
+    """The shipped list holds what the measurements of docs/BENCHMARKS.md section 5 allow."""
+    assert "int8" not in precision.RANKING_EQUIVALENT and "fp32" in precision.RANKING_EQUIVALENT
+    for flags in ({}, {"avx512": True, "avx512_bf16": True}, {"avx512": True, "amx": True}):
+        cpu_with(monkeypatch, **flags)
+        assert precision.resolve_precision("auto", "cpu") in precision.RANKING_EQUIVALENT
+    assert precision.resolve_precision("auto", torch.device("cuda", 0)) in precision.RANKING_EQUIVALENT
 
 
 def test_auto_is_fp16_on_cuda_and_only_picks_ranking_equivalent_modes(monkeypatch):

@@ -13,6 +13,10 @@ Modes (`options.PRECISIONS`):
   int8  dynamic int8 linear layers in the backbone (CPU, fbgemm, VNNI); the reranker runs in fp32;
   auto  the fastest mode this machine accelerates among those that keep the ranking
         (`RANKING_EQUIVALENT`): CUDA -> fp16, CPU with AMX or AVX512-BF16 -> bf16, else fp32.
+        bf16 and int8 do not pass the equivalence rule on the held-out set (top-1 agreement with
+        fp32 ~90 %, every disagreement a near-tie between adjacent keyframes, R@1 unchanged;
+        docs/BENCHMARKS.md section 5), so `auto` is fp32 on every CPU today; fp16 could not be
+        measured here (no GPU): `bench/cuda_check.py` measures it on a GPU.
 
 Logits and probabilities are always computed in float32, whatever the mode.
 """
@@ -31,10 +35,11 @@ from ..options import PRECISIONS
 
 log = logging.getLogger(__name__)
 
-# Modes measured to keep the ranking (top-1 agreement with fp32 >= 99 % and R@1 within 0.5 points on
-# the held-out synthetic set and on random official-layout weights; docs/BENCHMARKS.md section 5).
-# `auto` picks only from these.
-RANKING_EQUIVALENT = ("fp32", "bf16", "fp16")
+# Modes that keep the ranking (top-1 agreement with fp32 >= 99 % and R@1 within 0.5 points on the held-out
+# synthetic set and on random official-layout weights; docs/BENCHMARKS.md section 5). `auto` picks only from
+# these. bf16 and int8 failed the top-1 agreement (near-ties only); fp16 is the CUDA mode the package always
+# used, not measurable without a GPU (bench/cuda_check.py reports its agreement; remove it here if it fails).
+RANKING_EQUIVALENT = ("fp32", "fp16")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
