@@ -21,7 +21,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from r2former_core.synthetic import write_drive
+
 DEFAULT_SETS = "950:dusk,950:night,951:fog,951:rain,952:winter,952:autumn"
+
+
+def render_drive(work: Path, seed: int, kind: str, cond: str, frames: int, size: tuple[int, int],
+                 spacing: float) -> Path:
+    """The rendered drive folder (images/, poses.txt), rendered on first use."""
+    d = work / f"{kind}_{seed}_{cond.replace(',', '+')}_{frames}_{size[0]}x{size[1]}_sp{spacing:g}"
+    if not (d / "poses.txt").is_file():
+        write_drive(seed, d, kind=kind, conditions=cond, frames=frames, size=size, spacing=spacing)
+    return d
+
+
+def map_for(work: Path, seed: int, model, drive_dir: Path, tag: str = ""):
+    """The map of `drive_dir` built with `model` (reused while the fingerprint and `tag` match)."""
+    from r2former_core.data.sources import open_source
+    from r2former_core.mapdb import MapDatabase, MapError
+    from r2former_core.mapping import build_map
+    mpath = work / f"map_{seed}_{model.fingerprint}{tag}"
+    try:
+        return MapDatabase.load(mpath, expected_fingerprint=model.fingerprint)
+    except MapError:
+        src = open_source(images=str(drive_dir / "images"), poses=str(drive_dir / "poses.txt"))
+        return build_map(src, model, mpath, overwrite=True, progress=False)
 
 
 def parse_sets(text: str) -> list[tuple[int, str]]:
@@ -51,20 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="none,ransac,r2former",
                    help="reranking modes, comma separated (default none,ransac,r2former)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16", "int8"),
+                   help="numeric precision of map building, extraction and reranking (default fp32)")
     p.add_argument("--out", default="bench/results/heldout_eval.json", help="JSON report path")
     args = p.parse_args(argv)
 
     from r2former_core.data.sources import open_source
-    from r2former_core.synthetic import write_drive
     from r2former_core.evaluation import ModeResult, evaluate, format_confidence_table, format_table
     from r2former_core.localizer import Localizer, LocalizerConfig
-    from r2former_core.mapdb import MapDatabase, MapError
-    from r2former_core.mapping import build_map
     from r2former_core.model import load_model
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model = load_model(args.model, precision=args.precision)
+    tag = "" if model.precision == "fp32" else f"_{model.precision}"
     size = tuple(model.cfg.image_size) if args.size == "model" else tuple(int(v) for v in args.size.split("x"))
     work = Path(args.work)
     sets = parse_sets(args.sets)
@@ -72,22 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
 
     def drive(seed: int, kind: str, cond: str, frames: int) -> Path:
-        d = work / f"{kind}_{seed}_{cond.replace(',', '+')}_{frames}_{size[0]}x{size[1]}_sp{args.spacing:g}"
-        if not (d / "poses.txt").is_file():
-            write_drive(seed, d, kind=kind, conditions=cond, frames=frames, size=size, spacing=args.spacing)
-        return d
+        return render_drive(work, seed, kind, cond, frames, size, args.spacing)
 
-    maps: dict[int, MapDatabase] = {}
-    for seed in sorted({s for s, _ in sets}):
-        d = drive(seed, "map", args.map_conditions, args.map_frames)
-        mpath = work / f"map_{seed}_{model.fingerprint}"
-        try:
-            maps[seed] = MapDatabase.load(mpath, expected_fingerprint=model.fingerprint)
-        except MapError:
-            src = open_source(images=str(d / "images"), poses=str(d / "poses.txt"))
-            maps[seed] = build_map(src, model, mpath, overwrite=True, progress=False)
+    maps = {seed: map_for(work, seed, model, drive(seed, "map", args.map_conditions, args.map_frames), tag)
+            for seed in sorted({s for s, _ in sets})}
 
     report: dict = {"sets": {}, "meta": {"model": str(args.model), "fingerprint": model.fingerprint,
+                                        "precision": model.precision, "rerank_precision": model.rerank_precision,
                                         "top_k": args.top_k, "threshold_m": args.threshold_m, "size": list(size),
                                         "map_frames": args.map_frames, "query_frames": args.query_frames,
                                         "spacing_m": args.spacing, "map_conditions": args.map_conditions}}
@@ -96,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed, cond in sets:
         d = drive(seed, "query", cond, args.query_frames)
         src = open_source(images=str(d / "images"), poses=str(d / "poses.txt"))
-        loc = Localizer(model, maps[seed], LocalizerConfig(top_k=args.top_k, device="cpu"))
+        loc = Localizer(model, maps[seed], LocalizerConfig(top_k=args.top_k, device="cpu", precision=args.precision))
         res = evaluate(loc, src, modes=modes, threshold_m=args.threshold_m, progress=False)
         name = f"{seed}_{cond}"
         print(f"\n== {name} ({len(src)} queries, map of {len(maps[seed])})")

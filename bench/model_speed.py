@@ -1,13 +1,21 @@
 #!/usr/bin/env python3
-"""Model speed: extraction ms/image at 480x640 (batch 1 and 8), reranking ms/query (K=100), peak memory.
+"""Model speed per precision, as ratios measured in one run: extraction ms/image at 480x640 (batch 1
+and 8), reranking ms/query (K=100), the literal reference (test/reference_r2former.py), peak memory.
 
-Each measurement runs in a fresh subprocess so that its peak resident memory (VmHWM) is its own.
-Medians over --repeats runs after --warmup runs; the 1-minute load average at the start and end of
-each measurement is recorded (on a shared 2-core machine a load above ~0.5 means another process
-competed for the cores). Random weights of the released configuration
-(DeiT-S distilled, 480x640) unless --model is given. Prints a table and writes JSON.
+Every (task, precision) runs in a fresh subprocess, so its peak resident memory (VmHWM) is its own.
+Medians over --repeats runs after --warmup runs, of wall-clock time and of process CPU time (user +
+system of all threads: on a shared machine CPU time moves much less with other processes' load than
+wall-clock time). The 1-minute load average at the start and end of each measurement is recorded.
+Each row is compared with the literal reference (reranking) and with fp32 of the same task, both
+measured in this run; the CPU model, its flags (AVX2 / AVX-512 / AVX512-BF16 / AMX) and torch's
+capability are printed and saved, because the same code differs ~2x between CPU classes.
 
-    python bench/model_speed.py [--device auto] [--threads 2] [--repeats 5] [--out bench/results/model_speed.json]
+What is timed is what the localizer pays: images start on the CPU (CUDA runs include the copies to
+and from the GPU), reranking takes float16 numpy map features and returns CPU tensors.
+Random weights of the released configuration (DeiT-S distilled, 480x640) unless --model is given.
+
+    python bench/model_speed.py --precisions fp32,bf16,int8 --tasks extract_b1,rerank,rerank_reference \\
+        [--device auto] [--threads 2] [--repeats 5] [--out bench/results/model_speed.json]
 """
 from __future__ import annotations
 
@@ -42,28 +50,50 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_meta(threads: int) -> dict:
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from r2former_core.model.precision import cpu_flags, cpu_flags_text
+    meta = {"torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_model(),
+            "cpu_flags": cpu_flags_text(), "cpu_flag_values": cpu_flags(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(), "threads": threads,
+            "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_start": os.getloadavg()[0]}
+    return meta
+
+
 def worker(args) -> dict:
+    import numpy as np
     import torch
     sys.path.insert(0, str(ROOT))
     from r2former_core.model import ModelConfig, build_model, load_model
     torch.set_num_threads(args.threads)
-    model = load_model(args.model, device=args.device) if args.model else build_model(ModelConfig(), device=args.device,
-                                                                                       seed=0)
+    precision = "fp32" if args.task == "rerank_reference" else args.precision
+    if args.model:
+        model = load_model(args.model, device=args.device, precision=precision)
+    else:
+        model = build_model(ModelConfig(), device=args.device, seed=0, precision=precision)
     dev = model.device
     h, w = model.cfg.image_size
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    times = []
+    times, cpu_times = [], []
     base_rss = _peak_rss_mib()
     load_start = os.getloadavg()[0]
     if args.task.startswith("extract"):
         batch = int(args.task.split("_b")[1])
-        images = torch.randn(batch, 3, h, w, device=dev)
-        run = lambda: model.extract(images)  # noqa: E731
+        images = torch.randn(batch, 3, h, w)            # on the CPU, like the localizer's input
+
+        def run():
+            feats = model.extract(images)                # copies to and from the device included
+            return feats.global_desc.numpy(), feats.local.numpy()
         per = batch
     else:
         k = args.k
-        g = torch.nn.functional.normalize(torch.randn(k + 1, model.cfg.global_dim), dim=-1)
-        loc = torch.rand(k + 1, model.cfg.num_local, model.cfg.local_values)
+        g = torch.nn.functional.normalize(torch.randn(k + 1, model.cfg.global_dim, generator=torch.Generator()
+                                                      .manual_seed(0)), dim=-1)
+        loc = torch.rand(k + 1, model.cfg.local_tokens, model.cfg.local_values, generator=torch.Generator()
+                         .manual_seed(1))
         if args.task == "rerank_reference":
             sys.path.insert(0, str(ROOT / "test"))
             from reference_r2former import reference_rerank
@@ -73,61 +103,103 @@ def worker(args) -> dict:
                 with torch.no_grad():
                     reference_rerank(sd, model.cfg, g[:1].expand(k, -1), loc[:1].expand(k, -1, -1), g[1:], loc[1:])
         else:
-            run = lambda: model.rerank(g[0], loc[0], g[1:], loc[1:])  # noqa: E731
+            c_global, c_local = g[1:].numpy(), loc[1:].numpy().astype(np.float16)   # as the map stores them
+
+            def run():
+                return model.rerank(g[0], loc[0], c_global, c_local)
         per = 1
     for _ in range(args.warmup):
         run()
         sync()
     for _ in range(args.repeats):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run()
         sync()
         times.append((time.perf_counter() - t0) * 1000 / per)
-    return {"task": args.task, "device": str(dev), "threads": args.threads, "ms_median": statistics.median(times),
-            "ms_min": min(times), "ms_max": max(times), "runs": len(times), "peak_rss_mib": _peak_rss_mib(),
+        cpu_times.append((time.process_time() - c0) * 1000 / per)
+    return {"task": args.task, "precision": model.precision,
+            "rerank_precision": model.rerank_precision if args.task.startswith("rerank") else None,
+            "requested": precision, "device": str(dev), "threads": args.threads,
+            "ms_median": statistics.median(times), "ms_min": min(times), "ms_max": max(times),
+            "cpu_ms_median": statistics.median(cpu_times), "runs": len(times), "peak_rss_mib": _peak_rss_mib(),
             "rss_before_mib": base_rss, "loadavg_1min_start": load_start, "loadavg_1min_end": os.getloadavg()[0],
             "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None}
 
 
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-up of every row over the literal reference (reranking) and over fp32 of the same task."""
+    ref = next((r for r in rows if r["task"] == "rerank_reference"), None)
+    fp32 = {r["task"]: r for r in rows if r["requested"] == "fp32" and r["task"] != "rerank_reference"}
+    for r in rows:
+        base = fp32.get(r["task"])
+        for key, suffix in (("ms_median", ""), ("cpu_ms_median", "_cpu")):
+            r["x_vs_reference" + suffix] = (ref[key] / r[key] if ref and r["task"] == "rerank" else None)
+            r["x_vs_fp32" + suffix] = base[key] / r[key] if base and r["task"] != "rerank_reference" else None
+
+
+def print_table(rows: list[dict], meta: dict) -> None:
+    print(f"CPU: {meta['cpu']} ({meta['cpu_flags']}; torch capability {meta['cpu_capability']}), "
+          f"{meta['threads']} threads, torch {meta['torch']}" + (f", GPU {meta['cuda']}" if meta["cuda"] else ""))
+
+    def x(v):
+        return f"{v:.2f}x" if v else "-"
+    print(f"{'task':<17} {'precision':<11} {'device':<7} {'ms (median)':>12} {'cpu ms':>9} {'vs reference':>13} "
+          f"{'(cpu)':>7} {'vs fp32':>8} {'(cpu)':>7} {'peak MiB':>9} {'load':>5}")
+    for r in rows:
+        unit = "/img" if r["task"].startswith("extract") else "/q"
+        prec = r["precision"] + (f"/{r['rerank_precision']}" if r.get("rerank_precision") not in (None, r["precision"])
+                                 else "")
+        print(f"{r['task']:<17} {prec:<11} {r['device']:<7} {r['ms_median']:>8.1f}{unit:<4} {r['cpu_ms_median']:>9.1f} "
+              f"{x(r['x_vs_reference']):>13} {x(r['x_vs_reference_cpu']):>7} {x(r['x_vs_fp32']):>8} "
+              f"{x(r['x_vs_fp32_cpu']):>7} {r['peak_rss_mib']:>9.0f} {r['loadavg_1min_end']:>5.1f}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--precisions", default="fp32,auto",
+                   help="comma-separated precisions (fp32, bf16, fp16, int8, auto); fp32 is always measured, as "
+                        "the base of the ratios (default fp32,auto)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--reference-repeats", type=int, default=1,
+                   help="timed runs of the literal reference (~8 GB and 10-40 s per query; default 1)")
     p.add_argument("--k", type=int, default=100, help="candidates per query for reranking (default 100)")
     p.add_argument("--model", default=None, help="weights file (default: random weights, released configuration)")
-    p.add_argument("--tasks", default="extract_b1,extract_b8,rerank",
-                   help="comma-separated: extract_b1, extract_b8, rerank, rerank_reference (the literal test "
-                        "reference, official-style: needs ~8 GB and ~30 s per query)")
+    p.add_argument("--tasks", default="extract_b1,extract_b8,rerank,rerank_reference",
+                   help="comma-separated: extract_bN (batch N), rerank, rerank_reference (the literal test reference, "
+                        "official-style, fp32 only) (default extract_b1,extract_b8,rerank,rerank_reference)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "model_speed.json"), help="JSON output path")
     p.add_argument("--task", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.task:
         print(json.dumps(worker(args)))
         return 0
+    precisions = ["fp32"] + [q for q in dict.fromkeys(s.strip() for s in args.precisions.split(",")) if q and q != "fp32"]
+    meta = machine_meta(args.threads)
     rows = []
-    for task in args.tasks.split(","):
-        cmd = [sys.executable, __file__, "--task", task, "--device", args.device, "--threads", str(args.threads),
-               "--repeats", str(args.repeats if task != "rerank_reference" else 1), "--warmup",
-               str(args.warmup if task != "rerank_reference" else 0), "--k", str(args.k)]
-        if args.model:
-            cmd += ["--model", args.model]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
-        if out.returncode:
-            print(out.stderr, file=sys.stderr)
-            return 1
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"{'task':<18} {'device':<7} {'ms (median)':>12} {'min':>9} {'max':>9} {'peak RSS MiB':>13} {'load':>5}")
-    for r in rows:
-        unit = "/image" if r["task"].startswith("extract") else "/query"
-        print(f"{r['task']:<18} {r['device']:<7} {r['ms_median']:>9.1f}{unit:<3} {r['ms_min']:>9.1f} {r['ms_max']:>9.1f} "
-              f"{r['peak_rss_mib']:>13.0f} {r['loadavg_1min_end']:>5.1f}")
-    import torch
-    meta = {"torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_model(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cores": os.cpu_count(), "k": args.k, "date": time.strftime("%Y-%m-%d %H:%M")}
+    for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+        for prec in (["fp32"] if task == "rerank_reference" else precisions):
+            reference = task == "rerank_reference"
+            cmd = [sys.executable, __file__, "--task", task, "--precision", prec, "--device", args.device,
+                   "--threads", str(args.threads), "--repeats", str(args.reference_repeats if reference else args.repeats),
+                   "--warmup", str(0 if reference else args.warmup), "--k", str(args.k)]
+            if args.model:
+                cmd += ["--model", args.model]
+            out = subprocess.run(cmd, capture_output=True, text=True,
+                                 env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+            if out.returncode:
+                print(out.stderr, file=sys.stderr)
+                return 1
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    add_ratios(rows)
+    meta["loadavg_end"] = os.getloadavg()[0]
+    meta["k"] = args.k
+    meta["command"] = " ".join([Path(sys.executable).name, "bench/model_speed.py", *sys.argv[1:]])
+    print_table(rows, meta)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     print(f"wrote {args.out}")

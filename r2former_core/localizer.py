@@ -1,4 +1,13 @@
-"""Localizer: image -> features -> top-K map images -> rerank -> pose with covariance."""
+"""Localizer: image -> features -> top-K map images -> rerank -> pose with covariance.
+
+Reranking budget: a candidate's rerank score does not depend on the other candidates, so reranking
+only the best-global-first part of the top-K is exact for that part. `rerank_margin` keeps the
+candidates whose global cosine is within the margin of the best (a confident retrieval has a clear
+best and needs fewer); `rerank_budget_ms` reranks the first `rerank_min` candidates, then as many more
+as fit in the budget at the cost per candidate measured so far (a moving average over frames, so it
+follows the machine's load). Candidates left out follow the reranked ones in global order, with
+rerank score 0.
+"""
 from __future__ import annotations
 
 import logging
@@ -13,7 +22,7 @@ from .mapdb import MapDatabase
 from .model import R2FormerModel, load_model
 from .options import LocalizerConfig
 from .pose import estimate_pose, normalised_scores
-from .rerank import check_mode, mutual_nearest_matches, rerank_candidates
+from .rerank import RerankScores, check_mode, mutual_nearest_matches, rerank_candidates
 from .results import Candidate, LocalizationResult, TokenMatches
 
 log = logging.getLogger(__name__)
@@ -30,16 +39,28 @@ def check_compatible(model: R2FormerModel, mapdb: MapDatabase) -> None:
 
 class Localizer:
     def __init__(self, model: R2FormerModel, mapdb: MapDatabase, config: LocalizerConfig = LocalizerConfig()):
+        """The model runs at `config.precision` from here on (set on the model itself)."""
         self.config = config.validate()
         self.model = model
         self.map = mapdb
         check_compatible(model, mapdb)
+        model.set_precision(self.config.precision)
+        self.rerank_ms_per_candidate: dict[str, float] = {}   # moving average per rerank mode
+        self.last_reranked = 0                                  # candidates reranked in the last frame
+        log.info("localizer: %s; map search on %s", model.describe_precision(), mapdb.search_device)
 
     @classmethod
     def from_files(cls, model_path, map_path, config: LocalizerConfig = LocalizerConfig()) -> "Localizer":
-        model = load_model(model_path, device=config.device)
-        mapdb = MapDatabase.load(map_path, expected_fingerprint=model.fingerprint)
+        """Model and map from files; both on `config.device` (the map's faiss index on the GPU when faiss
+        can, see `MapDatabase.load`)."""
+        model = load_model(model_path, device=config.device, precision=config.precision)
+        mapdb = MapDatabase.load(map_path, expected_fingerprint=model.fingerprint, device=config.device)
         return cls(model, mapdb, config)
+
+    @property
+    def precision(self) -> str:
+        """The precision extraction runs in (fp32, bf16, fp16, int8); `model.rerank_precision` for reranking."""
+        return self.model.precision
 
     @property
     def device(self) -> torch.device:
@@ -78,11 +99,7 @@ class Localizer:
         if len(idx) == 0:
             raise MapError(f"map {self.map.info.path} is empty: build it from at least one image")
         t = time.perf_counter()
-        if c_local is None and mode != "none":
-            c_local = self.map.local(idx)
-        c_global = self.map.global_desc[idx]
-        scores = rerank_candidates(self.model, mode, q_global, q_local, c_global, c_local,
-                                   r2former_score=self.config.r2former_score)
+        scores, c_local = self._rerank_within_budget(mode, q_global, q_local, idx, c_local)
         order = np.argsort(-scores.score, kind="stable")
         timings["rerank"] = (time.perf_counter() - t) * 1000
 
@@ -103,6 +120,63 @@ class Localizer:
                                     accepted=False, reason="", best_index=int(ranked[0]), candidates=candidates,
                                     matches=matches, timings_ms=timings, agreement=est.agreement)
         return result.judge(self.config.min_confidence)
+
+    def rerank_count(self, global_scores: np.ndarray) -> int:
+        """Candidates the margin rule keeps (all when `rerank_margin` is 0), at least `rerank_min`."""
+        k = len(global_scores)
+        margin = self.config.rerank_margin
+        if margin <= 0 or k == 0:
+            return k
+        keep = int(np.count_nonzero(global_scores >= global_scores.max() - margin))
+        return min(k, max(keep, self.config.rerank_min))
+
+    def _rerank_within_budget(self, mode: str, q_global: np.ndarray, q_local: np.ndarray, idx: np.ndarray,
+                              c_local: np.ndarray | None) -> tuple[RerankScores, np.ndarray | None]:
+        """Scores of all candidates `idx` (global order): the first ones reranked as the margin and the time
+        budget allow, the rest with rerank score 0 below them. Returns the scores and the local features read."""
+        c_global = self.map.global_desc[idx]
+        if mode == "none":
+            return rerank_candidates(self.model, mode, q_global, q_local, c_global, None,
+                                     r2former_score=self.config.r2former_score), c_local
+        q = np.asarray(q_global, np.float32)
+        c = np.asarray(c_global, np.float32)
+        global_score = (c @ q) / np.maximum(np.linalg.norm(c, axis=1) * np.linalg.norm(q), 1e-12)
+        n_target = self.rerank_count(global_score)
+        budget = self.config.rerank_budget_ms
+        first = n_target if budget <= 0 else min(n_target, self.config.rerank_min)
+        t0 = time.perf_counter()
+        parts = [self._rerank_part(mode, q_global, q_local, idx, c_local, 0, first)]
+        if budget > 0:
+            spent = (time.perf_counter() - t0) * 1000
+            self._learn_cost(mode, spent / max(first, 1))
+            more = int((budget - spent) // self.rerank_ms_per_candidate[mode]) if spent < budget else 0
+            more = max(0, min(more, n_target - first))
+            if more:
+                t1 = time.perf_counter()
+                parts.append(self._rerank_part(mode, q_global, q_local, idx, c_local, first, first + more))
+                self._learn_cost(mode, (time.perf_counter() - t1) * 1000 / more)
+        n = sum(len(p[0].score) for p in parts)
+        self.last_reranked = n
+        score = np.zeros(len(idx), np.float32)
+        rerank_score = np.zeros(len(idx), np.float32)
+        score[:n] = np.concatenate([p[0].score for p in parts])
+        rerank_score[:n] = np.concatenate([p[0].rerank_score for p in parts])
+        if n < len(idx):   # not reranked: below every reranked candidate, in global order
+            score[n:] = min(float(score[:n].min()), 0.0) - 1.0 - np.arange(len(idx) - n, dtype=np.float32) * 1e-6
+        read = np.concatenate([p[1] for p in parts]) if c_local is None and n == len(idx) else c_local
+        return RerankScores(score, rerank_score, global_score.astype(np.float32)), read
+
+    def _rerank_part(self, mode: str, q_global: np.ndarray, q_local: np.ndarray, idx: np.ndarray,
+                     c_local: np.ndarray | None, start: int, stop: int) -> tuple[RerankScores, np.ndarray]:
+        local = c_local[start:stop] if c_local is not None else self.map.local(idx[start:stop])
+        scores = rerank_candidates(self.model, mode, q_global, q_local, self.map.global_desc[idx[start:stop]], local,
+                                   r2former_score=self.config.r2former_score)
+        return scores, local
+
+    def _learn_cost(self, mode: str, ms_per_candidate: float, alpha: float = 0.3) -> None:
+        old = self.rerank_ms_per_candidate.get(mode)
+        value = ms_per_candidate if old is None else (1 - alpha) * old + alpha * ms_per_candidate
+        self.rerank_ms_per_candidate[mode] = max(value, 1e-3)
 
     def _matches(self, q_local: np.ndarray, c_local: np.ndarray) -> TokenMatches:
         qi, ci, sim = mutual_nearest_matches(np.asarray(q_local, np.float32), np.asarray(c_local, np.float32))

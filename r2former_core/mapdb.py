@@ -95,6 +95,8 @@ VERIFY_MODES = ("auto", "full", "quick")
 IVFPQ_MIN_COUNT = 1000             # below this an IVF-PQ index is pointless: a flat index is stored
 IVFPQ_REFINE_FACTOR = 4            # IVF-PQ candidates re-scored exactly per requested neighbour
 SMALL_SEARCH_WORK = 1 << 25        # multiply-adds below which a CPU search runs on one thread
+GPU_MAX_K = 2048                   # faiss GPU's largest k (and nprobe) per search
+GPU_SHARED_MEMORY_BYTES = 48 * 1024   # IVF-PQ lookup tables (m x 2^nbits floats per query) must fit here
 _NPY_HEADER_BYTES = 128            # global.npy header is reserved up front and filled at commit
 _HASH_CHUNK = 16 * 1024**2
 _REBUILD = "rebuild the map with `r2former build-map`"
@@ -323,6 +325,36 @@ def _gpu_id_for(device: str) -> int | None:
             log.warning("device %s requested but faiss has no GPU support or sees no GPU: searching on CPU", device)
         return None
     return int(name.split(":")[1]) if ":" in name else 0
+
+
+def _gpu_index(cpu_index: Any, gpu_id: int, global_desc: np.ndarray) -> tuple[Any, Any]:
+    """(resources, GPU index) searching the same vectors as `cpu_index` on GPU `gpu_id`.
+
+    faiss GPU has no flat scalar-quantizer index, so a float16 flat map is searched through a float32
+    flat copy; an IVF-PQ index whose float32 lookup tables (m x 2^nbits per query) exceed the 48 KiB of
+    shared memory faiss GPU allows uses float16 lookup tables (`useFloat16LookupTables`) instead of
+    silently falling back to a slow path. Raises whatever faiss raises; the caller falls back to CPU.
+    """
+    res = faiss.StandardGpuResources()
+    options = faiss.GpuClonerOptions()
+    source = cpu_index
+    if isinstance(cpu_index, faiss.IndexScalarQuantizer):
+        source = faiss.IndexFlatIP(cpu_index.d)
+        source.add(np.ascontiguousarray(global_desc, dtype=np.float32))
+        log.info("float16 flat map: faiss GPU has no float16 flat index, searching a float32 copy of its %d "
+                 "descriptors on the GPU (%.0f MB)", cpu_index.ntotal, cpu_index.ntotal * cpu_index.d * 4 / 2**20)
+    elif isinstance(cpu_index, faiss.IndexIVFPQ):
+        pq = cpu_index.pq
+        table_bytes = pq.M * (1 << pq.nbits) * 4
+        if table_bytes > GPU_SHARED_MEMORY_BYTES:
+            options.useFloat16 = True    # IVF-PQ: float16 lookup tables
+            log.info("IVF-PQ map with m=%d sub-quantizers: float32 lookup tables need %d KiB of GPU shared memory "
+                     "(at most %d KiB), using float16 lookup tables", pq.M, table_bytes // 1024,
+                     GPU_SHARED_MEMORY_BYTES // 1024)
+    index = faiss.index_cpu_to_gpu(res, gpu_id, source, options)
+    if index.ntotal != cpu_index.ntotal:
+        raise RuntimeError(f"GPU index holds {index.ntotal} vectors, expected {cpu_index.ntotal}")
+    return res, index
 
 
 def _buffer_owned_by(index: Any, ptr_array: np.ndarray, dtype: np.dtype, shape: tuple[int, int]) -> np.ndarray:
@@ -661,12 +693,10 @@ class MapDatabase:
         self._is_ivf = info.index == "ivfpq"
         self._index = cpu_index
         self.search_device = "cpu"
+        self._k_capped_logged = False
         if gpu_id is not None:
             try:
-                self._gpu_res = faiss.StandardGpuResources()
-                self._index = faiss.index_cpu_to_gpu(self._gpu_res, gpu_id, cpu_index)
-                if self._index.ntotal != cpu_index.ntotal:
-                    raise RuntimeError(f"GPU index holds {self._index.ntotal} vectors, expected {cpu_index.ntotal}")
+                self._gpu_res, self._index = _gpu_index(cpu_index, gpu_id, global_desc)
                 self.search_device = f"cuda:{gpu_id}"
             except Exception as e:  # noqa: BLE001 - any faiss GPU failure falls back to the CPU index
                 log.warning("faiss GPU index failed (%s): searching on CPU", e)
@@ -830,7 +860,9 @@ class MapDatabase:
     def nprobe(self, value: int) -> None:
         self._nprobe = max(1, int(value))
         if self._is_ivf:
-            self._index.nprobe = self._nprobe
+            self._cpu_index.nprobe = self._nprobe
+            if self._index is not self._cpu_index:
+                self._index.nprobe = min(self._nprobe, GPU_MAX_K)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k map entries by inner product of global descriptors.
@@ -855,13 +887,33 @@ class MapDatabase:
         if threads is not None:
             faiss.omp_set_num_threads(threads)   # OpenMP setting of the calling thread only
         try:
-            if not self._is_ivf:
-                scores, idx = self._index.search(q, k)
-                return scores.astype(np.float32, copy=False), idx.astype(np.int64, copy=False)
-            return self._search_ivf(q, k)
+            if self.search_device != "cpu":
+                try:
+                    return self._search_index(self._index, q, k, gpu=True)
+                except Exception as e:  # noqa: BLE001 - a failed GPU search must not fail the frame
+                    log.warning("faiss GPU search failed (%s): searching on CPU from now on", e)
+                    self._use_cpu_index()
+            return self._search_index(self._index, q, k, gpu=False)
         finally:
             if threads is not None:
                 faiss.omp_set_num_threads(previous)
+
+    def _use_cpu_index(self) -> None:
+        self._index = self._cpu_index
+        self.search_device = "cpu"
+        self._gpu_res = None
+        self.nprobe = self._nprobe
+
+    def _search_index(self, index: Any, q: np.ndarray, k: int, gpu: bool) -> tuple[np.ndarray, np.ndarray]:
+        if gpu and k > GPU_MAX_K:
+            if not self._k_capped_logged:
+                log.warning("k=%d exceeds faiss GPU's limit of %d: these searches run on the CPU", k, GPU_MAX_K)
+                self._k_capped_logged = True
+            return self._search_index(self._cpu_index, q, k, gpu=False)
+        if not self._is_ivf:
+            scores, idx = index.search(q, k)
+            return scores.astype(np.float32, copy=False), idx.astype(np.int64, copy=False)
+        return self._search_ivf(index, q, k, max_k=GPU_MAX_K if gpu else None)
 
     def _threads_for(self, num_queries: int) -> int | None:
         if self.search_device != "cpu":
@@ -871,9 +923,10 @@ class MapDatabase:
         scanned = len(self) if not self._is_ivf else len(self) * min(1.0, self.nprobe / max(1, self._cpu_index.nlist))
         return 1 if num_queries * scanned * self.info.global_dim < SMALL_SEARCH_WORK else None
 
-    def _search_ivf(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        kk = min(len(self), k * IVFPQ_REFINE_FACTOR)
-        _, cand = self._index.search(q, kk)
+    def _search_ivf(self, index: Any, q: np.ndarray, k: int, max_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """IVF-PQ candidates (k x the refine factor, at most `max_k`: faiss GPU's limit) re-scored exactly."""
+        kk = min(len(self), k * IVFPQ_REFINE_FACTOR, max_k or len(self))
+        _, cand = index.search(q, kk)
         scores = np.empty((len(q), k), np.float32)
         idx = np.empty((len(q), k), np.int64)
         for i in range(len(q)):

@@ -23,6 +23,9 @@ RERANK_MODES = ("r2former", "ransac", "none")
 R2FORMER_SCORES = ("match_prob", "final_score")   # match_prob: the official test-time ranking
 POSE_MODES = ("best", "weighted")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")           # and cuda:N
+# Numeric precision of extraction and reranking (r2former_core.model.precision): fp32 is exact (parity with
+# the official code), auto = the fastest mode this machine accelerates and that keeps the ranking.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 INDEX_TYPES = ("flat", "ivfpq")
 TIMING_STAGES = ("decode", "extract", "search", "rerank", "pose", "total")   # milliseconds, per frame
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -187,6 +190,21 @@ class LocalizerConfig:
                                    "read from the message or the PNG/JPEG header before decoding; larger images "
                                    "are refused unread). The default, 16 MP (4096 x 4096), fits every usual camera",
                                    min=1, max=MAX_IMAGE_PIXELS_CEILING)
+    precision: str = option("auto", "numeric precision of extraction and reranking: fp32 (exact, parity with the "
+                            "official code), bf16 (CPUs with AMX or AVX512-BF16, and GPUs), fp16 (CUDA), int8 "
+                            "(dynamic int8 backbone linears, CPU) or auto (the fastest mode the device accelerates "
+                            "among those that keep the ranking: fp16 on CUDA, fp32 on CPUs today; "
+                            "docs/BENCHMARKS.md section 5)",
+                            choices=PRECISIONS)
+    rerank_budget_ms: float = option(0.0, "time budget of the reranking stage per frame in milliseconds: "
+                                     "candidates are reranked best-global-first while the measured cost per "
+                                     "candidate fits; the rest keep their global order (0 = rerank all top_k)",
+                                     min=0.0)
+    rerank_margin: float = option(0.0, "rerank only candidates whose global cosine is within this margin of the "
+                                  "best one (a confident retrieval needs fewer); 0 = no margin rule", min=0.0,
+                                  max=2.0)
+    rerank_min: int = option(10, "candidates always reranked, whatever rerank_budget_ms and rerank_margin say",
+                             min=1, max=1000)
     pose: PoseConfig = field(default_factory=PoseConfig)
 
     def validate(self) -> LocalizerConfig:
@@ -196,5 +214,5 @@ class LocalizerConfig:
 
 
 __all__ = ["DEVICE_CHOICES", "DEVICE_PATTERN", "INDEX_TYPES", "LocalizerConfig", "Option", "POSE_MODES",
-           "PoseConfig", "R2FORMER_SCORES", "RERANK_MODES", "TIMING_STAGES", "add_config_option", "check_config",
+           "PRECISIONS", "PoseConfig", "R2FORMER_SCORES", "RERANK_MODES", "TIMING_STAGES", "add_config_option", "check_config",
            "config_options", "device_option", "device_type", "option"]

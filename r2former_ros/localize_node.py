@@ -91,7 +91,7 @@ from r2former_core.frames import (
 from r2former_core.localizer import Localizer
 from r2former_core.mapdb import MapDatabase
 from r2former_core.model import load_model
-from r2former_core.options import TIMING_STAGES, LocalizerConfig
+from r2former_core.options import TIMING_STAGES, LocalizerConfig, config_options
 from r2former_core.resources import resolve_model_path
 from r2former_core.results import LocalizationResult
 
@@ -125,8 +125,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("model_path", "", "model file (.safetensors or official .pth); empty = the packaged demo model "
               "models/r2former_tiny_demo.safetensors", read_only=True),
     ParamSpec.from_config(LocalizerConfig, "device", read_only=True),
+    ParamSpec.from_config(LocalizerConfig, "precision", read_only=True),
     ParamSpec.from_config(LocalizerConfig, "top_k"),
     ParamSpec.from_config(LocalizerConfig, "rerank"),
+    ParamSpec.from_config(LocalizerConfig, "rerank_budget_ms"),
+    ParamSpec.from_config(LocalizerConfig, "rerank_margin"),
+    ParamSpec.from_config(LocalizerConfig, "rerank_min"),
     ParamSpec.from_config(LocalizerConfig, "min_confidence", note="rejected results are not published on ~/pose "
                           "and count towards `lost`"),
     ParamSpec.from_config(LocalizerConfig, "max_image_pixels", note="an image above it is skipped unread and "
@@ -197,9 +201,9 @@ class InjectedFault(RuntimeError):
 # ------------------------------------------------------------------------ core adapter
 
 def localizer_config(values: dict[str, Any]) -> LocalizerConfig:
-    return LocalizerConfig(top_k=int(values["top_k"]), rerank=str(values["rerank"]),
-                           min_confidence=float(values["min_confidence"]), device=str(values["device"]),
-                           num_matches=MAX_MATCH_LINES, max_image_pixels=int(values["max_image_pixels"]))
+    """The LocalizerConfig of the node's parameters (every parameter named like a config field)."""
+    fields = {name: values[name] for name in config_options(LocalizerConfig) if name in values}
+    return LocalizerConfig(**fields, num_matches=MAX_MATCH_LINES)
 
 
 def load_localizer(model, map_path: str, values: dict[str, Any]) -> Localizer:
@@ -210,8 +214,9 @@ def load_localizer(model, map_path: str, values: dict[str, Any]) -> Localizer:
     path = Path(map_path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"map {map_path!r} (parameter map_path) does not exist")
-    mapdb = MapDatabase.load(path, expected_fingerprint=model.fingerprint)
-    return Localizer(model, mapdb, localizer_config(values))
+    config = localizer_config(values)
+    mapdb = MapDatabase.load(path, expected_fingerprint=model.fingerprint, device=config.device)
+    return Localizer(model, mapdb, config)
 
 
 def mounting_from_parameter(values: list[float]) -> np.ndarray | None:
@@ -346,7 +351,7 @@ class LocalizeNode(LifecycleNode):
         t0 = time.perf_counter()
         try:
             self._model_path = resolve_model_path(values["model_path"], "parameter model_path")
-            self._model = load_model(self._model_path, device=values["device"])
+            self._model = load_model(self._model_path, device=values["device"], precision=values["precision"])
             localizer = load_localizer(self._model, values["map_path"], values)
             self._mount = mounting_from_parameter(values["camera_pose_in_base"])
             Health(values, 0.0)                      # checks the expected rates
@@ -514,10 +519,10 @@ class LocalizeNode(LifecycleNode):
                     self.get_logger().error(str(exc))
         self._values = {**self._values, **changed}
         with self._localizer_lock:
-            if self._localizer is not None and ({"top_k", "rerank", "min_confidence"} & set(changed)):
+            live_config = set(config_options(LocalizerConfig)) & set(changed)
+            if self._localizer is not None and live_config:
                 self._localizer.config = dataclasses.replace(
-                    self._localizer.config, top_k=int(self._values["top_k"]), rerank=str(self._values["rerank"]),
-                    min_confidence=float(self._values["min_confidence"]))
+                    self._localizer.config, **{name: self._values[name] for name in live_config}).validate()
             self._state.localized_after = int(self._values["localized_after"])
             self._state.lost_after = int(self._values["lost_after"])
         pending, self._pending_map = self._pending_map, None
@@ -932,7 +937,9 @@ class LocalizeNode(LifecycleNode):
             ("published", s.published),
             *((f"latency_{n}_ms", f"{s.latency_ms[n]:.2f}") for n in TIMING_STAGES if n in s.latency_ms),
             ("latency_end_to_end_ms", f"{s.end_to_end_ms:.2f}"),
-            ("device", str(localizer.device)), ("map_size", len(localizer.map)),
+            ("device", str(localizer.device)), ("precision", localizer.model.precision),
+            ("rerank_precision", localizer.model.rerank_precision), ("reranked", localizer.last_reranked),
+            ("map_search_device", localizer.map.search_device), ("map_size", len(localizer.map)),
             ("map_path", self._values["map_path"]), *map_status.values, ("model_path", str(self._model_path)),
             ("model_fingerprint", localizer.model.fingerprint),
             ("map_child_frame", localizer.map.info.child_frame), ("base_frame", self._values["base_frame"]),

@@ -43,15 +43,15 @@ def world(tmp_path_factory, tiny_model):
 def test_build_localize_eval(world, tmp_path):
     root, images, poses, model_path = world
     map_dir = tmp_path / "map"
-    assert main(["build-map", "--images", str(root / "images"), "--poses", str(root / "poses.txt"),
-                 "--out", str(map_dir), "--model", str(model_path), "--device", "cpu"]) == 0
+    assert main(["build-map", "--device", "cpu", "--images", str(root / "images"), "--poses", str(root / "poses.txt"),
+                 "--out", str(map_dir), "--model", str(model_path)]) == 0
     mapdb = MapDatabase.load(map_dir)
     assert len(mapdb) == 12
     assert np.allclose(mapdb.poses, poses)
     assert mapdb.thumbnail(0) is not None
 
     out_csv = tmp_path / "results.csv"
-    assert main(["localize", "--map", str(map_dir), "--images", str(root / "images"), "--out", str(out_csv),
+    assert main(["localize", "--device", "cpu", "--map", str(map_dir), "--images", str(root / "images"), "--out", str(out_csv),
                  "--model", str(model_path), "--rerank", "ransac", "--save-matches", str(tmp_path / "m")]) == 0
     rows = list(csv.DictReader(open(out_csv)))
     assert len(rows) == 12
@@ -66,7 +66,7 @@ def test_build_localize_eval(world, tmp_path):
     assert len(list((tmp_path / "m").glob("*.jpg"))) == 12
 
     report = tmp_path / "eval.json"
-    assert main(["eval", "--map", str(map_dir), "--queries", str(root / "images"), "--query-poses",
+    assert main(["eval", "--device", "cpu", "--map", str(map_dir), "--queries", str(root / "images"), "--query-poses",
                  str(root / "poses.txt"), "--model", str(model_path), "--out", str(report), "--threshold-m", "1"]) == 0
     data = json.loads(report.read_text())
     assert set(data) >= {"none", "ransac", "r2former"}
@@ -88,14 +88,14 @@ def test_build_localize_eval(world, tmp_path):
 
 def test_build_map_with_keyframe_selection(world, tmp_path):
     root, _, _, model_path = world
-    assert main(["build-map", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
+    assert main(["build-map", "--device", "cpu", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
                  str(tmp_path / "kf"), "--model", str(model_path), "--min-distance", "5"]) == 0
     assert len(MapDatabase.load(tmp_path / "kf")) == 6          # every other frame (3 m apart)
 
 
 def test_localizer_result_and_mismatched_map(world, tmp_path, tiny_config):
     root, images, poses, model_path = world
-    main(["build-map", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
+    main(["build-map", "--device", "cpu", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
           str(tmp_path / "map"), "--model", str(model_path)])
     loc = Localizer.from_files(model_path, tmp_path / "map", LocalizerConfig(top_k=5, rerank="none", device="cpu"))
     res = loc.localize(images[4])
@@ -107,20 +107,20 @@ def test_localizer_result_and_mismatched_map(world, tmp_path, tiny_config):
     # A map built with another model is refused with a message that says what to do.
     from r2former_core.model import build_model
     other = save_model(build_model(tiny_config, seed=99), tmp_path / "other.safetensors")
-    code = main(["localize", "--map", str(tmp_path / "map"), "--images", str(root / "images"), "--out",
+    code = main(["localize", "--device", "cpu", "--map", str(tmp_path / "map"), "--images", str(root / "images"), "--out",
                  str(tmp_path / "x.csv"), "--model", str(other)])
     assert code == 2
 
 
 def test_cli_expected_failures_are_one_line(tmp_path, capsys, world):
     root, _, _, model_path = world
-    assert main(["build-map", "--images", str(tmp_path / "missing"), "--poses", "p.txt", "--out",
+    assert main(["build-map", "--device", "cpu", "--images", str(tmp_path / "missing"), "--poses", "p.txt", "--out",
                  str(tmp_path / "m"), "--model", str(model_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("r2former build-map: error:")
-    assert main(["localize", "--map", str(tmp_path / "nomap"), "--images", str(root / "images"), "--out",
+    assert main(["localize", "--device", "cpu", "--map", str(tmp_path / "nomap"), "--images", str(root / "images"), "--out",
                  str(tmp_path / "o.csv"), "--model", str(model_path)]) == 2
-    assert main(["build-map", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
+    assert main(["build-map", "--device", "cpu", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
                  str(tmp_path / "m2"), "--model", str(tmp_path / "nomodel.pth")]) == 2
 
 
@@ -140,7 +140,7 @@ def test_out_of_range_options_are_usage_errors(world, tmp_path, capsys, command,
               "build-map": ["--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
                             str(tmp_path / "m")]}[command]
     with pytest.raises(SystemExit) as exc:
-        main([command, *common, "--model", str(model_path), *bad])
+        main([command, "--device", "cpu", *common, "--model", str(model_path), *bad])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert bad[0] in err and ("out of range" in err or "is not a" in err) and "Traceback" not in err
@@ -153,14 +153,14 @@ def test_localize_user_errors_leave_no_partial_csv(world, tmp_path, capsys):
     import torch
     root, _, _, model_path = world
     map_dir = tmp_path / "map"
-    assert main(["build-map", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
+    assert main(["build-map", "--device", "cpu", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
                  str(map_dir), "--model", str(model_path)]) == 0
     queries = tmp_path / "queries"
     shutil.copytree(root / "images", queries)
     names = sorted(p.name for p in queries.iterdir())
     (queries / names[3]).write_bytes(b"\x89PNG broken")       # the 4th query does not decode
     out = tmp_path / "out" / "res.csv"
-    args = ["localize", "--map", str(map_dir), "--images", str(queries), "--out", str(out), "--model", str(model_path)]
+    args = ["localize", "--device", "cpu", "--map", str(map_dir), "--images", str(queries), "--out", str(out), "--model", str(model_path)]
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -201,8 +201,8 @@ def test_killed_build_map_leaves_nothing_loadable_and_rerun_succeeds(world, tmp_
     write_tum(tmp_path / "poses.txt", stamps, poses)
     out = tmp_path / "maps" / "m"
     out.parent.mkdir()
-    args = ["build-map", "--images", str(tmp_path / "images"), "--poses", str(tmp_path / "poses.txt"),
-            "--out", str(out), "--model", str(model_path), "--device", "cpu"]
+    args = ["build-map", "--device", "cpu", "--images", str(tmp_path / "images"), "--poses", str(tmp_path / "poses.txt"),
+            "--out", str(out), "--model", str(model_path)]
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "r2former_core.cli.main", *args], env=env,
@@ -239,7 +239,7 @@ def test_killed_build_map_leaves_nothing_loadable_and_rerun_succeeds(world, tmp_
 def test_map_info_reports_the_map_and_names_damage(world, tmp_path, capsys):
     root, _, poses, model_path = world
     map_dir = tmp_path / "map"
-    assert main(["build-map", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
+    assert main(["build-map", "--device", "cpu", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
                  str(map_dir), "--model", str(model_path)]) == 0
     capsys.readouterr()
     assert main(["map-info", str(map_dir), "--json", "--model", str(model_path)]) == 0

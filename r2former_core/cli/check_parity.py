@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..options import PRECISIONS, device_type
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -12,16 +14,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "implementation's arrays. Exit status 0 only when all differences are within the tolerance.")
     p.add_argument("folder", help="reference folder (checkpoint_official_layout.pth, img*.png, *.npy)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="maximum absolute difference allowed (default 1e-4)")
-    p.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu; float32 parity needs cpu or "
-                                                   "a GPU without fp16)")
+    p.add_argument("--device", type=device_type, default="cpu",
+                   help="auto, cpu, cuda or cuda:N (default cpu); the check runs at --precision on it")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="numeric precision of the check (default fp32: the 1e-4 parity; reduced precisions are "
+                        "reported against the same tolerance and are expected to exceed it)")
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
     from ..model.parity import check_parity
-    rows = check_parity(args.folder, tolerance=args.tolerance, device=args.device)
+    rows = check_parity(args.folder, tolerance=args.tolerance, device=args.device, precision=args.precision)
     width = max(len(r.output) for r in rows)
+    print(f"device {args.device}, precision {args.precision}, tolerance {args.tolerance:g}")
     print(f"{'output':<{width}}  {'max |diff|':>11}  result  note")
     for r in rows:
         print(f"{r.output:<{width}}  {r.max_abs_diff:>11.3e}  {'ok' if r.ok else 'FAIL':<6}  {r.note}")

@@ -1,7 +1,8 @@
-"""Options shared by several subcommands (model, device, sources)."""
+"""Options shared by several subcommands (model, device, precision, sources)."""
 from __future__ import annotations
 
 import argparse
+import logging
 
 from ..resources import resolve_model_path
 from ..errors import CliError
@@ -10,6 +11,7 @@ from ..options import LocalizerConfig, add_config_option
 # Listed here so that building the parser imports no numpy; a test keeps it equal to frames.CAMERA_CONVENTIONS.
 CAMERA_CONVENTIONS = ("auto", "body", "optical")
 
+log = logging.getLogger(__name__)
 
 def _number(kind, test, what: str):
     def parse(text: str):
@@ -52,6 +54,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "model saved by r2former (.safetensors). Default: $R2FORMER_MODEL, else the project's demo "
                         "model in models/")
     add_config_option(p, LocalizerConfig, "device")
+    add_config_option(p, LocalizerConfig, "precision")
 
 
 def add_source_options(p: argparse.ArgumentParser, what: str, poses_required: bool) -> None:
@@ -114,5 +117,9 @@ def open_source_from_args(args, require_poses: bool):
 
 
 def load_model_from_args(args):
+    """The model of --model on --device at --precision (the resolved precision is logged)."""
     from ..model import load_model
-    return load_model(resolve_model_path(args.model), device=args.device)
+    model = load_model(resolve_model_path(args.model), device=args.device,
+                       precision=getattr(args, "precision", "fp32"))
+    log.info("model %s: %s", model.fingerprint, model.describe_precision())
+    return model

@@ -49,8 +49,9 @@ def run(args) -> int:
     source = open_source(images=args.queries, poses=args.query_poses, bag=args.bag, image_topic=args.image_topic,
                          pose_topic=args.pose_topic, require_poses=True, skip_unreadable=args.skip_unreadable)
     model = load_model_from_args(args)
-    mapdb = MapDatabase.load(args.map, expected_fingerprint=model.fingerprint)
-    localizer = Localizer(model, mapdb, LocalizerConfig(top_k=args.top_k, device=args.device))
+    mapdb = MapDatabase.load(args.map, expected_fingerprint=model.fingerprint, device=args.device)
+    localizer = Localizer(model, mapdb, LocalizerConfig(top_k=args.top_k, device=args.device,
+                                                        precision=args.precision))
     modes = ("none", "ransac", "r2former") if args.rerank == "all" else (args.rerank,)
     results = evaluate(localizer, source, modes=modes, threshold_m=args.threshold_m,
                        pose_threshold_m=args.pose_threshold_m)
@@ -58,6 +59,7 @@ def run(args) -> int:
     print(format_confidence_table(results))
     if args.out:
         meta = {"map": str(mapdb.info.path), "model": model.fingerprint, "top_k": args.top_k,
+                "precision": model.precision, "rerank_precision": model.rerank_precision,
                 "threshold_m": args.threshold_m, "pose_threshold_m": args.pose_threshold_m,
                 "queries": source.description}
         json_path, plot = write_report(results, args.out, meta)

@@ -33,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="CSV file to write (written to a temporary file and renamed when every query is done, so a "
                         "failed run leaves no partial CSV)")
     add_model_options(p)
-    for name in ("rerank", "top_k", "min_confidence"):
+    for name in ("rerank", "top_k", "min_confidence", "rerank_budget_ms", "rerank_margin", "rerank_min"):
         add_config_option(p, LocalizerConfig, name)
     p.add_argument("--save-matches", default=None, metavar="DIR",
                    help="also write each query's matched-pair image (query | best map image, token matches) to DIR")
@@ -53,9 +53,12 @@ def run(args) -> int:
     source = open_source(images=args.images, bag=args.bag, image_topic=args.image_topic, require_poses=False,
                          skip_unreadable=args.skip_unreadable)
     model = load_model_from_args(args)
-    mapdb = MapDatabase.load(args.map, expected_fingerprint=model.fingerprint)
+    mapdb = MapDatabase.load(args.map, expected_fingerprint=model.fingerprint, device=args.device)
     localizer = Localizer(model, mapdb, LocalizerConfig(top_k=args.top_k, rerank=args.rerank,
-                                                        min_confidence=args.min_confidence, device=args.device))
+                                                        min_confidence=args.min_confidence, device=args.device,
+                                                        precision=args.precision,
+                                                        rerank_budget_ms=args.rerank_budget_ms,
+                                                        rerank_margin=args.rerank_margin, rerank_min=args.rerank_min))
     if matches_dir:
         matches_dir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)

@@ -172,19 +172,25 @@ def _load_into(model: R2FormerModel, state: dict[str, torch.Tensor], source: str
     model.load_state_dict(current, strict=True)
 
 
-def load_model(path: str | os.PathLike, device: str = "cpu", config: ModelConfig | None = None) -> R2FormerModel:
-    """Load any supported weights file into an R2FormerModel in eval mode on `device`.
+def load_model(path: str | os.PathLike, device: str = "cpu", config: ModelConfig | None = None,
+               precision: str = "fp32") -> R2FormerModel:
+    """Load any supported weights file into an R2FormerModel in eval mode on `device`, running at
+    `precision` (options.PRECISIONS; fp32 = exact; see `R2FormerModel.set_precision`).
 
     `config` overrides the configuration for files that do not carry one (official checkpoint,
     ImageNet weights; the default is the released DeiT-S configuration).
     """
-    path = Path(path)
+    model = _load_weights(Path(path), resolve_device(device), config)
+    model.set_precision(precision)
+    return model
+
+
+def _load_weights(path: Path, dev: torch.device, config: ModelConfig | None) -> R2FormerModel:
     if path.is_dir():
         raise CheckpointError(f"model path {path} is a directory; pass the weights file itself (.pth or .safetensors)")
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
         raise CheckpointError(f"model file {path} {what} (pass --model with a checkpoint path)")
-    dev = resolve_device(device)
     if _is_safetensors(path):
         state, meta = _read_safetensors(path)
         if meta.get("format") == FORMAT_NAME:

@@ -36,12 +36,15 @@ def _read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def check_parity(folder: str | Path, tolerance: float = 1e-4, device: str = "cpu") -> list[ParityRow]:
+def check_parity(folder: str | Path, tolerance: float = 1e-4, device: str = "cpu",
+                 precision: str = "fp32") -> list[ParityRow]:
+    """Compare every output with the official arrays of `folder` (module docstring); fp32 on any device is
+    the exact check (TF32 is off on CUDA)."""
     folder = Path(folder)
     ckpt = folder / "checkpoint_official_layout.pth"
     if not ckpt.is_file():
         raise FileNotFoundError(f"{folder} is not an official reference folder (no {ckpt.name})")
-    model = load_model(ckpt, device=device)
+    model = load_model(ckpt, device=device, precision=precision)
     images = sorted(folder.glob("img*.png"), key=lambda p: int(p.stem[3:]))
     x = torch.cat([preprocess(_read_rgb(p), size=model.cfg.image_size) for p in images])
     feats = model.extract(x)

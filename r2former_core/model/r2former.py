@@ -1,8 +1,9 @@
 """R2FormerModel: feature extraction (global + attention-selected local tokens) and reranking."""
 from __future__ import annotations
 
-import contextlib
+import copy
 import hashlib
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,10 @@ from ..device import resolve_device
 from .backbone import DeiTDistilled
 from .config import ModelConfig
 from .layers import trunc_normal_
+from .precision import autocast, describe, rerank_precision, resolve_precision
 from .reranker import Reranker, RerankOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +46,10 @@ class R2FormerModel(nn.Module):
         self.reranker = Reranker(self.cfg)
         self.detach_local = True   # official `finetune=0`: no reranker gradient into the backbone
         self._fingerprint: tuple | None = None
+        self.precision_setting = "fp32"   # what was asked for (options.PRECISIONS); `precision` is the mode used
+        # Derived copies for reduced precisions (int8 backbone), keyed by (mode, device, weight versions);
+        # a plain dict, so they are not sub-modules: the state dict and the fingerprint stay those of the weights.
+        self._derived: dict = {}
 
     # ----------------------------------------------------------------------------- set-up
     def reset_parameters(self) -> None:
@@ -55,10 +63,55 @@ class R2FormerModel(nn.Module):
     def device(self) -> torch.device:
         return self.backbone.cls_token.device
 
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
+    # ------------------------------------------------------------------------- precision
+    def set_precision(self, precision: str) -> str:
+        """Choose the numeric precision of `extract` and `rerank` (options.PRECISIONS; the default is fp32,
+        exact). Returns the mode it resolves to on the model's device (`auto` -> bf16/fp16/fp32); ConfigError
+        when the device cannot run it. The setting follows the model to another device (`model.to`)."""
+        resolved = resolve_precision(precision, self.device)
+        self.precision_setting = precision
+        self._resolved = (precision, self.device, resolved)
+        self._derived.clear()
+        return resolved
+
+    @property
+    def precision(self) -> str:
+        """The mode `extract` runs in (fp32, bf16, fp16 or int8) on the current device."""
+        setting, device, resolved = getattr(self, "_resolved", (None, None, None))
+        if setting != self.precision_setting or device != self.device:
+            resolved = resolve_precision(self.precision_setting, self.device)
+            self._resolved = (self.precision_setting, self.device, resolved)
+        return resolved
+
+    @property
+    def rerank_precision(self) -> str:
+        """The mode `rerank` runs in (see `precision.rerank_precision`)."""
+        return rerank_precision(self.precision, self.device)
+
+    def describe_precision(self) -> str:
+        """One line for start-up logs and diagnostics."""
+        return describe(self.precision_setting, self.precision, self.device)
+
+    def autocast(self):
+        """The context of this model's precision (for callers that run `forward_features` or the reranker
+        themselves, e.g. training's mining and validation passes). fp32 disables TF32 on CUDA."""
+        return autocast(self.precision, self.device)
+
+    def _inference_backbone(self, precision: str) -> nn.Module:
+        """The backbone `extract` runs: the weights themselves, or for int8 a dynamically quantized copy
+        of its linear layers (rebuilt when the weights change)."""
+        if precision != "int8":
+            return self.backbone
+        versions = tuple(p._version for p in self.backbone.parameters())
+        key = ("int8", versions)
+        if key not in self._derived:
+            import warnings
+            with warnings.catch_warnings():   # torch.ao.quantization warns that it moves to torchao
+                warnings.simplefilter("ignore")
+                quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(self.backbone).cpu(),
+                                                                   {nn.Linear}, dtype=torch.qint8)
+            self._derived = {key: quantized}
+        return self._derived[key]
 
     @property
     def fingerprint(self) -> str:
@@ -80,11 +133,11 @@ class R2FormerModel(nn.Module):
         return F.normalize((self.backbone.head(global_tokens[:, 0]) + self.backbone.head_dist(global_tokens[:, 1])) / 2,
                            dim=-1)
 
-    def forward_features(self, images: torch.Tensor) -> Features:
+    def forward_features(self, images: torch.Tensor, backbone: nn.Module | None = None) -> Features:
         """Differentiable extraction; `extract` is the inference entry point."""
         cfg = self.cfg
         b, _, h, w = images.shape
-        out = self.backbone(images)
+        out = (backbone or self.backbone)(images)
         global_desc = self.global_descriptor(out.global_tokens)
         n_patches = out.attention.shape[1]
         values, index = out.attention.topk(min(cfg.num_local, n_patches), dim=1)
@@ -109,8 +162,10 @@ class R2FormerModel(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         src = images.device
-        with self._autocast():
-            feats = self.forward_features(images.to(self.device, non_blocking=True))
+        precision = self.precision
+        with autocast(precision, self.device):
+            feats = self.forward_features(images.to(self.device, non_blocking=True),
+                                          self._inference_backbone(precision))
         return Features(global_desc=feats.global_desc.float().to(src), local=feats.local.float().to(src),
                         token_index=feats.token_index.to(src), attention=feats.attention.float().to(src))
 
@@ -136,8 +191,8 @@ class R2FormerModel(nn.Module):
         if c_local.shape[0] == 0:
             empty = torch.zeros(0)
             return RerankOutput(torch.zeros(0, self.cfg.rerank_classes), empty, empty, empty)
-        with self._autocast():
-            out = self.reranker.rerank_query(q_global, q_local, c_global, c_local, chunk=chunk)
+        out = self.reranker.rerank_query(q_global, q_local, c_global, c_local, chunk=chunk,
+                                         precision=self.rerank_precision)
         return RerankOutput(*(t.float().cpu() for t in (out.logits, out.match_prob, out.global_score,
                                                          out.final_score)))
 
@@ -147,10 +202,13 @@ class R2FormerModel(nn.Module):
         return preprocess(image, size=self.cfg.image_size)
 
 
-def build_model(cfg: ModelConfig | None = None, device: str = "cpu", seed: int | None = None) -> R2FormerModel:
-    """A freshly initialised model (random weights), in eval mode, on `device`."""
+def build_model(cfg: ModelConfig | None = None, device: str = "cpu", seed: int | None = None,
+                precision: str = "fp32") -> R2FormerModel:
+    """A freshly initialised model (random weights), in eval mode, on `device`, at `precision`."""
     if seed is not None:
         torch.manual_seed(seed)
     model = R2FormerModel(cfg)
     model.reset_parameters()
-    return model.to(resolve_device(device)).eval()
+    model = model.to(resolve_device(device)).eval()
+    model.set_precision(precision)
+    return model

@@ -14,17 +14,26 @@ term and a correlation term. Those are computed once per token and gathered by t
 indices: no N x N x 7 tensor, no argsort, no int64 index tensors broadcast to 7 channels.
 The query side is shared by all K candidates. Block stacks use fused attention, and the last
 block of each stack only computes its class-token output.
+
+Precision: the correlations, their top-P selection and the pair embeddings are always float32 (a
+bfloat16 correlation would tie many of the top-P candidates); the two block stacks run in the
+mode's dtype (bf16: a bfloat16 copy of their weights, so no cast per operation; fp16: autocast on
+CUDA); logits are cast to float32 before the softmax/sigmoid (a float16 sigmoid rounds every logit
+above ~8.3 to exactly 1.0, and ties would fall back to the global order).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import contextlib
+import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import LAYER_NORM_EPS, Block, init_linear_layers, sincos_embed_2d, trunc_normal_
+from .layers import LAYER_NORM_EPS, Block, init_linear_layers, linear, sincos_embed_2d, trunc_normal_
 
 
 @dataclass
@@ -48,13 +57,14 @@ class Reranker(nn.Module):
         # Present in the official state dict, never used in its forward.
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 2 * cfg.num_local + 1, d), requires_grad=False)
         self.ratio = nn.Parameter(torch.full((1,), 0.5))
-        self.blocks = nn.ModuleList(Block(d, cfg.rerank_heads) for _ in range(cfg.rerank_depth))
-        self.blocks_2 = nn.ModuleList(Block(d, cfg.rerank_heads) for _ in range(cfg.rerank_pair_depth))
+        self.blocks = nn.ModuleList(Block(d, cfg.rerank_heads, onednn=True) for _ in range(cfg.rerank_depth))
+        self.blocks_2 = nn.ModuleList(Block(d, cfg.rerank_heads, onednn=True) for _ in range(cfg.rerank_pair_depth))
         self.decoder_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         self.pair_head = nn.Linear(7, d)
         self.pair_head_2 = nn.Linear(d, d)
         self.decoder_pred = nn.Linear(d, cfg.rerank_classes)
         self.pair_batch = 4096   # block-1 sequences per slice (speed only; results do not depend on it)
+        self._casts: dict = {}   # bfloat16 copies of the block stacks (not sub-modules: not in the state dict)
 
     def reset_parameters(self) -> None:
         init_linear_layers(self)
@@ -76,8 +86,28 @@ class Reranker(nn.Module):
         pe_q = sincos_embed_2d(coords[..., 0], coords[..., 1], self.dim)  # (Bq, N, d)
         return F.normalize(xl[..., 3:], dim=-1), a_q, pe_q
 
-    def logits(self, xl: torch.Tensor, yl: torch.Tensor, query_terms=None) -> torch.Tensor:
-        """Logits (B, classes) for B pairs. `xl` may have batch 1 (shared query) or B."""
+    def _stacks(self, dtype: torch.dtype) -> "Reranker":
+        """The module whose block stacks, norms and heads run in `dtype`: self for float32, else a cached
+        copy cast to `dtype` (rebuilt when the weights change)."""
+        if dtype == torch.float32:
+            return self
+        key = (dtype, self.cls_token.device, tuple(p._version for p in self.parameters()))
+        if key not in self._casts:
+            twin = copy.copy(self)            # shallow: share config, then replace the modules that run
+            twin._modules = dict(self._modules)
+            twin._parameters = dict(self._parameters)
+            twin._casts = {}
+            for name in ("blocks", "blocks_2", "decoder_norm", "pair_head_2", "decoder_pred"):
+                twin._modules[name] = copy.deepcopy(self._modules[name]).to(dtype)
+            for name in ("cls_token", "cls_token_2"):
+                twin._parameters[name] = nn.Parameter(self._parameters[name].detach().to(dtype), requires_grad=False)
+            self._casts = {key: twin}
+        return self._casts[key]
+
+    def logits(self, xl: torch.Tensor, yl: torch.Tensor, query_terms=None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Logits (B, classes) float32 for B pairs. `xl` may have batch 1 (shared query) or B. `dtype`:
+        what the block stacks compute in (float32 = exact; inference only otherwise)."""
         b, n, _ = yl.shape
         p = self.partners
         xf, a_q, pe_q = query_terms if query_terms is not None else self._query_terms(xl)
@@ -97,20 +127,30 @@ class Reranker(nn.Module):
         q_side = a_q[:, :, None, :] + b_r[bi, idx_q] + val_q[..., None] * w_c    # (B, N, P, d)
         r_side = a_q[bi, idx_r] + b_r[:, :, None, :] + val_r[..., None] * w_c    # (B, N, P, d)
         emb = torch.cat([q_side, r_side], dim=1) + bias
-
-        seq = emb.reshape(b * 2 * n, p, self.dim)
-        # Block-1 runs on many tiny sequences; slices that fit in cache are much faster.
-        step = self.pair_batch
-        tokens = torch.cat([self._stack(self.blocks_2, torch.cat([self.cls_token_2.expand(len(part), -1, -1), part], 1))
-                            for part in seq.split(step)], dim=0)
-        tokens = self.pair_head_2(self.decoder_norm(tokens)).reshape(b, 2 * n, self.dim)
-
         # Token position: the query-side (x, y) of each token's best pair.
         pe_tokens = torch.cat([pe_q, pe_q[bi[..., 0], idx_r[..., 0]]], dim=1)
-        x = torch.cat([self.cls_token.expand(b, -1, -1), tokens + pe_tokens], dim=1)
-        return self.decoder_pred(self.decoder_norm(self._stack(self.blocks, x)))
+
+        net = self._stacks(dtype)
+        cast = emb.device.type == "cuda" and dtype != torch.float32
+        with torch.autocast("cuda", dtype=dtype) if cast else contextlib.nullcontext():
+            if cast:
+                net = self   # CUDA: autocast does the casting, weights stay float32
+            else:
+                emb, pe_tokens = emb.to(dtype), pe_tokens.to(dtype)
+            seq = emb.reshape(b * 2 * n, p, self.dim)
+            # Block-1 runs on many tiny sequences; slices that fit in cache are much faster.
+            cls2 = net.cls_token_2
+            tokens = torch.cat([self._stack(net.blocks_2, torch.cat([cls2.expand(len(part), -1, -1), part], 1))
+                                for part in seq.split(self.pair_batch)], dim=0)
+            tokens = linear(net.decoder_norm(tokens), net.pair_head_2).reshape(b, 2 * n, self.dim)
+            x = torch.cat([net.cls_token.expand(b, -1, -1), tokens + pe_tokens], dim=1)
+            out = linear(net.decoder_norm(self._stack(net.blocks, x)), net.decoder_pred)
+        return out.float()
 
     def scores(self, logits: torch.Tensor, global_score: torch.Tensor) -> RerankOutput:
+        """Match probability and final score from the logits, in float32 whatever the logits' dtype."""
+        logits = logits.float()
+        global_score = global_score.float()
         if self.num_classes == 1:
             prob = torch.sigmoid(logits[:, 0])
         else:
@@ -125,14 +165,16 @@ class Reranker(nn.Module):
         return self.scores(self.logits(xl, yl), global_score)
 
     def rerank_query(self, q_global: torch.Tensor, q_local: torch.Tensor, c_global: torch.Tensor,
-                     c_local: torch.Tensor, chunk: int = 25) -> RerankOutput:
-        """One query (G,), (N, L) against K candidates (K, G), (K, N, L).
+                     c_local: torch.Tensor, chunk: int = 25, precision: str = "fp32") -> RerankOutput:
+        """One query (G,), (N, L) against K candidates (K, G), (K, N, L), inference only.
 
         The query-side terms are computed once; candidates go through in chunks of `chunk` pairs
-        to bound peak memory (the result does not depend on the chunk size).
+        to bound peak memory (the result does not depend on the chunk size). `precision`: a concrete
+        mode of `precision.resolve_precision` (int8 quantizes only the backbone: fp32 here).
         """
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         query_terms = self._query_terms(q_local[None])
-        logits = torch.cat([self.logits(q_local[None], c_local[s:s + chunk], query_terms)
+        logits = torch.cat([self.logits(q_local[None], c_local[s:s + chunk], query_terms, dtype=dtype)
                             for s in range(0, c_local.shape[0], chunk)], dim=0)
         global_score = F.cosine_similarity(q_global[None], c_global, dim=-1, eps=1e-8)
         return self.scores(logits, global_score)

@@ -87,6 +87,8 @@ class Trainer:
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
         self.use_amp = cfg.amp and self.device.type == "cuda"
+        # Mining and validation run through model.extract/rerank: fp16 with AMP on CUDA, exact fp32 otherwise.
+        self.model.set_precision("fp16" if self.use_amp else "fp32")
         self.scaler = torch.amp.GradScaler("cuda", init_scale=initial_grad_scale(), enabled=self.use_amp)
         net: torch.nn.Module = self.stage.net
         if dist_info.enabled:
