@@ -108,7 +108,7 @@ def test_round_trip_every_field(built, data):
     np.testing.assert_array_equal(db.local(np.arange(M)), data["local"].astype(np.float16))
     doc = json.loads((built / "map.json").read_text())
     assert doc["format"] == "r2former_ros.map"
-    assert set(doc["files"]) == set(mapdb.DATA_FILES)
+    assert set(doc["files"]) == set(mapdb.WRITTEN_FILES)
     assert doc["created"]["host"] and doc["created"]["time"]
     assert not db.global_desc.flags.writeable and not db.poses.flags.writeable
     # the documented numpy way to inspect a map
@@ -329,7 +329,7 @@ def test_writer_rejects_bad_input(tmp_path, data):
         w.add(data["glob"][0], data["local"][0], data["poses"][0], 0.0, "a")
     with pytest.raises(ValueError, match="index"):
         MapDatabase.create(tmp_path / "x", fingerprint=FP, model_config={}, image_size=(1, 1), global_dim=G,
-                           num_local=N, local_values=C, index="hnsw")
+                           num_local=N, local_values=C, index="lsh")
 
 
 def test_exception_inside_with_leaves_nothing(tmp_path, data):
@@ -423,7 +423,8 @@ def test_overwrite_refuses_non_map_directory(tmp_path):
     assert (target / "thesis.tex").read_text() == "do not delete"
 
 
-def test_overwrite_failure_restores_old_map(built, data, monkeypatch):
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_overwrite_failure_restores_old_map(built, data, monkeypatch, exchange):
     real_rename = os.rename
 
     def failing_rename(src, dst):
@@ -431,7 +432,12 @@ def test_overwrite_failure_restores_old_map(built, data, monkeypatch):
             raise OSError(28, "No space left on device")
         return real_rename(src, dst)
 
+    def failing_exchange(a, b):
+        raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(mapdb.os, "rename", failing_rename)
+    # with the atomic exchange failing, or unsupported (then the two renames run and the second fails)
+    monkeypatch.setattr(mapdb, "_exchange", failing_exchange if exchange else lambda a, b: False)
     with pytest.raises(MapError, match="nothing was written"):
         build(built, make_data(m=7, seed=3, thumbs=False), overwrite=True)
     monkeypatch.undo()
