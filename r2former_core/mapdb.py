@@ -434,6 +434,20 @@ class MapWriter:
         """Id of the session that entries are added to now (None before the first one begins)."""
         return len(self._sessions) - 1 if self._sessions else None
 
+    @property
+    def session_count(self) -> int:
+        """Entries added to the current session so far."""
+        return self._sessions[-1]["count"] if self._sessions else 0
+
+    @property
+    def global_dtype(self) -> np.dtype:
+        return self._gdtype
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """(global_dim, num_local, local_values) of the map's entries."""
+        return self._G, self._N, self._C
+
     def begin_session(self, name: str = "", source: str | None = None, conditions: Sequence[str] = (),
                       created: str | None = None, host: str | None = None) -> int:
         """Start a new session (one drive): the entries added from now on belong to it. Returns its id.
@@ -446,7 +460,7 @@ class MapWriter:
         conds = tuple(str(c).strip() for c in conditions if str(c).strip())
         self._sessions.append({"name": str(name), "source": self._meta["source"] if source is None else str(source),
                                "conditions": list(conds), "created": created or _utc_now(),
-                               "host": socket.gethostname() if host is None else str(host)})
+                               "host": socket.gethostname() if host is None else str(host), "count": 0})
         return len(self._sessions) - 1
 
     def add(self, global_desc: np.ndarray, local: np.ndarray, pose: Sequence[float] | np.ndarray, stamp: float,
@@ -552,6 +566,7 @@ class MapWriter:
         self._stamps.extend(st.tolist())
         self._names.extend(names)
         self._session_ids.extend([self.session] * B)
+        self._sessions[-1]["count"] += B
         self._count += B
 
     # ----------------------------------------------------------------- finishing
@@ -647,7 +662,7 @@ class MapWriter:
         used = np.flatnonzero(counts)
         renumber = np.full(len(self._sessions), -1, np.int32)
         renumber[used] = np.arange(len(used), dtype=np.int32)
-        self._sessions = [dict(self._sessions[i], count=int(counts[i])) for i in used]
+        self._sessions = [dict(self._sessions[i], count=int(counts[i])) for i in used]   # counts as written
         return renumber[ids]
 
     def _build_index(self) -> dict:
