@@ -22,7 +22,7 @@ RERANK_MODES = ("r2former", "ransac", "none")
 R2FORMER_SCORES = ("match_prob", "final_score")   # match_prob: the official test-time ranking
 POSE_MODES = ("best", "weighted")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")           # and cuda:N
-INDEX_TYPES = ("flat", "ivfpq")
+INDEX_TYPES = ("flat", "ivfpq", "hnsw")
 TIMING_STAGES = ("decode", "extract", "search", "rerank", "pose", "total")   # milliseconds, per frame
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
