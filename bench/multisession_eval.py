@@ -5,13 +5,15 @@ For every world seed (held out: never used in training or validation, docs/TRAIN
 a day map drive and a night map drive are rendered; the day drive is built into the day-only map and
 the two maps are merged (`r2former map merge`) into the day + night map (two sessions). Query drives
 in other conditions (default dusk, night, fog, rain; lateral offset <= 2 m, yaw jitter <= 15 deg)
-are evaluated against both maps with `r2former_core.evaluation.evaluate` (as `r2former eval`):
-recall@1 (first ranked map image within --threshold-m, 25 m), the first ranked image within 5 m, and
-the published pose within 5 m, for global retrieval alone (`none`) and R2Former reranking.
+are localized against both maps as `r2former eval` does (`Localizer.localize_features`, one
+extraction per query, the same candidates for every mode): recall@1 (first ranked map image within
+--threshold-m, 25 m, `r2former_core.metrics`), the first ranked image within 5 m, and the published
+pose within 5 m, for global retrieval alone (`none`) and R2Former reranking.
 
-The day + night map is evaluated twice: with the session-aware pose estimate (each session
-contributes its own top candidates, `r2former_core.pose`) and with the session ids hidden (the
-whole map read as one drive), to show what the session handling changes.
+On the day + night map the published pose is computed twice from the same reranked candidates: with
+the session-aware estimate (each session contributes its own top candidates, `r2former_core.pose`)
+and with the session ids hidden (the whole map read as one drive), to show what the session handling
+changes.
 
 Rendered drives and built maps are cached in --work (keyed by seed, condition, frames, size, model).
 
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from r2former_core.data.sources import open_source
-    from r2former_core.evaluation import ModeResult, evaluate
+    from r2former_core.evaluation import ModeResult
     from r2former_core.localizer import Localizer, LocalizerConfig
     from r2former_core.mapdb import MapDatabase, MapError
     from r2former_core.mapops import merge_maps
@@ -91,34 +93,30 @@ def main(argv: list[str] | None = None) -> int:
                       progress=False, session_name=cond, conditions=[cond])
         return path
 
-    results: dict[str, dict[str, ModeResult]] = {m: {} for m in MAPS}
+    results: dict[str, dict[str, ModeResult]] = {label: {m: ModeResult() for m in modes} for label in MAPS}
     per_set: dict[str, dict] = {}
     for seed in seeds:
         day, night = session_map(seed, "day"), session_map(seed, "night")
         both_path = work / f"map_{seed}_day+night_{model.fingerprint}"
-        maps = {"day": MapDatabase.load(day)}
         try:
-            maps["day+night"] = MapDatabase.load(both_path, expected_fingerprint=model.fingerprint)
+            both = MapDatabase.load(both_path, expected_fingerprint=model.fingerprint)
         except MapError:
-            maps["day+night"] = merge_maps([day, night], both_path, overwrite=True, progress=False)
-        assert len(maps["day+night"].info.sessions) == 2
+            both = merge_maps([day, night], both_path, overwrite=True, progress=False)
+        assert len(both.info.sessions) == 2
+        localizers = {"day": Localizer(model, MapDatabase.load(day), LocalizerConfig(top_k=args.top_k, device="cpu")),
+                      "day+night": Localizer(model, both, LocalizerConfig(top_k=args.top_k, device="cpu"))}
         for cond in conditions:
-            queries = source(drive(seed, "query", cond, args.query_frames))
             name = f"{seed}_{cond}"
-            per_set[name] = {}
+            res = {label: {m: ModeResult() for m in modes} for label in MAPS}
+            for rec in source(drive(seed, "query", cond, args.query_frames)):
+                q_global, q_local = localizers["day"].extract(rec.image)
+                for label, loc in localizers.items():
+                    localize(loc, q_global, q_local, rec.pose, modes, args.threshold_m, res[label],
+                             res["day+night, sessions hidden"] if label == "day+night" else None)
+            per_set[name] = {label: {m: summarize(r) for m, r in rm.items()} for label, rm in res.items()}
             for label in MAPS:
-                db = maps["day" if label == "day" else "day+night"]
-                sessions = db.sessions
-                if label.endswith("hidden"):
-                    db.sessions = np.zeros_like(sessions)
-                try:
-                    loc = Localizer(model, db, LocalizerConfig(top_k=args.top_k, device="cpu"))
-                    res = evaluate(loc, queries, modes=modes, threshold_m=args.threshold_m, progress=False)
-                finally:
-                    db.sessions = sessions
-                per_set[name][label] = {m: summarize(r) for m, r in res.items()}
-                for m, r in res.items():
-                    results[label].setdefault(m, ModeResult(pose_threshold_m=r.pose_threshold_m)).extend(r)
+                for m in modes:
+                    results[label][m].extend(res[label][m])
             print(f"{name}: " + "; ".join(
                 f"{label} R@1 {100 * per_set[name][label][m]['recall@1']:.1f}% pose<5m "
                 f"{100 * per_set[name][label][m]['pose_within_5m']:.1f}%"
@@ -147,6 +145,34 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def localize(loc, q_global: np.ndarray, q_local: np.ndarray, truth: np.ndarray, modes: tuple[str, ...],
+             threshold_m: float, out: dict, hidden: dict | None) -> None:
+    """One query against one map, every mode on the same candidates (as r2former_core.evaluation does);
+    `hidden`: also the pose estimated from the same candidates with the map's session ids hidden."""
+    from r2former_core.metrics import first_positive_rank
+    from r2former_core.pose import estimate_pose, normalised_scores
+    db = loc.map
+    t0 = time.perf_counter()
+    idx, _ = loc.retrieve(q_global)
+    c_local = db.local(idx) if any(m != "none" for m in modes) else None
+    shared_ms = (time.perf_counter() - t0) * 1000
+    for m in modes:
+        t = time.perf_counter()
+        result = loc.localize_features(q_global, q_local, rerank=m, retrieved=idx, c_local=c_local,
+                                       with_matches=False)
+        ranked = np.array([c.index for c in result.candidates])
+        targets = [(out[m], result.pose, result.covariance, result.confidence)]
+        if hidden is not None:
+            s01 = normalised_scores(m, np.array([c.rerank_score for c in result.candidates]))
+            est = estimate_pose(db.poses[ranked], s01, db.keyframe_spacing(), loc.config.pose)
+            targets.append((hidden[m], est.pose, est.covariance, est.confidence))
+        for r, pose, cov, conf in targets:
+            r.ms.append(shared_ms + (time.perf_counter() - t) * 1000)
+            r.ranks.append(first_positive_rank(ranked, db.poses[:, :2], truth[:2], threshold_m))
+            r.errors_m.append(float(np.linalg.norm(db.poses[ranked[0], :2] - truth[:2])))
+            r.add_pose(pose, cov, conf, truth)
 
 
 def summarize(r) -> dict:

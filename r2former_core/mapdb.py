@@ -851,6 +851,13 @@ class MapDatabase:
                          frame_id=frame_id, child_frame=str(child_frame), source=str(source), index=index, overwrite=overwrite,
                          global_dtype=global_dtype)
 
+    @staticmethod
+    def read_info(path: str | os.PathLike) -> MapInfo:
+        """What map.json says about the map at `path` (format, model, dims, frames, sessions), without
+        loading or verifying its data files."""
+        root = Path(path).absolute()
+        return _parse_info(root, _read_map_json(root))
+
     @classmethod
     def load(cls, path: str | os.PathLike, expected_fingerprint: str | None = None, verify: str = "auto",
              device: str = "cpu", *, nprobe: int = 16, verify_reads: bool = True,
@@ -1127,11 +1134,12 @@ class MapDatabase:
                  NAMES_FILE: 2 + M * (name_bytes + 4),
                  THUMBS_FILE: M * int(thumb_bytes),
                  THUMBS_INDEX_FILE: hdr + 16 * M,
+                 SESSIONS_FILE: hdr + 4 * M,
                  MAP_JSON: 3000}
         disk = sum(files.values())
         # in RAM: global descriptors (held once, inside the faiss index), poses, stamps, CRCs,
-        # thumbnail index, names as Python strings (~50 bytes overhead each)
-        ram = M * G * gsize + M * (56 + 8 + 4 + 16) + M * (name_bytes + 50 + 8)
+        # thumbnail index, session ids, names as Python strings (~50 bytes overhead each)
+        ram = M * G * gsize + M * (56 + 8 + 4 + 16 + 4) + M * (name_bytes + 50 + 8)
         return {"disk_bytes": disk, "disk_bytes_per_image": disk / max(M, 1), "ram_bytes": ram, "files": files}
 
 

@@ -91,43 +91,42 @@ def copy_entries(writer: MapWriter, db: MapDatabase, indices: Sequence[int] | np
     return len(idx)
 
 
-def _load_all(paths: Sequence[str | os.PathLike], verify: str) -> list[MapDatabase]:
+def _check_distinct(paths: Sequence[str | os.PathLike]) -> None:
     seen: dict[Path, str] = {}
     for p in paths:
         real = Path(p).resolve()
         if real in seen:
             raise MapError(f"map {p} is given twice (also as {seen[real]}): each map can be merged once")
         seen[real] = str(p)
-    return [MapDatabase.load(p, verify=verify) for p in paths]
 
 
 def merge_maps(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, index: str | None = None,
                overwrite: bool = False, verify: str = "auto", progress: bool = True) -> MapDatabase:
     """Merge maps of the same model and frames into `out`: every input's sessions, in input order.
 
-    `out` may be one of the inputs with `overwrite=True` (it is replaced atomically once the merged
-    map is complete). index: the merged map's index type (default: the first input's).
+    The inputs' map.json files are checked against each other before anything is written; then one
+    input at a time is loaded (verified as `verify` says) and copied, so memory holds one map's global
+    descriptors at most. `out` may be one of the inputs with `overwrite=True` (it is replaced
+    atomically once the merged map is complete). index: the merged map's index type (default: the
+    first input's).
     """
     if not inputs:
         raise ConfigError("give at least one map to merge")
-    maps = _load_all(inputs, verify)
-    try:
-        for db in maps[1:]:
-            check_compatible(maps[0].info, db.info)
-        total = sum(len(db) for db in maps)
-        source = "merge of " + ", ".join(f"{db.path.name} ({len(db.info.sessions)} session"
-                                         f"{'s' if len(db.info.sessions) != 1 else ''})" for db in maps)
-        log.info("merging %d maps (%d entries, %d sessions) into %s", len(maps), total,
-                 sum(len(db.info.sessions) for db in maps), out)
-        with create_like(maps[0].info, out, source=source, index=index, overwrite=overwrite,
-                         expected_count=total) as writer:
-            for db in maps:
+    _check_distinct(inputs)
+    infos = [MapDatabase.read_info(p) for p in inputs]
+    for info in infos[1:]:
+        check_compatible(infos[0], info)
+    total = sum(i.count for i in infos)
+    source = "merge of " + ", ".join(f"{i.path.name} ({len(i.sessions)} session{'s' if len(i.sessions) != 1 else ''})"
+                                     for i in infos)
+    log.info("merging %d maps (%d entries, %d sessions) into %s", len(infos), total,
+             sum(len(i.sessions) for i in infos), out)
+    with create_like(infos[0], out, source=source, index=index, overwrite=overwrite, expected_count=total) as writer:
+        for path in inputs:
+            with MapDatabase.load(path, expected_fingerprint=infos[0].fingerprint, verify=verify) as db:
+                check_compatible(infos[0], db.info)     # the same files as read above (not replaced since)
                 copy_entries(writer, db, progress=progress)
-            merged = writer.commit()
-    finally:
-        for db in maps:
-            db.close()
-    return merged
+        return writer.commit()
 
 
 def open_append(path: str | os.PathLike, *, fingerprint: str, frame_id: str, child_frame: str, source: str,
