@@ -70,12 +70,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    if not args.out and not args.append:
+        raise CliError("give the map to create (--out MAP) or the map to add the drive to (--append MAP)")
+    source = open_source_from_args(args, require_poses=True)   # bad sources fail before torch is imported
     from ..device import resolve_device
     from ..mapping import build_map
     from ..train.distributed import init_distributed, shutdown
-    if not args.out and not args.append:
-        raise CliError("give the map to create (--out MAP) or the map to add the drive to (--append MAP)")
-    source = open_source_from_args(args, require_poses=True)
     dist = init_distributed(resolve_device(args.device))
     try:
         if dist.enabled:
