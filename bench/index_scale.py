@@ -47,7 +47,7 @@ G = 256
 K = 100
 FRAMES_PER_DRIVE = 200
 FINGERPRINT = "bench-index-scale"
-# search settings measured per index type (the first is the map's default)
+# search settings measured per index type (the defaults stored in new maps: nprobe 16, ef_search 512)
 SETTINGS = {"flat": [{}], "ivfpq": [{"nprobe": 16}, {"nprobe": 64}], "hnsw": [{"ef_search": 128}, {"ef_search": 256}, {"ef_search": 512}]}
 log = logging.getLogger("index_scale")
 
