@@ -4,7 +4,9 @@
 For each model (the packaged demo model at 128 x 160, and the released DeiT-S configuration at
 480 x 640 with random weights: speed does not depend on the values), a synthetic drive is rendered
 and `r2former build-map` is run as one process (torch threads = --threads) and under
-`torchrun --standalone --nproc_per_node=N` (gloo, OMP_NUM_THREADS = threads / N per process). The
+`torchrun --standalone --nproc_per_node=N` (gloo, OMP_NUM_THREADS = threads / N per process), and once
+more as one process with threads / N threads (what each rank gets, to separate the gain of sharding
+from that of avoiding OpenMP threads on a busy CPU). The
 wall time of the whole command (start-up, model load, extraction, merge, commit) and of the
 extraction-and-write part alone (from the log: first "extracts keyframes" line to "map written") are
 reported, with images per second, and the two maps' data files are compared by sha256 (map.json
@@ -84,6 +86,8 @@ def main() -> int:
         load0 = os.getloadavg()[0]
         t1, err1 = run([sys.executable, "-m", "r2former_core.cli.main", *common, "--out", str(work / "single")],
                        single_env)
+        t1n, _ = run([sys.executable, "-m", "r2former_core.cli.main", *common, "--out", str(work / "single_n")],
+                     multi_env)
         tn, errn = run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         f"--nproc_per_node={args.procs}", "-m", "r2former_core.cli.main", *common, "--out",
                         str(work / "sharded")], multi_env)
@@ -94,13 +98,15 @@ def main() -> int:
         row = {"model": label, "images": frames, "single_s": round(t1, 1), "sharded_s": round(tn, 1),
                "single_images_per_s": round(frames / t1, 2), "sharded_images_per_s": round(frames / tn, 2),
                "speedup": round(t1 / tn, 2), "single_extract_write_s": x1, "sharded_extract_write_s": xn,
+               "single_rank_threads_s": round(t1n, 1), "speedup_vs_single_rank_threads": round(t1n / tn, 2),
                "identical_files": f1 == fn, "loadavg_1min_start": load0, "loadavg_1min_end": os.getloadavg()[0]}
         rows.append(row)
-        print(f"{label:<16} {frames:>5} images: 1 process {t1:7.1f} s ({frames / t1:6.2f} img/s), "
+        print(f"{label:<16} {frames:>5} images: 1 process {t1:7.1f} s ({frames / t1:6.2f} img/s; with "
+              f"{max(1, args.threads // args.procs)} thread(s) {t1n:.1f} s), "
               f"{args.procs} processes {tn:7.1f} s ({frames / tn:6.2f} img/s), x{t1 / tn:.2f}; "
               f"extract+write {x1} s vs {xn} s; identical map files: {f1 == fn}", flush=True)
-        shutil.rmtree(work / "single")
-        shutil.rmtree(work / "sharded")
+        for name in ("single", "single_n", "sharded"):
+            shutil.rmtree(work / name)
     shutil.rmtree(work, ignore_errors=True)
     flags = Path("/proc/cpuinfo").read_text()
     cpu = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")), "")
