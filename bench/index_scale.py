@@ -48,7 +48,8 @@ K = 100
 FRAMES_PER_DRIVE = 200
 FINGERPRINT = "bench-index-scale"
 # search settings measured per index type (the defaults stored in new maps: nprobe 16, ef_search 512)
-SETTINGS = {"flat": [{}], "ivfpq": [{"nprobe": 16}, {"nprobe": 64}], "hnsw": [{"ef_search": 128}, {"ef_search": 256}, {"ef_search": 512}]}
+SETTINGS = {"flat": [{}], "ivfpq": [{"nprobe": 16}, {"nprobe": 64}],
+            "hnsw": [{"ef_search": 128}, {"ef_search": 256}, {"ef_search": 512}]}
 log = logging.getLogger("index_scale")
 
 
@@ -151,6 +152,7 @@ def build(path: Path, x: np.ndarray, index: str) -> dict:
 def measure(args) -> dict:
     """In a fresh process: load the map, search every query one at a time per setting, compare with the truth."""
     import faiss
+
     from r2former_core.mapdb import MapDatabase
     faiss.omp_set_num_threads(args.threads)
     queries = np.load(args.queries_file, allow_pickle=False)

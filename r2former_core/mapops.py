@@ -169,7 +169,8 @@ def open_append(path: str | os.PathLike, *, fingerprint: str, frame_id: str, chi
 # ------------------------------------------------------------------------------------------ prune
 
 
-def prune_indices(poses: np.ndarray, sessions: np.ndarray, min_distance: float, min_angle_deg: float = 0.0) -> np.ndarray:
+def prune_indices(poses: np.ndarray, sessions: np.ndarray, min_distance: float,
+                  min_angle_deg: float = 0.0) -> np.ndarray:
     """Entries kept by pruning (ascending): greedy in map order, an entry is dropped when a kept entry
     of the SAME session lies closer than `min_distance` metres and (when `min_angle_deg` > 0) faces
     within `min_angle_deg` of it. Entries of different sessions never drop each other: a place seen

@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-
 from rostools import NodeProcess, RosProbe, build_test_map, line_poses, save_tiny_model, synthetic_images
 
 pytestmark = pytest.mark.ros

@@ -91,8 +91,9 @@ def run(args) -> int:
     if mapdb is None:       # ranks other than 0 under torchrun
         return 0
     info = mapdb.info
-    print(f"map {info.path}: {len(mapdb)} images in {len(info.sessions)} session{'s' if len(info.sessions) != 1 else ''}"
-          f", poses of {info.child_frame or '(child frame unknown)'} in {info.parent_frame}, model {info.fingerprint}, "
+    sessions = len(info.sessions)
+    print(f"map {info.path}: {len(mapdb)} images in {sessions} session{'s' if sessions != 1 else ''}, poses of "
+          f"{info.child_frame or '(child frame unknown)'} in {info.parent_frame}, model {info.fingerprint}, "
           f"keyframe spacing {mapdb.keyframe_spacing():.2f} m, index {info.index}"
           + (f" ({os.environ.get('WORLD_SIZE')} processes)" if dist.enabled else ""))
     return 0

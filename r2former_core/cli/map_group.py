@@ -8,7 +8,7 @@ import argparse
 
 from . import map_info
 from .build_map import INDEX_CHOICES
-from .common import positive_float, nonneg_float
+from .common import nonneg_float, positive_float
 
 MERGE_EPILOG = """\
 The maps must come from the same model (fingerprint) and hold poses of the same frames (frame_id and
