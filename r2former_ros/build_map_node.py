@@ -233,7 +233,7 @@ class MapBuilderNode(Node):
     def _open_append(self) -> tuple[MapWriter, PoseFrames]:
         """A writer holding a copy of the `append` map and a new session for this drive, and the map's frames."""
         v = self.values
-        info = MapDatabase.load(v["append"], expected_fingerprint=self.model.fingerprint, verify="quick").info
+        info = MapDatabase.read_info(v["append"])
         writer = open_append(v["append"], fingerprint=self.model.fingerprint, frame_id=info.frame_id,
                              child_frame=info.child_frame, source=self._source, session_name=v["session_name"],
                              conditions=self._conditions, out=v["out"] or None, overwrite=bool(v["overwrite"]),
