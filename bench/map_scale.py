@@ -18,6 +18,10 @@ holes are not disk reads, so for those maps the JSON says "local_features": "spa
 read latencies are those of the real (written) entries, which are the ones queried. Build time of
 a sparse map is not MapWriter's and is reported separately.
 
+This benchmark measures the exact (flat) index, the default; the approximate indexes (`--index
+ivfpq|hnsw`: build time, recall of the top 100 against the exact search, latency) are compared by
+bench/index_scale.py.
+
     python bench/map_scale.py [--sizes 10000,100000,1000000] [--k 100] [--queries 200]
                               [--rerank-queries 5] [--workdir /tmp/r2former_map_scale]
                               [--out bench/results/map_scale.json] [--quick] [--keep]

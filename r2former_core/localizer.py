@@ -106,7 +106,8 @@ class Localizer:
         t = time.perf_counter()
         ranked = idx[order]
         s01 = normalised_scores(mode, scores.rerank_score[order])
-        est = estimate_pose(self.map.poses[ranked], s01, self.map.keyframe_spacing(), self.config.pose)
+        est = estimate_pose(self.map.poses[ranked], s01, self.map.keyframe_spacing(), self.config.pose,
+                            sessions=self.map.sessions[ranked])
         candidates = [Candidate(index=int(i), name=self.map.names[int(i)], pose=self.map.poses[int(i)].copy(),
                                 global_score=float(scores.global_score[o]), rerank_score=float(scores.rerank_score[o]),
                                 score=float(scores.score[o])) for i, o in zip(ranked, order)]

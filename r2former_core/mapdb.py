@@ -11,7 +11,8 @@ A map is a directory (format spec: docs/MAP_FORMAT.md)::
     names.json             list of M source names
     thumbnails.bin         concatenated JPEG thumbnails
     thumbnails_index.npy   (M, 2) int64 (offset, length); length 0 = no thumbnail
-    index.faiss            optional prebuilt IVF-PQ index
+    sessions.npy           (M,) int32 session id of each entry (the drive it came from); optional
+    index.faiss            optional prebuilt IVF-PQ or HNSW index
 
 Writing goes into a temporary sibling directory that is renamed to the final name once
 everything (map.json last) is on disk, so a killed writer never leaves a loadable half map.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import array
 import ctypes
 import datetime as _dt
+import errno
 import hashlib
 import io
 import json
@@ -75,8 +77,11 @@ NAMES_FILE = "names.json"
 THUMBS_FILE = "thumbnails.bin"
 THUMBS_INDEX_FILE = "thumbnails_index.npy"
 INDEX_FILE = "index.faiss"
+SESSIONS_FILE = "sessions.npy"    # optional: maps written before sessions hold one session (docs/MAP_FORMAT.md)
 DATA_FILES = (GLOBAL_FILE, LOCAL_FILE, LOCAL_CRC_FILE, POSES_FILE, STAMPS_FILE, NAMES_FILE,
               THUMBS_FILE, THUMBS_INDEX_FILE)
+# What this writer writes: the required files plus the optional per-entry session ids.
+WRITTEN_FILES = DATA_FILES + (SESSIONS_FILE,)
 # Files that may be too big to hash at every load under verify="auto" (see docs/MAP_FORMAT.md).
 BIG_FILES = (LOCAL_FILE, THUMBS_FILE)
 
@@ -90,16 +95,35 @@ THUMBNAIL_MAX_SIDE = 160
 THUMBNAIL_JPEG_QUALITY = 80
 POSE_LAYOUT = "x y z qx qy qz qw"
 GLOBAL_DTYPES = ("float32", "float16")
-INDEX_TYPES = ("flat", "ivfpq")
+INDEX_TYPES = ("flat", "ivfpq", "hnsw")
 VERIFY_MODES = ("auto", "full", "quick")
 IVFPQ_MIN_COUNT = 1000             # below this an IVF-PQ index is pointless: a flat index is stored
 IVFPQ_REFINE_FACTOR = 4            # IVF-PQ candidates re-scored exactly per requested neighbour
+HNSW_M = 32                        # HNSW graph: neighbours per node (faiss's M)
+HNSW_EF_CONSTRUCTION = 64          # HNSW build: candidate list size while linking a new node
+HNSW_EF_SEARCH = 512              # HNSW search: candidate list size (at least k is used); stored in map.json
 SMALL_SEARCH_WORK = 1 << 25        # multiply-adds below which a CPU search runs on one thread
 GPU_MAX_K = 2048                   # faiss GPU's largest k (and nprobe) per search
 GPU_SHARED_MEMORY_BYTES = 48 * 1024   # IVF-PQ lookup tables (m x 2^nbits floats per query) must fit here
 _NPY_HEADER_BYTES = 128            # global.npy header is reserved up front and filled at commit
 _HASH_CHUNK = 16 * 1024**2
 _REBUILD = "rebuild the map with `r2former build-map`"
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """One drive of a map (map.json `sessions`): where its entries came from and in what conditions."""
+    id: int
+    name: str
+    source: str
+    count: int
+    conditions: tuple[str, ...] = ()     # e.g. ("night", "rain"); () = not known
+    created: str = ""                    # ISO 8601 UTC time the session was built
+    host: str = ""
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "name": self.name, "source": self.source, "count": self.count,
+                "conditions": list(self.conditions), "created": self.created, "host": self.host}
 
 
 @dataclass(frozen=True)
@@ -122,6 +146,7 @@ class MapInfo:
     host: str = ""
     package_version: str = ""
     child_frame: str = ""       # the frame whose pose each entry holds (camera or base); "" = not recorded
+    sessions: tuple[SessionInfo, ...] = ()   # the drives of the map, by id; maps without a table: one session
 
     @property
     def parent_frame(self) -> str:
@@ -365,6 +390,88 @@ def _buffer_owned_by(index: Any, ptr_array: np.ndarray, dtype: np.dtype, shape: 
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directory entries (Linux `renameat2(RENAME_EXCHANGE)`).
+
+    Returns False when the kernel, C library or filesystem does not support it (the caller then
+    falls back to two renames); raises OSError for any other failure.
+    """
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _rows(x: Any, start: int, stop: int) -> np.ndarray:
+    return np.ascontiguousarray(x[start:stop], dtype=np.float32)
+
+
+def build_ivfpq_index(x: Any) -> tuple[Any, dict]:
+    """An IVF-PQ inner-product index over the (M, G) rows of `x` (array or memmap), trained on them.
+
+    Returns (faiss index, the map.json `index` record). Parameters: see `_pq_params`.
+    """
+    M, G = x.shape
+    nlist, m, nbits = _pq_params(M, G)
+    n_train = min(M, max(64 * nlist, 39 * 2**nbits))
+    rng = np.random.default_rng(0)
+    train = np.sort(rng.choice(M, n_train, replace=False)) if n_train < M else np.arange(M)
+    t0 = time.perf_counter()
+    quantizer = faiss.IndexFlatIP(G)
+    index = faiss.IndexIVFPQ(quantizer, G, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    index.pq.cp.min_points_per_centroid = 1    # small maps: see _pq_params, silences faiss's warning
+    index.train(np.ascontiguousarray(x[train], dtype=np.float32))
+    for s in range(0, M, 65536):
+        index.add(_rows(x, s, s + 65536))
+    log.info("IVF-PQ index built: nlist=%d m=%d nbits=%d trained on %d vectors in %.1f s",
+             nlist, m, nbits, n_train, time.perf_counter() - t0)
+    return index, {"type": "ivfpq", "file": INDEX_FILE, "nlist": nlist, "m": m, "nbits": nbits,
+                   "metric": "inner_product", "refine_factor": IVFPQ_REFINE_FACTOR}
+
+
+def build_hnsw_index(x: Any, global_dtype: str = "float32", m: int = HNSW_M,
+                     ef_construction: int = HNSW_EF_CONSTRUCTION, ef_search: int = HNSW_EF_SEARCH) -> tuple[Any, dict]:
+    """An HNSW inner-product graph over the (M, G) rows of `x`; returns (faiss index, map.json record).
+
+    The graph's storage holds the descriptors exactly as the map stores them (float32 rows, or
+    float16 through a QT_fp16 scalar quantizer), so its scores are the exact inner products of the
+    vectors it visits and no re-scoring is needed; at load the storage is the map's `global_desc`.
+    """
+    M, G = x.shape
+    t0 = time.perf_counter()
+    if global_dtype == "float16":
+        index = faiss.IndexHNSWSQ(G, faiss.ScalarQuantizer.QT_fp16, m, faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexHNSWFlat(G, m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = ef_construction
+    if not index.is_trained:
+        index.train(_rows(x, 0, min(M, 1000)))     # QT_fp16 needs no statistics; faiss wants the call
+    # One add of all vectors (a float32 copy of them in RAM meanwhile): faiss links a batch's vertices level
+    # by level, and adding in chunks of 65536 built a much worse graph (recall of the top 100 0.72 instead of
+    # 0.99 on 300k map-like descriptors, bench/index_scale.py).
+    index.add(_rows(x, 0, M))
+    log.info("HNSW index built: %d vectors, M=%d efConstruction=%d in %.1f s", M, m, ef_construction,
+             time.perf_counter() - t0)
+    return index, {"type": "hnsw", "file": INDEX_FILE, "m": m, "ef_construction": ef_construction,
+                   "ef_search": ef_search, "metric": "inner_product"}
+
+
 # ============================================================================ writer
 
 
@@ -407,12 +514,48 @@ class MapWriter:
         self._thumb_index = array.array("q")
         self._thumb_offset = 0
         self._names: list[str] = []
+        self._session_ids = array.array("i")
+        self._sessions: list[dict] = []
         log.debug("writing map into %s", self._tmp)
 
     # ----------------------------------------------------------------- adding entries
     @property
     def count(self) -> int:
         return self._count
+
+    @property
+    def session(self) -> int | None:
+        """Id of the session that entries are added to now (None before the first one begins)."""
+        return len(self._sessions) - 1 if self._sessions else None
+
+    @property
+    def session_count(self) -> int:
+        """Entries added to the current session so far."""
+        return self._sessions[-1]["count"] if self._sessions else 0
+
+    @property
+    def global_dtype(self) -> np.dtype:
+        return self._gdtype
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """(global_dim, num_local, local_values) of the map's entries."""
+        return self._G, self._N, self._C
+
+    def begin_session(self, name: str = "", source: str | None = None, conditions: Sequence[str] = (),
+                      created: str | None = None, host: str | None = None) -> int:
+        """Start a new session (one drive): the entries added from now on belong to it. Returns its id.
+
+        A writer whose first entry comes before any `begin_session` starts one session named after
+        the map's source. `created`/`host` default to now and this host (a merge passes the
+        original session's). Sessions left without entries are dropped at commit.
+        """
+        self._require_open()
+        conds = tuple(str(c).strip() for c in conditions if str(c).strip())
+        self._sessions.append({"name": str(name), "source": self._meta["source"] if source is None else str(source),
+                               "conditions": list(conds), "created": created or _utc_now(),
+                               "host": socket.gethostname() if host is None else str(host), "count": 0})
+        return len(self._sessions) - 1
 
     def add(self, global_desc: np.ndarray, local: np.ndarray, pose: Sequence[float] | np.ndarray, stamp: float,
             name: str, thumbnail: np.ndarray | None = None) -> int:
@@ -468,7 +611,36 @@ class MapWriter:
         p = p.copy()
         p[:, 3:] /= qn[:, None]
         jpegs = [b"" if t is None else _make_thumbnail(t) for t in (thumbnails or [None] * B)]
+        self._append(g, loc, p, st, names, jpegs)
 
+    def add_encoded(self, global_descs: np.ndarray, locals_: np.ndarray, poses: np.ndarray, stamps: np.ndarray,
+                    names: Sequence[str], jpegs: Sequence[bytes]) -> None:
+        """Append B entries exactly as another map stores them (merging, appending, sharded builds).
+
+        global (B, G) in this map's global dtype and local (B, N, C) float16 are written bit for bit,
+        poses (already unit quaternions) are not renormalised, `jpegs` are encoded thumbnails (b"" =
+        none). Use `add_batch` for new features.
+        """
+        self._require_open()
+        g, loc = np.asarray(global_descs), np.asarray(locals_)
+        B = len(names)
+        if g.shape != (B, self._G) or g.dtype != self._gdtype:
+            raise ValueError(f"global descriptors must be {self._gdtype} ({B}, {self._G}), got {g.dtype} {g.shape}")
+        if loc.shape != (B, self._N, self._C) or loc.dtype != np.float16:
+            raise ValueError(f"local features must be float16 ({B}, {self._N}, {self._C}), got {loc.dtype} {loc.shape}")
+        p = np.asarray(poses, dtype=np.float64)
+        st = np.asarray(stamps, dtype=np.float64).reshape(-1)
+        if p.shape != (B, 7) or st.shape != (B,) or len(jpegs) != B:
+            raise ValueError(f"expected {B} poses (7 values), stamps and thumbnails, got {p.shape}, {st.shape}, "
+                             f"{len(jpegs)}")
+        self._append(np.ascontiguousarray(g), np.ascontiguousarray(loc), p, st, list(names),
+                     [bytes(j) for j in jpegs])
+
+    def _append(self, g: np.ndarray, loc: np.ndarray, p: np.ndarray, st: np.ndarray, names: Sequence[str],
+                jpegs: list[bytes]) -> None:
+        B = len(names)
+        if self.session is None:
+            self.begin_session()
         try:
             self._global_f.write(memoryview(g).cast("B"))
             self._local_f.write(memoryview(loc).cast("B"))
@@ -488,6 +660,8 @@ class MapWriter:
         self._poses.extend(p.reshape(-1).tolist())
         self._stamps.extend(st.tolist())
         self._names.extend(names)
+        self._session_ids.extend([self.session] * B)
+        self._sessions[-1]["count"] += B
         self._count += B
 
     # ----------------------------------------------------------------- finishing
@@ -565,6 +739,7 @@ class MapWriter:
                   POSES_FILE: np.frombuffer(self._poses, dtype=np.float64).reshape(M, 7),
                   STAMPS_FILE: np.frombuffer(self._stamps, dtype=np.float64),
                   THUMBS_INDEX_FILE: np.frombuffer(self._thumb_index, dtype=np.int64).reshape(M, 2)}
+        arrays[SESSIONS_FILE] = self._finish_sessions()
         for name, arr in arrays.items():
             f = open(self._tmp / name, "wb")
             np.save(f, arr, allow_pickle=False)
@@ -572,41 +747,40 @@ class MapWriter:
         f = open(self._tmp / NAMES_FILE, "w", encoding="utf-8")
         json.dump(self._names, f, ensure_ascii=False)
         finish(f, NAMES_FILE)
-        if self._index_type == "ivfpq":
-            self._index_params = self._build_ivfpq()
-            if self._index_params["type"] == "ivfpq":
-                files[INDEX_FILE] = {"bytes": (self._tmp / INDEX_FILE).stat().st_size,
-                                     "sha256": _sha256_file(self._tmp / INDEX_FILE)}
-        else:
-            self._index_params = {"type": "flat"}
+        self._index_params = self._build_index()
+        if self._index_params["type"] != "flat":
+            files[INDEX_FILE] = {"bytes": (self._tmp / INDEX_FILE).stat().st_size,
+                                 "sha256": _sha256_file(self._tmp / INDEX_FILE)}
         return files
 
-    def _build_ivfpq(self) -> dict:
-        M, G = self._count, self._G
-        if M < IVFPQ_MIN_COUNT:
+    def _finish_sessions(self) -> np.ndarray:
+        """Session ids with empty sessions dropped (ids renumbered in order); fills in each count."""
+        ids = np.frombuffer(self._session_ids, dtype=np.int32)
+        counts = np.bincount(ids, minlength=len(self._sessions))
+        used = np.flatnonzero(counts)
+        renumber = np.full(len(self._sessions), -1, np.int32)
+        renumber[used] = np.arange(len(used), dtype=np.int32)
+        self._sessions = [dict(self._sessions[i], count=int(counts[i])) for i in used]   # counts as written
+        return renumber[ids]
+
+    def _build_index(self) -> dict:
+        M = self._count
+        if self._index_type == "flat":
+            return {"type": "flat"}
+        if self._index_type == "ivfpq" and M < IVFPQ_MIN_COUNT:
             log.warning("map has %d entries (< %d): storing no IVF-PQ index, exact search is used", M,
                         IVFPQ_MIN_COUNT)
             return {"type": "flat"}
-        nlist, m, nbits = _pq_params(M, G)
         x = np.load(self._tmp / GLOBAL_FILE, mmap_mode="r", allow_pickle=False)
-        n_train = min(M, max(64 * nlist, 39 * 2**nbits))
-        rng = np.random.default_rng(0)
-        train = np.sort(rng.choice(M, n_train, replace=False)) if n_train < M else np.arange(M)
-        t0 = time.perf_counter()
-        quantizer = faiss.IndexFlatIP(G)
-        index = faiss.IndexIVFPQ(quantizer, G, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
-        index.pq.cp.min_points_per_centroid = 1    # small maps: see _pq_params, silences faiss's warning
-        index.train(np.ascontiguousarray(x[train], dtype=np.float32))
-        for s in range(0, M, 65536):
-            index.add(np.ascontiguousarray(x[s:s + 65536], dtype=np.float32))
+        if self._index_type == "ivfpq":
+            index, params = build_ivfpq_index(x)
+        else:
+            index, params = build_hnsw_index(x, self._gdtype.name)
+        del x
         faiss.write_index(index, str(self._tmp / INDEX_FILE))
         with open(self._tmp / INDEX_FILE, "rb+") as f:
             os.fsync(f.fileno())
-        del x
-        log.info("IVF-PQ index built: nlist=%d m=%d nbits=%d trained on %d vectors in %.1f s",
-                 nlist, m, nbits, n_train, time.perf_counter() - t0)
-        return {"type": "ivfpq", "file": INDEX_FILE, "nlist": nlist, "m": m, "nbits": nbits,
-                "metric": "inner_product", "refine_factor": IVFPQ_REFINE_FACTOR}
+        return params
 
     def _write_map_json(self, files: dict[str, dict]) -> None:
         doc = {
@@ -624,9 +798,9 @@ class MapWriter:
             "child_frame": self._meta["child_frame"],
             "pose_layout": POSE_LAYOUT,
             "index": self._index_params,
-            "created": {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                        "host": socket.gethostname(), "package_version": __version__,
+            "created": {"time": _utc_now(), "host": socket.gethostname(), "package_version": __version__,
                         "source": self._meta["source"]},
+            "sessions": [{"id": i, **rec} for i, rec in enumerate(self._sessions)],
             "files": files,
         }
         with open(self._tmp / MAP_JSON, "w", encoding="utf-8") as f:
@@ -643,6 +817,15 @@ class MapWriter:
                            "Pass overwrite=True (--overwrite) or choose another name")
         else:
             _check_replaceable(final)
+            if _exchange(self._tmp, final):
+                # One atomic step: `final` is the new map and the temporary name holds the old one,
+                # which a later writer removes if this process dies before it does.
+                try:
+                    _fsync_dir(final.parent)
+                except OSError as e:
+                    log.warning("fsync of %s after replacing map %s failed: %s", final.parent, final.name, e)
+                _remove_tree(self._tmp)
+                return
             old = final.parent / f"{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
             os.rename(final, old)
             try:
@@ -678,13 +861,15 @@ class MapDatabase:
 
     def __init__(self, info: MapInfo, global_desc: np.ndarray, poses: np.ndarray, stamps: np.ndarray,
                  names: list[str], local_crc: np.ndarray, thumb_index: np.ndarray, cpu_index: Any,
-                 gpu_id: int | None, nprobe: int, verify_reads: bool, search_threads: int | None = None) -> None:
+                 gpu_id: int | None, nprobe: int, verify_reads: bool, search_threads: int | None = None, *,
+                 sessions: np.ndarray | None = None) -> None:
         self.info = info
         self.path = info.path
         self.global_desc = global_desc
         self.poses = poses
         self.stamps = stamps
         self.names = names
+        self.sessions = np.zeros(len(names), np.int32) if sessions is None else sessions
         self.verify_reads = verify_reads
         self.search_threads = search_threads
         self._crc = local_crc
@@ -761,6 +946,13 @@ class MapDatabase:
                          frame_id=frame_id, child_frame=str(child_frame), source=str(source), index=index, overwrite=overwrite,
                          global_dtype=global_dtype)
 
+    @staticmethod
+    def read_info(path: str | os.PathLike) -> MapInfo:
+        """What map.json says about the map at `path` (format, model, dims, frames, sessions), without
+        loading or verifying its data files."""
+        root = Path(path).absolute()
+        return _parse_info(root, _read_map_json(root))
+
     @classmethod
     def load(cls, path: str | os.PathLike, expected_fingerprint: str | None = None, verify: str = "auto",
              device: str = "cpu", *, nprobe: int = 16, verify_reads: bool = True,
@@ -807,11 +999,21 @@ class MapDatabase:
             raise MapError(f"{THUMBS_INDEX_FILE} in {root} points outside {THUMBS_FILE}: the map is damaged; "
                            f"{_REBUILD}")
         names = _load_names(root, M)
+        sessions = _load_sessions(root, doc, info)
+        if info.index == "hnsw" and gpu_id is not None:
+            log.info("map %s has an HNSW index, which faiss cannot search on a GPU: searching on CPU (build the map "
+                     "with --index flat or ivfpq for GPU search)", root)
+            gpu_id = None
 
         gdtype = np.dtype(info.global_dtype)
         if info.index == "ivfpq":
             global_desc = np.empty((M, G), dtype=gdtype)
             cpu_index = None
+        elif info.index == "hnsw":
+            # The graph's storage holds the (M, G) rows: global.npy is read into it (same bits, checked).
+            cpu_index = _read_index_file(root, M, G)
+            global_desc = _hnsw_storage(root, cpu_index, gdtype)
+            cpu_index.hnsw.efSearch = int(doc["index"].get("ef_search", HNSW_EF_SEARCH))
         elif gdtype == np.float32:
             cpu_index = faiss.IndexFlatIP(G)
             cpu_index.codes.resize(M * G * 4)
@@ -826,18 +1028,11 @@ class MapDatabase:
         _read_global_into(root, global_desc, files[GLOBAL_FILE]["sha256"] if GLOBAL_FILE in to_hash else None)
         global_desc.flags.writeable = False
         if cpu_index is None:
-            try:
-                cpu_index = faiss.read_index(str(root / INDEX_FILE))
-            except RuntimeError as e:
-                raise MapError(f"{INDEX_FILE} in {root} cannot be read by faiss ({str(e).splitlines()[0]}): "
-                               f"delete the map and {_REBUILD}") from e
-            if cpu_index.ntotal != M or cpu_index.d != G:
-                raise MapError(f"{INDEX_FILE} in {root} holds {cpu_index.ntotal} vectors of {cpu_index.d} dims, "
-                               f"map.json says {M} x {G}: {_REBUILD}")
-        else:
+            cpu_index = _read_index_file(root, M, G)
+        elif info.index != "hnsw":
             cpu_index.ntotal = M
         db = cls(info, global_desc, poses, stamps, names, local_crc, thumb_index, cpu_index, gpu_id,
-                 nprobe, verify_reads, search_threads)
+                 nprobe, verify_reads, search_threads, sessions=sessions)
         log.info("map loaded: %s (%d entries, index %s on %s, verify=%s, %.2f s)", root, M, info.index,
                  db.search_device, verify, time.perf_counter() - t0)
         leftovers = _leftovers(root)
@@ -1008,11 +1203,31 @@ class MapDatabase:
         return int((np.asarray(self._thumb_index)[:, 1] > 0).sum())
 
     def keyframe_spacing(self) -> float:
-        """Median distance (metres) between consecutive map poses; 0.0 for maps of one image."""
+        """Median distance (metres) between consecutive map poses of the same session (the step from
+        one drive's last entry to the next drive's first is no spacing); 0.0 without such pairs."""
         if self._spacing is None:
-            d = np.linalg.norm(np.diff(self.poses[:, :3], axis=0), axis=1)
+            d = np.linalg.norm(np.diff(self.poses[:, :3], axis=0), axis=1)[self.sessions[1:] == self.sessions[:-1]]
             self._spacing = float(np.median(d)) if len(d) else 0.0
         return self._spacing
+
+    def thumbnail_jpeg(self, i: int) -> bytes:
+        """The entry's thumbnail exactly as stored (JPEG bytes; b"" = none), for copying it into another map."""
+        offset, length = (int(v) for v in self._thumb_index[int(i)])
+        data = os.pread(self._thumb_fd, length, offset) if length else b""
+        if len(data) != length:
+            raise MapError(f"{THUMBS_FILE} in {self.path} ends inside the thumbnail of entry {i}: {_REBUILD}")
+        return data
+
+    @property
+    def ef_search(self) -> int | None:
+        """HNSW maps: size of the search's candidate list (at least k is used); None for other indexes."""
+        return int(self._cpu_index.hnsw.efSearch) if self.info.index == "hnsw" else None
+
+    @ef_search.setter
+    def ef_search(self, value: int) -> None:
+        if self.info.index != "hnsw":
+            raise ConfigError(f"map {self.path} has a {self.info.index} index: ef_search applies to HNSW maps only")
+        self._cpu_index.hnsw.efSearch = max(1, int(value))
 
     def close(self) -> None:
         """Close the open files (the arrays stay usable; local() and thumbnail() stop working)."""
@@ -1048,11 +1263,12 @@ class MapDatabase:
                  NAMES_FILE: 2 + M * (name_bytes + 4),
                  THUMBS_FILE: M * int(thumb_bytes),
                  THUMBS_INDEX_FILE: hdr + 16 * M,
+                 SESSIONS_FILE: hdr + 4 * M,
                  MAP_JSON: 3000}
         disk = sum(files.values())
         # in RAM: global descriptors (held once, inside the faiss index), poses, stamps, CRCs,
-        # thumbnail index, names as Python strings (~50 bytes overhead each)
-        ram = M * G * gsize + M * (56 + 8 + 4 + 16) + M * (name_bytes + 50 + 8)
+        # thumbnail index, session ids, names as Python strings (~50 bytes overhead each)
+        ram = M * G * gsize + M * (56 + 8 + 4 + 16 + 4) + M * (name_bytes + 50 + 8)
         return {"disk_bytes": disk, "disk_bytes_per_image": disk / max(M, 1), "ram_bytes": ram, "files": files}
 
 
@@ -1159,7 +1375,35 @@ def _parse_info(root: Path, doc: dict) -> MapInfo:
                    source=_field(root, doc, "created.source", str), global_dtype=gdtype, index=index,
                    host=str(doc["created"].get("host", "")),
                    package_version=str(doc["created"].get("package_version", "")),
-                   child_frame=str(doc.get("child_frame", "")), **dims)
+                   child_frame=str(doc.get("child_frame", "")),
+                   sessions=_parse_sessions(root, doc, dims["count"]), **dims)
+
+
+def _parse_sessions(root: Path, doc: dict, count: int) -> tuple[SessionInfo, ...]:
+    """map.json's `sessions` table; a map written before sessions existed is one session (its build)."""
+    raw = doc.get("sessions")
+    if raw is None:
+        created = doc["created"]
+        return (SessionInfo(0, "", str(created.get("source", "")), count, (), str(created.get("time", "")),
+                            str(created.get("host", ""))),)
+    if not isinstance(raw, list) or not raw:
+        raise MapError(f"{MAP_JSON} in {root}: field 'sessions' must be a non-empty list; {_REBUILD}")
+    sessions = []
+    for i, rec in enumerate(raw):
+        ok = (isinstance(rec, dict) and rec.get("id") == i and isinstance(rec.get("count"), int)
+              and not isinstance(rec.get("count"), bool) and rec["count"] >= 1
+              and all(isinstance(rec.get(k, ""), str) for k in ("name", "source", "created", "host"))
+              and isinstance(rec.get("conditions", []), list)
+              and all(isinstance(c, str) for c in rec.get("conditions", [])))
+        if not ok:
+            raise MapError(f"{MAP_JSON} in {root}: session {i} of the 'sessions' table is invalid ({rec!r:.200}); "
+                           f"{_REBUILD}")
+        sessions.append(SessionInfo(i, rec.get("name", ""), rec.get("source", ""), rec["count"],
+                                    tuple(rec.get("conditions", [])), rec.get("created", ""), rec.get("host", "")))
+    if sum(x.count for x in sessions) != count:
+        raise MapError(f"{MAP_JSON} in {root}: the sessions hold {sum(x.count for x in sessions)} entries, the map "
+                       f"{count}; {_REBUILD}")
+    return tuple(sessions)
 
 
 def _check_files(root: Path, doc: dict, info: MapInfo) -> dict[str, dict]:
@@ -1169,10 +1413,11 @@ def _check_files(root: Path, doc: dict, info: MapInfo) -> dict[str, dict]:
     if outside:
         raise MapError(f"{MAP_JSON} in {root} lists files outside the map directory ({', '.join(outside)[:200]}): "
                        f"the map is damaged or was not written by r2former; {_REBUILD}")
-    if info.index == "ivfpq" and doc["index"].get("file", INDEX_FILE) != INDEX_FILE:
+    if info.index != "flat" and doc["index"].get("file", INDEX_FILE) != INDEX_FILE:
         raise MapError(f"{MAP_JSON} in {root}: index file {doc['index'].get('file')!r} is not {INDEX_FILE!r}: the map "
                        f"is damaged or was not written by r2former; {_REBUILD}")
-    needed = DATA_FILES + ((INDEX_FILE,) if info.index == "ivfpq" else ())
+    needed = (DATA_FILES + ((INDEX_FILE,) if info.index != "flat" else ())
+              + ((SESSIONS_FILE,) if "sessions" in doc else ()))
     M, G, N, C = info.count, info.global_dim, info.num_local, info.local_values
     implied = {LOCAL_FILE: (M * N * C * 2, f"{M} entries x {N} x {C} float16"),
                GLOBAL_FILE: (_NPY_HEADER_BYTES + M * G * np.dtype(info.global_dtype).itemsize,
@@ -1230,6 +1475,53 @@ def _load_names(root: Path, count: int) -> list[str]:
         raise MapError(f"{NAMES_FILE} in {root}: entry {i} {names[i]!r} {problem}; the map is damaged or was not "
                        f"written by r2former: {_REBUILD}")
     return names
+
+
+def _load_sessions(root: Path, doc: dict, info: MapInfo) -> np.ndarray:
+    """(M,) int32 session id per entry: sessions.npy, checked against the table; zeros for maps without one."""
+    M = info.count
+    if "sessions" not in doc:
+        ids = np.zeros(M, np.int32)
+        ids.flags.writeable = False
+        return ids
+    ids = _load_npy(root, SESSIONS_FILE, np.int32, (M,))
+    S = len(info.sessions)
+    if (ids < 0).any() or (ids >= S).any():
+        raise MapError(f"{SESSIONS_FILE} in {root} holds session ids outside 0..{S - 1} ({MAP_JSON} lists {S} "
+                       f"sessions): the map is damaged; {_REBUILD}")
+    counts = np.bincount(ids, minlength=S)
+    expected = [x.count for x in info.sessions]
+    if counts.tolist() != expected:
+        raise MapError(f"{SESSIONS_FILE} in {root} counts {counts.tolist()} entries per session, {MAP_JSON} "
+                       f"{expected}: the map is damaged; {_REBUILD}")
+    return ids
+
+
+def _read_index_file(root: Path, count: int, dim: int) -> Any:
+    try:
+        index = faiss.read_index(str(root / INDEX_FILE))
+    except RuntimeError as e:
+        raise MapError(f"{INDEX_FILE} in {root} cannot be read by faiss ({str(e).splitlines()[0]}): "
+                       f"delete the map and {_REBUILD}") from e
+    if index.ntotal != count or index.d != dim:
+        raise MapError(f"{INDEX_FILE} in {root} holds {index.ntotal} vectors of {index.d} dims, "
+                       f"map.json says {count} x {dim}: {_REBUILD}")
+    return index
+
+
+def _hnsw_storage(root: Path, index: Any, dtype: np.dtype) -> np.ndarray:
+    """A writable (M, G) view of an HNSW index's stored vectors (float32 flat or float16 scalar quantizer)."""
+    M, G = index.ntotal, index.d
+    storage = faiss.downcast_index(index.storage) if isinstance(index, faiss.IndexHNSW) else None
+    if dtype == np.float32:
+        ok = isinstance(storage, faiss.IndexFlat)
+    else:
+        ok = isinstance(storage, faiss.IndexScalarQuantizer) and storage.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+    if not ok or storage.codes.size() != M * G * dtype.itemsize:
+        raise MapError(f"{INDEX_FILE} in {root} is not an HNSW index over {dtype.name} vectors as {MAP_JSON} says: "
+                       f"{_REBUILD}")
+    ptr = faiss.rev_swig_ptr(storage.codes.data(), M * G * dtype.itemsize)
+    return _buffer_owned_by(index, ptr, dtype, (M, G))
 
 
 def _read_global_into(root: Path, out: np.ndarray, expected_sha: str | None) -> None:

@@ -26,7 +26,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")           # and cuda:N
 # Numeric precision of extraction and reranking (r2former_core.model.precision): fp32 is exact (parity with
 # the official code), auto = the fastest mode this machine accelerates and that keeps the ranking.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
-INDEX_TYPES = ("flat", "ivfpq")
+INDEX_TYPES = ("flat", "ivfpq", "hnsw")
 TIMING_STAGES = ("decode", "extract", "search", "rerank", "pose", "total")   # milliseconds, per frame
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 

@@ -18,6 +18,19 @@
   29 m standard deviation) even when the chosen place is right to a metre. So the covariance describes
   the chosen mode, ambiguity widens it in a bounded way, and strong ambiguity shows as low confidence,
   which `min_confidence` rejects.
+
+Maps of several sessions (drives of the same streets, e.g. by day and by night, merged with
+`r2former map merge`) hold several entries of one place. Two rules keep the estimate right:
+
+* Each session contributes its own `top` candidates (instead of `top` overall): another session's
+  entries of the chosen place are weighted as agreement like neighbouring keyframes are, and they
+  cannot crowd the look-alikes elsewhere out of the estimate. A map merged with a copy of itself
+  therefore gives exactly the estimate of the single map (a duplicate is no new evidence), while a
+  second session that matches the chosen place and not the look-alike raises the agreement (and the
+  confidence) and shrinks the covariance: agreeing sessions strengthen the estimate.
+* Whether a candidate agrees is decided by its position alone, whatever its session: sessions share
+  the map frame, so entries of other sessions at the chosen place are agreement, never look-alikes.
+  `sessions_agreeing` counts the sessions among the agreeing candidates.
 """
 from __future__ import annotations
 
@@ -35,6 +48,7 @@ class PoseEstimate:
     covariance: np.ndarray    # (6, 6)
     confidence: float
     agreement: float
+    sessions_agreeing: int = 1    # map sessions with a candidate at the chosen place (weight > 1 % of the best)
 
 
 def normalised_scores(mode: str, rerank_scores: np.ndarray) -> np.ndarray:
@@ -49,14 +63,33 @@ def _wrap(angle: np.ndarray) -> np.ndarray:
     return (angle + np.pi) % (2 * np.pi) - np.pi
 
 
+def top_per_session(sessions: np.ndarray, top: int) -> np.ndarray:
+    """Positions (ascending) of the candidates ranked among the first `top` of their own session."""
+    sessions = np.asarray(sessions).reshape(-1)
+    rank_in_session = np.zeros(len(sessions), np.int64)
+    seen: dict[int, int] = {}
+    for i, sid in enumerate(sessions.tolist()):
+        rank_in_session[i] = seen.get(sid, 0)
+        seen[sid] = rank_in_session[i] + 1
+    return np.flatnonzero(rank_in_session < top)
+
+
 def estimate_pose(poses: np.ndarray, scores01: np.ndarray, keyframe_spacing: float,
-                  cfg: PoseConfig = PoseConfig()) -> PoseEstimate:
-    """`poses` (K,7) and `scores01` (K,) of the reranked candidates, best first."""
+                  cfg: PoseConfig = PoseConfig(), sessions: np.ndarray | None = None) -> PoseEstimate:
+    """`poses` (K,7) and `scores01` (K,) of the reranked candidates, best first; `sessions` (K,) the
+    map session of each candidate (None: all of one session). See the module doc for sessions."""
     if len(poses) == 0:
         raise ValueError("no candidates to estimate a pose from")
-    top = min(cfg.top, len(poses))
-    p = np.asarray(poses[:top], dtype=np.float64)
-    s = np.asarray(scores01[:top], dtype=np.float64)
+    if sessions is None:
+        used = np.arange(min(cfg.top, len(poses)))
+        sess = np.zeros(len(used), np.int64)
+    else:
+        if len(sessions) != len(poses):
+            raise ValueError(f"{len(sessions)} session ids for {len(poses)} candidates")
+        used = top_per_session(sessions, cfg.top)
+        sess = np.asarray(sessions)[used]
+    p = np.asarray(poses, dtype=np.float64)[used]
+    s = np.asarray(scores01, dtype=np.float64)[used]
     w = np.exp((s - s.max()) / cfg.temperature)
     w /= w.sum()
     radius = cfg.agree_radius or max(5.0, 3.0 * keyframe_spacing)
@@ -85,4 +118,6 @@ def estimate_pose(poses: np.ndarray, scores01: np.ndarray, keyframe_spacing: flo
     if confidence < 0.5:   # continuous inflation: x1 at 0.5, x100 at 0.05 and below
         cov *= (0.5 / max(confidence, 0.05)) ** 2
     cov = 0.5 * (cov + cov.T)
-    return PoseEstimate(pose=pose, covariance=cov, confidence=confidence, agreement=agreement)
+    supporting = agree & (w >= 0.01 * w[0])
+    return PoseEstimate(pose=pose, covariance=cov, confidence=confidence, agreement=agreement,
+                        sessions_agreeing=len(np.unique(sess[supporting])))

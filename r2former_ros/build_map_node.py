@@ -12,6 +12,13 @@ Live (node `r2former_map_builder`; its parameters are listed in config/build_map
     build_map --live --image-topic /camera/image_raw --pose-topic /odom --pose-type odometry
               --out maps/campus [--duration 120] [--compressed] [--ros-args --params-file config/build_map.yaml]
 
+Appending (`--append MAP`, parameter `append`): the drive becomes a new session of the existing map
+MAP (same model, same frames), e.g. a night drive added to a day map. MAP's entries are copied into
+the new map before the subscriptions start; at the end MAP is replaced atomically (or the result goes
+to `out`). Until then MAP stays as it was, and an interrupted or empty drive leaves it untouched.
+
+    build_map --live --append maps/campus --session-name night --conditions night ...
+
 Live mode pairs every image with the pose interpolated at its stamp from a short pose history,
 keeps a keyframe when the camera moved `min_distance` metres or turned `min_angle` degrees since
 the last keyframe, extracts its features and appends it to the map. The map appears atomically
@@ -61,6 +68,7 @@ from r2former_core.frames import (
     uses_optical_convention,
 )
 from r2former_core.mapdb import MapDatabase, MapWriter
+from r2former_core.mapops import open_append
 from r2former_core.mapping import build_map
 from r2former_core.model import load_model
 from r2former_core.options import LocalizerConfig, add_config_option, device_type
@@ -78,7 +86,14 @@ WARN_THROTTLE_SEC = 5.0
 DRAIN_BUDGET_SEC = 3.0
 
 PARAMETERS: tuple[ParamSpec, ...] = (
-    ParamSpec("out", "", "output map directory (required; must not exist unless overwrite is true)", read_only=True),
+    ParamSpec("out", "", "output map directory (required unless append is set; must not exist unless overwrite is "
+              "true)", read_only=True),
+    ParamSpec("append", "", "existing map to add this drive to as a new session (same model and frames): replaced "
+              "atomically at the end, or the result goes to out when set; empty = build a new map", read_only=True),
+    ParamSpec("session_name", "", "name of this drive's session in the map (e.g. 'campus night'; empty = none)",
+              read_only=True),
+    ParamSpec("conditions", "", "comma-separated conditions of this drive recorded with its session (e.g. "
+              "'night,rain'; empty = not known)", read_only=True),
     ParamSpec("model_path", "", "model file; empty = the packaged demo model "
               "models/r2former_tiny_demo.safetensors (use the model the localizer will use)", read_only=True),
     ParamSpec.from_config(LocalizerConfig, "device", read_only=True),
@@ -153,16 +168,22 @@ class MapBuilderNode(Node):
         super().__init__(NODE_NAME, **kwargs)
         v = declare_parameters(self, PARAMETERS)
         self.values = v
-        if not v["out"]:
-            raise BuildMapError("no output map: pass --out MAP (or -p out:=MAP)")
+        if not v["out"] and not v["append"]:
+            raise BuildMapError("no output map: pass --out MAP (or -p out:=MAP), or --append MAP to add the drive "
+                                "to an existing map")
         self.given_frames = self._given_frames(v)
         self.model_path = resolve_model_path(v["model_path"], "parameter model_path")
         self.model = load_model(self.model_path, device=v["device"])
-        # The map's frames come with the pose messages, so the writer is created at the first keyframe;
-        # a writer started and aborted now fails early for an output that exists or does not fit.
-        self._create_writer(PoseFrames("map")).abort()
         self.writer: MapWriter | None = None
         self.frames: PoseFrames | None = None
+        self._frames_checked = False
+        if v["append"]:
+            # Appending: the map's frames are known, its entries are copied now (before any image arrives).
+            self.writer, self.frames = self._open_append()
+        else:
+            # The map's frames come with the pose messages, so the writer is created at the first keyframe;
+            # a writer started and aborted now fails early for an output that exists or does not fit.
+            self._create_writer(PoseFrames("map")).abort()
         self._frames_seen: Counter[tuple[str, str]] = Counter()
         self.failure: str | None = None
         self.counts = BuildCounts()
@@ -185,7 +206,7 @@ class MapBuilderNode(Node):
         self._worker = threading.Thread(target=self._work, name="r2former-map-builder", daemon=True)
         self._worker.start()
         self.get_logger().info(
-            f"building {v['out']} from {v['image_topic']} ({v['image_transport']}) + {v['pose_topic']} "
+            f"building {v['out'] or v['append']} from {v['image_topic']} ({v['image_transport']}) + {v['pose_topic']} "
             f"({v['pose_type']}); keyframes every {v['min_distance']} m / {v['min_angle']} deg; model "
             f"{self.model_path} ({self.model.fingerprint}); "
             + (f"stops after {v['duration']} s" if v["duration"] > 0 else "Ctrl-C to finish"))
@@ -200,21 +221,50 @@ class MapBuilderNode(Node):
                                 "frames; set only pose_frames")
         return parent or frame_id, child
 
+    @property
+    def _source(self) -> str:
+        v = self.values
+        return f"live {v['image_topic']} + {v['pose_topic']} ({v['pose_type']})"
+
+    @property
+    def _conditions(self) -> list[str]:
+        return [c.strip() for c in self.values["conditions"].split(",") if c.strip()]
+
     def _create_writer(self, frames: PoseFrames) -> MapWriter:
         v, cfg = self.values, self.model.cfg
-        return MapDatabase.create(
+        writer = MapDatabase.create(
             v["out"], fingerprint=self.model.fingerprint, model_config=json.loads(cfg.to_json()),
             image_size=cfg.image_size, global_dim=cfg.global_dim, num_local=cfg.local_tokens,
             local_values=cfg.local_values, frame_id=frames.parent, child_frame=frames.child,
-            overwrite=bool(v["overwrite"]), source=f"live {v['image_topic']} + {v['pose_topic']} ({v['pose_type']})")
+            overwrite=bool(v["overwrite"]), source=self._source)
+        writer.begin_session(v["session_name"], self._source, self._conditions)
+        return writer
+
+    def _open_append(self) -> tuple[MapWriter, PoseFrames]:
+        """A writer holding a copy of the `append` map and a new session for this drive, and the map's frames."""
+        v = self.values
+        info = MapDatabase.read_info(v["append"])
+        writer = open_append(v["append"], fingerprint=self.model.fingerprint, frame_id=info.frame_id,
+                             child_frame=info.child_frame, source=self._source, session_name=v["session_name"],
+                             conditions=self._conditions, out=v["out"] or None, overwrite=bool(v["overwrite"]),
+                             progress=False)
+        frames = PoseFrames(info.frame_id, info.child_frame,
+                            uses_optical_convention(info.child_frame, v["camera_convention"]))
+        self.get_logger().info(f"appending a session to {v['append']} ({len(info.sessions)} sessions, {info.count} "
+                               f"entries, the pose of {frames})" + (f"; writing {v['out']}" if v["out"] else ""))
+        return writer, frames
 
     def _open_map(self) -> MapWriter:
-        """The writer, created at the first keyframe with the frames the pose messages named so far."""
+        """The writer, created at the first keyframe with the frames the pose messages named so far (when
+        appending: created at start, and the messages' frames must be the map's)."""
+        if self._frames_checked:
+            assert self.writer is not None
+            return self.writer
+        with self._cond:
+            seen = dict(self._frames_seen)
+        what = f"pose topic {self.values['pose_topic']!r}"
         if self.writer is None:
-            with self._cond:
-                seen = dict(self._frames_seen)
-            parent, child, warnings = frames_from_messages(seen, self.given_frames,
-                                                           f"pose topic {self.values['pose_topic']!r}")
+            parent, child, warnings = frames_from_messages(seen, self.given_frames, what)
             for warning in warnings:
                 self.get_logger().warning(warning)
             self.frames = PoseFrames(parent, child, uses_optical_convention(child, self.values["camera_convention"]))
@@ -223,6 +273,19 @@ class MapBuilderNode(Node):
             if drift:
                 self.get_logger().warning(drift)
             self.get_logger().info(f"map poses: the pose of {self.frames}")
+        else:
+            assert self.frames is not None
+            parent, child, warnings = frames_from_messages(seen, self.given_frames, what)
+            if not child:       # PoseStamped names no child: the map's, unless pose_frames says otherwise
+                child = self.frames.child
+            else:
+                for warning in warnings:
+                    self.get_logger().warning(warning)
+            if (parent, child) != (self.frames.parent, self.frames.child):
+                raise BuildMapError(f"the pose messages of {what} hold the pose of {child or '(unnamed)'} in "
+                                    f"{parent}, map {self.values['append']} the pose of {self.frames}: a session "
+                                    "must have its map's frames (set pose_frames, or build a separate map)")
+        self._frames_checked = True
         return self.writer
 
     # ---------------------------------------------------------------- input
@@ -325,7 +388,7 @@ class MapBuilderNode(Node):
         c = self.counts
         summary = (f"{c.images} images, {c.poses} poses: {c.keyframes} keyframes, {c.not_keyframe} too close to "
                    f"the previous keyframe, {c.no_pose} without pose, {c.malformed} malformed, {c.dropped} dropped")
-        if self.writer is None or self.writer.count == 0:
+        if self.writer is None or self.writer.session_count == 0:
             if self.writer is not None:
                 self.writer.abort()
             if self.failure:
@@ -335,7 +398,8 @@ class MapBuilderNode(Node):
                                f"({self.values['image_topic']}, {self.values['pose_topic']}) and pose_type")
             return False
         db = self.writer.commit()
-        self._log("info", f"map written: {db.path} ({len(db)} images, the pose of {self.frames}); {summary}")
+        self._log("info", f"map written: {db.path} ({len(db)} images in {len(db.info.sessions)} session(s), "
+                          f"{self.writer.session_count} from this drive, the pose of {self.frames}); {summary}")
         return True
 
     def _log(self, level: str, message: str) -> None:
@@ -352,7 +416,8 @@ class MapBuilderNode(Node):
 OPTION_PARAMETERS = {"out": "out", "model": "model_path", "device": "device", "image_topic": "image_topic",
                      "pose_topic": "pose_topic", "pose_type": "pose_type", "min_distance": "min_distance",
                      "min_angle": "min_angle", "duration": "duration", "pose_frames": "pose_frames",
-                     "camera_convention": "camera_convention", "max_image_pixels": "max_image_pixels"}
+                     "camera_convention": "camera_convention", "max_image_pixels": "max_image_pixels",
+                     "append": "append", "session_name": "session_name", "conditions": "conditions"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,7 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--bag", help="build offline from this rosbag2 folder")
     mode.add_argument("--live", action="store_true", help="build from live topics until --duration or Ctrl-C")
-    p.add_argument("--out", help="output map directory")
+    p.add_argument("--out", help="output map directory (with --append: where the result goes instead of MAP)")
+    p.add_argument("--append", metavar="MAP",
+                   help="add the drive to the existing map MAP as a new session (same model and frames); MAP is "
+                        "replaced atomically at the end unless --out is given")
+    p.add_argument("--session-name", help="name of the drive's session (default none)")
+    p.add_argument("--conditions", help="comma-separated conditions of the drive, e.g. night,rain (default unknown)")
     p.add_argument("--image-topic", help=f"image topic (live default {defaults['image_topic']!r}; offline: the "
                                          "only image topic of the bag when omitted)")
     p.add_argument("--pose-topic", help=f"pose topic (live default {defaults['pose_topic']!r}); offline also /tf "
@@ -400,8 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_offline(args: argparse.Namespace) -> int:
     """Delegate to the core map builder (the code behind `r2former build-map`)."""
     defaults = {s.name: s.default for s in PARAMETERS}
-    if not args.out:
-        print("build_map: error: --out MAP is required", file=sys.stderr)
+    if not args.out and not args.append:
+        print("build_map: error: --out MAP (or --append MAP) is required", file=sys.stderr)
         return 2
     try:
         set_max_image_pixels(args.max_image_pixels if args.max_image_pixels is not None
@@ -413,7 +483,9 @@ def run_offline(args: argparse.Namespace) -> int:
         build_map(source, model, args.out,
                   min_distance=args.min_distance if args.min_distance is not None else defaults["min_distance"],
                   min_angle=args.min_angle if args.min_angle is not None else defaults["min_angle"],
-                  overwrite=args.overwrite, progress=sys.stderr.isatty())
+                  overwrite=args.overwrite, progress=sys.stderr.isatty(), append=args.append,
+                  index=None if args.append else "flat", session_name=args.session_name or "",
+                  conditions=[c for c in (args.conditions or "").split(",") if c.strip()])
     except EXPECTED_ERRORS as exc:
         print(f"build_map: error: {exc}", file=sys.stderr)
         return 2

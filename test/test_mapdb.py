@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from r2former_core import mapdb
-from r2former_core.errors import DeviceError
+from r2former_core.errors import ConfigError, DeviceError
 from r2former_core.mapdb import MapDatabase, MapError, MapInfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_round_trip_every_field(built, data):
     np.testing.assert_array_equal(db.local(np.arange(M)), data["local"].astype(np.float16))
     doc = json.loads((built / "map.json").read_text())
     assert doc["format"] == "r2former_ros.map"
-    assert set(doc["files"]) == set(mapdb.DATA_FILES)
+    assert set(doc["files"]) == set(mapdb.WRITTEN_FILES)
     assert doc["created"]["host"] and doc["created"]["time"]
     assert not db.global_desc.flags.writeable and not db.poses.flags.writeable
     # the documented numpy way to inspect a map
@@ -331,7 +331,7 @@ def test_writer_rejects_bad_input(tmp_path, data):
         w.add(data["glob"][0], data["local"][0], data["poses"][0], 0.0, "a")
     with pytest.raises(ValueError, match="index"):
         MapDatabase.create(tmp_path / "x", fingerprint=FP, model_config={}, image_size=(1, 1), global_dim=G,
-                           num_local=N, local_values=C, index="hnsw")
+                           num_local=N, local_values=C, index="lsh")
 
 
 def test_exception_inside_with_leaves_nothing(tmp_path, data):
@@ -425,7 +425,8 @@ def test_overwrite_refuses_non_map_directory(tmp_path):
     assert (target / "thesis.tex").read_text() == "do not delete"
 
 
-def test_overwrite_failure_restores_old_map(built, data, monkeypatch):
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_overwrite_failure_restores_old_map(built, data, monkeypatch, exchange):
     real_rename = os.rename
 
     def failing_rename(src, dst):
@@ -433,7 +434,12 @@ def test_overwrite_failure_restores_old_map(built, data, monkeypatch):
             raise OSError(28, "No space left on device")
         return real_rename(src, dst)
 
+    def failing_exchange(a, b):
+        raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(mapdb.os, "rename", failing_rename)
+    # with the atomic exchange failing, or unsupported (then the two renames run and the second fails)
+    monkeypatch.setattr(mapdb, "_exchange", failing_exchange if exchange else lambda a, b: False)
     with pytest.raises(MapError, match="nothing was written"):
         build(built, make_data(m=7, seed=3, thumbs=False), overwrite=True)
     monkeypatch.undo()
@@ -478,6 +484,60 @@ def test_ivfpq_index_builds_saves_and_reloads(tmp_path):
     flip_byte(path / "index.faiss", (path / "index.faiss").stat().st_size // 2)
     with pytest.raises(MapError, match=r"index\.faiss .* corrupted"):
         MapDatabase.load(path)
+
+
+@pytest.mark.parametrize("global_dtype", ["float32", "float16"])
+def test_hnsw_index_round_trip(tmp_path, global_dtype, caplog):
+    d = make_data(m=1500, g=32, n=4, c=3, thumbs=False)
+    path = tmp_path / "hnsw"
+    build(path, d, index="hnsw", global_dtype=global_dtype)
+    doc = json.loads((path / "map.json").read_text())
+    assert doc["index"] == {"type": "hnsw", "file": "index.faiss", "m": mapdb.HNSW_M,
+                            "ef_construction": mapdb.HNSW_EF_CONSTRUCTION, "ef_search": mapdb.HNSW_EF_SEARCH,
+                            "metric": "inner_product"}
+    assert "index.faiss" in doc["files"]
+    db = MapDatabase.load(path, verify="full")
+    assert db.info.index == "hnsw" and db.ef_search == mapdb.HNSW_EF_SEARCH
+    stored = d["glob"].astype(global_dtype)
+    np.testing.assert_array_equal(db.global_desc, stored)     # the graph's storage is the map's descriptors
+    assert db.global_desc.dtype == np.dtype(global_dtype)
+    scores, idx = db.search(stored, 10)
+    np.testing.assert_array_equal(idx[:, 0], np.arange(1500))
+    exact = np.einsum("qg,qkg->qk", stored.astype(np.float32), stored[idx].astype(np.float32))
+    np.testing.assert_allclose(scores, exact, atol=1e-5)      # scores are exact inner products
+    truth = np.argsort(-(stored[:100].astype(np.float32) @ stored.astype(np.float32).T), axis=1)[:, :10]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx[:100], truth)])
+    assert recall >= 0.95
+    db.ef_search = 10
+    assert db.search(stored[:3], 50)[1].shape == (3, 50)     # k above ef_search: ef_search = k is used
+    assert (db.search(stored[:3], 50)[1] >= 0).all()
+    flat = build(tmp_path / "flat", make_data(m=5, thumbs=False))
+    assert flat.ef_search is None
+    with pytest.raises(ConfigError, match="HNSW maps only"):
+        flat.ef_search = 5
+    # a GPU cannot search an HNSW graph: the load says so and stays on CPU without trying
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(mapdb, "_faiss_gpu_available", lambda: True)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda *a: pytest.fail("HNSW moved to a GPU"), raising=False)
+    with caplog.at_level("INFO", logger="r2former_core.mapdb"):
+        assert MapDatabase.load(path, device="cuda").search_device == "cpu"
+    monkeypatch.undo()
+    assert "HNSW index, which faiss cannot search on a GPU" in caplog.text
+    flip_byte(path / "index.faiss", (path / "index.faiss").stat().st_size // 2)
+    with pytest.raises(MapError, match=r"index\.faiss .* corrupted"):
+        MapDatabase.load(path)
+
+
+def test_hnsw_file_of_another_kind_is_refused(tmp_path):
+    d = make_data(m=1200, g=32, n=4, c=3, thumbs=False)
+    build(tmp_path / "ivf", d, index="ivfpq")
+    build(tmp_path / "h", d, index="hnsw")
+    (tmp_path / "h" / "index.faiss").write_bytes((tmp_path / "ivf" / "index.faiss").read_bytes())
+    files = json.loads((tmp_path / "h" / "map.json").read_text())["files"]
+    files["index.faiss"]["bytes"] = (tmp_path / "h" / "index.faiss").stat().st_size
+    edit_json(tmp_path / "h", files=files)
+    with pytest.raises(MapError, match="not an HNSW index over float32 vectors"):
+        MapDatabase.load(tmp_path / "h", verify="quick")
 
 
 def test_small_ivfpq_request_falls_back_to_flat(tmp_path, data):

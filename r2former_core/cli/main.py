@@ -20,7 +20,8 @@ from .common import apply_image_limit
 
 # Subcommand modules, in the order `--help` lists them: names relative to this package, or absolute (`launch`
 # starts ROS processes and lives with the nodes; it never imports rclpy).
-SUBCOMMANDS = ["build_map", "localize", "eval", "map_info", "synth", "train", "r2former_ros.launcher", "check_parity"]
+SUBCOMMANDS = ["build_map", "localize", "eval", "map_info", "map_group", "synth", "train", "r2former_ros.launcher",
+               "check_parity"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,15 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="r2former",
         description="R2Former visual localization, offline: build maps from image folders or rosbag2 files, "
                     "localize images against them, evaluate recall, train models, check parity.")
-    _add_logging_options(parser, top_level=True)
+    add_logging_options(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         module = importlib.import_module(name if "." in name else f"{__package__}.{name}")
-        _add_logging_options(module.add_parser(sub), top_level=False)
+        add_logging_options(module.add_parser(sub), top_level=False)
     return parser
 
 
-def _add_logging_options(p: argparse.ArgumentParser, top_level: bool) -> None:
+def add_logging_options(p: argparse.ArgumentParser, top_level: bool) -> None:
     """--log-level / --log-json, before or after the command (`r2former --log-level ERROR eval ...` or
     `r2former eval ... --log-level ERROR`); a command's own copy only overrides when given."""
     unset = {} if top_level else {"default": argparse.SUPPRESS}

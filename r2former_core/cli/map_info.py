@@ -1,4 +1,5 @@
-"""`r2former map-info`: what a map holds (model, size, extent, spacing) and whether its files are intact."""
+"""`r2former map-info` (also `r2former map info`): what a map holds (model, size, extent, spacing, sessions) and
+whether its files are intact."""
 from __future__ import annotations
 
 import argparse
@@ -6,14 +7,23 @@ import json
 from pathlib import Path
 
 
+HELP = "print a map's metadata, extent and sessions, and verify its files"
+DESCRIPTION = ("Load a map directory, checking its files (--verify), and print what it holds: entries, the model "
+               "fingerprint and configuration it was built with, feature shapes, frame, source, index, disk size, "
+               "the extent and length of its trajectory, keyframe spacing and time span, and its sessions (the drives "
+               "it was built or merged from: source, conditions when known, entries, extent). A damaged or "
+               "mismatched map fails with a message naming the problem (exit status 2).")
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("map-info", help=HELP, description=DESCRIPTION)
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """map-info's arguments (shared with `r2former map info`)."""
     from ..mapdb import VERIFY_MODES
-    p = sub.add_parser("map-info", help="print a map's metadata and extent, and verify its files",
-                       description="Load a map directory, checking its files (--verify), and print what it holds: "
-                                   "entries, the model fingerprint and configuration it was built with, feature "
-                                   "shapes, frame, source, index, disk size, the extent and length of its "
-                                   "trajectory, keyframe spacing and time span. A damaged or mismatched map fails "
-                                   "with a message naming the problem (exit status 2).")
     p.add_argument("map", help="map directory built with `r2former build-map` or the build_map node")
     p.add_argument("--verify", default="full", choices=VERIFY_MODES,
                    help="full (default): sha256 of every file; auto: as the localizer loads it (full below 2 GiB, "
@@ -22,12 +32,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="also check that the map was built with this weights file (compares fingerprints)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=run)
-    return p
 
 
 def summarize(db) -> dict:
     """Everything map-info prints, as plain values."""
     import numpy as np
+
+    from ..mapops import session_summaries
     info = db.info
     files = sorted(Path(info.path).iterdir())
     xy = np.asarray(db.poses[:, :2], np.float64)
@@ -49,6 +60,7 @@ def summarize(db) -> dict:
         "keyframe_spacing_m": float(db.keyframe_spacing()),
         "time_span_s": float(stamps.max() - stamps.min()) if len(stamps) else 0.0,
         "thumbnails": db.thumbnail_count,
+        "sessions": session_summaries(db),
     }
 
 
@@ -88,4 +100,19 @@ def run(args) -> int:
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print(f"\n{len(s['sessions'])} session{'s' if len(s['sessions']) != 1 else ''}:")
+    print(format_sessions(s["sessions"]))
     return 0
+
+
+def format_sessions(sessions: list[dict]) -> str:
+    """The sessions as a table: id, name, entries, conditions, extent, length, created, source."""
+    header = ("id", "name", "entries", "conditions", "extent x / y (m)", "length", "created", "source")
+    rows = [header]
+    for x in sessions:
+        e = x["extent_m"]
+        rows.append((str(x["id"]), x["name"] or "-", str(x["count"]), ",".join(x["conditions"]) or "unknown",
+                     f"{e['x'][0]:.0f}..{e['x'][1]:.0f} / {e['y'][0]:.0f}..{e['y'][1]:.0f}",
+                     f"{x['trajectory_length_m']:.0f} m", x["created"][:19] or "-", x["source"] or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    return "\n".join("  ".join(f"{c:<{w}}" for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
