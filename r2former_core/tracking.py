@@ -1,0 +1,539 @@
+"""Tracking: a recursive Bayes filter over the map's entries that follows the robot between frames.
+
+Single-frame localization answers every frame on its own, so a look-alike place wins now and then
+and the pose jumps across the map. A robot moves continuously and the map is a set of posed images
+along its drives; the tracker uses both (docs/TRACKING.md has the design, the measurements and why
+this form was chosen over a particle filter).
+
+The belief is a probability over (map entry, speed along the entry's heading), kept for the few
+hundred entries where the robot can be (the support), plus two scalars: *anywhere on the map*
+(spread uniformly over all entries: the prior a kidnap falls back to) and *elsewhere* (not on the
+map: the observation is explained by no entry). Per frame:
+
+1. predict: with an odometry increment (forward, left, turn in the robot frame) every entry's mass
+   moves to the entries near the entry's pose composed with the increment; without odometry each
+   speed state moves its mass along the entry's heading by speed x dt and the speed changes by at
+   most a few m/s^2 (`accel_std`), bounded by `max_speed`. So the filter estimates a velocity: the
+   motion has a direction even without odometry. A little of the belief returns to the prior every
+   second (`kidnap_rate`), which is what lets a new place take over after a kidnap.
+2. choose candidates: while tracking, the support's most probable entries (`track_candidates`) plus a
+   few of the global top-k (`kidnap_candidates`, to notice a kidnap); otherwise the whole top_k, as a
+   single frame does. The localizer reranks exactly these.
+3. update: each reranked entry's score becomes a likelihood ratio (calibrated: log LR = score_gain x
+   logit(score) + score_bias, bounded by `max_log_lr`); entries not reranked use their global cosine
+   (global_gain, global_bias). "Elsewhere" has likelihood ratio 1.
+4. publish: the most probable entry and its neighbours within `mode_radius` form the place; its
+   probability is the confidence. Pose = mass-weighted position (orientation of the most probable
+   entry), covariance = the place's spread plus a floor, widened when the place holds less than all
+   of the belief. Below `min_mass` nothing is published: a split belief is not a pose.
+
+States: `global` (no place yet: the whole top_k is reranked), `tracking` (a place holds the belief),
+`lost` (tracking failed for `lost_frames` frames: global search again until a place holds the belief).
+
+Stamps: frames must come in time order. A frame with the stamp of the last one (a duplicate) or an
+older one (out of order, less than `reset_jump` seconds back) is not used: the result is not accepted,
+nothing is reranked and the filter is unchanged. A stamp more than `reset_jump` seconds before the last
+(a replayed or looped bag) resets the filter, and a gap longer than `max_gap` seconds restarts the
+global search (a prediction over such a gap says nothing).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .data.poses import compose_poses, invert_poses, yaw_from_quat
+from .localizer import Localizer
+from .options import TrackingConfig
+from .pose import normalised_scores
+from .results import LocalizationResult
+
+log = logging.getLogger(__name__)
+
+STATES = ("global", "tracking", "lost")
+_MODE_HEADING = math.radians(60.0)      # entries facing further away than this are another place
+_OFF_MAP = math.exp(-0.5 * 2.0 ** 2)    # weight of "no entry there": as if one entry sat 2 sigma away
+_PRUNE = 1e-5                           # entries below this fraction of the most probable one are dropped
+
+
+def _wrap(angle: np.ndarray) -> np.ndarray:
+    return (np.asarray(angle) + np.pi) % (2 * np.pi) - np.pi
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """Error function (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7); numpy has none."""
+    x = np.asarray(x, dtype=np.float64)
+    s = np.sign(x)
+    a = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return s * (1.0 - poly * np.exp(-a * a))
+
+
+def planar_increment(previous: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """(forward, left, turn) motion from pose `previous` to pose `current` (7,), in the previous pose's frame."""
+    rel = compose_poses(invert_poses(np.asarray(previous, np.float64)), np.asarray(current, np.float64))
+    return np.array([rel[0], rel[1], float(yaw_from_quat(rel[3:]))])
+
+
+class _Grid:
+    """Map entries bucketed by position: which entries lie within a radius of some points."""
+
+    def __init__(self, xy: np.ndarray, cell: float):
+        self.xy = np.asarray(xy, np.float64)
+        self.cell = float(cell)
+        keys = np.floor(self.xy / self.cell).astype(np.int64)
+        self._buckets: dict[tuple[int, int], np.ndarray] = {}
+        if len(keys):
+            order = np.lexsort((keys[:, 1], keys[:, 0]))
+            ks = keys[order]
+            cuts = np.flatnonzero(np.any(np.diff(ks, axis=0) != 0, axis=1)) + 1
+            for group in np.split(order, cuts):
+                self._buckets[(int(keys[group[0], 0]), int(keys[group[0], 1]))] = group
+
+    def near(self, points: np.ndarray, radius: float) -> np.ndarray:
+        """Sorted entries within `radius` of any of `points` (n, 2)."""
+        pts = np.asarray(points, np.float64).reshape(-1, 2)
+        if not len(pts) or not self._buckets:
+            return np.zeros(0, np.int64)
+        lo = np.floor((pts - radius) / self.cell).astype(np.int64)
+        hi = np.floor((pts + radius) / self.cell).astype(np.int64)
+        cells: set[tuple[int, int]] = set()
+        for (x0, y0), (x1, y1) in zip(lo, hi):
+            cells.update((i, j) for i in range(x0, x1 + 1) for j in range(y0, y1 + 1))
+        found = [self._buckets[c] for c in cells if c in self._buckets]
+        if not found:
+            return np.zeros(0, np.int64)
+        cand = np.unique(np.concatenate(found))
+        d2 = ((self.xy[cand, None, :] - pts[None, :, :]) ** 2).sum(-1).min(1)
+        return cand[d2 <= radius * radius]
+
+
+@dataclass
+class Place:
+    """The belief's most probable place."""
+    pose: np.ndarray          # (7,) map frame
+    covariance: np.ndarray    # (6, 6) x y z roll pitch yaw
+    mass: float               # probability that the robot is there
+    entries: np.ndarray       # map entries forming the place
+    speed: float              # m/s along the heading (mean over the place)
+
+
+class MapBelief:
+    """The filter itself (no model, no ROS): probability over (map entry, speed) plus "anywhere on the map"
+    and "elsewhere". See the module docstring for the model."""
+
+    def __init__(self, map_poses: np.ndarray, keyframe_spacing: float, config: TrackingConfig = TrackingConfig(),
+                 min_position_std: float = 0.5, min_yaw_std_deg: float = 3.0, roll_pitch_std_deg: float = 10.0):
+        self.config = config.validate()
+        poses = np.asarray(map_poses, np.float64)
+        self.poses = poses
+        self.xy = poses[:, :2].copy()
+        self.z = poses[:, 2].copy()
+        self.yaw = np.asarray(yaw_from_quat(poses[:, 3:]), np.float64).reshape(-1)
+        self.heading = np.stack([np.cos(self.yaw), np.sin(self.yaw)], 1)
+        self.spacing = max(float(keyframe_spacing), 0.1)
+        n = int(math.ceil(config.max_speed / config.speed_resolution - 1e-9))
+        self.speeds = np.linspace(-n * config.speed_resolution, n * config.speed_resolution, 2 * n + 1)
+        self.speeds = np.clip(self.speeds, -config.max_speed, config.max_speed)
+        self.position_std = config.position_std or self.spacing
+        self.mode_radius = config.mode_radius or max(10.0, 4.0 * self.spacing)
+        self.min_position_std = float(min_position_std)
+        self.min_yaw_std = math.radians(min_yaw_std_deg)
+        self.roll_pitch_std = math.radians(roll_pitch_std_deg)
+        self._grid = _Grid(self.xy, max(self.mode_radius, 4.0 * self.spacing))
+        self._speed_cache: dict[float, np.ndarray] = {}
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Back to the prior: anywhere on the map, or elsewhere."""
+        self.entries = np.zeros(0, np.int64)
+        self.mass = np.zeros((0, len(self.speeds)))
+        self.elsewhere = self.config.elsewhere_prior
+        self.uniform = 1.0 - self.elsewhere
+
+    def __len__(self) -> int:
+        """Support size: map entries the belief holds explicitly."""
+        return len(self.entries)
+
+    @property
+    def num_entries(self) -> int:
+        return len(self.xy)
+
+    def marginal(self) -> np.ndarray:
+        """Probability of each support entry (summed over speeds)."""
+        return self.mass.sum(1)
+
+    def most_probable(self, n: int) -> np.ndarray:
+        """Up to n support entries, most probable first."""
+        if not len(self.entries) or n <= 0:
+            return np.zeros(0, np.int64)
+        m = self.marginal()
+        order = np.argsort(-m, kind="stable")[:n]
+        return self.entries[order]
+
+    # ------------------------------------------------------------------ predict
+    def _speed_transition(self, sigma: float) -> np.ndarray:
+        """P[b', b]: probability of speed state b' after b, Gaussian change of std sigma, bounded by the bins."""
+        key = round(sigma, 4)
+        if key not in self._speed_cache:
+            v = self.speeds
+            half = 0.5 * self.config.speed_resolution
+            if sigma < 1e-6:
+                p = np.eye(len(v))
+            else:
+                z = np.sqrt(2.0) * sigma
+                p = 0.5 * (_erf((v[:, None] + half - v[None, :]) / z) - _erf((v[:, None] - half - v[None, :]) / z))
+                p /= p.sum(0, keepdims=True)
+            if len(self._speed_cache) > 64:
+                self._speed_cache.clear()
+            self._speed_cache[key] = p
+        return self._speed_cache[key]
+
+    def _speed_prior(self, speed: float, sigma: float) -> np.ndarray:
+        p = np.exp(-0.5 * ((self.speeds - speed) / max(sigma, 1e-3)) ** 2)
+        total = p.sum()
+        return p / total if total > 0 else np.full(len(self.speeds), 1.0 / len(self.speeds))
+
+    def predict(self, dt: float, odometry: np.ndarray | None = None) -> None:
+        """Move the belief over `dt` seconds; `odometry` = (forward, left, turn) since the last frame, or None."""
+        cfg = self.config
+        if dt <= 0:
+            return
+        keep = math.exp(-cfg.kidnap_rate * dt)
+        leaked = 0.0
+        if len(self.entries):
+            src = self.entries
+            if odometry is not None:
+                dx, dy, dyaw = (float(v) for v in odometry)
+                c, s = self.heading[src, 0], self.heading[src, 1]
+                points = (self.xy[src] + np.stack([c * dx - s * dy, s * dx + c * dy], 1))[:, None, :]
+                pred_yaw = (self.yaw[src] + dyaw)[:, None]
+                sigma = math.hypot(self.position_std, cfg.odom_noise * math.hypot(dx, dy))
+                weight = self.marginal()[:, None]
+                reach = math.hypot(dx, dy)
+            else:
+                step = self.speeds * dt
+                points = self.xy[src][:, None, :] + step[None, :, None] * self.heading[src][:, None, :]
+                pred_yaw = self.yaw[src][:, None]
+                sigma = math.hypot(self.position_std, 0.5 * cfg.accel_std * dt * dt)
+                weight = self.mass
+                reach = float(np.abs(step).max())
+            dest = self._grid.near(self.xy[src], reach + 3.0 * sigma)
+            d2 = ((points[:, :, None, :] - self.xy[dest][None, None, :, :]) ** 2).sum(-1)
+            dh = _wrap(self.yaw[dest][None, None, :] - pred_yaw[:, :, None])
+            k = np.exp(-0.5 * d2 / sigma ** 2 - 0.5 * (dh / math.radians(cfg.heading_std_deg)) ** 2)
+            z = k.sum(-1, keepdims=True)
+            kn = k / (z + _OFF_MAP)
+            leaked = float((weight * (_OFF_MAP / (z[..., 0] + _OFF_MAP))).sum())
+            if odometry is not None:
+                moved = (weight * kn[:, 0, :]).sum(0)
+                spread = math.hypot(cfg.speed_resolution, cfg.odom_noise * abs(dx) / dt)
+                mass = moved[:, None] * self._speed_prior(dx / dt, spread)[None, :]
+            else:
+                a = np.einsum("sb,sbc->bc", self.mass, kn)
+                mass = (self._speed_transition(cfg.accel_std * dt) @ a).T
+            self.entries, self.mass = dest, mass
+            self._prune()
+        prior_else = cfg.elsewhere_prior
+        self.mass *= keep
+        self.uniform = self.uniform * keep + (1.0 - keep) * (1.0 - prior_else)
+        self.elsewhere = (self.elsewhere + leaked) * keep + (1.0 - keep) * prior_else
+        self._normalise()
+
+    # ------------------------------------------------------------------ update
+    def update(self, entries: np.ndarray, log_lr: np.ndarray, rest_log_lr: float) -> None:
+        """Bayes update with per-entry log likelihood ratios (against "elsewhere").
+
+        `entries` must include every support entry; `rest_log_lr` applies to the map entries not listed
+        (the part of "anywhere on the map" that was not observed)."""
+        entries = np.asarray(entries, np.int64)
+        lr = np.exp(np.asarray(log_lr, np.float64))
+        order = np.argsort(entries)
+        entries, lr = entries[order], lr[order]
+        nb = len(self.speeds)
+        share = self.uniform / self.num_entries
+        if len(self.entries):
+            pos = np.searchsorted(entries, self.entries)
+            if np.any(pos >= len(entries)) or np.any(entries[np.minimum(pos, len(entries) - 1)] != self.entries):
+                raise ValueError("update: every support entry needs a likelihood")
+            self.mass = self.mass * lr[pos][:, None]
+        # the uniform prior's share at the observed entries joins the support
+        merged = np.union1d(self.entries, entries)
+        mass = np.zeros((len(merged), nb))
+        if len(self.entries):
+            mass[np.searchsorted(merged, self.entries)] = self.mass
+        mass[np.searchsorted(merged, entries)] += (share * lr / nb)[:, None]
+        self.entries, self.mass = merged, mass
+        unobserved = max(self.num_entries - len(entries), 0)
+        self.uniform = share * unobserved * math.exp(rest_log_lr)
+        self._normalise()
+        self._prune()
+
+    def _normalise(self) -> None:
+        total = float(self.mass.sum()) + self.uniform + self.elsewhere
+        if not math.isfinite(total) or total <= 0:
+            log.warning("tracking belief degenerate (total %r): reset to the prior", total)
+            self.reset()
+            return
+        self.mass /= total
+        self.uniform /= total
+        self.elsewhere /= total
+
+    def _prune(self) -> None:
+        if not len(self.entries):
+            return
+        m = self.marginal()
+        keep = m >= _PRUNE * m.max()
+        if keep.sum() > self.config.max_support:
+            keep &= m >= np.sort(m)[-self.config.max_support]
+        if not keep.all():
+            self.uniform += float(m[~keep].sum())
+            self.entries, self.mass = self.entries[keep], self.mass[keep]
+
+    # ------------------------------------------------------------------ estimate
+    def place(self) -> Place | None:
+        """The most probable place (None while the belief holds no entry)."""
+        if not len(self.entries):
+            return None
+        m = self.marginal()
+        best = int(np.argmax(m))
+        b = self.entries[best]
+        near = (np.linalg.norm(self.xy[self.entries] - self.xy[b], axis=1) <= self.mode_radius) & (
+            np.abs(_wrap(self.yaw[self.entries] - self.yaw[b])) <= _MODE_HEADING)
+        ent = self.entries[near]
+        mass = float(m[near].sum())
+        w = m[near] / mass
+        pose = self.poses[b].copy()
+        pose[:2] = w @ self.xy[ent]
+        pose[2] = w @ self.z[ent]
+        d = np.column_stack([self.xy[ent] - pose[:2], self.z[ent] - pose[2]])
+        floor = max(self.min_position_std, 0.5 * self.spacing) ** 2
+        cov = np.zeros((6, 6))
+        cov[:3, :3] = (w[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0) + floor * np.eye(3)
+        cov[3, 3] = cov[4, 4] = self.roll_pitch_std ** 2
+        cov[5, 5] = float(w @ _wrap(self.yaw[ent] - self.yaw[b]) ** 2) + self.min_yaw_std ** 2
+        cov[:3, :3] /= max(mass, 0.05)
+        cov = 0.5 * (cov + cov.T)
+        speed = float((self.mass[near] / mass).sum(0) @ self.speeds)
+        return Place(pose=pose, covariance=cov, mass=mass, entries=ent, speed=speed)
+
+
+class ScoreNormaliser:
+    """Each map entry's typical score, learned online (exponential forgetting over `window` observations).
+
+    Some map images look like every query in some conditions (at night in fog, a few dark stretches of
+    the day map score high against most night queries): their high scores carry little evidence. SeqSLAM
+    normalises its difference matrix locally for the same reason. `excess(entries)` is how much higher an
+    entry scores than map entries do on average (shrunk towards 0 for entries seen only a few times); the
+    tracker subtracts it before turning a score into a likelihood."""
+
+    def __init__(self, num_entries: int, window: int, prior: float = 3.0):
+        self.window = int(window)
+        self.prior = float(prior)
+        self.sum = np.zeros(num_entries)
+        self.count = np.zeros(num_entries)
+        self.mean = 0.0
+        self.weight = 0.0
+
+    def add(self, entries: np.ndarray, values: np.ndarray) -> None:
+        if self.window <= 0 or not len(entries):
+            return
+        keep = 1.0 - 1.0 / self.window
+        self.sum[entries] = self.sum[entries] * keep + values
+        self.count[entries] = self.count[entries] * keep + 1.0
+        forget = keep ** len(entries)
+        self.mean = (self.mean * self.weight * forget + float(np.sum(values))) / (self.weight * forget + len(values))
+        self.weight = self.weight * forget + len(values)
+
+    def excess(self, entries: np.ndarray) -> np.ndarray:
+        if self.window <= 0 or self.weight == 0:
+            return np.zeros(len(entries))
+        n = self.count[entries]
+        return (self.sum[entries] + self.prior * self.mean) / (n + self.prior) - self.mean
+
+
+@dataclass
+class TrackedResult:
+    """What the tracker publishes for one frame."""
+    stamp: float
+    pose: np.ndarray                 # (7,) map frame (NaN when there is no place yet)
+    covariance: np.ndarray           # (6, 6) x y z roll pitch yaw
+    confidence: float                # probability of the published place
+    accepted: bool                   # published
+    reason: str                      # why not ("" when accepted)
+    state: str                       # global / tracking / lost
+    support: int                     # map entries in the belief
+    reranked: int                    # candidates reranked for this frame
+    elsewhere: float                 # probability of "not on the map"
+    speed: float                     # m/s along the heading (filter estimate)
+    frame: LocalizationResult | None  # this frame's reranked candidates (matches, markers); None if skipped
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Tracker:
+    """Localization over time on top of a `Localizer`: the same code runs in the node and offline."""
+
+    def __init__(self, localizer: Localizer, config: TrackingConfig = TrackingConfig()):
+        self.localizer = localizer
+        self.config = config.validate()
+        pose_cfg = localizer.config.pose
+        self.belief = MapBelief(localizer.map.poses, localizer.map.keyframe_spacing(), self.config,
+                                min_position_std=pose_cfg.min_position_std, min_yaw_std_deg=pose_cfg.min_yaw_std_deg,
+                                roll_pitch_std_deg=pose_cfg.roll_pitch_std_deg)
+        # what each entry scores against queries of the current conditions: kept across resets
+        self._rerank_norm = ScoreNormaliser(len(localizer.map.poses), self.config.normalise_window)
+        self._global_norm = ScoreNormaliser(len(localizer.map.poses), self.config.normalise_window)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: global search from the next frame on."""
+        self.belief.reset()
+        self.state = "global"
+        self.last_stamp: float | None = None
+        self._last_odom: np.ndarray | None = None
+        self._below = 0
+        self._last: TrackedResult | None = None
+
+    # ------------------------------------------------------------------ one frame
+    def step(self, stamp: float, image: np.ndarray | None = None, *,
+             features: tuple[np.ndarray, np.ndarray] | None = None, odom_pose: np.ndarray | None = None,
+             decode_ms: float = 0.0, with_matches: bool = True) -> TrackedResult:
+        """Process one frame: an RGB image, or its (global, local) features. `odom_pose` is the robot's
+        odometry pose (7,) at `stamp` in its odom frame (the increment since the last frame is used), of
+        the same body the map poses describe. Timings: decode, extract, search, rerank, filter, total."""
+        t0 = time.perf_counter()
+        stamp = float(stamp)
+        skipped = self._check_stamp(stamp)
+        if skipped is not None:
+            return skipped
+        timings = {"decode": float(decode_ms)}
+        if features is None:
+            if image is None:
+                raise ValueError("Tracker.step needs an image or its features")
+            features = self.localizer.extract(image)
+            timings["extract"] = (time.perf_counter() - t0) * 1000
+        q_global, q_local = features
+        cfg = self.config
+
+        t = time.perf_counter()
+        dt = None if self.last_stamp is None else stamp - self.last_stamp
+        if dt is not None and dt > cfg.max_gap:
+            log.info("tracking: %.1f s since the last frame (max_gap %.1f s): global search", dt, cfg.max_gap)
+            self.belief.reset()
+            self.state, self._below, dt = "global", 0, None
+        odometry = None
+        if odom_pose is not None:
+            odom_pose = np.asarray(odom_pose, np.float64)
+            if self._last_odom is not None and dt is not None:
+                odometry = planar_increment(self._last_odom, odom_pose)
+        self._last_odom = odom_pose
+        if dt is not None:
+            self.belief.predict(dt, odometry)
+        filter_ms = (time.perf_counter() - t) * 1000
+
+        t = time.perf_counter()
+        top, top_scores = self.localizer.retrieve(q_global)
+        timings["search"] = (time.perf_counter() - t) * 1000
+        candidates = self._candidates(top)
+        t = time.perf_counter()
+        frame = self.localizer.localize_features(q_global, q_local, retrieved=candidates, with_matches=with_matches)
+        timings["rerank"] = (time.perf_counter() - t) * 1000
+
+        t = time.perf_counter()
+        self._observe(q_global, frame, top, top_scores)
+        result = self._publish(stamp, frame, len(candidates))
+        timings["filter"] = filter_ms + (time.perf_counter() - t) * 1000
+        self.last_stamp = stamp
+        timings["total"] = (time.perf_counter() - t0) * 1000 + float(decode_ms)
+        result.timings_ms = timings
+        self._last = result
+        return result
+
+    def _check_stamp(self, stamp: float) -> TrackedResult | None:
+        """A result for a frame the filter does not use (duplicate or out of order), else None."""
+        if self.last_stamp is None or stamp > self.last_stamp:
+            return None
+        back = self.last_stamp - stamp
+        if back > self.config.reset_jump:
+            log.warning("tracking: stamp %.3f is %.1f s before the last frame (reset_jump %.1f s): filter reset",
+                        stamp, back, self.config.reset_jump)
+            self.reset()
+            return None
+        why = "duplicate stamp" if back == 0 else f"out of order ({back:.3f} s before the last frame)"
+        return self._skipped(stamp, f"{why}: frame not used")
+
+    def _skipped(self, stamp: float, reason: str) -> TrackedResult:
+        place = self.belief.place()
+        pose = place.pose if place else np.full(7, np.nan)
+        cov = place.covariance if place else np.eye(6) * 1e6
+        return TrackedResult(stamp=stamp, pose=pose, covariance=cov, confidence=place.mass if place else 0.0,
+                             accepted=False, reason=reason, state=self.state, support=len(self.belief), reranked=0,
+                             elsewhere=self.belief.elsewhere, speed=place.speed if place else 0.0, frame=None,
+                             timings_ms={"total": 0.0})
+
+    def _candidates(self, top: np.ndarray) -> np.ndarray:
+        if self.state != "tracking":
+            return top
+        own = self.belief.most_probable(self.config.track_candidates)
+        extra = [int(i) for i in top if int(i) not in set(own.tolist())][:self.config.kidnap_candidates]
+        return np.concatenate([own, np.asarray(extra, np.int64)])
+
+    def _observe(self, q_global: np.ndarray, frame: LocalizationResult, top: np.ndarray,
+                 top_scores: np.ndarray) -> None:
+        cfg = self.config
+        mode = self.localizer.config.rerank
+        reranked = np.array([c.index for c in frame.candidates], np.int64)
+        s01 = normalised_scores(mode, np.array([c.rerank_score for c in frame.candidates]))
+        s01 = np.clip(s01, 1e-4, 1 - 1e-4)
+        logit = np.log(s01 / (1 - s01))
+        entries = np.union1d(np.union1d(self.belief.entries, top), reranked)
+        cos = self.localizer.global_scores(q_global, entries)
+        log_lr = cfg.global_gain * (cos - self._global_norm.excess(entries)) + cfg.global_bias
+        log_lr[np.searchsorted(entries, reranked)] = cfg.score_gain * (logit - self._rerank_norm.excess(reranked)) \
+            + cfg.score_bias
+        rest = cfg.global_gain * float(np.min(top_scores)) + cfg.global_bias if len(top_scores) else 0.0
+        bound = cfg.max_log_lr
+        self.belief.update(entries, np.clip(log_lr, -bound, bound), float(np.clip(rest, -bound, bound)))
+        # learn each entry's typical score from the frames where it is (probably) not the robot's place
+        far = self._far_from_place(entries)
+        self._global_norm.add(entries[far], cos[far])
+        far = self._far_from_place(reranked)
+        self._rerank_norm.add(reranked[far], logit[far])
+
+    def _far_from_place(self, entries: np.ndarray) -> np.ndarray:
+        if self.state != "tracking" or self._last is None or not self._last.accepted:
+            return np.ones(len(entries), bool)
+        xy = self.belief.xy[entries]
+        return np.linalg.norm(xy - self._last.pose[:2], axis=1) > self.belief.mode_radius
+
+    def _publish(self, stamp: float, frame: LocalizationResult, reranked: int) -> TrackedResult:
+        cfg = self.config
+        place = self.belief.place()
+        mass = place.mass if place else 0.0
+        if mass >= cfg.min_mass:
+            self.state, self._below = "tracking", 0
+            reason = ""
+        else:
+            self._below += 1
+            if self.state == "tracking" and self._below >= cfg.lost_frames:
+                log.info("tracking lost: the most probable place held < %.2f for %d frames: global search",
+                         cfg.min_mass, self._below)
+                self.state = "lost"
+            if self.belief.elsewhere >= mass:
+                reason = (f"not on the map: 'elsewhere' holds {self.belief.elsewhere:.2f}, the most probable "
+                          f"place {mass:.2f}")
+            else:
+                reason = f"belief split: the most probable place holds {mass:.2f} < min_mass {cfg.min_mass:.2f}"
+        pose = place.pose if place else np.full(7, np.nan)
+        cov = place.covariance if place else np.eye(6) * 1e6
+        return TrackedResult(stamp=stamp, pose=pose, covariance=cov, confidence=mass, accepted=not reason,
+                             reason=reason, state=self.state, support=len(self.belief), reranked=reranked,
+                             elsewhere=self.belief.elsewhere, speed=place.speed if place else 0.0, frame=frame)
+
+
+__all__ = ["MapBelief", "Place", "STATES", "ScoreNormaliser", "TrackedResult", "Tracker", "planar_increment"]
