@@ -194,7 +194,8 @@ class TrackingConfig:
     enabled: bool = option(True, "filter the localization over time (off: every frame is localized on its own)")
     max_speed: float = option(25.0, "m/s, the fastest the robot moves along the map; bounds the motion the "
                               "filter predicts without odometry", min=0.1, max=100.0)
-    speed_resolution: float = option(1.0, "m/s, step between the filter's speed states", min=0.05, max=10.0)
+    speed_resolution: float = option(0.0, "m/s, step between the filter's speed states; 0 = max_speed / 10",
+                                     min=0.0, max=10.0)
     accel_std: float = option(4.0, "m/s^2, standard deviation of the change of speed between frames "
                               "(without odometry)", min=0.0, max=100.0)
     position_std: float = option(0.0, "m, position noise of one prediction step; 0 = the map's keyframe spacing",

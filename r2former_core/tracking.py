@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 STATES = ("global", "tracking", "lost")
 _MODE_HEADING = math.radians(60.0)      # entries facing further away than this are another place
-_OFF_MAP = math.exp(-0.5 * 2.0 ** 2)    # weight of "no entry there": as if one entry sat 2 sigma away
+_OFF_MAP = math.exp(-0.5 * 3.0 ** 2)    # weight of "no entry there": as if one entry sat 3 sigma away
 _PRUNE = 1e-5                           # entries below this fraction of the most probable one are dropped
 
 
@@ -80,36 +80,41 @@ def planar_increment(previous: np.ndarray, current: np.ndarray) -> np.ndarray:
 
 
 class _Grid:
-    """Map entries bucketed by position: which entries lie within a radius of some points."""
+    """Map entries bucketed by position, for "which entries lie within r of these entries" in a few numpy calls."""
 
     def __init__(self, xy: np.ndarray, cell: float):
         self.xy = np.asarray(xy, np.float64)
         self.cell = float(cell)
         keys = np.floor(self.xy / self.cell).astype(np.int64)
-        self._buckets: dict[tuple[int, int], np.ndarray] = {}
-        if len(keys):
-            order = np.lexsort((keys[:, 1], keys[:, 0]))
-            ks = keys[order]
-            cuts = np.flatnonzero(np.any(np.diff(ks, axis=0) != 0, axis=1)) + 1
-            for group in np.split(order, cuts):
-                self._buckets[(int(keys[group[0], 0]), int(keys[group[0], 1]))] = group
+        self.keys = keys
+        codes = self._code(keys)
+        order = np.argsort(codes, kind="stable")
+        self.codes, starts, counts = np.unique(codes[order], return_index=True, return_counts=True)
+        width = int(counts.max()) if len(counts) else 1
+        self.members = np.full((len(self.codes), width), -1, np.int64)     # entries of each cell, -1 padded
+        col = np.arange(len(order)) - np.repeat(starts, counts)
+        self.members[np.repeat(np.arange(len(self.codes)), counts), col] = order
 
-    def near(self, points: np.ndarray, radius: float) -> np.ndarray:
-        """Sorted entries within `radius` of any of `points` (n, 2)."""
-        pts = np.asarray(points, np.float64).reshape(-1, 2)
-        if not len(pts) or not self._buckets:
-            return np.zeros(0, np.int64)
-        lo = np.floor((pts - radius) / self.cell).astype(np.int64)
-        hi = np.floor((pts + radius) / self.cell).astype(np.int64)
-        cells: set[tuple[int, int]] = set()
-        for (x0, y0), (x1, y1) in zip(lo, hi):
-            cells.update((i, j) for i in range(x0, x1 + 1) for j in range(y0, y1 + 1))
-        found = [self._buckets[c] for c in cells if c in self._buckets]
-        if not found:
-            return np.zeros(0, np.int64)
-        cand = np.unique(np.concatenate(found))
-        d2 = ((self.xy[cand, None, :] - pts[None, :, :]) ** 2).sum(-1).min(1)
-        return cand[d2 <= radius * radius]
+    @staticmethod
+    def _code(keys: np.ndarray) -> np.ndarray:
+        return (keys[..., 0] + (1 << 31)) * (1 << 32) + (keys[..., 1] + (1 << 31))
+
+    def pairs(self, sources: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+        """(source, entry) index pairs with the entry within `radius` of the source entry, sorted by source
+        position in `sources` (every source pairs with itself)."""
+        sources = np.asarray(sources, np.int64)
+        rings = int(math.ceil(radius / self.cell))
+        off = np.arange(-rings, rings + 1)
+        offsets = np.stack(np.meshgrid(off, off, indexing="ij"), -1).reshape(-1, 2)
+        cells = self._code(self.keys[sources][:, None, :] + offsets[None, :, :])       # (S, O)
+        pos = np.minimum(np.searchsorted(self.codes, cells), len(self.codes) - 1)
+        found = self.codes[pos] == cells
+        cand = np.where(found[..., None], self.members[pos], -1).reshape(len(sources), -1)   # (S, O*W)
+        rows, cols = np.nonzero(cand >= 0)
+        ent = cand[rows, cols]
+        d2 = ((self.xy[ent] - self.xy[sources[rows]]) ** 2).sum(1)
+        keep = d2 <= radius * radius
+        return rows[keep], ent[keep]
 
 
 @dataclass
@@ -136,9 +141,9 @@ class MapBelief:
         self.yaw = np.asarray(yaw_from_quat(poses[:, 3:]), np.float64).reshape(-1)
         self.heading = np.stack([np.cos(self.yaw), np.sin(self.yaw)], 1)
         self.spacing = max(float(keyframe_spacing), 0.1)
-        n = int(math.ceil(config.max_speed / config.speed_resolution - 1e-9))
-        self.speeds = np.linspace(-n * config.speed_resolution, n * config.speed_resolution, 2 * n + 1)
-        self.speeds = np.clip(self.speeds, -config.max_speed, config.max_speed)
+        self.speed_resolution = config.speed_resolution or config.max_speed / 10.0
+        n = int(math.ceil(config.max_speed / self.speed_resolution - 1e-9))
+        self.speeds = np.clip(np.arange(-n, n + 1) * self.speed_resolution, -config.max_speed, config.max_speed)
         self.position_std = config.position_std or self.spacing
         self.mode_radius = config.mode_radius or max(10.0, 4.0 * self.spacing)
         self.min_position_std = float(min_position_std)
@@ -182,7 +187,7 @@ class MapBelief:
         key = round(sigma, 4)
         if key not in self._speed_cache:
             v = self.speeds
-            half = 0.5 * self.config.speed_resolution
+            half = 0.5 * self.speed_resolution
             if sigma < 1e-6:
                 p = np.eye(len(v))
             else:
@@ -210,34 +215,40 @@ class MapBelief:
             src = self.entries
             if odometry is not None:
                 dx, dy, dyaw = (float(v) for v in odometry)
-                c, s = self.heading[src, 0], self.heading[src, 1]
-                points = (self.xy[src] + np.stack([c * dx - s * dy, s * dx + c * dy], 1))[:, None, :]
-                pred_yaw = (self.yaw[src] + dyaw)[:, None]
                 sigma = math.hypot(self.position_std, cfg.odom_noise * math.hypot(dx, dy))
-                weight = self.marginal()[:, None]
                 reach = math.hypot(dx, dy)
             else:
-                step = self.speeds * dt
-                points = self.xy[src][:, None, :] + step[None, :, None] * self.heading[src][:, None, :]
-                pred_yaw = self.yaw[src][:, None]
+                dx = dy = dyaw = 0.0
                 sigma = math.hypot(self.position_std, 0.5 * cfg.accel_std * dt * dt)
-                weight = self.mass
-                reach = float(np.abs(step).max())
-            dest = self._grid.near(self.xy[src], reach + 3.0 * sigma)
-            d2 = ((points[:, :, None, :] - self.xy[dest][None, None, :, :]) ** 2).sum(-1)
-            dh = _wrap(self.yaw[dest][None, None, :] - pred_yaw[:, :, None])
-            k = np.exp(-0.5 * d2 / sigma ** 2 - 0.5 * (dh / math.radians(cfg.heading_std_deg)) ** 2)
-            z = k.sum(-1, keepdims=True)
-            kn = k / (z + _OFF_MAP)
-            leaked = float((weight * (_OFF_MAP / (z[..., 0] + _OFF_MAP))).sum())
+                reach = cfg.max_speed * dt
+            row, dest = self._grid.pairs(src, reach + 3.0 * sigma)
+            i = src[row]
+            # destination relative to the source entry, in the source entry's frame (along, left)
+            rel = self.xy[dest] - self.xy[i]
+            h = self.heading[i]
+            along = rel[:, 0] * h[:, 0] + rel[:, 1] * h[:, 1]
+            left = rel[:, 1] * h[:, 0] - rel[:, 0] * h[:, 1]
+            turn = _wrap(self.yaw[dest] - self.yaw[i] - dyaw)
+            log_k = -0.5 * (turn / math.radians(cfg.heading_std_deg)) ** 2
             if odometry is not None:
-                moved = (weight * kn[:, 0, :]).sum(0)
-                spread = math.hypot(cfg.speed_resolution, cfg.odom_noise * abs(dx) / dt)
-                mass = moved[:, None] * self._speed_prior(dx / dt, spread)[None, :]
+                k = np.exp(log_k - 0.5 * ((along - dx) ** 2 + (left - dy) ** 2) / sigma ** 2)[:, None]
+                weight = self.marginal()[:, None]
             else:
-                a = np.einsum("sb,sbc->bc", self.mass, kn)
-                mass = (self._speed_transition(cfg.accel_std * dt) @ a).T
-            self.entries, self.mass = dest, mass
+                k = np.exp((log_k - 0.5 * left ** 2 / sigma ** 2)[:, None]
+                           - 0.5 * ((along[:, None] - self.speeds[None, :] * dt) / sigma) ** 2)
+                weight = self.mass
+            z = np.add.reduceat(k, np.searchsorted(row, np.arange(len(src))), axis=0)   # every source has a pair
+            leaked = float((weight * (_OFF_MAP / (z + _OFF_MAP))).sum())
+            flow = weight[row] * k / (z[row] + _OFF_MAP)                                  # (pairs, B or 1)
+            dest_u, inv = np.unique(dest, return_inverse=True)
+            order = np.argsort(inv, kind="stable")
+            moved = np.add.reduceat(flow[order], np.searchsorted(inv[order], np.arange(len(dest_u))), axis=0)
+            if odometry is not None:
+                spread = math.hypot(self.speed_resolution, cfg.odom_noise * abs(dx) / dt)
+                mass = moved * self._speed_prior(dx / dt, spread)[None, :]
+            else:
+                mass = moved @ self._speed_transition(cfg.accel_std * dt).T
+            self.entries, self.mass = dest_u, mass
             self._prune()
         prior_else = cfg.elsewhere_prior
         self.mass *= keep
