@@ -211,13 +211,16 @@ class TrackingConfig:
                                     "are explained by no map entry)", min=0.001, max=0.999)
     min_mass: float = option(0.5, "publish only when the most probable place holds at least this probability; "
                              "a belief split between places is not published", min=0.0, max=1.0)
+    track_mass: float = option(0.5, "while the most probable place holds at least this probability the tracker "
+                               "reranks only the belief's entries (plus kidnap_candidates); below it for lost_frames "
+                               "frames, the whole top_k again", min=0.0, max=1.0)
     mode_radius: float = option(0.0, "m, map entries within this of the most probable one form the published "
                                 "place; 0 = max(10 m, 4 x keyframe spacing)", min=0.0, max=500.0)
     track_candidates: int = option(30, "map entries of the belief reranked per frame while tracking",
                                    min=1, max=1000)
     kidnap_candidates: int = option(5, "global top candidates reranked as well while tracking, to notice a kidnap",
                                     min=0, max=1000)
-    lost_frames: int = option(5, "frames below min_mass after which tracking is lost and the whole top_k is "
+    lost_frames: int = option(5, "frames below track_mass after which tracking is lost and the whole top_k is "
                               "reranked again (global search)", min=1, max=1000)
     max_support: int = option(200, "most map entries the belief keeps (the least probable are dropped)",
                               min=10, max=100000)

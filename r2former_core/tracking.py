@@ -335,13 +335,15 @@ class MapBelief:
 
 
 class ScoreNormaliser:
-    """Each map entry's typical score, learned online (exponential forgetting over `window` observations).
+    """Each map entry's typical score against the current queries, learned online.
 
-    Some map images look like every query in some conditions (at night in fog, a few dark stretches of
-    the day map score high against most night queries): their high scores carry little evidence. SeqSLAM
-    normalises its difference matrix locally for the same reason. `excess(entries)` is how much higher an
-    entry scores than map entries do on average (shrunk towards 0 for entries seen only a few times); the
-    tracker subtracts it before turning a score into a likelihood."""
+    Some map images look like every query in some conditions (at night in fog, a few stretches of a day map
+    score high against most night queries): their high scores carry little evidence, and a filter sitting on
+    them would rarely be contradicted. SeqSLAM normalises its difference matrix for the same reason. Every
+    entry keeps an exponentially forgetting mean of its scores (`window` observations); `excess(entries)` is
+    how much higher than all entries' mean an entry scores, shrunk towards 0 for entries seen only a few
+    times (`prior` observations' weight). The tracker subtracts it before turning a score into a likelihood.
+    Memory: two floats per map entry."""
 
     def __init__(self, num_entries: int, window: int, prior: float = 3.0):
         self.window = int(window)
@@ -399,6 +401,7 @@ class Tracker:
         # what each entry scores against queries of the current conditions: kept across resets
         self._rerank_norm = ScoreNormaliser(len(localizer.map.poses), self.config.normalise_window)
         self._global_norm = ScoreNormaliser(len(localizer.map.poses), self.config.normalise_window)
+        self._frame_level: float | None = None   # typical (normalised) score of the global top candidates
         self.reset()
 
     def reset(self) -> None:
@@ -409,6 +412,7 @@ class Tracker:
         self._last_odom: np.ndarray | None = None
         self._below = 0
         self._last: TrackedResult | None = None
+        self.evidence: list[float] = []
 
     # ------------------------------------------------------------------ one frame
     def step(self, stamp: float, image: np.ndarray | None = None, *,
@@ -505,41 +509,59 @@ class Tracker:
         entries = np.union1d(np.union1d(self.belief.entries, top), reranked)
         cos = self.localizer.global_scores(q_global, entries)
         log_lr = cfg.global_gain * (cos - self._global_norm.excess(entries)) + cfg.global_bias
-        log_lr[np.searchsorted(entries, reranked)] = cfg.score_gain * (logit - self._rerank_norm.excess(reranked)) \
-            + cfg.score_bias
+        norm = logit - self._rerank_norm.excess(reranked)
+        # Frames differ as a whole (a foggier image scores lower everywhere): compare this frame's global top
+        # candidates (reranked in every state, not chosen by the belief), except those at the predicted place,
+        # with their typical level.
+        place = self.belief.place()
+        ref = np.isin(reranked, top[:cfg.kidnap_candidates])
+        if place is not None:
+            ref &= ~np.isin(reranked, place.entries)
+        if ref.sum() >= 3:
+            level = float(np.median(norm[ref]))
+            self._frame_level = level if self._frame_level is None else 0.95 * self._frame_level + 0.05 * level
+            norm = norm - (level - self._frame_level)
+        log_lr[np.searchsorted(entries, reranked)] = cfg.score_gain * norm + cfg.score_bias
         rest = cfg.global_gain * float(np.min(top_scores)) + cfg.global_bias if len(top_scores) else 0.0
         bound = cfg.max_log_lr
-        self.belief.update(entries, np.clip(log_lr, -bound, bound), float(np.clip(rest, -bound, bound)))
-        # learn each entry's typical score from the frames where it is (probably) not the robot's place
-        far = self._far_from_place(entries)
-        self._global_norm.add(entries[far], cos[far])
-        far = self._far_from_place(reranked)
-        self._rerank_norm.add(reranked[far], logit[far])
+        log_lr = np.clip(log_lr, -bound, bound)
+        # the predicted place's evidence in this frame: its mass-weighted likelihood ratio against "elsewhere"
+        prior = self.belief.place()
+        if prior is not None:
+            m = self.belief.marginal()[np.isin(self.belief.entries, prior.entries)]
+            lr = np.exp(log_lr[np.searchsorted(entries, self.belief.entries[np.isin(self.belief.entries, prior.entries)])])
+            self.evidence.append(float(np.log(max(m @ lr / m.sum(), 1e-300))))
+        else:
+            self.evidence.append(0.0)
+        self.belief.update(entries, log_lr, float(np.clip(rest, -bound, bound)))
+        # learn each entry's typical score (not while the robot stands still: its place would look typical)
+        if not self._standing():
+            self._global_norm.add(entries, cos)
+            self._rerank_norm.add(reranked, logit)
 
-    def _far_from_place(self, entries: np.ndarray) -> np.ndarray:
-        if self.state != "tracking" or self._last is None or not self._last.accepted:
-            return np.ones(len(entries), bool)
-        xy = self.belief.xy[entries]
-        return np.linalg.norm(xy - self._last.pose[:2], axis=1) > self.belief.mode_radius
+    def _standing(self) -> bool:
+        last = self._last
+        return last is not None and last.accepted and abs(last.speed) < 0.5
 
     def _publish(self, stamp: float, frame: LocalizationResult, reranked: int) -> TrackedResult:
         cfg = self.config
         place = self.belief.place()
         mass = place.mass if place else 0.0
-        if mass >= cfg.min_mass:
+        if mass >= cfg.track_mass:
             self.state, self._below = "tracking", 0
-            reason = ""
         else:
             self._below += 1
             if self.state == "tracking" and self._below >= cfg.lost_frames:
                 log.info("tracking lost: the most probable place held < %.2f for %d frames: global search",
-                         cfg.min_mass, self._below)
+                         cfg.track_mass, self._below)
                 self.state = "lost"
-            if self.belief.elsewhere >= mass:
-                reason = (f"not on the map: 'elsewhere' holds {self.belief.elsewhere:.2f}, the most probable "
-                          f"place {mass:.2f}")
-            else:
-                reason = f"belief split: the most probable place holds {mass:.2f} < min_mass {cfg.min_mass:.2f}"
+        if mass >= cfg.min_mass:
+            reason = ""
+        elif self.belief.elsewhere >= mass:
+            reason = (f"not on the map: 'elsewhere' holds {self.belief.elsewhere:.2f}, the most probable "
+                      f"place {mass:.2f}")
+        else:
+            reason = f"belief split: the most probable place holds {mass:.2f} < min_mass {cfg.min_mass:.2f}"
         pose = place.pose if place else np.full(7, np.nan)
         cov = place.covariance if place else np.eye(6) * 1e6
         return TrackedResult(stamp=stamp, pose=pose, covariance=cov, confidence=mass, accepted=not reason,
