@@ -216,10 +216,10 @@ class TrackingConfig:
                                "frames, the whole top_k again", min=0.0, max=1.0)
     mode_radius: float = option(0.0, "m, map entries within this of the most probable one form the published "
                                 "place; 0 = max(10 m, 4 x keyframe spacing)", min=0.0, max=500.0)
-    track_candidates: int = option(30, "map entries of the belief reranked per frame while tracking",
-                                   min=1, max=1000)
-    kidnap_candidates: int = option(5, "global top candidates reranked as well while tracking, to notice a kidnap",
-                                    min=0, max=1000)
+    track_candidates: int = option(20, "map entries of the belief reranked per frame while tracking (with the "
+                                   "kidnap candidates at most top_k)", min=1, max=1000)
+    kidnap_candidates: int = option(20, "global top candidates reranked as well while tracking, to notice a kidnap "
+                                    "(at most half of top_k)", min=0, max=1000)
     lost_frames: int = option(5, "frames below track_mass after which tracking is lost and the whole top_k is "
                               "reranked again (global search)", min=1, max=1000)
     max_support: int = option(200, "most map entries the belief keeps (the least probable are dropped)",

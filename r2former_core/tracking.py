@@ -492,10 +492,15 @@ class Tracker:
                              timings_ms={"total": 0.0})
 
     def _candidates(self, top: np.ndarray) -> np.ndarray:
+        """What to rerank: the whole top_k, or while tracking the belief's most probable entries and a few
+        global top candidates (never more than top_k: the kidnap candidates get at most half of it)."""
         if self.state != "tracking":
             return top
-        own = self.belief.most_probable(self.config.track_candidates)
-        extra = [int(i) for i in top if int(i) not in set(own.tolist())][:self.config.kidnap_candidates]
+        budget = self.localizer.config.top_k
+        kidnap = min(self.config.kidnap_candidates, budget // 2)
+        own = self.belief.most_probable(min(self.config.track_candidates, budget - kidnap))
+        taken = set(own.tolist())
+        extra = [int(i) for i in top if int(i) not in taken][:budget - len(own)][:kidnap]
         return np.concatenate([own, np.asarray(extra, np.int64)])
 
     def _observe(self, q_global: np.ndarray, frame: LocalizationResult, top: np.ndarray,
