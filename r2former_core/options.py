@@ -198,7 +198,7 @@ class TrackingConfig:
                                      min=0.0, max=10.0)
     accel_std: float = option(4.0, "m/s^2, standard deviation of the change of speed between frames "
                               "(without odometry)", min=0.0, max=100.0)
-    position_std: float = option(0.0, "m, position noise of one prediction step; 0 = the map's keyframe spacing",
+    position_std: float = option(1.0, "m, position noise of one prediction step; 0 = the map's keyframe spacing",
                                  min=0.0, max=50.0)
     heading_std_deg: float = option(30.0, "degrees, how far the heading of the next map entry may differ from the "
                                     "predicted one", min=1.0, max=180.0)
@@ -209,7 +209,7 @@ class TrackingConfig:
                                 max=100.0)
     elsewhere_prior: float = option(0.2, "prior probability that the robot is not on the map (its observations "
                                     "are explained by no map entry)", min=0.001, max=0.999)
-    min_mass: float = option(0.5, "publish only when the most probable place holds at least this probability; "
+    min_mass: float = option(0.9, "publish only when the most probable place holds at least this probability; "
                              "a belief split between places is not published", min=0.0, max=1.0)
     track_mass: float = option(0.5, "while the most probable place holds at least this probability the tracker "
                                "reranks only the belief's entries (plus kidnap_candidates); below it for lost_frames "
@@ -224,12 +224,12 @@ class TrackingConfig:
                               "reranked again (global search)", min=1, max=1000)
     max_support: int = option(200, "most map entries the belief keeps (the least probable are dropped)",
                               min=10, max=100000)
-    score_gain: float = option(1.0, "calibration of the rerank score: log likelihood ratio = score_gain x "
+    score_gain: float = option(0.9, "calibration of the rerank score: log likelihood ratio = score_gain x "
                                "logit(score) + score_bias", min=0.0, max=100.0)
-    score_bias: float = option(0.0, "see score_gain", min=-100.0, max=100.0)
-    global_gain: float = option(5.0, "calibration of the global cosine for entries not reranked: log likelihood "
+    score_bias: float = option(2.5, "see score_gain", min=-100.0, max=100.0)
+    global_gain: float = option(4.8, "calibration of the global cosine for entries not reranked: log likelihood "
                                 "ratio = global_gain x cosine + global_bias", min=0.0, max=1000.0)
-    global_bias: float = option(-3.0, "see global_gain", min=-1000.0, max=1000.0)
+    global_bias: float = option(-2.1, "see global_gain", min=-1000.0, max=1000.0)
     normalise_window: int = option(50, "observations over which each map entry's typical score is learned, so "
                                    "that entries scoring high against every query count less; 0 = off", min=0,
                                    max=100000)

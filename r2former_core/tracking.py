@@ -369,6 +369,13 @@ class ScoreNormaliser:
         n = self.count[entries]
         return (self.sum[entries] + self.prior * self.mean) / (n + self.prior) - self.mean
 
+    def known(self, entries: np.ndarray) -> np.ndarray:
+        """How well each entry's typical score is known, in [0, 1): n / (n + prior) (1 when off)."""
+        if self.window <= 0:
+            return np.ones(len(entries))
+        n = self.count[entries]
+        return n / (n + self.prior)
+
 
 @dataclass
 class TrackedResult:
@@ -391,13 +398,16 @@ class TrackedResult:
 class Tracker:
     """Localization over time on top of a `Localizer`: the same code runs in the node and offline."""
 
-    def __init__(self, localizer: Localizer, config: TrackingConfig = TrackingConfig()):
+    def __init__(self, localizer: Localizer, config: TrackingConfig = TrackingConfig(),
+                 belief: MapBelief | None = None):
+        """`belief`: another filter with MapBelief's interface (bench/tracking_filters.py compares one)."""
         self.localizer = localizer
         self.config = config.validate()
         pose_cfg = localizer.config.pose
-        self.belief = MapBelief(localizer.map.poses, localizer.map.keyframe_spacing(), self.config,
-                                min_position_std=pose_cfg.min_position_std, min_yaw_std_deg=pose_cfg.min_yaw_std_deg,
-                                roll_pitch_std_deg=pose_cfg.roll_pitch_std_deg)
+        self.belief = belief if belief is not None else MapBelief(localizer.map.poses, localizer.map.keyframe_spacing(), self.config,
+                                          min_position_std=pose_cfg.min_position_std,
+                                          min_yaw_std_deg=pose_cfg.min_yaw_std_deg,
+                                          roll_pitch_std_deg=pose_cfg.roll_pitch_std_deg)
         # what each entry scores against queries of the current conditions: kept across resets
         self._rerank_norm = ScoreNormaliser(len(localizer.map.poses), self.config.normalise_window)
         self._global_norm = ScoreNormaliser(len(localizer.map.poses), self.config.normalise_window)
@@ -412,7 +422,6 @@ class Tracker:
         self._last_odom: np.ndarray | None = None
         self._below = 0
         self._last: TrackedResult | None = None
-        self.evidence: list[float] = []
 
     # ------------------------------------------------------------------ one frame
     def step(self, stamp: float, image: np.ndarray | None = None, *,
@@ -526,23 +535,27 @@ class Tracker:
             level = float(np.median(norm[ref]))
             self._frame_level = level if self._frame_level is None else 0.95 * self._frame_level + 0.05 * level
             norm = norm - (level - self._frame_level)
-        log_lr[np.searchsorted(entries, reranked)] = cfg.score_gain * norm + cfg.score_bias
+        at = np.searchsorted(entries, reranked)
+        # a score is evidence only as far as the entry's typical score is known (a look-alike stretch is
+        # recognised as such only after it has been seen a few times): early on, the motion model leads
+        log_lr[at] = (cfg.score_gain * norm + cfg.score_bias) * self._rerank_norm.known(reranked)
         rest = cfg.global_gain * float(np.min(top_scores)) + cfg.global_bias if len(top_scores) else 0.0
         bound = cfg.max_log_lr
         log_lr = np.clip(log_lr, -bound, bound)
-        # the predicted place's evidence in this frame: its mass-weighted likelihood ratio against "elsewhere"
-        prior = self.belief.place()
-        if prior is not None:
-            m = self.belief.marginal()[np.isin(self.belief.entries, prior.entries)]
-            lr = np.exp(log_lr[np.searchsorted(entries, self.belief.entries[np.isin(self.belief.entries, prior.entries)])])
-            self.evidence.append(float(np.log(max(m @ lr / m.sum(), 1e-300))))
-        else:
-            self.evidence.append(0.0)
         self.belief.update(entries, log_lr, float(np.clip(rest, -bound, bound)))
-        # learn each entry's typical score (not while the robot stands still: its place would look typical)
-        if not self._standing():
+        # learn each entry's typical score; while the robot stands still, not from its place's entries (they
+        # would come to look typical)
+        if place is not None and self._standing():
+            self._global_norm.add(*self._outside(place, entries, cos))
+            self._rerank_norm.add(*self._outside(place, reranked, logit))
+        else:
             self._global_norm.add(entries, cos)
             self._rerank_norm.add(reranked, logit)
+
+    @staticmethod
+    def _outside(place: Place, entries: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keep = ~np.isin(entries, place.entries)
+        return entries[keep], values[keep]
 
     def _standing(self) -> bool:
         last = self._last

@@ -225,18 +225,20 @@ def road_map(tmp_path_factory):
 
 
 def drive_tables(truth: list[int], n_entries: int = 80, seed: int = 0,
-                 global_hint: list[bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of a robot at map entry truth[k] in frame k: high at and next to the true entry, noisy
-    elsewhere, with a look-alike stretch (entries 60-62) that scores high in every frame. Where
-    global_hint[k] is False, the global descriptor ranks the true place only among the top 20, not first."""
+                 global_hint: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of a robot at map entry truth[k] in frame k: high at and next to the true entry, low and noisy
+    elsewhere (like night scores of the demo model), with a look-alike stretch (entries 60-62) that scores
+    high in every frame. global_hint[k]: "strong" (default; the global descriptor ranks the true place first),
+    "weak" (among the top 20 but not first) or "none" (last)."""
     rng = np.random.default_rng(seed)
-    rerank = rng.uniform(0.01, 0.35, (len(truth), n_entries))
+    rerank = rng.uniform(0.005, 0.12, (len(truth), n_entries))
     glob = rng.uniform(0.2, 0.6, (len(truth), n_entries))
     for k, t in enumerate(truth):
+        hint = "strong" if global_hint is None else global_hint[k]
         for j, s in ((t - 1, 0.6), (t, 0.9), (t + 1, 0.6)):
             if 0 <= j < n_entries:
                 rerank[k, j] = s
-                glob[k, j] = 0.6 + 0.3 * s if global_hint is None or global_hint[k] else 0.57
+                glob[k, j] = {"strong": 0.6 + 0.3 * s, "weak": 0.57, "none": 0.1}[hint]
         rerank[k, 60:63] = 0.85                       # a look-alike place
     return rerank, glob
 
@@ -264,11 +266,12 @@ def test_tracker_locks_on_tracks_and_reranks_fewer_candidates(road_map):
 
 
 def test_tracker_recovers_from_a_kidnap(road_map):
-    """Carried from entry 69 to entry 2. The global descriptor does not point at the new place, so the few
-    global candidates reranked while tracking miss it: the contradicted belief is not published, the tracker
-    declares itself lost, reranks the whole top_k again and finds the new place."""
+    """Carried from entry 69 to entry 2, where at first even the global descriptor misses the place: the
+    contradicted belief is published for a few frames at most, the tracker declares itself lost and reranks
+    the whole top_k; once the place is among the global top 20 again it is found."""
     truth = [40 + k for k in range(30)] + [2 + k for k in range(30)]
-    rerank, glob = drive_tables(truth, seed=1, global_hint=[k < 30 for k in range(60)])
+    hints = ["strong"] * 30 + ["none"] * 10 + ["weak"] * 20
+    rerank, glob = drive_tables(truth, seed=1, global_hint=hints)
     loc = TableLocalizer(road_map, rerank, glob, top_k=20)
     cfg = TrackingConfig(max_speed=15.0, lost_frames=3, track_candidates=6, kidnap_candidates=2)
     out = run(Tracker(loc, cfg), len(truth))
@@ -276,13 +279,12 @@ def test_tracker_recovers_from_a_kidnap(road_map):
     after = out[30:]
     wrong = [k for k, r in enumerate(after) if r.accepted and abs(r.pose[0] - 2 * truth[30 + k]) > 5]
     assert len(wrong) <= 3                            # the old place is published for a few frames at most
-    ranks = [int(np.sum(glob[30 + k] > glob[30 + k, truth[30 + k]])) for k in range(30)]
-    assert min(ranks) >= 2 and max(ranks) < 20        # missed by the 2 kidnap candidates, inside the top 20
     lost = [k for k, r in enumerate(after) if r.state == "lost"]
-    assert lost and lost[0] <= 10 and after[lost[0] + 1].reranked == 20
+    assert lost and lost[0] <= 20                     # weak contradicting evidence: it takes a while
+    assert all(after[k + 1].reranked == 20 for k in lost if k + 1 < len(after))   # global search while lost
     recovered = [k for k, r in enumerate(after) if r.accepted and abs(r.pose[0] - 2 * truth[30 + k]) < 3]
-    assert recovered and recovered[0] <= 15
-    assert all(r.accepted and abs(r.pose[0] - 2 * truth[30 + k]) < 3 for k, r in enumerate(after) if k >= 15)
+    assert recovered and lost[0] < recovered[0] <= 25
+    assert all(r.accepted and abs(r.pose[0] - 2 * truth[30 + k]) < 3 for k, r in enumerate(after) if k >= 25)
 
 
 def test_tracker_skips_duplicate_and_out_of_order_stamps_and_resets_on_a_jump_back(road_map):
