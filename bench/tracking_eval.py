@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 import logging
+import os
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from r2former_core.evaluation import (SequenceFrame, SequenceResult, evaluate_sequence,  # noqa: E402
-                                      plot_sequence)
+from r2former_core.evaluation import SequenceFrame, SequenceResult, evaluate_sequence, plot_sequence  # noqa: E402
 from r2former_core.odometry import chain_increments, planar_increments, simulate_odometry  # noqa: E402
 from r2former_core.options import TrackingConfig  # noqa: E402
 
@@ -72,14 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model file (any format load_model reads)")
     p.add_argument("--sets", default=DEFAULT_SETS,
-                   help=f"query sets SEED:CONDITIONS (conditions joined by +), comma separated (default {DEFAULT_SETS})")
+                   help=f"query sets SEED:CONDITIONS (conditions joined by +), comma separated "
+                        f"(default {DEFAULT_SETS})")
     p.add_argument("--size", default="256x320", help="rendered image size HxW (default 256x320, as make demo)")
     p.add_argument("--map-frames", type=int, default=210, help="frames of the map drive, once around (default 210)")
     p.add_argument("--query-frames", type=int, default=160, help="frames of each query drive (default 160)")
     p.add_argument("--top-k", type=int, default=100, help="candidates retrieved (and reranked by single) (default 100)")
     p.add_argument("--work", default="runs/tracking", help="drives and maps (default runs/tracking)")
     p.add_argument("--plots", default="bench/results/tracking_eval",
-                   help="folder for the error-over-frames plots of the hardest sets (default bench/results/tracking_eval)")
+                   help="folder for the error-over-frames plots of the hardest sets "
+                        "(default bench/results/tracking_eval)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--out", default="bench/results/tracking_eval.json", help="JSON report path")
     args = p.parse_args(argv)
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"sets": {}, "meta": {
         "model": args.model, "fingerprint": model.fingerprint, "size": list(size), "map_frames": args.map_frames,
         "query_frames": args.query_frames, "top_k": args.top_k, "tracking_config": asdict(cfg),
-        "cpu": platform.processor() or platform.machine(), "threads": args.threads}}
+        "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "load_average_start": os.getloadavg()[0]}}
     hardest: dict[str, list[SequenceResult]] = {}    # run -> results of the hardest held-out sets
     for item in args.sets.split(","):
         seed_text, cond = item.split(":")
@@ -174,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, t in report["targets"].items():
             print(f"  {name:<48} {t['value']:<28} {'met' if t['met'] else 'NOT met'}")
     report["meta"]["seconds"] = round(time.time() - t_start, 1)
+    report["meta"]["load_average_end"] = os.getloadavg()[0]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
@@ -187,7 +191,8 @@ def table(rows: dict[str, dict]) -> str:
     for name, s in rows.items():
         cal = "-" if s["calibration"] is None else f"{100 * s['calibration']:.1f}%"
         lines.append(f"{name:<26} {100 * s['within_5m']:>9.1f}% {100 * s['gross_error_rate']:>6.1f}% "
-                     f"{100 * s['published']:>8.1f}% {cal:>7} {s['reranked_per_frame']:>9.1f} {s['ms_per_frame']:>9.1f}")
+                     f"{100 * s['published']:>8.1f}% {cal:>7} {s['reranked_per_frame']:>9.1f} "
+                     f"{s['ms_per_frame']:>9.1f}")
     return "\n".join(lines)
 
 

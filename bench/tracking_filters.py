@@ -37,6 +37,18 @@ from r2former_core.results import Candidate, LocalizationResult, TokenMatches  #
 from r2former_core.tracking import MapBelief, Place, Tracker, _wrap  # noqa: E402
 
 DEFAULT_SETS = "900:night+fog,901:night+fog,953:night+fog,954:night+fog,900:night,901:fog"
+_CAL = ("score_gain", "score_bias", "global_gain", "global_bias")
+# What matters (the entries filter with one thing changed); the two quick tries are the first two
+# rows below the defaults: no direction (random walk, speed redrawn every frame) with raw scores
+VARIANTS = {
+    "defaults": {},
+    "random walk + raw scores": {"accel_std": 100.0, "normalise_window": 0},
+    "random walk (no speed states)": {"accel_std": 100.0},
+    "raw scores (no normalisation)": {"normalise_window": 0},
+    "untempered calibration (x 1/0.7)": {k: getattr(TrackingConfig(), k) / 0.7 for k in _CAL},
+    "publish at min_mass 0.5": {"min_mass": 0.5},
+    "5 kidnap candidates + 30 own": {"kidnap_candidates": 5, "track_candidates": 30},
+}
 
 
 # ------------------------------------------------------------------------------------------ score tables
@@ -376,11 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model file (any format load_model reads)")
     p.add_argument("--sets", default=DEFAULT_SETS,
-                   help=f"query sets SEED:CONDITIONS (conditions joined by +), comma separated (default {DEFAULT_SETS})")
+                   help=f"query sets SEED:CONDITIONS (conditions joined by +), comma separated "
+                        f"(default {DEFAULT_SETS})")
     p.add_argument("--size", default="256x320", help="rendered image size HxW (default 256x320, as the demo)")
     p.add_argument("--map-frames", type=int, default=210, help="frames of the map drive, once around (default 210)")
     p.add_argument("--query-frames", type=int, default=160, help="frames of each query drive (default 160)")
     p.add_argument("--particles", type=int, default=2000, help="particles of the particle filter (default 2000)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="entries-filter variants to run besides the filter comparison, comma separated, from: "
+                        f"{', '.join(VARIANTS)} (default all; '' = none)")
     p.add_argument("--work", default="runs/tracking", help="drives, maps and score tables (default runs/tracking)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default="bench/results/tracking_filters.json", help="JSON report path")
@@ -394,9 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cfg = TrackingConfig()
-    filters = {"entries": None,
-               "particles": lambda loc: ParticleBelief(loc.map.poses, loc.map.keyframe_spacing(), cfg,
-                                                       particles=args.particles)}
+    # (filter, config) per row: the two filters on the defaults, then the entries filter's variants
+    setups = {"entries": (None, cfg),
+              "particles": (lambda loc: ParticleBelief(loc.map.poses, loc.map.keyframe_spacing(), cfg,
+                                                       particles=args.particles), cfg)}
+    for name in filter(None, args.variants.split(",")):
+        if name != "defaults":
+            setups[f"entries: {name}"] = (None, TrackingConfig(**VARIANTS[name]))
     report: dict = {"sets": {}, "meta": {"model": args.model, "size": list(size), "map_frames": args.map_frames,
                                          "query_frames": args.query_frames, "particles": args.particles}}
     for item in args.sets.split(","):
@@ -407,16 +427,16 @@ def main(argv: list[str] | None = None) -> int:
         rows = {}
         for oname, order in orders.items():
             rows[f"single/{oname}"] = single(table, order)
-            for fname, make in filters.items():
+            for fname, (make, config) in setups.items():
                 for odo in (False, True):
                     odom = odometry_in_play_order(table["query_poses"], order, int(seed)) if odo else None
-                    rows[f"{fname}/{oname}{'/odometry' if odo else ''}"] = run(table, order, make, cfg, odom)
+                    rows[f"{fname}/{oname}{'/odometry' if odo else ''}"] = run(table, order, make, config, odom)
         report["sets"][item] = rows
         print(f"\n== {item}")
-        print(f"{'run':<30} {'within 5 m':>10} {'> 25 m':>7} {'in 95%':>7} {'reranked':>9} {'filter ms':>10}")
+        print(f"{'run':<60} {'within 5 m':>10} {'> 25 m':>7} {'in 95%':>7} {'reranked':>9} {'filter ms':>10}")
         for name, s in rows.items():
             cal = "-" if s["calibration"] is None else f"{100 * s['calibration']:.0f}%"
-            print(f"{name:<30} {100 * s['within_5m']:>9.1f}% {100 * s['gross_error_rate']:>6.1f}% {cal:>7} "
+            print(f"{name:<60} {100 * s['within_5m']:>9.1f}% {100 * s['gross_error_rate']:>6.1f}% {cal:>7} "
                   f"{s['reranked_per_frame']:>9.1f} {s.get('filter_ms', 0):>10.1f}")
     names = list(next(iter(report["sets"].values())))
     mean = {n: {k: float(np.mean([r[n][k] for r in report["sets"].values() if r[n][k] is not None]))
@@ -428,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     report["mean"] = mean
     print(f"\n== mean of {len(report['sets'])} sets")
     for name, s in mean.items():
-        print(f"{name:<30} {100 * s['within_5m']:>9.1f}% {100 * s['gross_error_rate']:>6.1f}% "
+        print(f"{name:<60} {100 * s['within_5m']:>9.1f}% {100 * s['gross_error_rate']:>6.1f}% "
               f"{100 * s['calibration']:>6.0f}% {s['reranked_per_frame']:>9.1f} {s.get('filter_ms', 0):>10.1f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

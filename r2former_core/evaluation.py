@@ -458,5 +458,6 @@ def format_sequence_table(results: dict[str, SequenceResult]) -> str:
         s = r.summary()
         cal = "-" if s["calibration"] is None else f"{100 * s['calibration']:.1f}%"
         lines.append(f"{m:<10} {100 * s['within_5m']:>9.1f}% {100 * s['gross_error_rate']:>7.1f}% "
-                     f"{100 * s['published']:>9.1f}% {cal:>12} {s['reranked_per_frame']:>9.1f} {s['ms_per_frame']:>9.1f}")
+                     f"{100 * s['published']:>9.1f}% {cal:>12} {s['reranked_per_frame']:>9.1f} "
+                     f"{s['ms_per_frame']:>9.1f}")
     return "\n".join(lines)

@@ -245,5 +245,6 @@ class TrackingConfig:
 
 
 __all__ = ["DEVICE_CHOICES", "DEVICE_PATTERN", "INDEX_TYPES", "LocalizerConfig", "Option", "POSE_MODES",
-           "PoseConfig", "R2FORMER_SCORES", "RERANK_MODES", "TIMING_STAGES", "TrackingConfig", "add_config_option", "check_config",
+           "PoseConfig", "R2FORMER_SCORES", "RERANK_MODES", "TIMING_STAGES", "TrackingConfig", "add_config_option",
+           "check_config",
            "config_options", "device_option", "device_type", "option"]

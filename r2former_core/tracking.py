@@ -19,16 +19,19 @@ map: the observation is explained by no entry). Per frame:
 2. choose candidates: while tracking, the support's most probable entries (`track_candidates`) plus a
    few of the global top-k (`kidnap_candidates`, to notice a kidnap); otherwise the whole top_k, as a
    single frame does. The localizer reranks exactly these.
-3. update: each reranked entry's score becomes a likelihood ratio (calibrated: log LR = score_gain x
-   logit(score) + score_bias, bounded by `max_log_lr`); entries not reranked use their global cosine
-   (global_gain, global_bias). "Elsewhere" has likelihood ratio 1.
+3. update: each reranked entry's score becomes a likelihood ratio against "elsewhere" (calibrated:
+   log LR = score_gain x normalised logit + score_bias, bounded by `max_log_lr`); entries not reranked
+   use their global cosine (global_gain, global_bias). The logit is normalised by the entry's typical
+   score (`ScoreNormaliser`: look-alike stretches that score high against every query count less) and by
+   the frame's level (the median of its global top candidates), and counts only as far as the entry's
+   typical score is known.
 4. publish: the most probable entry and its neighbours within `mode_radius` form the place; its
    probability is the confidence. Pose = mass-weighted position (orientation of the most probable
    entry), covariance = the place's spread plus a floor, widened when the place holds less than all
    of the belief. Below `min_mass` nothing is published: a split belief is not a pose.
 
-States: `global` (no place yet: the whole top_k is reranked), `tracking` (a place holds the belief),
-`lost` (tracking failed for `lost_frames` frames: global search again until a place holds the belief).
+States: `global` (no place yet: the whole top_k is reranked), `tracking` (a place holds at least
+`track_mass`), `lost` (below it for `lost_frames` frames: global search again until a place holds it).
 
 Stamps: frames must come in time order. A frame with the stamp of the last one (a duplicate) or an
 older one (out of order, less than `reset_jump` seconds back) is not used: the result is not accepted,
@@ -318,6 +321,8 @@ class MapBelief:
             np.abs(_wrap(self.yaw[self.entries] - self.yaw[b])) <= _MODE_HEADING)
         ent = self.entries[near]
         mass = float(m[near].sum())
+        if mass <= 0:
+            return None
         w = m[near] / mass
         pose = self.poses[b].copy()
         pose[:2] = w @ self.xy[ent]
@@ -404,10 +409,11 @@ class Tracker:
         self.localizer = localizer
         self.config = config.validate()
         pose_cfg = localizer.config.pose
-        self.belief = belief if belief is not None else MapBelief(localizer.map.poses, localizer.map.keyframe_spacing(), self.config,
-                                          min_position_std=pose_cfg.min_position_std,
-                                          min_yaw_std_deg=pose_cfg.min_yaw_std_deg,
-                                          roll_pitch_std_deg=pose_cfg.roll_pitch_std_deg)
+        if belief is None:
+            belief = MapBelief(localizer.map.poses, localizer.map.keyframe_spacing(), self.config,
+                               min_position_std=pose_cfg.min_position_std, min_yaw_std_deg=pose_cfg.min_yaw_std_deg,
+                               roll_pitch_std_deg=pose_cfg.roll_pitch_std_deg)
+        self.belief = belief
         # what each entry scores against queries of the current conditions: kept across resets
         self._rerank_norm = ScoreNormaliser(len(localizer.map.poses), self.config.normalise_window)
         self._global_norm = ScoreNormaliser(len(localizer.map.poses), self.config.normalise_window)
@@ -452,8 +458,11 @@ class Tracker:
             self.state, self._below, dt = "global", 0, None
         odometry = None
         if odom_pose is not None:
-            odom_pose = np.asarray(odom_pose, np.float64)
-            if self._last_odom is not None and dt is not None:
+            odom_pose = np.asarray(odom_pose, np.float64).reshape(-1)
+            if odom_pose.shape != (7,) or not np.all(np.isfinite(odom_pose)):
+                log.debug("tracking: odometry pose %r unusable: predicting without odometry", odom_pose)
+                odom_pose = None
+            elif self._last_odom is not None and dt is not None:
                 odometry = planar_increment(self._last_odom, odom_pose)
         self._last_odom = odom_pose
         if dt is not None:

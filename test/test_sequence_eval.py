@@ -51,7 +51,8 @@ def test_eval_sequence_writes_single_and_tracking(drive, tmp_path):
     assert single["within_5m"] >= 0.7 and tracking["within_5m"] >= 0.7
     assert data["_meta"]["odometry"].endswith("odometry.txt")
     assert out.with_suffix(".png").stat().st_size > 10_000
-    rows = list(csv.DictReader(open(out.with_name("r_frames.csv"))))
+    with open(out.with_name("r_frames.csv")) as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 48 and {r["mode"] for r in rows} == {"single", "tracking"}
 
 
@@ -60,7 +61,8 @@ def test_localize_sequence_writes_the_tracker_state(drive, tmp_path):
     assert main(["localize", "--map", str(drive / "m"), "--images", str(drive / "q" / "images"), "--model", DEMO,
                  "--sequence", "--top-k", "20", "--track-track-candidates", "6", "--track-kidnap-candidates", "3",
                  "--out", str(out)]) == 0
-    rows = list(csv.DictReader(open(out)))
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 24
     stamps = [float(r["stamp"]) for r in rows]
     assert stamps == sorted(stamps)
