@@ -86,6 +86,15 @@ class Localizer:
         scores, idx = self.map.search(q_global[None], self.config.top_k)
         return idx[0], scores[0]
 
+    def global_scores(self, q_global: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """Cosine of the query's global descriptor with the given map entries' (the tracker scores the entries
+        of its belief that it does not rerank with it)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        c = np.asarray(self.map.global_desc[idx], dtype=np.float32)
+        q = np.asarray(q_global, dtype=np.float32)
+        norms = np.maximum(np.linalg.norm(c, axis=1) * np.linalg.norm(q), 1e-12)
+        return (c @ q) / norms
+
     def localize_features(self, q_global: np.ndarray, q_local: np.ndarray, rerank: str | None = None,
                           retrieved: np.ndarray | None = None, c_local: np.ndarray | None = None,
                           with_matches: bool = True) -> LocalizationResult:

@@ -213,6 +213,66 @@ class LocalizerConfig:
         return self
 
 
+@dataclass(frozen=True)
+class TrackingConfig:
+    """The tracker (`r2former_core.tracking`): a recursive Bayes filter over the map's entries and the robot's
+    speed that follows the robot between frames, reranks only where the robot can be, notices a kidnap and
+    publishes only when one place holds most of the belief. Defaults fitted for the demo model on validation
+    worlds (docs/TRACKING.md)."""
+    enabled: bool = option(True, "filter the localization over time (off: every frame is localized on its own)")
+    max_speed: float = option(25.0, "m/s, the fastest the robot moves along the map; bounds the motion the "
+                              "filter predicts without odometry", min=0.1, max=100.0)
+    speed_resolution: float = option(0.0, "m/s, step between the filter's speed states; 0 = max_speed / 10",
+                                     min=0.0, max=10.0)
+    accel_std: float = option(4.0, "m/s^2, standard deviation of the change of speed between frames "
+                              "(without odometry)", min=0.0, max=100.0)
+    position_std: float = option(1.0, "m, position noise of one prediction step; 0 = the map's keyframe spacing",
+                                 min=0.0, max=50.0)
+    heading_std_deg: float = option(30.0, "degrees, how far the heading of the next map entry may differ from the "
+                                    "predicted one", min=1.0, max=180.0)
+    odom_noise: float = option(0.1, "odometry error per step as a fraction of the distance driven",
+                               min=0.0, max=2.0)
+    kidnap_rate: float = option(0.2, "1/s, rate at which the belief is mixed with the prior (anywhere on the map "
+                                "or elsewhere): how fast a new place can take over after a kidnap", min=0.0,
+                                max=100.0)
+    elsewhere_prior: float = option(0.2, "prior probability that the robot is not on the map (its observations "
+                                    "are explained by no map entry)", min=0.001, max=0.999)
+    min_mass: float = option(0.9, "publish only when the most probable place holds at least this probability; "
+                             "a belief split between places is not published", min=0.0, max=1.0)
+    track_mass: float = option(0.5, "while the most probable place holds at least this probability the tracker "
+                               "reranks only the belief's entries (plus kidnap_candidates); below it for lost_frames "
+                               "frames, the whole top_k again", min=0.0, max=1.0)
+    mode_radius: float = option(0.0, "m, map entries within this of the most probable one form the published "
+                                "place; 0 = max(10 m, 4 x keyframe spacing)", min=0.0, max=500.0)
+    track_candidates: int = option(20, "map entries of the belief reranked per frame while tracking (with the "
+                                   "kidnap candidates at most top_k)", min=1, max=1000)
+    kidnap_candidates: int = option(20, "global top candidates reranked as well while tracking, to notice a kidnap "
+                                    "(at most half of top_k)", min=0, max=1000)
+    lost_frames: int = option(5, "frames below track_mass after which tracking is lost and the whole top_k is "
+                              "reranked again (global search)", min=1, max=1000)
+    max_support: int = option(200, "most map entries the belief keeps (the least probable are dropped)",
+                              min=10, max=100000)
+    score_gain: float = option(0.9, "calibration of the rerank score: log likelihood ratio = score_gain x "
+                               "logit(score) + score_bias", min=0.0, max=100.0)
+    score_bias: float = option(2.5, "see score_gain", min=-100.0, max=100.0)
+    global_gain: float = option(4.8, "calibration of the global cosine for entries not reranked: log likelihood "
+                                "ratio = global_gain x cosine + global_bias", min=0.0, max=1000.0)
+    global_bias: float = option(-2.1, "see global_gain", min=-1000.0, max=1000.0)
+    normalise_window: int = option(50, "observations over which each map entry's typical score is learned, so "
+                                   "that entries scoring high against every query count less; 0 = off", min=0,
+                                   max=100000)
+    max_log_lr: float = option(4.0, "bound of one observation's log likelihood ratio (no single frame decides)",
+                               min=0.1, max=50.0)
+    max_gap: float = option(5.0, "s, a longer gap between frames restarts global search", min=0.01, max=3600.0)
+    reset_jump: float = option(1.0, "s, a frame stamped this much before the last one resets the filter (e.g. a "
+                               "replayed bag); older frames within it are ignored", min=0.0, max=3600.0)
+
+    def validate(self) -> TrackingConfig:
+        check_config(self)
+        return self
+
+
 __all__ = ["DEVICE_CHOICES", "DEVICE_PATTERN", "INDEX_TYPES", "LocalizerConfig", "Option", "POSE_MODES",
-           "PRECISIONS", "PoseConfig", "R2FORMER_SCORES", "RERANK_MODES", "TIMING_STAGES", "add_config_option", "check_config",
+           "PRECISIONS", "PoseConfig", "R2FORMER_SCORES", "RERANK_MODES", "TIMING_STAGES", "TrackingConfig",
+           "add_config_option", "check_config",
            "config_options", "device_option", "device_type", "option"]

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_options, add_skip_unreadable, positive_float
+from .common import add_model_options, add_skip_unreadable, positive_float, positive_int
+from .tracking_options import add_sequence_options
 from ..errors import CliError
 from ..options import RERANK_MODES, LocalizerConfig, add_config_option
 
@@ -16,7 +17,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "error. For the pose the localizer would publish: the fraction within "
                                    "--pose-threshold-m, the fraction inside its covariance's 95%% ellipse, and a "
                                    "table of accepted/correct results per min_confidence (to choose that parameter). "
-                                   "Writes JSON, a recall@N plot and a confidence plot beside it.")
+                                   "Writes JSON, a recall@N plot and a confidence plot beside it. With --sequence: the "
+                                   "queries are one drive in stamp order, localized frame by frame on their own "
+                                   "(single) and with the tracker (tracking); JSON {\"single\": {...}, \"tracking\": "
+                                   "{...}} with within_5m (fraction of ALL frames whose published pose is within 5 m "
+                                   "and 20 deg; no pose = miss), gross_error_rate (> 25 m), ms_per_frame, "
+                                   "reranked_per_frame, calibration (fraction inside the 95%% ellipse), a plot of the "
+                                   "error over the frames (<stem>.png) and one CSV row per frame (<stem>_frames.csv).")
     p.add_argument("--map", required=True, help="map directory built with `r2former build-map`")
     p.add_argument("--queries", default=None, help="query image folder")
     p.add_argument("--query-poses", default=None, help="ground-truth poses of --queries (TUM or CSV)")
@@ -26,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_skip_unreadable(p)
     add_model_options(p)
     p.add_argument("--rerank", default="all", choices=[*RERANK_MODES, "all"],
-                   help="reranking mode(s) to evaluate (default all)")
+                   help="reranking mode(s) to evaluate (default all; with --sequence one mode, all = r2former)")
     add_config_option(p, LocalizerConfig, "top_k")
     p.add_argument("--threshold-m", type=positive_float, default=25.0, help="positive distance threshold in metres (default 25)")
     p.add_argument("--pose-threshold-m", type=positive_float, default=5.0,
@@ -34,6 +41,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="JSON output path (plots are written beside it: <stem>.png recall@N, <stem>_confidence.png); "
                         "without it the tables are only printed")
+    add_sequence_options(p, ("on", "off", "both"), "both")
     p.set_defaults(func=run)
     return p
 
@@ -50,6 +58,10 @@ def run(args) -> int:
                          pose_topic=args.pose_topic, require_poses=True, skip_unreadable=args.skip_unreadable)
     model = load_model_from_args(args)
     mapdb = MapDatabase.load(args.map, expected_fingerprint=model.fingerprint, device=args.device)
+    if args.sequence:
+        return run_sequence(args, source, model, mapdb)
+    if args.odometry:
+        raise CliError("--odometry goes with --sequence")
     localizer = Localizer(model, mapdb, LocalizerConfig(top_k=args.top_k, device=args.device,
                                                         precision=args.precision))
     modes = ("none", "ransac", "r2former") if args.rerank == "all" else (args.rerank,)
@@ -64,4 +76,26 @@ def run(args) -> int:
                 "queries": source.description}
         json_path, plot = write_report(results, args.out, meta)
         print(f"wrote {json_path} and {plot} (and the confidence plot beside it)")
+    return 0
+
+
+def run_sequence(args, source, model, mapdb) -> int:
+    from ..evaluation import evaluate_sequence, format_sequence_table, sequence_frames, write_sequence_report
+    from ..localizer import Localizer
+    from .tracking_options import read_odometry, tracking_config_from_args
+    rerank = "r2former" if args.rerank == "all" else args.rerank
+    localizer = Localizer(model, mapdb, LocalizerConfig(top_k=args.top_k, rerank=rerank, device=args.device,
+                                                        precision=args.precision))
+    tracking = tracking_config_from_args(args)
+    modes = {"on": ("tracking",), "off": ("single",), "both": ("single", "tracking")}[args.tracking]
+    odometry = read_odometry(args.odometry)
+    results = evaluate_sequence(localizer, sequence_frames(localizer, source, odometry), modes=modes,
+                                tracking=tracking, total=len(source))
+    print(format_sequence_table(results))
+    if args.out:
+        from dataclasses import asdict
+        meta = {"map": str(mapdb.info.path), "model": model.fingerprint, "top_k": args.top_k, "rerank": rerank,
+                "queries": source.description, "odometry": args.odometry, "tracking_config": asdict(tracking)}
+        json_path, plot = write_sequence_report(results, args.out, meta)
+        print(f"wrote {json_path}, {plot} and the per-frame CSV beside them")
     return 0

@@ -34,6 +34,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="with --bag: JPEG sensor_msgs/CompressedImage on /camera/image_raw/compressed")
     p.add_argument("--storage", choices=["sqlite3", "mcap"], default=None,
                    help="with --bag: rosbag2 storage plugin (default sqlite3)")
+    # --- noisy wheel odometry (r2former_core.odometry; the tracker's --odometry input)
+    p.add_argument("--odometry", action="store_true",
+                   help="also write OUT/odometry.txt: the drive's wheel odometry (TUM, odom frame, at the frame "
+                        "stamps) with seeded drift in yaw and scale and noise (r2former_core.odometry, seed --seed)")
     p.set_defaults(func=run)
     return p
 
@@ -64,4 +68,11 @@ def run(args) -> int:
         else f"{out / 'images'}"
     print(f"synth: {args.frames} frames, {args.drive} drive, {','.join(conditions)}, seed {args.seed}, "
           f"route {world.route_length:.1f} m -> {what}, poses {out / 'poses.txt'}")
+    # --- noisy wheel odometry
+    if args.odometry:
+        from ..data.poses import write_tum
+        from ..odometry import simulate_odometry
+        traj = world.trajectory(args.drive, args.frames, args.spacing)
+        write_tum(out / "odometry.txt", traj.stamps, simulate_odometry(traj.poses, seed=args.seed))
+        print(f"synth: noisy wheel odometry (odom frame) -> {out / 'odometry.txt'}")
     return 0

@@ -1,0 +1,461 @@
+"""Which filter for the tracker: the recursive Bayes filter over map entries x speed (r2former_core.tracking,
+`MapBelief`) against a particle filter over (x, y, yaw, speed) (`ParticleBelief` below), on the same
+observations, with the same Tracker around them (candidates, likelihoods, normalisation, publishing).
+
+To compare filters in seconds rather than hours, every frame of every query drive is scored once against
+EVERY map entry (global cosine and R2Former match probability; cached in --work as npz) and the Tracker runs on
+a `TableLocalizer` that serves those scores: the reranker scores each (query, candidate) pair on its own, so a
+filter that reranks a subset sees exactly what the real pipeline would give it. Timings here are the filters'
+own (ms per frame of prediction + update); end-to-end timings are in bench/tracking_eval.py.
+
+    .venv/bin/python bench/tracking_filters.py --model models/r2former_tiny_demo.safetensors \\
+        --out bench/results/tracking_filters.json
+
+The default sets are validation worlds (900, 901: model selection in training; 953, 954: never used), not the
+held-out test worlds 950-952 of bench/tracking_eval.py: the filter and its parameters were chosen here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from r2former_core.localizer import Localizer  # noqa: E402
+from r2former_core.odometry import chain_increments, planar_increments, simulate_odometry  # noqa: E402
+from r2former_core.options import LocalizerConfig, TrackingConfig  # noqa: E402
+from r2former_core.pose import estimate_pose  # noqa: E402
+from r2former_core.results import Candidate, LocalizationResult, TokenMatches  # noqa: E402
+from r2former_core.tracking import MapBelief, Place, Tracker, _wrap  # noqa: E402
+
+DEFAULT_SETS = "900:night+fog,901:night+fog,953:night+fog,954:night+fog,900:night,901:fog"
+_CAL = ("score_gain", "score_bias", "global_gain", "global_bias")
+# What matters (the entries filter with one thing changed); the issue's two quick tries are the first two
+# rows below the defaults: no direction (random walk, speed redrawn every frame) with raw scores
+VARIANTS = {
+    "defaults": {},
+    "random walk + raw scores": {"accel_std": 100.0, "normalise_window": 0},
+    "random walk (no speed states)": {"accel_std": 100.0},
+    "raw scores (no normalisation)": {"normalise_window": 0},
+    "untempered calibration (x 1/0.7)": {k: getattr(TrackingConfig(), k) / 0.7 for k in _CAL},
+    "publish at min_mass 0.5": {"min_mass": 0.5},
+    "5 kidnap candidates + 30 own": {"kidnap_candidates": 5, "track_candidates": 30},
+}
+
+
+# ------------------------------------------------------------------------------------------ score tables
+
+def score_table(model, seed: int, cond: str, work: Path, size: tuple[int, int], map_frames: int,
+                query_frames: int) -> Path:
+    """npz with every query frame's global cosine and match probability against every map entry."""
+    from r2former_core.data.sources import open_source
+    from r2former_core.synthetic import write_drive
+    from r2former_core.features import extract_image
+    from r2former_core.mapdb import MapDatabase, MapError
+    from r2former_core.mapping import build_map
+
+    tag = f"{size[0]}x{size[1]}"
+    out = work / f"table_{seed}_{cond}_{map_frames}_{query_frames}_{tag}_{model.fingerprint}.npz"
+    if out.is_file():
+        return out
+
+    def drive(kind: str, conditions: str, frames: int) -> Path:
+        d = work / f"{kind}_{seed}_{conditions}_{frames}_{tag}"
+        if not (d / "poses.txt").is_file():
+            write_drive(seed, d, kind=kind, conditions=conditions.replace("+", ","), frames=frames, size=size)
+        return d
+
+    mdir = drive("map", "day", map_frames)
+    mpath = work / f"map_{seed}_{map_frames}_{tag}_{model.fingerprint}"
+    try:
+        mapdb = MapDatabase.load(mpath, expected_fingerprint=model.fingerprint)
+    except MapError:
+        mapdb = build_map(open_source(images=str(mdir / "images"), poses=str(mdir / "poses.txt")), model, mpath,
+                          overwrite=True, progress=False)
+    qdir = drive("query", cond, query_frames)
+    src = open_source(images=str(qdir / "images"), poses=str(qdir / "poses.txt"))
+    c_global = np.asarray(mapdb.global_desc, np.float32)
+    c_local = mapdb.local(np.arange(len(mapdb)))
+    glob, rerank, poses, stamps = [], [], [], []
+    for rec in src:
+        g, loc = extract_image(model, rec.image)
+        glob.append(c_global @ g)
+        rerank.append(model.rerank(g, loc, c_global, c_local).match_prob.numpy())
+        poses.append(rec.pose)
+        stamps.append(rec.stamp)
+    np.savez(out, global_scores=np.array(glob), rerank=np.array(rerank), query_poses=np.array(poses),
+             stamps=np.array(stamps), map_poses=mapdb.poses)
+    return out
+
+
+class _TableMap:
+    def __init__(self, poses: np.ndarray):
+        self.poses = poses
+        self.names = [str(i) for i in range(len(poses))]
+        self._spacing = float(np.median(np.linalg.norm(np.diff(poses[:, :3], axis=0), axis=1)))
+
+    def keyframe_spacing(self) -> float:
+        return self._spacing
+
+    def __len__(self) -> int:
+        return len(self.poses)
+
+
+class TableLocalizer(Localizer):
+    """Serves a score table: the query's "global descriptor" is its frame number."""
+
+    def __init__(self, table, top_k: int = 100):
+        self.config = LocalizerConfig(top_k=top_k)
+        self.map = _TableMap(table["map_poses"])
+        self.glob, self.rerank = table["global_scores"], table["rerank"]
+
+    def retrieve(self, q_global):
+        i = int(q_global[0])
+        order = np.argsort(-self.glob[i], kind="stable")[:self.config.top_k]
+        return order, self.glob[i, order]
+
+    def global_scores(self, q_global, indices):
+        return self.glob[int(q_global[0]), np.asarray(indices)]
+
+    def localize_features(self, q_global, q_local, rerank=None, retrieved=None, c_local=None, with_matches=True):
+        i = int(q_global[0])
+        idx = np.asarray(retrieved if retrieved is not None else self.retrieve(q_global)[0])
+        s = self.rerank[i, idx]
+        order = np.argsort(-s, kind="stable")
+        ranked = idx[order]
+        est = estimate_pose(self.map.poses[ranked], s[order], self.map.keyframe_spacing(), self.config.pose)
+        cands = [Candidate(int(j), "", self.map.poses[int(j)], float(self.glob[i, j]), float(self.rerank[i, j]),
+                           float(self.rerank[i, j])) for j in ranked]
+        return LocalizationResult(est.pose, est.covariance, est.confidence, False, "", int(ranked[0]), cands,
+                                  TokenMatches(), {}, est.agreement).judge(self.config.min_confidence)
+
+
+# ------------------------------------------------------------------------------------------ particle filter
+
+class ParticleBelief:
+    """A particle filter over (x, y, yaw, speed) with the same interface as MapBelief (what the Tracker uses).
+
+    Motion: odometry increments in each particle's frame plus noise, or its speed along its heading (speed
+    changes by accel_std, bounded by max_speed; heading diffuses). Observation: a particle's likelihood ratio
+    is the kernel-weighted mean of the likelihood ratios of the map entries around it (position within the
+    keyframe spacing, heading within heading_std_deg). "Anywhere on the map" (kidnap prior) and "elsewhere"
+    are the same scalars as in MapBelief; the uniform prior's share at observed entries becomes new particles
+    there (importance weight = share x likelihood ratio). Resampled (systematic) when the effective sample
+    size falls below half."""
+
+    def __init__(self, map_poses: np.ndarray, keyframe_spacing: float, config: TrackingConfig, particles: int = 2000,
+                 seed: int = 0):
+        self.inner = MapBelief(map_poses, keyframe_spacing, config)       # geometry helpers and place()
+        self.config = config
+        self.n = particles
+        self.rng = np.random.default_rng(seed)
+        self.xy, self.yaw, self.spacing = self.inner.xy, self.inner.yaw, self.inner.spacing
+        self.mode_radius = self.inner.mode_radius
+        self.reset()
+
+    def reset(self) -> None:
+        self.p = np.zeros((0, 4))          # x, y, yaw, speed
+        self.w = np.zeros(0)
+        self.elsewhere = self.config.elsewhere_prior
+        self.uniform = 1.0 - self.elsewhere
+
+    @property
+    def num_entries(self) -> int:
+        return len(self.xy)
+
+    def _nearest(self) -> np.ndarray:
+        if not len(self.p):
+            return np.zeros(0, np.int64)
+        grid = self.inner._grid
+        near = np.full(len(self.p), -1, np.int64)
+        # particles lie near entries: the nearest entry among the neighbours of the particle's own cell
+        keys = np.floor(self.p[:, :2] / grid.cell).astype(np.int64)
+        codes = grid._code(keys)
+        best = np.full(len(self.p), np.inf)
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                c = grid._code(keys + np.array([dx, dy]))
+                pos = np.minimum(np.searchsorted(grid.codes, c), len(grid.codes) - 1)
+                found = grid.codes[pos] == c
+                members = np.where(found[:, None], grid.members[pos], -1)
+                d2 = np.where(members >= 0, ((self.xy[np.maximum(members, 0)] - self.p[:, None, :2]) ** 2).sum(-1),
+                              np.inf)
+                j = d2.argmin(1)
+                better = d2[np.arange(len(d2)), j] < best
+                best[better] = d2[np.arange(len(d2)), j][better]
+                near[better] = members[np.arange(len(d2)), j][better]
+        del codes
+        return near
+
+    @property
+    def entries(self) -> np.ndarray:
+        near = self._nearest()
+        return np.unique(near[near >= 0])
+
+    def marginal(self) -> np.ndarray:
+        near = self._nearest()
+        ok = near >= 0
+        ent, inv = np.unique(near[ok], return_inverse=True)
+        return np.bincount(inv, weights=self.w[ok], minlength=len(ent))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def most_probable(self, n: int) -> np.ndarray:
+        ent = self.entries
+        if not len(ent):
+            return ent
+        return ent[np.argsort(-self.marginal(), kind="stable")[:n]]
+
+    def predict(self, dt: float, odometry: np.ndarray | None = None) -> None:
+        cfg = self.config
+        if dt <= 0:
+            return
+        keep = math.exp(-cfg.kidnap_rate * dt)
+        if len(self.p):
+            n = len(self.p)
+            noise = self.rng.normal(size=(n, 3))
+            if odometry is not None:
+                dx, dy, dyaw = (float(v) for v in odometry)
+                d = math.hypot(dx, dy)
+                sd = max(cfg.odom_noise * d, 0.05)
+                c, s = np.cos(self.p[:, 2]), np.sin(self.p[:, 2])
+                self.p[:, 0] += c * dx - s * dy + noise[:, 0] * sd
+                self.p[:, 1] += s * dx + c * dy + noise[:, 1] * sd
+                self.p[:, 2] += dyaw + noise[:, 2] * math.radians(2.0)
+                self.p[:, 3] = dx / dt
+            else:
+                self.p[:, 3] = np.clip(self.p[:, 3] + self.rng.normal(size=n) * cfg.accel_std * dt,
+                                       -cfg.max_speed, cfg.max_speed)
+                step = self.p[:, 3] * dt
+                jitter = 0.5 * cfg.accel_std * dt * dt + 0.1
+                self.p[:, 0] += np.cos(self.p[:, 2]) * step + noise[:, 0] * jitter
+                self.p[:, 1] += np.sin(self.p[:, 2]) * step + noise[:, 1] * jitter
+                self.p[:, 2] += noise[:, 2] * math.radians(5.0) * math.sqrt(dt)
+        self.w *= keep
+        self.uniform = self.uniform * keep + (1 - keep) * (1 - cfg.elsewhere_prior)
+        self.elsewhere = self.elsewhere * keep + (1 - keep) * cfg.elsewhere_prior
+        self._normalise()
+
+    def _likelihood(self, entries: np.ndarray, lr: np.ndarray, rest: float) -> np.ndarray:
+        """Kernel-weighted mean likelihood ratio of the entries around each particle."""
+        table = np.full(self.num_entries, math.exp(rest))
+        table[entries] = lr
+        near = self._nearest()
+        out = np.full(len(self.p), math.exp(rest))
+        ok = near >= 0
+        if not ok.any():
+            return out
+        # the nearest entry and its neighbours within 2 spacings (pairs from the grid)
+        src = np.unique(near[ok])
+        row, dest = self.inner._grid.pairs(src, 2.0 * self.spacing)
+        pos = np.searchsorted(src, near[ok])
+        starts = np.searchsorted(row, np.arange(len(src)))
+        ends = np.r_[starts[1:], len(row)]
+        sig, sig_h = max(self.spacing, 1.0), math.radians(self.config.heading_std_deg)
+        idx = np.flatnonzero(ok)
+        for k, (a, b) in enumerate(zip(starts, ends)):
+            members = np.flatnonzero(pos == k)
+            if not len(members):
+                continue
+            cand = dest[a:b]
+            pp = self.p[idx[members]]
+            d2 = ((pp[:, None, :2] - self.xy[cand][None]) ** 2).sum(-1)
+            dh = _wrap(pp[:, None, 2] - self.yaw[cand][None])
+            kern = np.exp(-0.5 * d2 / sig ** 2 - 0.5 * (dh / sig_h) ** 2)
+            z = kern.sum(1)
+            out[idx[members]] = np.where(z > 1e-9, (kern * table[cand][None]).sum(1) / np.maximum(z, 1e-300),
+                                         math.exp(rest))
+        return out
+
+    def update(self, entries: np.ndarray, log_lr: np.ndarray, rest_log_lr: float) -> None:
+        entries = np.asarray(entries, np.int64)
+        lr = np.exp(np.asarray(log_lr, np.float64))
+        if len(self.p):
+            self.w = self.w * self._likelihood(entries, lr, rest_log_lr)
+        # the uniform prior's share at the observed entries becomes particles there
+        share = self.uniform / self.num_entries
+        new_w = share * lr
+        per = max(1, self.n // 200)
+        spawn = np.repeat(entries, per)
+        if len(spawn):
+            p = np.zeros((len(spawn), 4))
+            p[:, :2] = self.xy[spawn] + self.rng.normal(size=(len(spawn), 2)) * 0.5 * self.spacing
+            p[:, 2] = self.yaw[spawn] + self.rng.normal(size=len(spawn)) * math.radians(10)
+            p[:, 3] = self.rng.uniform(-self.config.max_speed, self.config.max_speed, len(spawn))
+            self.p = np.vstack([self.p, p])
+            self.w = np.r_[self.w, np.repeat(new_w / per, per)]
+        self.uniform = share * max(self.num_entries - len(entries), 0) * math.exp(rest_log_lr)
+        self._normalise()
+        self._resample()
+
+    def _normalise(self) -> None:
+        total = float(self.w.sum()) + self.uniform + self.elsewhere
+        self.w /= total
+        self.uniform /= total
+        self.elsewhere /= total
+
+    def _resample(self) -> None:
+        on_map = float(self.w.sum())
+        if not len(self.p) or on_map <= 0:
+            return
+        ess = on_map ** 2 / float((self.w ** 2).sum())
+        if len(self.p) <= self.n and ess >= self.n / 2:
+            return
+        c = np.cumsum(self.w / on_map)
+        u = (self.rng.random() + np.arange(self.n)) / self.n
+        pick = np.minimum(np.searchsorted(c, u), len(c) - 1)
+        self.p = self.p[pick].copy()
+        self.w = np.full(self.n, on_map / self.n)
+
+    def place(self) -> Place | None:
+        near = self._nearest()
+        ok = near >= 0
+        if not ok.any():
+            return None
+        ent, inv = np.unique(near[ok], return_inverse=True)
+        m = np.bincount(inv, weights=self.w[ok], minlength=len(ent))
+        b = ent[int(np.argmax(m))]
+        p, w = self.p[ok], self.w[ok]
+        sel = (np.linalg.norm(p[:, :2] - self.xy[b], axis=1) <= self.mode_radius) & (
+            np.abs(_wrap(p[:, 2] - self.yaw[b])) <= math.radians(60))
+        mass = float(w[sel].sum())
+        if mass <= 0:
+            return None
+        ww = w[sel] / mass
+        pose = self.inner.poses[b].copy()
+        pose[:2] = ww @ p[sel, :2]
+        d = p[sel, :2] - pose[:2]
+        cov = np.zeros((6, 6))
+        cov[:2, :2] = (ww[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0) + 0.25 * np.eye(2)
+        cov[2, 2] = 0.25
+        cov[3, 3] = cov[4, 4] = math.radians(10) ** 2
+        cov[5, 5] = float(ww @ _wrap(p[sel, 2] - self.yaw[b]) ** 2) + math.radians(3) ** 2
+        cov[:3, :3] /= max(mass, 0.05)
+        return Place(pose=pose, covariance=cov, mass=mass, entries=np.unique(near[ok][sel]),
+                     speed=float(ww @ p[sel, 3]))
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+def odometry_in_play_order(truth: np.ndarray, order: np.ndarray, seed: int) -> np.ndarray:
+    """Noisy odometry of the drive, chained in play order; a jump in the order (a kidnap: the robot is
+    carried) is a zero increment."""
+    inc = planar_increments(simulate_odometry(truth, seed))
+    steps = [inc[a] if b == a + 1 else np.zeros(3) for a, b in zip(order[:-1], order[1:])]
+    return chain_increments(np.array(steps).reshape(-1, 3))
+
+
+def run(table, order: np.ndarray, make_belief, cfg: TrackingConfig, odometry: np.ndarray | None) -> dict:
+    from r2former_core.evaluation import SequenceFrame, SequenceResult
+    loc = TableLocalizer(table)
+    tracker = Tracker(loc, cfg, belief=make_belief(loc) if make_belief else None)
+    res = SequenceResult()
+    stamps = table["stamps"][0] + 0.1 * np.arange(len(order))
+    filter_ms = []
+    for k, i in enumerate(order):
+        fr = SequenceFrame(str(i), stamps[k], table["query_poses"][i])
+        t = time.perf_counter()
+        r = tracker.step(stamps[k], features=(np.array([i]), None),
+                         odom_pose=None if odometry is None else odometry[k], with_matches=False)
+        filter_ms.append((time.perf_counter() - t) * 1000)
+        res.add(fr, r.pose, r.covariance, r.accepted, filter_ms[-1], r.reranked, r.state)
+    out = res.summary()
+    out["filter_ms"] = float(np.mean(filter_ms))
+    return out
+
+
+def single(table, order: np.ndarray) -> dict:
+    from r2former_core.evaluation import SequenceFrame, SequenceResult
+    loc = TableLocalizer(table)
+    res = SequenceResult()
+    for i in order:
+        r = loc.localize_features(np.array([i]), None)
+        res.add(SequenceFrame(str(i), 0.0, table["query_poses"][i]), r.pose, r.covariance, r.accepted, 0.0,
+                len(r.candidates), "single")
+    return res.summary()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model file (any format load_model reads)")
+    p.add_argument("--sets", default=DEFAULT_SETS,
+                   help=f"query sets SEED:CONDITIONS (conditions joined by +), comma separated "
+                        f"(default {DEFAULT_SETS})")
+    p.add_argument("--size", default="256x320", help="rendered image size HxW (default 256x320, as the demo)")
+    p.add_argument("--map-frames", type=int, default=210, help="frames of the map drive, once around (default 210)")
+    p.add_argument("--query-frames", type=int, default=160, help="frames of each query drive (default 160)")
+    p.add_argument("--particles", type=int, default=2000, help="particles of the particle filter (default 2000)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="entries-filter variants to run besides the filter comparison, comma separated, from: "
+                        f"{', '.join(VARIANTS)} (default all; '' = none)")
+    p.add_argument("--work", default="runs/tracking", help="drives, maps and score tables (default runs/tracking)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--out", default="bench/results/tracking_filters.json", help="JSON report path")
+    args = p.parse_args(argv)
+
+    from r2former_core.model import load_model
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    size = tuple(int(v) for v in args.size.split("x"))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = TrackingConfig()
+    # (filter, config) per row: the two filters on the defaults, then the entries filter's variants
+    setups = {"entries": (None, cfg),
+              "particles": (lambda loc: ParticleBelief(loc.map.poses, loc.map.keyframe_spacing(), cfg,
+                                                       particles=args.particles), cfg)}
+    for name in filter(None, args.variants.split(",")):
+        if name != "defaults":
+            setups[f"entries: {name}"] = (None, TrackingConfig(**VARIANTS[name]))
+    report: dict = {"sets": {}, "meta": {"model": args.model, "size": list(size), "map_frames": args.map_frames,
+                                         "query_frames": args.query_frames, "particles": args.particles}}
+    for item in args.sets.split(","):
+        seed, cond = item.split(":")
+        table = dict(np.load(score_table(model, int(seed), cond, work, size, args.map_frames, args.query_frames)))
+        n = len(table["stamps"])
+        orders = {"drive": np.arange(n), "kidnap": np.r_[np.arange(n // 2, n), np.arange(n // 2)]}
+        rows = {}
+        for oname, order in orders.items():
+            rows[f"single/{oname}"] = single(table, order)
+            for fname, (make, config) in setups.items():
+                for odo in (False, True):
+                    odom = odometry_in_play_order(table["query_poses"], order, int(seed)) if odo else None
+                    rows[f"{fname}/{oname}{'/odometry' if odo else ''}"] = run(table, order, make, config, odom)
+        report["sets"][item] = rows
+        print(f"\n== {item}")
+        print(f"{'run':<60} {'within 5 m':>10} {'> 25 m':>7} {'in 95%':>7} {'reranked':>9} {'filter ms':>10}")
+        for name, s in rows.items():
+            cal = "-" if s["calibration"] is None else f"{100 * s['calibration']:.0f}%"
+            print(f"{name:<60} {100 * s['within_5m']:>9.1f}% {100 * s['gross_error_rate']:>6.1f}% {cal:>7} "
+                  f"{s['reranked_per_frame']:>9.1f} {s.get('filter_ms', 0):>10.1f}")
+    names = list(next(iter(report["sets"].values())))
+    mean = {n: {k: float(np.mean([r[n][k] for r in report["sets"].values() if r[n][k] is not None]))
+                for k in ("within_5m", "gross_error_rate", "calibration", "reranked_per_frame")}
+            for n in names}
+    for n in names:
+        if "filter_ms" in report["sets"][next(iter(report["sets"]))][n]:
+            mean[n]["filter_ms"] = float(np.mean([r[n]["filter_ms"] for r in report["sets"].values()]))
+    report["mean"] = mean
+    print(f"\n== mean of {len(report['sets'])} sets")
+    for name, s in mean.items():
+        print(f"{name:<60} {100 * s['within_5m']:>9.1f}% {100 * s['gross_error_rate']:>6.1f}% "
+              f"{100 * s['calibration']:>6.0f}% {s['reranked_per_frame']:>9.1f} {s.get('filter_ms', 0):>10.1f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

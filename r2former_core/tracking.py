@@ -1,0 +1,599 @@
+"""Tracking: a recursive Bayes filter over the map's entries that follows the robot between frames.
+
+Single-frame localization answers every frame on its own, so a look-alike place wins now and then
+and the pose jumps across the map. A robot moves continuously and the map is a set of posed images
+along its drives; the tracker uses both (docs/TRACKING.md has the design, the measurements and why
+this form was chosen over a particle filter).
+
+The belief is a probability over (map entry, speed along the entry's heading), kept for the few
+hundred entries where the robot can be (the support), plus two scalars: *anywhere on the map*
+(spread uniformly over all entries: the prior a kidnap falls back to) and *elsewhere* (not on the
+map: the observation is explained by no entry). Per frame:
+
+1. predict: with an odometry increment (forward, left, turn in the robot frame) every entry's mass
+   moves to the entries near the entry's pose composed with the increment; without odometry each
+   speed state moves its mass along the entry's heading by speed x dt and the speed changes by at
+   most a few m/s^2 (`accel_std`), bounded by `max_speed`. So the filter estimates a velocity: the
+   motion has a direction even without odometry. A little of the belief returns to the prior every
+   second (`kidnap_rate`), which is what lets a new place take over after a kidnap.
+2. choose candidates: while tracking, the support's most probable entries (`track_candidates`) plus a
+   few of the global top-k (`kidnap_candidates`, to notice a kidnap); otherwise the whole top_k, as a
+   single frame does. The localizer reranks exactly these.
+3. update: each reranked entry's score becomes a likelihood ratio against "elsewhere" (calibrated:
+   log LR = score_gain x normalised logit + score_bias, bounded by `max_log_lr`); entries not reranked
+   use their global cosine (global_gain, global_bias). The logit is normalised by the entry's typical
+   score (`ScoreNormaliser`: look-alike stretches that score high against every query count less) and by
+   the frame's level (the median of its global top candidates), and counts only as far as the entry's
+   typical score is known.
+4. publish: the most probable entry and its neighbours within `mode_radius` form the place; its
+   probability is the confidence. Pose = mass-weighted position (orientation of the most probable
+   entry), covariance = the place's spread plus a floor, widened when the place holds less than all
+   of the belief. Below `min_mass` nothing is published: a split belief is not a pose.
+
+States: `global` (no place yet: the whole top_k is reranked), `tracking` (a place holds at least
+`track_mass`), `lost` (below it for `lost_frames` frames: global search again until a place holds it).
+
+Stamps: frames must come in time order. A frame with the stamp of the last one (a duplicate) or an
+older one (out of order, less than `reset_jump` seconds back) is not used: the result is not accepted,
+nothing is reranked and the filter is unchanged. A stamp more than `reset_jump` seconds before the last
+(a replayed or looped bag) resets the filter, and a gap longer than `max_gap` seconds restarts the
+global search (a prediction over such a gap says nothing).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .data.poses import compose_poses, invert_poses, yaw_from_quat
+from .localizer import Localizer
+from .options import TrackingConfig
+from .pose import normalised_scores
+from .results import LocalizationResult
+
+log = logging.getLogger(__name__)
+
+STATES = ("global", "tracking", "lost")
+_MODE_HEADING = math.radians(60.0)      # entries facing further away than this are another place
+_OFF_MAP = math.exp(-0.5 * 3.0 ** 2)    # weight of "no entry there": as if one entry sat 3 sigma away
+_PRUNE = 1e-5                           # entries below this fraction of the most probable one are dropped
+
+
+def _wrap(angle: np.ndarray) -> np.ndarray:
+    return (np.asarray(angle) + np.pi) % (2 * np.pi) - np.pi
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """Error function (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7); numpy has none."""
+    x = np.asarray(x, dtype=np.float64)
+    s = np.sign(x)
+    a = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return s * (1.0 - poly * np.exp(-a * a))
+
+
+def planar_increment(previous: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """(forward, left, turn) motion from pose `previous` to pose `current` (7,), in the previous pose's frame."""
+    rel = compose_poses(invert_poses(np.asarray(previous, np.float64)), np.asarray(current, np.float64))
+    return np.array([rel[0], rel[1], float(yaw_from_quat(rel[3:]))])
+
+
+class _Grid:
+    """Map entries bucketed by position, for "which entries lie within r of these entries" in a few numpy calls."""
+
+    def __init__(self, xy: np.ndarray, cell: float):
+        self.xy = np.asarray(xy, np.float64)
+        self.cell = float(cell)
+        keys = np.floor(self.xy / self.cell).astype(np.int64)
+        self.keys = keys
+        codes = self._code(keys)
+        order = np.argsort(codes, kind="stable")
+        self.codes, starts, counts = np.unique(codes[order], return_index=True, return_counts=True)
+        width = int(counts.max()) if len(counts) else 1
+        self.members = np.full((len(self.codes), width), -1, np.int64)     # entries of each cell, -1 padded
+        col = np.arange(len(order)) - np.repeat(starts, counts)
+        self.members[np.repeat(np.arange(len(self.codes)), counts), col] = order
+
+    @staticmethod
+    def _code(keys: np.ndarray) -> np.ndarray:
+        return (keys[..., 0] + (1 << 31)) * (1 << 32) + (keys[..., 1] + (1 << 31))
+
+    def pairs(self, sources: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+        """(source, entry) index pairs with the entry within `radius` of the source entry, sorted by source
+        position in `sources` (every source pairs with itself)."""
+        sources = np.asarray(sources, np.int64)
+        rings = int(math.ceil(radius / self.cell))
+        off = np.arange(-rings, rings + 1)
+        offsets = np.stack(np.meshgrid(off, off, indexing="ij"), -1).reshape(-1, 2)
+        cells = self._code(self.keys[sources][:, None, :] + offsets[None, :, :])       # (S, O)
+        pos = np.minimum(np.searchsorted(self.codes, cells), len(self.codes) - 1)
+        found = self.codes[pos] == cells
+        cand = np.where(found[..., None], self.members[pos], -1).reshape(len(sources), -1)   # (S, O*W)
+        rows, cols = np.nonzero(cand >= 0)
+        ent = cand[rows, cols]
+        d2 = ((self.xy[ent] - self.xy[sources[rows]]) ** 2).sum(1)
+        keep = d2 <= radius * radius
+        return rows[keep], ent[keep]
+
+
+@dataclass
+class Place:
+    """The belief's most probable place."""
+    pose: np.ndarray          # (7,) map frame
+    covariance: np.ndarray    # (6, 6) x y z roll pitch yaw
+    mass: float               # probability that the robot is there
+    entries: np.ndarray       # map entries forming the place
+    speed: float              # m/s along the heading (mean over the place)
+
+
+class MapBelief:
+    """The filter itself (no model, no ROS): probability over (map entry, speed) plus "anywhere on the map"
+    and "elsewhere". See the module docstring for the model."""
+
+    def __init__(self, map_poses: np.ndarray, keyframe_spacing: float, config: TrackingConfig = TrackingConfig(),
+                 min_position_std: float = 0.5, min_yaw_std_deg: float = 3.0, roll_pitch_std_deg: float = 10.0):
+        self.config = config.validate()
+        poses = np.asarray(map_poses, np.float64)
+        self.poses = poses
+        self.xy = poses[:, :2].copy()
+        self.z = poses[:, 2].copy()
+        self.yaw = np.asarray(yaw_from_quat(poses[:, 3:]), np.float64).reshape(-1)
+        self.heading = np.stack([np.cos(self.yaw), np.sin(self.yaw)], 1)
+        self.spacing = max(float(keyframe_spacing), 0.1)
+        self.speed_resolution = config.speed_resolution or config.max_speed / 10.0
+        n = int(math.ceil(config.max_speed / self.speed_resolution - 1e-9))
+        self.speeds = np.clip(np.arange(-n, n + 1) * self.speed_resolution, -config.max_speed, config.max_speed)
+        self.position_std = config.position_std or self.spacing
+        self.mode_radius = config.mode_radius or max(10.0, 4.0 * self.spacing)
+        self.min_position_std = float(min_position_std)
+        self.min_yaw_std = math.radians(min_yaw_std_deg)
+        self.roll_pitch_std = math.radians(roll_pitch_std_deg)
+        self._grid = _Grid(self.xy, max(self.mode_radius, 4.0 * self.spacing))
+        self._speed_cache: dict[float, np.ndarray] = {}
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Back to the prior: anywhere on the map, or elsewhere."""
+        self.entries = np.zeros(0, np.int64)
+        self.mass = np.zeros((0, len(self.speeds)))
+        self.elsewhere = self.config.elsewhere_prior
+        self.uniform = 1.0 - self.elsewhere
+
+    def __len__(self) -> int:
+        """Support size: map entries the belief holds explicitly."""
+        return len(self.entries)
+
+    @property
+    def num_entries(self) -> int:
+        return len(self.xy)
+
+    def marginal(self) -> np.ndarray:
+        """Probability of each support entry (summed over speeds)."""
+        return self.mass.sum(1)
+
+    def most_probable(self, n: int) -> np.ndarray:
+        """Up to n support entries, most probable first."""
+        if not len(self.entries) or n <= 0:
+            return np.zeros(0, np.int64)
+        m = self.marginal()
+        order = np.argsort(-m, kind="stable")[:n]
+        return self.entries[order]
+
+    # ------------------------------------------------------------------ predict
+    def _speed_transition(self, sigma: float) -> np.ndarray:
+        """P[b', b]: probability of speed state b' after b, Gaussian change of std sigma, bounded by the bins."""
+        key = round(sigma, 4)
+        if key not in self._speed_cache:
+            v = self.speeds
+            half = 0.5 * self.speed_resolution
+            if sigma < 1e-6:
+                p = np.eye(len(v))
+            else:
+                z = np.sqrt(2.0) * sigma
+                p = 0.5 * (_erf((v[:, None] + half - v[None, :]) / z) - _erf((v[:, None] - half - v[None, :]) / z))
+                p /= p.sum(0, keepdims=True)
+            if len(self._speed_cache) > 64:
+                self._speed_cache.clear()
+            self._speed_cache[key] = p
+        return self._speed_cache[key]
+
+    def _speed_prior(self, speed: float, sigma: float) -> np.ndarray:
+        p = np.exp(-0.5 * ((self.speeds - speed) / max(sigma, 1e-3)) ** 2)
+        total = p.sum()
+        return p / total if total > 0 else np.full(len(self.speeds), 1.0 / len(self.speeds))
+
+    def predict(self, dt: float, odometry: np.ndarray | None = None) -> None:
+        """Move the belief over `dt` seconds; `odometry` = (forward, left, turn) since the last frame, or None."""
+        cfg = self.config
+        if dt <= 0:
+            return
+        keep = math.exp(-cfg.kidnap_rate * dt)
+        leaked = 0.0
+        if len(self.entries):
+            src = self.entries
+            if odometry is not None:
+                dx, dy, dyaw = (float(v) for v in odometry)
+                sigma = math.hypot(self.position_std, cfg.odom_noise * math.hypot(dx, dy))
+                reach = math.hypot(dx, dy)
+            else:
+                dx = dy = dyaw = 0.0
+                sigma = math.hypot(self.position_std, 0.5 * cfg.accel_std * dt * dt)
+                reach = cfg.max_speed * dt
+            row, dest = self._grid.pairs(src, reach + 3.0 * sigma)
+            i = src[row]
+            # destination relative to the source entry, in the source entry's frame (along, left)
+            rel = self.xy[dest] - self.xy[i]
+            h = self.heading[i]
+            along = rel[:, 0] * h[:, 0] + rel[:, 1] * h[:, 1]
+            left = rel[:, 1] * h[:, 0] - rel[:, 0] * h[:, 1]
+            turn = _wrap(self.yaw[dest] - self.yaw[i] - dyaw)
+            log_k = -0.5 * (turn / math.radians(cfg.heading_std_deg)) ** 2
+            if odometry is not None:
+                k = np.exp(log_k - 0.5 * ((along - dx) ** 2 + (left - dy) ** 2) / sigma ** 2)[:, None]
+                weight = self.marginal()[:, None]
+            else:
+                k = np.exp((log_k - 0.5 * left ** 2 / sigma ** 2)[:, None]
+                           - 0.5 * ((along[:, None] - self.speeds[None, :] * dt) / sigma) ** 2)
+                weight = self.mass
+            z = np.add.reduceat(k, np.searchsorted(row, np.arange(len(src))), axis=0)   # every source has a pair
+            leaked = float((weight * (_OFF_MAP / (z + _OFF_MAP))).sum())
+            flow = weight[row] * k / (z[row] + _OFF_MAP)                                  # (pairs, B or 1)
+            dest_u, inv = np.unique(dest, return_inverse=True)
+            order = np.argsort(inv, kind="stable")
+            moved = np.add.reduceat(flow[order], np.searchsorted(inv[order], np.arange(len(dest_u))), axis=0)
+            if odometry is not None:
+                spread = math.hypot(self.speed_resolution, cfg.odom_noise * abs(dx) / dt)
+                mass = moved * self._speed_prior(dx / dt, spread)[None, :]
+            else:
+                mass = moved @ self._speed_transition(cfg.accel_std * dt).T
+            self.entries, self.mass = dest_u, mass
+            self._prune()
+        prior_else = cfg.elsewhere_prior
+        self.mass *= keep
+        self.uniform = self.uniform * keep + (1.0 - keep) * (1.0 - prior_else)
+        self.elsewhere = (self.elsewhere + leaked) * keep + (1.0 - keep) * prior_else
+        self._normalise()
+
+    # ------------------------------------------------------------------ update
+    def update(self, entries: np.ndarray, log_lr: np.ndarray, rest_log_lr: float) -> None:
+        """Bayes update with per-entry log likelihood ratios (against "elsewhere").
+
+        `entries` must include every support entry; `rest_log_lr` applies to the map entries not listed
+        (the part of "anywhere on the map" that was not observed)."""
+        entries = np.asarray(entries, np.int64)
+        lr = np.exp(np.asarray(log_lr, np.float64))
+        order = np.argsort(entries)
+        entries, lr = entries[order], lr[order]
+        nb = len(self.speeds)
+        share = self.uniform / self.num_entries
+        if len(self.entries):
+            pos = np.searchsorted(entries, self.entries)
+            if np.any(pos >= len(entries)) or np.any(entries[np.minimum(pos, len(entries) - 1)] != self.entries):
+                raise ValueError("update: every support entry needs a likelihood")
+            self.mass = self.mass * lr[pos][:, None]
+        # the uniform prior's share at the observed entries joins the support
+        merged = np.union1d(self.entries, entries)
+        mass = np.zeros((len(merged), nb))
+        if len(self.entries):
+            mass[np.searchsorted(merged, self.entries)] = self.mass
+        mass[np.searchsorted(merged, entries)] += (share * lr / nb)[:, None]
+        self.entries, self.mass = merged, mass
+        unobserved = max(self.num_entries - len(entries), 0)
+        self.uniform = share * unobserved * math.exp(rest_log_lr)
+        self._normalise()
+        self._prune()
+
+    def _normalise(self) -> None:
+        total = float(self.mass.sum()) + self.uniform + self.elsewhere
+        if not math.isfinite(total) or total <= 0:
+            log.warning("tracking belief degenerate (total %r): reset to the prior", total)
+            self.reset()
+            return
+        self.mass /= total
+        self.uniform /= total
+        self.elsewhere /= total
+
+    def _prune(self) -> None:
+        if not len(self.entries):
+            return
+        m = self.marginal()
+        keep = m >= _PRUNE * m.max()
+        if keep.sum() > self.config.max_support:
+            keep &= m >= np.sort(m)[-self.config.max_support]
+        if not keep.all():
+            self.uniform += float(m[~keep].sum())
+            self.entries, self.mass = self.entries[keep], self.mass[keep]
+
+    # ------------------------------------------------------------------ estimate
+    def place(self) -> Place | None:
+        """The most probable place (None while the belief holds no entry)."""
+        if not len(self.entries):
+            return None
+        m = self.marginal()
+        best = int(np.argmax(m))
+        b = self.entries[best]
+        near = (np.linalg.norm(self.xy[self.entries] - self.xy[b], axis=1) <= self.mode_radius) & (
+            np.abs(_wrap(self.yaw[self.entries] - self.yaw[b])) <= _MODE_HEADING)
+        ent = self.entries[near]
+        mass = float(m[near].sum())
+        if mass <= 0:
+            return None
+        w = m[near] / mass
+        pose = self.poses[b].copy()
+        pose[:2] = w @ self.xy[ent]
+        pose[2] = w @ self.z[ent]
+        d = np.column_stack([self.xy[ent] - pose[:2], self.z[ent] - pose[2]])
+        floor = max(self.min_position_std, 0.5 * self.spacing) ** 2
+        cov = np.zeros((6, 6))
+        cov[:3, :3] = (w[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0) + floor * np.eye(3)
+        cov[3, 3] = cov[4, 4] = self.roll_pitch_std ** 2
+        cov[5, 5] = float(w @ _wrap(self.yaw[ent] - self.yaw[b]) ** 2) + self.min_yaw_std ** 2
+        cov[:3, :3] /= max(mass, 0.05)
+        cov = 0.5 * (cov + cov.T)
+        speed = float((self.mass[near] / mass).sum(0) @ self.speeds)
+        return Place(pose=pose, covariance=cov, mass=mass, entries=ent, speed=speed)
+
+
+class ScoreNormaliser:
+    """Each map entry's typical score against the current queries, learned online.
+
+    Some map images look like every query in some conditions (at night in fog, a few stretches of a day map
+    score high against most night queries): their high scores carry little evidence, and a filter sitting on
+    them would rarely be contradicted. SeqSLAM normalises its difference matrix for the same reason. Every
+    entry keeps an exponentially forgetting mean of its scores (`window` observations); `excess(entries)` is
+    how much higher than all entries' mean an entry scores, shrunk towards 0 for entries seen only a few
+    times (`prior` observations' weight). The tracker subtracts it before turning a score into a likelihood.
+    Memory: two floats per map entry."""
+
+    def __init__(self, num_entries: int, window: int, prior: float = 3.0):
+        self.window = int(window)
+        self.prior = float(prior)
+        self.sum = np.zeros(num_entries)
+        self.count = np.zeros(num_entries)
+        self.mean = 0.0
+        self.weight = 0.0
+
+    def add(self, entries: np.ndarray, values: np.ndarray) -> None:
+        if self.window <= 0 or not len(entries):
+            return
+        keep = 1.0 - 1.0 / self.window
+        self.sum[entries] = self.sum[entries] * keep + values
+        self.count[entries] = self.count[entries] * keep + 1.0
+        forget = keep ** len(entries)
+        self.mean = (self.mean * self.weight * forget + float(np.sum(values))) / (self.weight * forget + len(values))
+        self.weight = self.weight * forget + len(values)
+
+    def excess(self, entries: np.ndarray) -> np.ndarray:
+        if self.window <= 0 or self.weight == 0:
+            return np.zeros(len(entries))
+        n = self.count[entries]
+        return (self.sum[entries] + self.prior * self.mean) / (n + self.prior) - self.mean
+
+    def known(self, entries: np.ndarray) -> np.ndarray:
+        """How well each entry's typical score is known, in [0, 1): n / (n + prior) (1 when off)."""
+        if self.window <= 0:
+            return np.ones(len(entries))
+        n = self.count[entries]
+        return n / (n + self.prior)
+
+
+@dataclass
+class TrackedResult:
+    """What the tracker publishes for one frame."""
+    stamp: float
+    pose: np.ndarray                 # (7,) map frame (NaN when there is no place yet)
+    covariance: np.ndarray           # (6, 6) x y z roll pitch yaw
+    confidence: float                # probability of the published place
+    accepted: bool                   # published
+    reason: str                      # why not ("" when accepted)
+    state: str                       # global / tracking / lost
+    support: int                     # map entries in the belief
+    reranked: int                    # candidates reranked for this frame
+    elsewhere: float                 # probability of "not on the map"
+    speed: float                     # m/s along the heading (filter estimate)
+    frame: LocalizationResult | None  # this frame's reranked candidates (matches, markers); None if skipped
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Tracker:
+    """Localization over time on top of a `Localizer`: the same code runs in the node and offline."""
+
+    def __init__(self, localizer: Localizer, config: TrackingConfig = TrackingConfig(),
+                 belief: MapBelief | None = None):
+        """`belief`: another filter with MapBelief's interface (bench/tracking_filters.py compares one)."""
+        self.localizer = localizer
+        self.config = config.validate()
+        pose_cfg = localizer.config.pose
+        if belief is None:
+            belief = MapBelief(localizer.map.poses, localizer.map.keyframe_spacing(), self.config,
+                               min_position_std=pose_cfg.min_position_std, min_yaw_std_deg=pose_cfg.min_yaw_std_deg,
+                               roll_pitch_std_deg=pose_cfg.roll_pitch_std_deg)
+        self.belief = belief
+        # what each entry scores against queries of the current conditions: kept across resets
+        self._rerank_norm = ScoreNormaliser(len(localizer.map.poses), self.config.normalise_window)
+        self._global_norm = ScoreNormaliser(len(localizer.map.poses), self.config.normalise_window)
+        self._frame_level: float | None = None   # typical (normalised) score of the global top candidates
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: global search from the next frame on."""
+        self.belief.reset()
+        self.state = "global"
+        self.last_stamp: float | None = None
+        self._last_odom: np.ndarray | None = None
+        self._below = 0
+        self._last: TrackedResult | None = None
+
+    # ------------------------------------------------------------------ one frame
+    def step(self, stamp: float, image: np.ndarray | None = None, *,
+             features: tuple[np.ndarray, np.ndarray] | None = None, odom_pose: np.ndarray | None = None,
+             decode_ms: float = 0.0, with_matches: bool = True) -> TrackedResult:
+        """Process one frame: an RGB image, or its (global, local) features. `odom_pose` is the robot's
+        odometry pose (7,) at `stamp` in its odom frame (the increment since the last frame is used), of
+        the same body the map poses describe. Timings: decode, extract, search, rerank, filter, total."""
+        t0 = time.perf_counter()
+        stamp = float(stamp)
+        skipped = self._check_stamp(stamp)
+        if skipped is not None:
+            return skipped
+        timings = {"decode": float(decode_ms)}
+        if features is None:
+            if image is None:
+                raise ValueError("Tracker.step needs an image or its features")
+            features = self.localizer.extract(image)
+            timings["extract"] = (time.perf_counter() - t0) * 1000
+        q_global, q_local = features
+        cfg = self.config
+
+        t = time.perf_counter()
+        dt = None if self.last_stamp is None else stamp - self.last_stamp
+        if dt is not None and dt > cfg.max_gap:
+            log.info("tracking: %.1f s since the last frame (max_gap %.1f s): global search", dt, cfg.max_gap)
+            self.belief.reset()
+            self.state, self._below, dt = "global", 0, None
+        odometry = None
+        if odom_pose is not None:
+            odom_pose = np.asarray(odom_pose, np.float64).reshape(-1)
+            if odom_pose.shape != (7,) or not np.all(np.isfinite(odom_pose)):
+                log.debug("tracking: odometry pose %r unusable: predicting without odometry", odom_pose)
+                odom_pose = None
+            elif self._last_odom is not None and dt is not None:
+                odometry = planar_increment(self._last_odom, odom_pose)
+        self._last_odom = odom_pose
+        if dt is not None:
+            self.belief.predict(dt, odometry)
+        filter_ms = (time.perf_counter() - t) * 1000
+
+        t = time.perf_counter()
+        top, top_scores = self.localizer.retrieve(q_global)
+        timings["search"] = (time.perf_counter() - t) * 1000
+        candidates = self._candidates(top)
+        t = time.perf_counter()
+        frame = self.localizer.localize_features(q_global, q_local, retrieved=candidates, with_matches=with_matches)
+        timings["rerank"] = (time.perf_counter() - t) * 1000
+
+        t = time.perf_counter()
+        self._observe(q_global, frame, top, top_scores)
+        result = self._publish(stamp, frame, len(candidates))
+        timings["filter"] = filter_ms + (time.perf_counter() - t) * 1000
+        self.last_stamp = stamp
+        timings["total"] = (time.perf_counter() - t0) * 1000 + float(decode_ms)
+        result.timings_ms = timings
+        self._last = result
+        return result
+
+    def _check_stamp(self, stamp: float) -> TrackedResult | None:
+        """A result for a frame the filter does not use (duplicate or out of order), else None."""
+        if self.last_stamp is None or stamp > self.last_stamp:
+            return None
+        back = self.last_stamp - stamp
+        if back > self.config.reset_jump:
+            log.warning("tracking: stamp %.3f is %.1f s before the last frame (reset_jump %.1f s): filter reset",
+                        stamp, back, self.config.reset_jump)
+            self.reset()
+            return None
+        why = "duplicate stamp" if back == 0 else f"out of order ({back:.3f} s before the last frame)"
+        return self._skipped(stamp, f"{why}: frame not used")
+
+    def _skipped(self, stamp: float, reason: str) -> TrackedResult:
+        place = self.belief.place()
+        pose = place.pose if place else np.full(7, np.nan)
+        cov = place.covariance if place else np.eye(6) * 1e6
+        return TrackedResult(stamp=stamp, pose=pose, covariance=cov, confidence=place.mass if place else 0.0,
+                             accepted=False, reason=reason, state=self.state, support=len(self.belief), reranked=0,
+                             elsewhere=self.belief.elsewhere, speed=place.speed if place else 0.0, frame=None,
+                             timings_ms={"total": 0.0})
+
+    def _candidates(self, top: np.ndarray) -> np.ndarray:
+        """What to rerank: the whole top_k, or while tracking the belief's most probable entries and a few
+        global top candidates (never more than top_k: the kidnap candidates get at most half of it)."""
+        if self.state != "tracking":
+            return top
+        budget = self.localizer.config.top_k
+        kidnap = min(self.config.kidnap_candidates, budget // 2)
+        own = self.belief.most_probable(min(self.config.track_candidates, budget - kidnap))
+        taken = set(own.tolist())
+        extra = [int(i) for i in top if int(i) not in taken][:budget - len(own)][:kidnap]
+        return np.concatenate([own, np.asarray(extra, np.int64)])
+
+    def _observe(self, q_global: np.ndarray, frame: LocalizationResult, top: np.ndarray,
+                 top_scores: np.ndarray) -> None:
+        cfg = self.config
+        mode = self.localizer.config.rerank
+        reranked = np.array([c.index for c in frame.candidates], np.int64)
+        s01 = normalised_scores(mode, np.array([c.rerank_score for c in frame.candidates]))
+        s01 = np.clip(s01, 1e-4, 1 - 1e-4)
+        logit = np.log(s01 / (1 - s01))
+        entries = np.union1d(np.union1d(self.belief.entries, top), reranked)
+        cos = self.localizer.global_scores(q_global, entries)
+        log_lr = cfg.global_gain * (cos - self._global_norm.excess(entries)) + cfg.global_bias
+        norm = logit - self._rerank_norm.excess(reranked)
+        # Frames differ as a whole (a foggier image scores lower everywhere): compare this frame's global top
+        # candidates (reranked in every state, not chosen by the belief), except those at the predicted place,
+        # with their typical level.
+        place = self.belief.place()
+        ref = np.isin(reranked, top[:cfg.kidnap_candidates])
+        if place is not None:
+            ref &= ~np.isin(reranked, place.entries)
+        if ref.sum() >= 3:
+            level = float(np.median(norm[ref]))
+            self._frame_level = level if self._frame_level is None else 0.95 * self._frame_level + 0.05 * level
+            norm = norm - (level - self._frame_level)
+        at = np.searchsorted(entries, reranked)
+        # a score is evidence only as far as the entry's typical score is known (a look-alike stretch is
+        # recognised as such only after it has been seen a few times): early on, the motion model leads
+        log_lr[at] = (cfg.score_gain * norm + cfg.score_bias) * self._rerank_norm.known(reranked)
+        rest = cfg.global_gain * float(np.min(top_scores)) + cfg.global_bias if len(top_scores) else 0.0
+        bound = cfg.max_log_lr
+        log_lr = np.clip(log_lr, -bound, bound)
+        self.belief.update(entries, log_lr, float(np.clip(rest, -bound, bound)))
+        # learn each entry's typical score; while the robot stands still, not from its place's entries (they
+        # would come to look typical)
+        if place is not None and self._standing():
+            self._global_norm.add(*self._outside(place, entries, cos))
+            self._rerank_norm.add(*self._outside(place, reranked, logit))
+        else:
+            self._global_norm.add(entries, cos)
+            self._rerank_norm.add(reranked, logit)
+
+    @staticmethod
+    def _outside(place: Place, entries: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keep = ~np.isin(entries, place.entries)
+        return entries[keep], values[keep]
+
+    def _standing(self) -> bool:
+        last = self._last
+        return last is not None and last.accepted and abs(last.speed) < 0.5
+
+    def _publish(self, stamp: float, frame: LocalizationResult, reranked: int) -> TrackedResult:
+        cfg = self.config
+        place = self.belief.place()
+        mass = place.mass if place else 0.0
+        if mass >= cfg.track_mass:
+            self.state, self._below = "tracking", 0
+        else:
+            self._below += 1
+            if self.state == "tracking" and self._below >= cfg.lost_frames:
+                log.info("tracking lost: the most probable place held < %.2f for %d frames: global search",
+                         cfg.track_mass, self._below)
+                self.state = "lost"
+        if mass >= cfg.min_mass:
+            reason = ""
+        elif self.belief.elsewhere >= mass:
+            reason = (f"not on the map: 'elsewhere' holds {self.belief.elsewhere:.2f}, the most probable "
+                      f"place {mass:.2f}")
+        else:
+            reason = f"belief split: the most probable place holds {mass:.2f} < min_mass {cfg.min_mass:.2f}"
+        pose = place.pose if place else np.full(7, np.nan)
+        cov = place.covariance if place else np.eye(6) * 1e6
+        return TrackedResult(stamp=stamp, pose=pose, covariance=cov, confidence=mass, accepted=not reason,
+                             reason=reason, state=self.state, support=len(self.belief), reranked=reranked,
+                             elsewhere=self.belief.elsewhere, speed=place.speed if place else 0.0, frame=frame)
+
+
+__all__ = ["MapBelief", "Place", "STATES", "ScoreNormaliser", "TrackedResult", "Tracker", "planar_increment"]

@@ -1,0 +1,313 @@
+"""The tracker's filter on hand-made maps and likelihoods, and the Tracker's stamp handling, kidnap recovery
+and candidate choice on a hand-made score table (r2former_core.tracking)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from r2former_core.data.poses import quat_from_yaw
+from r2former_core.errors import ConfigError
+from r2former_core.localizer import Localizer
+from r2former_core.mapdb import MapDatabase
+from r2former_core.options import LocalizerConfig, TrackingConfig
+from r2former_core.pose import estimate_pose
+from r2former_core.results import Candidate, LocalizationResult, TokenMatches
+from r2former_core.tracking import MapBelief, ScoreNormaliser, Tracker, planar_increment
+
+SPACING = 2.0
+
+
+def road(n: int = 60, spacing: float = SPACING) -> np.ndarray:
+    """Map poses along +x, heading +x, `spacing` apart."""
+    poses = np.zeros((n, 7))
+    poses[:, 0] = np.arange(n) * spacing
+    poses[:, 3:] = quat_from_yaw(0.0)
+    return poses
+
+
+def concentrate(belief: MapBelief, entry: int, speed: float | None = None) -> None:
+    """All of the belief on one entry (and one speed state, or spread over all speeds)."""
+    belief.entries = np.array([entry])
+    belief.mass = np.zeros((1, len(belief.speeds)))
+    if speed is None:
+        belief.mass[0] = 1.0 / len(belief.speeds)
+    else:
+        belief.mass[0, np.argmin(np.abs(belief.speeds - speed))] = 1.0
+    belief.uniform = belief.elsewhere = 0.0
+
+
+def mean_x(belief: MapBelief) -> float:
+    m = belief.marginal()
+    return float(m @ belief.xy[belief.entries, 0] / m.sum())
+
+
+# ------------------------------------------------------------------------------------------- prediction
+
+def test_prediction_moves_the_belief_along_the_heading_by_speed_times_dt():
+    cfg = TrackingConfig(max_speed=10.0, speed_resolution=1.0, position_std=1.0, kidnap_rate=0.0)
+    b = MapBelief(road(), SPACING, cfg)
+    concentrate(b, 20, speed=10.0)
+    b.predict(0.4)                                    # 4 m ahead: entry 22
+    assert mean_x(b) == pytest.approx(44.0, abs=0.3)
+    assert b.most_probable(1)[0] == 22
+    concentrate(b, 20, speed=-5.0)
+    b.predict(0.8)                                    # 4 m back: entry 18
+    assert b.most_probable(1)[0] == 18
+    # unknown speed: the belief spreads symmetrically, never further than max_speed * dt + 3 sigma
+    concentrate(b, 30)
+    b.predict(1.0)
+    assert mean_x(b) == pytest.approx(60.0, abs=0.5)
+    reach = np.abs(b.xy[b.entries, 0] - 60.0).max()
+    sigma = math.hypot(cfg.position_std, 0.5 * cfg.accel_std * 1.0 ** 2)   # position noise of a 1 s step
+    assert 8.0 <= reach <= 10.0 + 3 * sigma + 1e-9
+
+
+def test_speed_is_estimated_from_the_observed_motion():
+    """Without odometry, observations of a robot moving 2 entries per frame make the filter learn the speed,
+    so that the prediction alone then follows the robot."""
+    cfg = TrackingConfig(max_speed=20.0, speed_resolution=1.0, position_std=1.0, kidnap_rate=0.0, accel_std=1.0)
+    b = MapBelief(road(100), SPACING, cfg)
+    for k in range(12):
+        if k:
+            b.predict(0.4)
+        true = 10 + 2 * k                             # 4 m per 0.4 s = 10 m/s
+        lr = np.where(np.abs(np.arange(100) - true) <= 0, 3.0, -1.0)
+        b.update(np.arange(100), lr, -1.0)
+    assert b.place().speed == pytest.approx(10.0, abs=1.0)
+    for _ in range(3):                                # no observations: prediction only
+        b.predict(0.4)
+    assert b.most_probable(1)[0] == pytest.approx(10 + 2 * 11 + 6, abs=1)
+
+
+def test_odometry_moves_the_belief_by_the_increment_in_the_entry_frame():
+    cfg = TrackingConfig(position_std=0.5, odom_noise=0.05, kidnap_rate=0.0)
+    b = MapBelief(road(), SPACING, cfg)
+    concentrate(b, 10, speed=0.0)
+    b.predict(0.5, odometry=np.array([6.0, 0.0, 0.0]))
+    assert b.most_probable(1)[0] == 13
+    assert b.place().speed == pytest.approx(12.0, abs=cfg.max_speed / 10)   # speed states follow the odometry
+    # an entry facing the other way is another place: turning round on the spot leaves this road
+    concentrate(b, 10, speed=0.0)
+    b.predict(0.5, odometry=np.array([0.0, 0.0, math.pi]))
+    assert b.mass.sum() < 0.05 and b.elsewhere > 0.95
+
+
+def test_driving_off_the_end_of_the_map_moves_the_belief_to_elsewhere():
+    b = MapBelief(road(10), SPACING, TrackingConfig(position_std=1.0, kidnap_rate=0.0))
+    concentrate(b, 9, speed=0.0)
+    b.predict(1.0, odometry=np.array([20.0, 0.0, 0.0]))
+    assert b.elsewhere > 0.99
+
+
+def test_kidnap_rate_returns_belief_to_the_prior():
+    cfg = TrackingConfig(kidnap_rate=1.0, elsewhere_prior=0.2)
+    b = MapBelief(road(), SPACING, cfg)
+    concentrate(b, 10, speed=0.0)
+    b.predict(1.0, odometry=np.zeros(3))
+    kept = math.exp(-1.0)
+    assert b.mass.sum() == pytest.approx(kept, rel=0.02)          # (a little leaks off the map ends)
+    assert b.uniform == pytest.approx((1 - kept) * 0.8, rel=1e-3)
+    assert b.elsewhere == pytest.approx((1 - kept) * 0.2, rel=0.05)
+    assert b.mass.sum() + b.uniform + b.elsewhere == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------- update
+
+def test_update_is_bayes_rule_against_elsewhere_and_the_uniform_prior():
+    cfg = TrackingConfig(elsewhere_prior=0.2)
+    b = MapBelief(road(50), SPACING, cfg)
+    assert (b.uniform, b.elsewhere) == pytest.approx((0.8, 0.2))
+    b.update(np.array([5, 6]), np.array([2.0, 0.0]), rest_log_lr=-1.0)
+    share = 0.8 / 50
+    unnorm = {5: share * math.exp(2), 6: share, "rest": share * 48 * math.exp(-1), "else": 0.2}
+    total = sum(unnorm.values())
+    m = dict(zip(b.entries.tolist(), b.marginal()))
+    assert m[5] == pytest.approx(unnorm[5] / total)
+    assert m[6] == pytest.approx(unnorm[6] / total)
+    assert b.uniform == pytest.approx(unnorm["rest"] / total)
+    assert b.elsewhere == pytest.approx(unnorm["else"] / total)
+    # a second update multiplies the support's mass (and the uniform prior's share there) by the ratios
+    before = dict(zip(b.entries.tolist(), b.marginal()))
+    share = b.uniform / 50
+    b.update(np.array([5, 6]), np.array([0.0, 1.0]), rest_log_lr=0.0)
+    after = dict(zip(b.entries.tolist(), b.marginal()))
+    assert after[6] / after[5] == pytest.approx((before[6] + share) * math.e / (before[5] + share), rel=1e-6)
+    with pytest.raises(ValueError, match="every support entry"):
+        b.update(np.array([5]), np.array([0.0]), 0.0)
+
+
+def test_place_pose_and_covariance_come_from_the_posterior():
+    b = MapBelief(road(), SPACING, TrackingConfig(), min_position_std=0.5)
+    b.entries = np.array([10, 11, 40])
+    b.mass = np.zeros((3, len(b.speeds)))
+    b.mass[:, 0] = [0.45, 0.45, 0.1]
+    b.uniform = b.elsewhere = 0.0
+    place = b.place()
+    assert place.mass == pytest.approx(0.9)                    # entry 40 (60 m away) is another place
+    assert sorted(place.entries.tolist()) == [10, 11]
+    assert place.pose[0] == pytest.approx(21.0) and place.pose[1] == pytest.approx(0.0)
+    # spread (1 m^2 along x) plus the floor (half the spacing)^2, widened by 1 / mass
+    assert place.covariance[0, 0] == pytest.approx((1.0 + 1.0) / 0.9)
+    assert place.covariance[1, 1] == pytest.approx(1.0 / 0.9)
+    assert np.all(np.linalg.eigvalsh(place.covariance) > 0)
+
+
+def test_score_normaliser_discounts_entries_that_score_high_against_every_query():
+    norm = ScoreNormaliser(4, window=20, prior=3.0)
+    for _ in range(30):
+        norm.add(np.array([0, 1, 2]), np.array([3.0, -1.0, -1.0]))   # entry 0 looks like every query
+    excess = norm.excess(np.array([0, 1, 3]))
+    assert excess[0] > 2.0
+    assert excess[1] < 0
+    assert excess[2] == 0.0                                          # never seen: no correction
+    assert np.all(ScoreNormaliser(4, window=0).excess(np.array([0, 1])) == 0)
+
+
+def test_tracking_config_ranges():
+    with pytest.raises(ConfigError, match="max_speed"):
+        TrackingConfig(max_speed=0.0).validate()
+    with pytest.raises(ConfigError, match="min_mass"):
+        TrackingConfig(min_mass=1.5).validate()
+
+
+def test_planar_increment():
+    a = np.r_[1.0, 2.0, 0.0, quat_from_yaw(math.pi / 2)]
+    b = np.r_[1.0, 5.0, 0.0, quat_from_yaw(math.pi)]
+    assert planar_increment(a, b) == pytest.approx([3.0, 0.0, math.pi / 2])
+
+
+# ------------------------------------------------------------------------------------------- Tracker
+
+class TableLocalizer(Localizer):
+    """A Localizer whose scores come from a hand-made table: score[frame, entry]. The query's "global
+    descriptor" is its frame number. Everything the Tracker does on top of it is the real code."""
+
+    def __init__(self, mapdb: MapDatabase, rerank: np.ndarray, glob: np.ndarray, top_k: int = 20):
+        self.config = LocalizerConfig(top_k=top_k)
+        self.map = mapdb
+        self.rerank_table, self.global_table = rerank, glob
+        self.reranked_sets: list[np.ndarray] = []
+
+    def retrieve(self, q_global):
+        i = int(q_global[0])
+        order = np.argsort(-self.global_table[i], kind="stable")[:self.config.top_k]
+        return order, self.global_table[i, order]
+
+    def global_scores(self, q_global, indices):
+        return self.global_table[int(q_global[0]), np.asarray(indices)]
+
+    def localize_features(self, q_global, q_local, rerank=None, retrieved=None, c_local=None, with_matches=True):
+        i = int(q_global[0])
+        idx = np.asarray(retrieved if retrieved is not None else self.retrieve(q_global)[0])
+        self.reranked_sets.append(idx.copy())
+        s = self.rerank_table[i, idx]
+        order = np.argsort(-s, kind="stable")
+        ranked = idx[order]
+        est = estimate_pose(self.map.poses[ranked], s[order], self.map.keyframe_spacing())
+        cands = [Candidate(int(j), self.map.names[int(j)], self.map.poses[int(j)], float(self.global_table[i, j]),
+                           float(self.rerank_table[i, j]), float(self.rerank_table[i, j])) for j in ranked]
+        return LocalizationResult(est.pose, est.covariance, est.confidence, False, "", int(ranked[0]), cands,
+                                  TokenMatches(), {}, est.agreement).judge(self.config.min_confidence)
+
+
+@pytest.fixture(scope="module")
+def road_map(tmp_path_factory):
+    poses = road(80)
+    path = tmp_path_factory.mktemp("road") / "map"
+    rng = np.random.default_rng(0)
+    with MapDatabase.create(path, fingerprint="table", model_config={}, image_size=(8, 8), global_dim=4,
+                            num_local=2, local_values=5) as w:
+        w.add_batch(rng.normal(size=(80, 4)).astype(np.float32), np.zeros((80, 2, 5), np.float32), poses,
+                    np.arange(80.0), [f"e{i}" for i in range(80)])
+    return MapDatabase.load(path)
+
+
+def drive_tables(truth: list[int], n_entries: int = 80, seed: int = 0,
+                 global_hint: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of a robot at map entry truth[k] in frame k: high at and next to the true entry, low and noisy
+    elsewhere (like night scores of the demo model), with a look-alike stretch (entries 60-62) that scores
+    high in every frame. global_hint[k]: "strong" (default; the global descriptor ranks the true place first),
+    "weak" (among the top 20 but not first) or "none" (last)."""
+    rng = np.random.default_rng(seed)
+    rerank = rng.uniform(0.005, 0.12, (len(truth), n_entries))
+    glob = rng.uniform(0.2, 0.6, (len(truth), n_entries))
+    for k, t in enumerate(truth):
+        hint = "strong" if global_hint is None else global_hint[k]
+        for j, s in ((t - 1, 0.6), (t, 0.9), (t + 1, 0.6)):
+            if 0 <= j < n_entries:
+                rerank[k, j] = s
+                glob[k, j] = {"strong": 0.6 + 0.3 * s, "weak": 0.57, "none": 0.1}[hint]
+        rerank[k, 60:63] = 0.85                       # a look-alike place
+    return rerank, glob
+
+
+def run(tracker: Tracker, n: int, dt: float = 0.2, start: float = 100.0):
+    return [tracker.step(start + k * dt, features=(np.array([k]), None), with_matches=False) for k in range(n)]
+
+
+def test_tracker_locks_on_tracks_and_reranks_fewer_candidates(road_map):
+    truth = [5 + k for k in range(40)]               # 2 m per 0.2 s = 10 m/s
+    rerank, glob = drive_tables(truth)
+    loc = TableLocalizer(road_map, rerank, glob, top_k=20)
+    cfg = TrackingConfig(max_speed=15.0, track_candidates=6, kidnap_candidates=2)
+    out = run(Tracker(loc, cfg), len(truth))
+    assert out[0].state == "global" and out[0].reranked == 20
+    late = out[10:]
+    assert all(r.state == "tracking" and r.accepted for r in late)
+    assert all(r.reranked <= 8 for r in late)
+    errors = [abs(r.pose[0] - SPACING * t) for r, t in zip(out, truth) if r.accepted]
+    assert max(errors) < 3.0                          # never on the look-alike place 110 m away
+    assert out[-1].speed == pytest.approx(10.0, abs=2.0)
+    # while tracking the global top candidates are reranked as well (to notice a kidnap)
+    top = set(np.argsort(-glob[30], kind="stable")[:2].tolist())
+    assert top <= set(loc.reranked_sets[30].tolist())
+
+
+def test_tracker_recovers_from_a_kidnap(road_map):
+    """Carried from entry 69 to entry 2, where at first even the global descriptor misses the place: the
+    contradicted belief is published for a few frames at most, the tracker declares itself lost and reranks
+    the whole top_k; once the place is among the global top 20 again it is found."""
+    truth = [40 + k for k in range(30)] + [2 + k for k in range(30)]
+    hints = ["strong"] * 30 + ["none"] * 10 + ["weak"] * 20
+    rerank, glob = drive_tables(truth, seed=1, global_hint=hints)
+    loc = TableLocalizer(road_map, rerank, glob, top_k=20)
+    cfg = TrackingConfig(max_speed=15.0, lost_frames=3, track_candidates=6, kidnap_candidates=2)
+    out = run(Tracker(loc, cfg), len(truth))
+    assert out[29].state == "tracking" and out[29].accepted and abs(out[29].pose[0] - 2 * 69) < 3
+    after = out[30:]
+    wrong = [k for k, r in enumerate(after) if r.accepted and abs(r.pose[0] - 2 * truth[30 + k]) > 5]
+    assert len(wrong) <= 3                            # the old place is published for a few frames at most
+    lost = [k for k, r in enumerate(after) if r.state == "lost"]
+    assert lost and lost[0] <= 20                     # weak contradicting evidence: it takes a while
+    assert all(after[k + 1].reranked == 20 for k in lost if k + 1 < len(after))   # global search while lost
+    recovered = [k for k, r in enumerate(after) if r.accepted and abs(r.pose[0] - 2 * truth[30 + k]) < 3]
+    assert recovered and lost[0] < recovered[0] <= 25
+    assert all(r.accepted and abs(r.pose[0] - 2 * truth[30 + k]) < 3 for k, r in enumerate(after) if k >= 25)
+
+
+def test_tracker_skips_duplicate_and_out_of_order_stamps_and_resets_on_a_jump_back(road_map):
+    truth = [5 + k for k in range(12)]
+    rerank, glob = drive_tables(truth, seed=2)
+    loc = TableLocalizer(road_map, rerank, glob, top_k=20)
+    tracker = Tracker(loc, TrackingConfig(reset_jump=1.0))
+    for k in range(8):
+        last = tracker.step(10.0 + 0.2 * k, features=(np.array([k]), None), with_matches=False)
+    assert last.state == "tracking"
+    support, n_calls = len(tracker.belief), len(loc.reranked_sets)
+    dup = tracker.step(10.0 + 0.2 * 7, features=(np.array([8]), None))
+    assert not dup.accepted and "duplicate stamp" in dup.reason and dup.reranked == 0
+    old = tracker.step(10.0 + 0.2 * 5, features=(np.array([8]), None))
+    assert not old.accepted and "out of order" in old.reason and old.reranked == 0
+    assert len(loc.reranked_sets) == n_calls and len(tracker.belief) == support   # the filter is unchanged
+    assert tracker.last_stamp == pytest.approx(10.0 + 0.2 * 7)
+    nxt = tracker.step(10.0 + 0.2 * 8, features=(np.array([8]), None), with_matches=False)
+    assert nxt.state == "tracking" and nxt.reranked > 0
+    # a replayed bag: the stamp jumps back by more than reset_jump -> the filter starts again
+    again = tracker.step(3.0, features=(np.array([0]), None), with_matches=False)
+    assert again.state == "global" and again.reranked == 20 and tracker.last_stamp == 3.0
+    # a long gap restarts the global search too
+    tracker.step(3.2, features=(np.array([1]), None), with_matches=False)
+    gap = tracker.step(3.2 + 60.0, features=(np.array([2]), None), with_matches=False)
+    assert gap.reranked == 20
