@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.r2former-installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: venv test test-fast bench demo parity clean
+.PHONY: venv test lint bench demo parity clean
 
 venv: $(STAMP)
 
@@ -19,7 +19,13 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py
 	@$(PIP) install --no-deps --no-build-isolation -e . >> $(VENV)/install.log 2>&1 || (tail -40 $(VENV)/install.log; exit 1)
 	@touch $(STAMP)
 
-test: $(STAMP)
+# Lint (ruff.toml: a small explicit rule set) and type checks (setup.cfg [mypy]: r2former_core, r2former_ros);
+# both must report zero findings. `make test` runs them first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy --cache-dir $(VENV)/.mypy_cache
+
+test: lint
 	$(PY) -m pytest test $(PYTEST_ARGS)
 
 bench: $(STAMP)

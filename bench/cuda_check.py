@@ -174,7 +174,8 @@ def main() -> int:
     if not report["agreement"]:
         print("  skipped: needs a GPU (CPU vs CUDA fp32, fp16 vs fp32 on CUDA)")
     for r in report["agreement"]:
-        print(f"  {r['compare']:<28} cos>={r['min_global_cosine']:.5f}  global top-1 {100 * r['global_top1_agreement']:.0f}%  "
+        print(f"  {r['compare']:<28} cos>={r['min_global_cosine']:.5f}  "
+              f"global top-1 {100 * r['global_top1_agreement']:.0f}%  "
               f"rerank top-1 {100 * r['rerank_top1_agreement']:.0f}%  max dprob {r['max_prob_diff']:.2e}")
     print(f"\n== 3. times (what the localizer pays; K={args.k}, map of {args.map_size})")
     modes = ["fp32", "fp16"] if device != "cpu" else ["fp32", "auto"]

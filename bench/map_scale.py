@@ -175,6 +175,7 @@ def build_sparse(path: Path, m: int, args) -> dict:
     """
     import cv2
     import faiss
+
     from r2former_core import __version__, mapdb
     t_start = time.perf_counter()
     rng = np.random.default_rng(m)
@@ -265,6 +266,7 @@ def build_sparse(path: Path, m: int, args) -> dict:
 def measure(args) -> dict:
     """Runs in a fresh process: load the map, then time search / read / rerank one query at a time."""
     import faiss
+
     from r2former_core.mapdb import LOCAL_FILE, MapDatabase
     faiss.omp_set_num_threads(args.threads)
     path = Path(args.measure)
@@ -321,6 +323,7 @@ def measure(args) -> dict:
     res["rss_after_queries_mib"] = proc_status()
 
     import torch
+
     from r2former_core.model import ModelConfig, build_model
     torch.set_num_threads(args.threads)
     model = build_model(ModelConfig(), seed=0)
@@ -353,7 +356,8 @@ def measure(args) -> dict:
     del mm
     res["loadavg_1min_end"] = os.getloadavg()[0]   # the CPUs are shared: other work inflates latencies
     res["latency"] = {"search": summary(t_search), "search_read_cold": summary(t_cold),
-                      "search_1thread": summary(t_search_1), "search_read_warm": summary(t_warm), "search_read_rerank": summary(t_full),
+                      "search_1thread": summary(t_search_1), "search_read_warm": summary(t_warm),
+                      "search_read_rerank": summary(t_full),
                       "rerank_only": summary(t_rerank)}
     res["k"] = k
     return res
@@ -381,19 +385,21 @@ def run_measure(path: Path, built: dict, args) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'M':>9} {'local':>6} {'build s':>8} {'kB/img':>7} {'load s':>7} {'RSS load':>9} {'RSS final':>10} "
-            f"{'search p50/p95':>15} {'1 thread':>11} {'+read cold':>15} {'+read warm':>15} {'+rerank p50/p95 (n)':>22}")
+            f"{'search p50/p95':>15} {'1 thread':>11} {'+read cold':>15} {'+read warm':>15} "
+            f"{'+rerank p50/p95 (n)':>22}")
     print(head)
     print("-" * len(head))
     for r in rows:
         lat = r["latency"]
 
-        def pp(key: str) -> str:
+        def pp(key: str, lat: dict = lat) -> str:
             return f"{lat[key]['p50_ms']:.1f}/{lat[key]['p95_ms']:.1f}"
 
         rr = lat["search_read_rerank"]
         print(f"{r['count']:>9} {r['local_features']:>6} {r['build_s']:>8.1f} {r['disk_bytes_per_image'] / 1000:>7.1f} "
               f"{r['load_s']:>7.2f} {r['rss_after_load_mib']['VmRSS']:>7.0f}MB {r['rss_final_mib']['VmRSS']:>8.0f}MB "
-              f"{pp('search'):>15} {pp('search_1thread'):>11} {pp('search_read_cold'):>15} {pp('search_read_warm'):>15} "
+              f"{pp('search'):>15} {pp('search_1thread'):>11} {pp('search_read_cold'):>15} "
+              f"{pp('search_read_warm'):>15} "
               f"{rr['p50_ms']:>9.0f}/{rr['p95_ms']:.0f} ({rr['n']})")
     print("latencies in ms per query (one query at a time); RSS = VmRSS; 'final' includes the model and "
           "all queries")
@@ -425,6 +431,7 @@ def main() -> int:
         return 0
 
     import faiss
+
     from r2former_core.mapdb import MapDatabase
     faiss.omp_set_num_threads(args.threads)
     sizes = [10_000] if args.quick else [int(s) for s in args.sizes.split(",") if s.strip()]

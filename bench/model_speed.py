@@ -178,14 +178,16 @@ def main() -> int:
     if args.task:
         print(json.dumps(worker(args)))
         return 0
-    precisions = ["fp32"] + [q for q in dict.fromkeys(s.strip() for s in args.precisions.split(",")) if q and q != "fp32"]
+    asked = dict.fromkeys(s.strip() for s in args.precisions.split(","))
+    precisions = ["fp32"] + [q for q in asked if q and q != "fp32"]
     meta = machine_meta(args.threads)
     rows = []
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         for prec in (["fp32"] if task == "rerank_reference" else precisions):
             reference = task == "rerank_reference"
             cmd = [sys.executable, __file__, "--task", task, "--precision", prec, "--device", args.device,
-                   "--threads", str(args.threads), "--repeats", str(args.reference_repeats if reference else args.repeats),
+                   "--threads", str(args.threads),
+                   "--repeats", str(args.reference_repeats if reference else args.repeats),
                    "--warmup", str(0 if reference else args.warmup), "--k", str(args.k)]
             if args.model:
                 cmd += ["--model", args.model]

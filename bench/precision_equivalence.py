@@ -170,7 +170,8 @@ def main() -> int:
         ref_scores = np.sort(np.array(ref["rerank_score"]), axis=1)
         decidable = ref_scores[:, -1] - ref_scores[:, -2] >= args.tie_margin
         ref_xy = np.array([ref["map_xy"][s][b] for s, b in zip(ref["set"], ref["best"])])
-        print(f"{'mode':<6} {'runs as (extract/rerank)':<24} {'top-1 agree':>11} {'non-tie':>8} {'<=5 m':>6} {'R@1':>7} "
+        print(f"{'mode':<6} {'runs as (extract/rerank)':<24} {'top-1 agree':>11} {'non-tie':>8} {'<=5 m':>6} "
+              f"{'R@1':>7} "
               f"{'R@5':>7} {'dR@1':>7} {'ms/query':>9}")
         for m, r in runs.items():
             r1, r5 = recall_from_ranks(r["rank"], 1), recall_from_ranks(r["rank"], 5)
@@ -181,7 +182,8 @@ def main() -> int:
             near = float(np.mean(np.linalg.norm(best_xy - ref_xy, axis=1) <= 5.0))
             row = {"precision": r["precision"], "rerank_precision": r["rerank_precision"], "top1_agreement": agree,
                    "top1_agreement_non_tie": float(same[decidable].mean()) if decidable.any() else None,
-                   "non_tie_queries": int(decidable.sum()), "top1_within_5m": near, "recall@1": r1, "recall@5": r5, "delta_r1_points": d_r1, "ms_per_query": float(np.median(r["ms"])),
+                   "non_tie_queries": int(decidable.sum()), "top1_within_5m": near, "recall@1": r1, "recall@5": r5,
+                   "delta_r1_points": d_r1, "ms_per_query": float(np.median(r["ms"])),
                    "equivalent": bool(agree >= 0.99 and abs(d_r1) <= 0.5)}
             report["heldout"][m] = row
             nt = row["top1_agreement_non_tie"]

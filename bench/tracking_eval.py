@@ -87,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from r2former_core.data.sources import open_source
-    from r2former_core.synthetic import write_drive
     from r2former_core.localizer import Localizer, LocalizerConfig
     from r2former_core.mapdb import MapDatabase, MapError
     from r2former_core.mapping import build_map
     from r2former_core.model import load_model
+    from r2former_core.synthetic import write_drive
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)

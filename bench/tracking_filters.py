@@ -57,10 +57,10 @@ def score_table(model, seed: int, cond: str, work: Path, size: tuple[int, int], 
                 query_frames: int) -> Path:
     """npz with every query frame's global cosine and match probability against every map entry."""
     from r2former_core.data.sources import open_source
-    from r2former_core.synthetic import write_drive
     from r2former_core.features import extract_image
     from r2former_core.mapdb import MapDatabase, MapError
     from r2former_core.mapping import build_map
+    from r2former_core.synthetic import write_drive
 
     tag = f"{size[0]}x{size[1]}"
     out = work / f"table_{seed}_{cond}_{map_frames}_{query_frames}_{tag}_{model.fingerprint}.npz"

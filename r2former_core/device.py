@@ -10,7 +10,7 @@ if TYPE_CHECKING:  # torch is imported on first use, so `--help` and argument er
     import torch
 
 
-def resolve_device(device: "str | torch.device" = "auto") -> "torch.device":
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """The torch device for `device` (auto, cpu, cuda, cuda:N or a torch.device).
 
     Raises DeviceError for names that are not devices (`cudafoo`), for CUDA on a machine without

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -53,7 +54,7 @@ class ModeResult:
     def recall(self, n: int) -> float:
         return recall_from_ranks(self.ranks, n)
 
-    def extend(self, other: "ModeResult") -> None:
+    def extend(self, other: ModeResult) -> None:
         """Append another query set's per-query records (pooling several sets into one)."""
         for name in ("ranks", "ms", "errors_m", "pose_errors_m", "confidences", "mahalanobis2"):
             getattr(self, name).extend(getattr(other, name))
@@ -80,7 +81,7 @@ class ModeResult:
         return rows
 
     def summary(self, recall_values=RECALL_VALUES) -> dict:
-        out = {f"recall@{n}": self.recall(n) for n in recall_values}
+        out: dict[str, Any] = {f"recall@{n}": self.recall(n) for n in recall_values}
         out["ms_per_query"] = float(np.mean(self.ms)) if self.ms else 0.0
         out["median_error_m"] = float(np.median(self.errors_m)) if self.errors_m else float("nan")
         out["queries"] = len(self.ranks)
@@ -336,7 +337,7 @@ def evaluate_sequence(localizer: Localizer, frames: Iterable[SequenceFrame], mod
             extract_ms = (time.perf_counter() - t) * 1000
         if "single" in results:
             t = time.perf_counter()
-            out = localizer.localize_features(*features, with_matches=False)
+            out = localizer.localize_features(features[0], features[1], with_matches=False)
             ms = extract_ms + (time.perf_counter() - t) * 1000
             results["single"].add(fr, out.pose, out.covariance, out.accepted, ms,
                                   0 if rerank_none else len(out.candidates), "single")

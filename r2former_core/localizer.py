@@ -50,7 +50,7 @@ class Localizer:
         log.info("localizer: %s; map search on %s", model.describe_precision(), mapdb.search_device)
 
     @classmethod
-    def from_files(cls, model_path, map_path, config: LocalizerConfig = LocalizerConfig()) -> "Localizer":
+    def from_files(cls, model_path, map_path, config: LocalizerConfig = LocalizerConfig()) -> Localizer:
         """Model and map from files; both on `config.device` (the map's faiss index on the GPU when faiss
         can, see `MapDatabase.load`)."""
         model = load_model(model_path, device=config.device, precision=config.precision)

@@ -387,7 +387,7 @@ def _buffer_owned_by(index: Any, ptr_array: np.ndarray, dtype: np.dtype, shape: 
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     raw = (ctypes.c_uint8 * nbytes).from_address(ptr_array.ctypes.data)
     raw._owner = index  # type: ignore[attr-defined]
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)  # type: ignore[call-overload]
 
 
 _AT_FDCWD = -100
@@ -455,8 +455,10 @@ def build_hnsw_index(x: Any, global_dtype: str = "float32", m: int = HNSW_M,
     """
     M, G = x.shape
     t0 = time.perf_counter()
+    index: Any
     if global_dtype == "float16":
-        index = faiss.IndexHNSWSQ(G, faiss.ScalarQuantizer.QT_fp16, m, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWSQ(G, faiss.ScalarQuantizer.QT_fp16, m,  # type: ignore[arg-type]
+                                  faiss.METRIC_INNER_PRODUCT)
     else:
         index = faiss.IndexHNSWFlat(G, m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = ef_construction
@@ -639,14 +641,13 @@ class MapWriter:
     def _append(self, g: np.ndarray, loc: np.ndarray, p: np.ndarray, st: np.ndarray, names: Sequence[str],
                 jpegs: list[bytes]) -> None:
         B = len(names)
-        if self.session is None:
-            self.begin_session()
+        session = self.session if self.session is not None else self.begin_session()
         try:
-            self._global_f.write(memoryview(g).cast("B"))
-            self._local_f.write(memoryview(loc).cast("B"))
+            self._global_f.write(g.data.cast("B"))
+            self._local_f.write(loc.data.cast("B"))
             for i in range(B):
                 self._crc.append(zlib.crc32(loc[i]))
-            self._local_sha.update(memoryview(loc).cast("B"))
+            self._local_sha.update(loc.data.cast("B"))
             for jpg in jpegs:
                 self._thumb_index.extend((self._thumb_offset if jpg else 0, len(jpg)))
                 if jpg:
@@ -660,7 +661,7 @@ class MapWriter:
         self._poses.extend(p.reshape(-1).tolist())
         self._stamps.extend(st.tolist())
         self._names.extend(names)
-        self._session_ids.extend([self.session] * B)
+        self._session_ids.extend([session] * B)
         self._sessions[-1]["count"] += B
         self._count += B
 
@@ -689,7 +690,8 @@ class MapWriter:
         self._finalizer.detach()
         log.info("map written: %s (%d entries, %.1f MB, commit %.1f s)", self.path, self._count,
                  sum(f["bytes"] for f in files.values()) / 1e6, time.perf_counter() - t0)
-        self.database = MapDatabase.load(self.path, expected_fingerprint=self._meta["fingerprint"], verify="quick")
+        self.database = MapDatabase.load(self.path, expected_fingerprint=str(self._meta["fingerprint"]),
+                                          verify="quick")
         return self.database
 
     def abort(self) -> None:
@@ -741,12 +743,12 @@ class MapWriter:
                   THUMBS_INDEX_FILE: np.frombuffer(self._thumb_index, dtype=np.int64).reshape(M, 2)}
         arrays[SESSIONS_FILE] = self._finish_sessions()
         for name, arr in arrays.items():
-            f = open(self._tmp / name, "wb")
-            np.save(f, arr, allow_pickle=False)
-            finish(f, name)
-        f = open(self._tmp / NAMES_FILE, "w", encoding="utf-8")
-        json.dump(self._names, f, ensure_ascii=False)
-        finish(f, NAMES_FILE)
+            fb = open(self._tmp / name, "wb")
+            np.save(fb, np.asarray(arr), allow_pickle=False)
+            finish(fb, name)
+        ft = open(self._tmp / NAMES_FILE, "w", encoding="utf-8")
+        json.dump(self._names, ft, ensure_ascii=False)
+        finish(ft, NAMES_FILE)
         self._index_params = self._build_index()
         if self._index_params["type"] != "flat":
             files[INDEX_FILE] = {"bytes": (self._tmp / INDEX_FILE).stat().st_size,
@@ -895,7 +897,8 @@ class MapDatabase:
     # ----------------------------------------------------------------- creation / loading
     @staticmethod
     def create(path: str | os.PathLike, *, fingerprint: str, model_config: dict, image_size: Sequence[int],
-               global_dim: int, num_local: int, local_values: int, frame_id: str = "map", child_frame: str = "", source: str = "",
+               global_dim: int, num_local: int, local_values: int, frame_id: str = "map", child_frame: str = "",
+               source: str = "",
                index: str = "flat", overwrite: bool = False, global_dtype: str = "float32",
                expected_count: int | None = None) -> MapWriter:
         """Start writing a map at `path` (nothing appears there until the writer commits).
@@ -943,7 +946,8 @@ class MapDatabase:
                                "free some space or write the map elsewhere")
         return MapWriter(final, fingerprint=fingerprint, model_config=model_config, image_size=size,
                          global_dim=int(global_dim), num_local=int(num_local), local_values=int(local_values),
-                         frame_id=frame_id, child_frame=str(child_frame), source=str(source), index=index, overwrite=overwrite,
+                         frame_id=frame_id, child_frame=str(child_frame), source=str(source), index=index,
+                         overwrite=overwrite,
                          global_dtype=global_dtype)
 
     @staticmethod
@@ -1517,10 +1521,10 @@ def _hnsw_storage(root: Path, index: Any, dtype: np.dtype) -> np.ndarray:
         ok = isinstance(storage, faiss.IndexFlat)
     else:
         ok = isinstance(storage, faiss.IndexScalarQuantizer) and storage.sq.qtype == faiss.ScalarQuantizer.QT_fp16
-    if not ok or storage.codes.size() != M * G * dtype.itemsize:
+    if not ok or storage is None or storage.codes.size() != M * G * dtype.itemsize:  # type: ignore[attr-defined]
         raise MapError(f"{INDEX_FILE} in {root} is not an HNSW index over {dtype.name} vectors as {MAP_JSON} says: "
                        f"{_REBUILD}")
-    ptr = faiss.rev_swig_ptr(storage.codes.data(), M * G * dtype.itemsize)
+    ptr = faiss.rev_swig_ptr(storage.codes.data(), M * G * dtype.itemsize)  # type: ignore[attr-defined]
     return _buffer_owned_by(index, ptr, dtype, (M, G))
 
 
@@ -1544,7 +1548,7 @@ def _read_global_into(root: Path, out: np.ndarray, expected_sha: str | None) -> 
         if h is not None:
             f.seek(0)
             h.update(f.read(_NPY_HEADER_BYTES))
-        flat = memoryview(out.reshape(-1)).cast("B")
+        flat = out.reshape(-1).data.cast("B")
         pos = 0
         while pos < len(flat):
             n = f.readinto(flat[pos:pos + _HASH_CHUNK])
@@ -1553,5 +1557,5 @@ def _read_global_into(root: Path, out: np.ndarray, expected_sha: str | None) -> 
             if h is not None:
                 h.update(flat[pos:pos + n])
             pos += n
-    if h is not None:
+    if h is not None and expected_sha is not None:
         _check_sha(root, GLOBAL_FILE, expected_sha, h.hexdigest())

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .errors import ConfigError, DataError, MapError
-from .frames import PoseFrames, warn_if_odometry_frame
 from .data.keyframes import select_keyframes
 from .data.sources import PosedImage, Source
+from .errors import ConfigError, DataError, MapError
 from .features import extract_arrays
+from .frames import PoseFrames, warn_if_odometry_frame
 from .mapdb import MapDatabase, MapWriter
 from .mapops import open_append
 from .mapshards import all_ok, receive_into, same_on_all_ranks, send_map, shard_range
@@ -105,6 +105,7 @@ def build_map(source: Source, model: R2FormerModel, out: str | Path | None, *, m
     if not all_ok(dist, failure is None):
         _abort(writer, spool_dir)
         raise failure or MapError(f"map {out or append}: another rank failed to start (see its log)")
+    assert writer is not None       # every rank opened its writer (a failed start raised above)
 
     try:
         added = _extract_shard(source, model, writer, keyframes[start:stop], start, batch_size,
@@ -165,6 +166,8 @@ def _open_writer(model: R2FormerModel, out: str | Path | None, append: str | Pat
         return open_append(append, fingerprint=model.fingerprint, frame_id=frame_id, child_frame=child_frame,
                            source=source.description, session_name=session_name, conditions=conditions, out=out,
                            index=index, overwrite=overwrite, expected_new=count, progress=progress)
+    if out is None:
+        raise ConfigError("give the map to create or the map to add the drive to")
     cfg = model.cfg
     writer = MapDatabase.create(out, fingerprint=model.fingerprint, model_config=json.loads(cfg.to_json()),
                                 image_size=cfg.image_size, global_dim=cfg.global_dim, num_local=cfg.local_tokens,

@@ -76,7 +76,7 @@ def send_map(info: DistInfo, db: MapDatabase | None, dst: int = 0) -> None:
         return
     for start in range(0, len(db), CHUNK):
         rows = np.arange(start, min(len(db), start + CHUNK))
-        jpegs = [db.thumbnail_jpeg(i) for i in rows]
+        jpegs = [db.thumbnail_jpeg(int(i)) for i in rows]
         parts = [np.ascontiguousarray(db.global_desc[rows], dtype=np.float32).view(np.uint8).reshape(-1),
                  np.ascontiguousarray(db.local(rows)).view(np.uint8).reshape(-1),
                  np.ascontiguousarray(db.poses[rows]).view(np.uint8).reshape(-1),

@@ -42,6 +42,7 @@ from .data.poses import yaw_from_quat
 from .errors import ConfigError
 from .options import POSE_MODES, PoseConfig
 
+
 @dataclass
 class PoseEstimate:
     pose: np.ndarray          # (7,)
@@ -107,7 +108,7 @@ def estimate_pose(poses: np.ndarray, scores01: np.ndarray, keyframe_spacing: flo
 
     d = p[:, :3] - pose[:3]
     spread = (wa[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0)
-    yaws = yaw_from_quat(p[:, 3:])
+    yaws = np.asarray(yaw_from_quat(p[:, 3:]))
     yaw_spread = float((wa * _wrap(yaws - yaws[0]) ** 2).sum())
     floor = max(cfg.min_position_std, 0.5 * keyframe_spacing) ** 2
     cov = np.zeros((6, 6))

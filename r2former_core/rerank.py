@@ -19,7 +19,6 @@ from .model import R2FormerModel
 from .options import R2FORMER_SCORES, RERANK_MODES
 
 
-
 @dataclass
 class RerankScores:
     score: np.ndarray          # (K,) what candidates are ranked by

@@ -741,6 +741,8 @@ class LocalizeNode(LifecycleNode):
 
     def _update_map_to_odom(self, base_in_map: np.ndarray, stamp_ns: int) -> None:
         """map -> odom from the published base pose and odom -> base at the same stamp (AMCL's rule)."""
+        if self._tf is None:
+            return
         try:
             base_in_odom = self._tf.lookup(self._values["odom_frame"], self._values["base_frame"], stamp_ns,
                                            float(self._values["transform_timeout"]))
@@ -822,7 +824,8 @@ class LocalizeNode(LifecycleNode):
         if best is not None:
             lines.append(f"best #{best.index} {best.name}  score {best.score:.3f}  global {best.global_score:.3f}"
                          f"  rerank {best.rerank_score:.3f}")
-        image = draw_matches(rgb, thumb, result.matches, model_size=tuple(localizer.model.cfg.image_size),
+        height, width = localizer.model.cfg.image_size
+        image = draw_matches(rgb, thumb, result.matches, model_size=(int(height), int(width)),
                              num_lines=int(self._values["num_match_lines"]), text=lines)
         out = rgb_to_image_msg(image, encoding="rgb8")
         out.header.stamp = stamp

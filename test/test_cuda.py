@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference_r2former import reference_extract, reference_rerank
+from test_mapdb import build, make_data
 
 from r2former_core.mapdb import MapDatabase, _faiss_gpu_available
 from r2former_core.model import build_model
-
-from reference_r2former import reference_extract, reference_rerank
-from test_mapdb import build, make_data
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_REF = REPO.parent / "shared" / "official_ref"
@@ -70,7 +69,8 @@ def test_cuda_reduced_precision_keeps_the_ranking(models, mode):
     a_db, a_q = cpu.extract(db), cpu.extract(q)
     b_db, b_q = gpu.extract(db), gpu.extract(q)
     assert torch.nn.functional.cosine_similarity(a_db.global_desc, b_db.global_desc).min() > 0.995
-    assert torch.equal((a_q.global_desc @ a_db.global_desc.T).argmax(1), (b_q.global_desc @ b_db.global_desc.T).argmax(1))
+    assert torch.equal((a_q.global_desc @ a_db.global_desc.T).argmax(1),
+                       (b_q.global_desc @ b_db.global_desc.T).argmax(1))
     for i in range(len(q)):
         ref = cpu.rerank(a_q.global_desc[i], a_q.local[i], a_db.global_desc, a_db.local).final_score
         out = gpu.rerank(b_q.global_desc[i], b_q.local[i], b_db.global_desc, b_db.local).final_score

@@ -51,8 +51,9 @@ def test_build_localize_eval(world, tmp_path):
     assert mapdb.thumbnail(0) is not None
 
     out_csv = tmp_path / "results.csv"
-    assert main(["localize", "--device", "cpu", "--map", str(map_dir), "--images", str(root / "images"), "--out", str(out_csv),
-                 "--model", str(model_path), "--rerank", "ransac", "--save-matches", str(tmp_path / "m")]) == 0
+    assert main(["localize", "--device", "cpu", "--map", str(map_dir), "--images", str(root / "images"),
+                 "--out", str(out_csv), "--model", str(model_path), "--rerank", "ransac",
+                 "--save-matches", str(tmp_path / "m")]) == 0
     rows = list(csv.DictReader(open(out_csv)))
     assert len(rows) == 12
     for i, row in enumerate(rows):
@@ -88,8 +89,8 @@ def test_build_localize_eval(world, tmp_path):
 
 def test_build_map_with_keyframe_selection(world, tmp_path):
     root, _, _, model_path = world
-    assert main(["build-map", "--device", "cpu", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
-                 str(tmp_path / "kf"), "--model", str(model_path), "--min-distance", "5"]) == 0
+    assert main(["build-map", "--device", "cpu", "--images", str(root / "images"), "--poses", str(root / "poses.txt"),
+                 "--out", str(tmp_path / "kf"), "--model", str(model_path), "--min-distance", "5"]) == 0
     assert len(MapDatabase.load(tmp_path / "kf")) == 6          # every other frame (3 m apart)
 
 
@@ -107,8 +108,8 @@ def test_localizer_result_and_mismatched_map(world, tmp_path, tiny_config):
     # A map built with another model is refused with a message that says what to do.
     from r2former_core.model import build_model
     other = save_model(build_model(tiny_config, seed=99), tmp_path / "other.safetensors")
-    code = main(["localize", "--device", "cpu", "--map", str(tmp_path / "map"), "--images", str(root / "images"), "--out",
-                 str(tmp_path / "x.csv"), "--model", str(other)])
+    code = main(["localize", "--device", "cpu", "--map", str(tmp_path / "map"), "--images", str(root / "images"),
+                 "--out", str(tmp_path / "x.csv"), "--model", str(other)])
     assert code == 2
 
 
@@ -118,10 +119,10 @@ def test_cli_expected_failures_are_one_line(tmp_path, capsys, world):
                  str(tmp_path / "m"), "--model", str(model_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("r2former build-map: error:")
-    assert main(["localize", "--device", "cpu", "--map", str(tmp_path / "nomap"), "--images", str(root / "images"), "--out",
-                 str(tmp_path / "o.csv"), "--model", str(model_path)]) == 2
-    assert main(["build-map", "--device", "cpu", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
-                 str(tmp_path / "m2"), "--model", str(tmp_path / "nomodel.pth")]) == 2
+    assert main(["localize", "--device", "cpu", "--map", str(tmp_path / "nomap"), "--images", str(root / "images"),
+                 "--out", str(tmp_path / "o.csv"), "--model", str(model_path)]) == 2
+    assert main(["build-map", "--device", "cpu", "--images", str(root / "images"), "--poses", str(root / "poses.txt"),
+                 "--out", str(tmp_path / "m2"), "--model", str(tmp_path / "nomodel.pth")]) == 2
 
 
 @pytest.mark.parametrize("command, bad", [
@@ -153,14 +154,15 @@ def test_localize_user_errors_leave_no_partial_csv(world, tmp_path, capsys):
     import torch
     root, _, _, model_path = world
     map_dir = tmp_path / "map"
-    assert main(["build-map", "--device", "cpu", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
-                 str(map_dir), "--model", str(model_path)]) == 0
+    assert main(["build-map", "--device", "cpu", "--images", str(root / "images"), "--poses", str(root / "poses.txt"),
+                 "--out", str(map_dir), "--model", str(model_path)]) == 0
     queries = tmp_path / "queries"
     shutil.copytree(root / "images", queries)
     names = sorted(p.name for p in queries.iterdir())
     (queries / names[3]).write_bytes(b"\x89PNG broken")       # the 4th query does not decode
     out = tmp_path / "out" / "res.csv"
-    args = ["localize", "--device", "cpu", "--map", str(map_dir), "--images", str(queries), "--out", str(out), "--model", str(model_path)]
+    args = ["localize", "--device", "cpu", "--map", str(map_dir), "--images", str(queries), "--out", str(out),
+            "--model", str(model_path)]
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -201,8 +203,8 @@ def test_killed_build_map_leaves_nothing_loadable_and_rerun_succeeds(world, tmp_
     write_tum(tmp_path / "poses.txt", stamps, poses)
     out = tmp_path / "maps" / "m"
     out.parent.mkdir()
-    args = ["build-map", "--device", "cpu", "--images", str(tmp_path / "images"), "--poses", str(tmp_path / "poses.txt"),
-            "--out", str(out), "--model", str(model_path)]
+    args = ["build-map", "--device", "cpu", "--images", str(tmp_path / "images"),
+            "--poses", str(tmp_path / "poses.txt"), "--out", str(out), "--model", str(model_path)]
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "r2former_core.cli.main", *args], env=env,
@@ -239,8 +241,8 @@ def test_killed_build_map_leaves_nothing_loadable_and_rerun_succeeds(world, tmp_
 def test_map_info_reports_the_map_and_names_damage(world, tmp_path, capsys):
     root, _, poses, model_path = world
     map_dir = tmp_path / "map"
-    assert main(["build-map", "--device", "cpu", "--images", str(root / "images"), "--poses", str(root / "poses.txt"), "--out",
-                 str(map_dir), "--model", str(model_path)]) == 0
+    assert main(["build-map", "--device", "cpu", "--images", str(root / "images"), "--poses", str(root / "poses.txt"),
+                 "--out", str(map_dir), "--model", str(model_path)]) == 0
     capsys.readouterr()
     assert main(["map-info", str(map_dir), "--json", "--model", str(model_path)]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -11,12 +11,11 @@ import logging
 import faiss
 import numpy as np
 import pytest
+from test_mapdb import build, make_data
 
 from r2former_core import mapdb
 from r2former_core.localizer import Localizer, LocalizerConfig
 from r2former_core.mapdb import MapDatabase
-
-from test_mapdb import build, make_data
 
 
 class FakeGpuIndex:

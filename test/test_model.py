@@ -6,12 +6,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from r2former_core.model import (CheckpointError, ModelConfig, build_model, load_model, preprocess,
-                                 save_model, save_official_checkpoint)
-from r2former_core.model.checkpoint import official_state_dict
-
 from reference_r2former import reference_extract, reference_rerank
+
+from r2former_core.model import (
+    CheckpointError,
+    ModelConfig,
+    build_model,
+    load_model,
+    preprocess,
+    save_model,
+    save_official_checkpoint,
+)
+from r2former_core.model.checkpoint import official_state_dict
 
 DATA = Path(__file__).parent / "data"
 

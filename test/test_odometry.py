@@ -6,9 +6,9 @@ import pytest
 
 from r2former_core.cli.main import main
 from r2former_core.data.poses import compose_poses, invert_poses, read_tum
-from r2former_core.synthetic import SyntheticWorld
 from r2former_core.errors import ConfigError
 from r2former_core.odometry import OdometryNoise, chain_increments, planar_increments, simulate_odometry
+from r2former_core.synthetic import SyntheticWorld
 
 
 @pytest.fixture(scope="module")

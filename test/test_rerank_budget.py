@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from r2former_core.errors import ConfigError
 from r2former_core.localizer import Localizer, LocalizerConfig
 from r2former_core.mapdb import MapDatabase
 from r2former_core.model import build_model
-from r2former_core.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

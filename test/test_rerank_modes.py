@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from r2former_core.rerank import (RERANK_MODES, mutual_nearest_matches, ransac_inliers, rerank_candidates)
+from r2former_core.rerank import RERANK_MODES, mutual_nearest_matches, ransac_inliers, rerank_candidates
 
 
 def _tokens(xy, feats):

@@ -11,10 +11,23 @@ from builtin_interfaces.msg import Time  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
-from r2former_ros.conversions import (ImageDecodeError, compressed_msg_to_rgb, covariance_to_msg,  # noqa: E402
-                                      image_msg_to_rgb, msg_to_rgb, ns_to_stamp, pose_array_msg, pose_from_msg,
-                                      pose_msg, pose_with_covariance_msg, rgb_to_compressed_msg, rgb_to_image_msg,
-                                      sec_to_stamp, stamp_to_ns, stamp_to_sec)
+from r2former_ros.conversions import (  # noqa: E402
+    ImageDecodeError,
+    compressed_msg_to_rgb,
+    covariance_to_msg,
+    image_msg_to_rgb,
+    msg_to_rgb,
+    ns_to_stamp,
+    pose_array_msg,
+    pose_from_msg,
+    pose_msg,
+    pose_with_covariance_msg,
+    rgb_to_compressed_msg,
+    rgb_to_image_msg,
+    sec_to_stamp,
+    stamp_to_ns,
+    stamp_to_sec,
+)
 
 H, W = 12, 16
 

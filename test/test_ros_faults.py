@@ -317,7 +317,7 @@ def test_map_truncated_in_place_is_an_error_not_a_crash(session):
 # ------------------------------------------------------------------------------------------------------------
 # build_map --live killed while a bag is played to it
 
-LIVE_KILLS = 10
+LIVE_KILLS = 20
 LIVE_IMAGES = 40
 
 

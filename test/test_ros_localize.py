@@ -9,9 +9,16 @@ import time
 
 import numpy as np
 import pytest
-
-from rostools import (LATCHED, NodeProcess, RosProbe, build_test_map, line_poses, save_tiny_model, synthetic_images,
-                      wait_until)
+from rostools import (
+    LATCHED,
+    NodeProcess,
+    RosProbe,
+    build_test_map,
+    line_poses,
+    save_tiny_model,
+    synthetic_images,
+    wait_until,
+)
 
 pytestmark = pytest.mark.ros
 

@@ -5,8 +5,14 @@ import argparse
 import os
 
 from ..errors import CliError
-from .common import (add_model_options, add_source_options, load_model_from_args, nonneg_float, open_source_from_args,
-                     positive_int)
+from .common import (
+    add_model_options,
+    add_source_options,
+    load_model_from_args,
+    nonneg_float,
+    open_source_from_args,
+    positive_int,
+)
 
 # Listed here so that building the parser imports no faiss; a test keeps it equal to mapdb.INDEX_TYPES.
 INDEX_CHOICES = ("flat", "ivfpq", "hnsw")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..resources import resolve_model_path
 from ..errors import CliError
 from ..options import LocalizerConfig, add_config_option
+from ..resources import resolve_model_path
 
 # Listed here so that building the parser imports no numpy; a test keeps it equal to frames.CAMERA_CONVENTIONS.
 CAMERA_CONVENTIONS = ("auto", "body", "optical")

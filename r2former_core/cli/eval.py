@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_options, add_skip_unreadable, positive_float, positive_int
-from .tracking_options import add_sequence_options
 from ..errors import CliError
 from ..options import RERANK_MODES, LocalizerConfig, add_config_option
+from .common import add_model_options, add_skip_unreadable, positive_float
+from .tracking_options import add_sequence_options
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -35,7 +35,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--rerank", default="all", choices=[*RERANK_MODES, "all"],
                    help="reranking mode(s) to evaluate (default all; with --sequence one mode, all = r2former)")
     add_config_option(p, LocalizerConfig, "top_k")
-    p.add_argument("--threshold-m", type=positive_float, default=25.0, help="positive distance threshold in metres (default 25)")
+    p.add_argument("--threshold-m", type=positive_float, default=25.0,
+                   help="positive distance threshold in metres (default 25)")
     p.add_argument("--pose-threshold-m", type=positive_float, default=5.0,
                    help="a published pose within this many metres of the ground truth counts as correct (default 5)")
     p.add_argument("--out", default=None,

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
+
 from ..errors import CliError
 from ..options import TIMING_STAGES, LocalizerConfig, add_config_option
 from .common import add_model_options, add_skip_unreadable, load_model_from_args
@@ -15,8 +16,8 @@ from .tracking_options import add_sequence_options
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ["name", "stamp", "x", "y", "z", "qx", "qy", "qz", "qw", "confidence", "accepted", "best_index",
-               "best_name", "var_x", "var_y", "var_z", "var_roll", "var_pitch", "var_yaw", "ms_decode", "ms_extract", "ms_search", "ms_rerank",
-               "ms_pose", "ms_total"]
+               "best_name", "var_x", "var_y", "var_z", "var_roll", "var_pitch", "var_yaw", "ms_decode", "ms_extract",
+               "ms_search", "ms_rerank", "ms_pose", "ms_total"]
 # with --sequence: the tracker's state, belief size, candidates reranked, "elsewhere" probability, filter time
 SEQUENCE_COLUMNS = CSV_COLUMNS + ["state", "support", "reranked", "elsewhere", "ms_filter"]
 

@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import Any
 
 from ..errors import EXPECTED_ERRORS
 from ..logging_setup import setup_logging
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def add_logging_options(p: argparse.ArgumentParser, top_level: bool) -> None:
     """--log-level / --log-json, before or after the command (`r2former --log-level ERROR eval ...` or
     `r2former eval ... --log-level ERROR`); a command's own copy only overrides when given."""
-    unset = {} if top_level else {"default": argparse.SUPPRESS}
+    unset: dict[str, Any] = {} if top_level else {"default": argparse.SUPPRESS}
     g = p.add_argument_group("logging") if not top_level else p
     g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="logging verbosity (default INFO)", **({"default": "INFO"} if top_level else unset))

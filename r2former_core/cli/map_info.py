@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-
 HELP = "print a map's metadata, extent and sessions, and verify its files"
 DESCRIPTION = ("Load a map directory, checking its files (--verify), and print what it holds: entries, the model "
                "fingerprint and configuration it was built with, feature shapes, frame, source, index, disk size, "
@@ -47,7 +46,8 @@ def summarize(db) -> dict:
     cfg = info.model_config or {}
     return {
         "path": str(info.path), "format_version": info.format_version, "entries": info.count,
-        "fingerprint": info.fingerprint, "created": info.created, "source": info.source, "frame_id": info.frame_id, "child_frame": info.child_frame,
+        "fingerprint": info.fingerprint, "created": info.created, "source": info.source, "frame_id": info.frame_id,
+        "child_frame": info.child_frame,
         "index": info.index, "package_version": info.package_version,
         "model": {k: cfg.get(k) for k in ("image_size", "embed_dim", "depth", "num_local", "stem", "input_norm")
                   if k in cfg},

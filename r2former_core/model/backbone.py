@@ -7,6 +7,7 @@ the softmax attention of those two rows (the token selection), so it runs as a *
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +156,7 @@ class DeiTDistilled(nn.Module):
         x = x + self.position_embedding(grid).to(x.dtype)
         for block in self.blocks[:-1]:
             x = block(x)
-        out, probs = self.blocks[-1].forward_rows(x, rows=2, return_probs=True)
+        last: Any = self.blocks[-1]
+        out, probs = last.forward_rows(x, rows=2, return_probs=True)
         attention = probs[..., 2:].sum(dim=(1, 2))
         return BackboneOutput(tokens=x, attention=attention, global_tokens=self.norm(out), grid=grid)

@@ -110,7 +110,7 @@ def _read_torch_file(path: Path):
                                   ".safetensors model") from None
         raise CheckpointError(f"cannot read {path} as a torch checkpoint (UnpicklingError: {str(exc)[:200]}). The file "
                               "is truncated, corrupted or not a weights file; download or copy it again.") from None
-    except Exception as exc:  # torch raises several unrelated types for damaged files
+    except Exception as exc:  # noqa: BLE001 - torch raises several unrelated types for damaged files
         raise CheckpointError(f"cannot read {path} as a torch checkpoint ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}). The file is truncated, corrupted "
                               "or not a weights file; download or copy it again.") from None
@@ -122,7 +122,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             return {k: f.get_tensor(k) for k in f.keys()}, meta
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own and Rust panic types for damaged files
         raise CheckpointError(f"cannot read {path} as safetensors ({type(exc).__name__}: {exc}). "
                               "The file is truncated or corrupted; copy it again.") from None
 

@@ -102,10 +102,8 @@ class Attention(nn.Module):
             out = probs @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        if not return_probs:
-            probs = None
         out = linear(out.transpose(1, 2).reshape(b, rows, c), self.proj, onednn=self.onednn)
-        return out, probs
+        return out, (probs if return_probs else None)
 
 
 class Mlp(nn.Module):

@@ -29,7 +29,7 @@ class Features:
     token_index: torch.Tensor   # (B, N) patch index (row * grid_w + col) of each local row
     attention: torch.Tensor     # (B, P) selection score over all patches
 
-    def to(self, *args, **kwargs) -> "Features":
+    def to(self, *args, **kwargs) -> Features:
         return Features(*(t.to(*args, **kwargs) for t in
                           (self.global_desc, self.local, self.token_index, self.attention)))
 
@@ -81,7 +81,7 @@ class R2FormerModel(nn.Module):
         if setting != self.precision_setting or device != self.device:
             resolved = resolve_precision(self.precision_setting, self.device)
             self._resolved = (self.precision_setting, self.device, resolved)
-        return resolved
+        return str(resolved)
 
     @property
     def rerank_precision(self) -> str:

@@ -23,10 +23,10 @@ above ~8.3 to exactly 1.0, and ties would fall back to the global order).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import contextlib
 import copy
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,8 @@ class Reranker(nn.Module):
         """Run a block stack and return the class-token (row 0) output."""
         for block in blocks[:-1]:
             x = block(x)
-        return blocks[-1].forward_rows(x, rows=1)[0][:, 0]
+        last: Any = blocks[-1]
+        return last.forward_rows(x, rows=1)[0][:, 0]
 
     def _query_terms(self, xl: torch.Tensor):
         coords = xl[..., :3].clamp(0, 1)
@@ -86,7 +87,7 @@ class Reranker(nn.Module):
         pe_q = sincos_embed_2d(coords[..., 0], coords[..., 1], self.dim)  # (Bq, N, d)
         return F.normalize(xl[..., 3:], dim=-1), a_q, pe_q
 
-    def _stacks(self, dtype: torch.dtype) -> "Reranker":
+    def _stacks(self, dtype: torch.dtype) -> Reranker:
         """The module whose block stacks, norms and heads run in `dtype`: self for float32, else a cached
         copy cast to `dtype` (rebuilt when the weights change)."""
         if dtype == torch.float32:
@@ -98,9 +99,9 @@ class Reranker(nn.Module):
             twin._parameters = dict(self._parameters)
             twin._casts = {}
             for name in ("blocks", "blocks_2", "decoder_norm", "pair_head_2", "decoder_pred"):
-                twin._modules[name] = copy.deepcopy(self._modules[name]).to(dtype)
+                twin._modules[name] = copy.deepcopy(getattr(self, name)).to(dtype)
             for name in ("cls_token", "cls_token_2"):
-                twin._parameters[name] = nn.Parameter(self._parameters[name].detach().to(dtype), requires_grad=False)
+                twin._parameters[name] = nn.Parameter(getattr(self, name).detach().to(dtype), requires_grad=False)
             self._casts = {key: twin}
         return self._casts[key]
 

@@ -273,7 +273,7 @@ class Trainer:
             writer.flush()
         try:
             plot_curves(path, self.out / "curves.png")
-        except Exception as exc:  # a plot must never stop a training run
+        except Exception as exc:  # noqa: BLE001 - a plot must never stop a training run
             log.warning("could not plot %s: %s", path, exc)
 
 
