@@ -104,3 +104,78 @@ def test_faiss_gpu_round_trip(tmp_path, kind):
     np.testing.assert_array_equal(i_gpu[:, 0], np.arange(20))
     np.testing.assert_allclose(s_gpu[:, :10], s_cpu[:, :10], atol=2e-3)
     assert gpu.search_device.startswith("cuda")           # no fall-back happened
+
+
+def test_torchrun_two_ranks_on_the_gpus_of_this_machine(tmp_path, tiny_model):
+    """torchrun with 2 processes and --device cuda: with two or more GPUs every rank gets its own and the run
+    ends cleanly; with one GPU the second rank stops with the DeviceError that says what to do (issue 13.1),
+    never a raw "invalid device ordinal"."""
+    from test_train import DATA, SPACING, _free_port
+
+    from r2former_core.model import save_model
+    init = save_model(tiny_model, tmp_path / "tiny.safetensors")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           "-m", "r2former_core.cli.main", "train", "global", "--data", DATA, "--out", str(tmp_path / "ddp"),
+           "--model", str(init), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "3",
+           "--refresh-steps", "2", "--db-sample", "60", "--cache-dir", str(tmp_path / "cache"),
+           "--spacing", str(SPACING), "--no-progress", "--device", "cuda"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    output = proc.stdout + proc.stderr
+    assert "invalid device ordinal" not in output
+    if torch.cuda.device_count() >= 2:
+        assert proc.returncode == 0, output[-3000:]
+        assert "world size 2" in (tmp_path / "ddp" / "train.log").read_text()
+    else:
+        assert proc.returncode != 0
+        assert "needs GPU 1" in output and "--nproc_per_node <= 1" in output, output[-3000:]
+
+
+def test_localize_node_on_cuda_publishes_poses(tmp_path, tiny_model):
+    """The localize node with device:=cuda (model and map search on the GPU) over real topics: a pose for a
+    published image, and diagnostics that name the CUDA device."""
+    from diagnostic_msgs.msg import DiagnosticArray
+    from geometry_msgs.msg import PoseWithCovarianceStamped
+    from rostools import (
+        LATCHED,
+        NodeProcess,
+        RosProbe,
+        build_test_map,
+        diagnostic_values,
+        line_poses,
+        save_tiny_model,
+        synthetic_images,
+    )
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import String
+
+    from r2former_ros.conversions import rgb_to_image_msg, sec_to_stamp
+
+    images = synthetic_images(8, seed=1)
+    model = save_tiny_model(tiny_model, tmp_path / "tiny.safetensors")
+    map_dir = build_test_map(tiny_model, images, line_poses(8), tmp_path / "map")
+    probe = RosProbe("cuda_probe")
+    poses = probe.subscribe(PoseWithCovarianceStamped, "/cuda_localizer/pose")
+    state = probe.subscribe(String, "/cuda_localizer/state", LATCHED)
+    diagnostics = probe.subscribe(DiagnosticArray, "/diagnostics")
+    camera = probe.publisher(Image, "/cuda_cam/image")
+    node = NodeProcess("r2former_ros.localize_node", [
+        "--ros-args", "-r", "__node:=cuda_localizer", "-r", "image:=/cuda_cam/image",
+        "-p", f"map_path:={map_dir}", "-p", f"model_path:={model}", "-p", "device:=cuda",
+        "-p", "min_confidence:=0.0", "-p", "diagnostics_rate:=5.0", "-p", "qos_reliability:=reliable"],
+        tmp_path / "logs")
+    try:
+        assert probe.wait_for_subscriber("/cuda_cam/image", 120) and state.wait(1, 60), node.output()
+        for i in range(5):
+            msg = rgb_to_image_msg(images[3])
+            msg.header.stamp = sec_to_stamp(100.0 + i)
+            msg.header.frame_id = "camera"
+            camera.publish(msg)
+            if poses.wait(1, 10):
+                break
+        assert len(poses) >= 1, node.output()
+        assert diagnostics.wait(len(diagnostics) + 1, 10)
+        values = diagnostic_values(diagnostics.last(), "localization")
+        assert values is not None and values["device"].startswith("cuda"), values
+    finally:
+        node.stop()
+        probe.close()
