@@ -100,7 +100,7 @@ class TransformTree:
                 raise DataError(f"frame {chain[-1]!r} has several parents ({', '.join(parents)}) in {self.source}; "
                                 "TF frames must form a tree (each child frame has one parent)")
             if parents[0] in chain:
-                raise DataError(f"the TF of {self.source} has a cycle: {' -> '.join(reversed(chain + parents))}")
+                raise DataError(f"{self.source} has a cycle: {' -> '.join(reversed(chain + parents))}")
             chain.append(parents[0])
         return chain
 
