@@ -227,6 +227,32 @@ def test_image_file_checks_do_not_read_or_block(tmp_path):
     assert L.check_image_file(good).width == 40
 
 
+def test_bytes_decoded_are_the_bytes_checked(tmp_path, monkeypatch):
+    """A file rewritten in place between the header check and the read (here: by the first check itself) is
+    refused by the second check on the bytes read; read_image_file decodes only checked bytes."""
+    from r2former_core.data.sources import read_image_file
+    good = encode(textured(30, 40), ".png")
+    bomb = png_bomb()
+    path = tmp_path / "swapped.png"
+    path.write_bytes(good)
+    assert read_image_file(path).shape == (30, 40, 3)
+    real = L.check_encoded
+    calls = []
+
+    def check_then_rewrite(data, what="image", max_pixels=None):
+        header = real(data, what, max_pixels)
+        if not calls:                                # after the first (memory-mapped) check passed
+            with open(path, "r+b") as f:             # same inode: the open file sees the new bytes
+                f.write(bomb[:33])               # its signature and IHDR: 30000 x 30000
+        calls.append(header)
+        return header
+
+    monkeypatch.setattr(L, "check_encoded", check_then_rewrite)
+    with pytest.raises(L.ImageTooLargeError, match="30000x30000"):
+        read_image_file(path)
+    assert len(calls) == 1                           # the first check passed, the second refused
+
+
 # ----------------------------------------------------------------------------- memory bound
 
 MEMORY_PROBE = r"""

@@ -271,7 +271,17 @@ def check_encoded(data: Any, what: str = "image", max_pixels: int | None = None)
 def check_image_file(path: str | os.PathLike, max_pixels: int | None = None) -> ImageHeader:
     """Check an image file before it is read: a regular file, at most `max_encoded_bytes`, PNG or JPEG, and
     within the pixel limit (the header is read through a memory map, so nothing is loaded)."""
-    path = Path(path)
+    return _open_checked(Path(path), max_pixels, read=False)[0]
+
+
+def read_checked_file(path: str | os.PathLike, max_pixels: int | None = None) -> bytes:
+    """The bytes of an image file that passed `check_image_file`, read through the same open file and checked
+    again once in memory: the bytes that get decoded are the bytes that were checked, even when the file is
+    replaced or rewritten between the check and the read."""
+    return _open_checked(Path(path), max_pixels, read=True)[1]
+
+
+def _open_checked(path: Path, max_pixels: int | None, read: bool) -> tuple[ImageHeader, bytes]:
     what = f"image file {path}"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)   # a FIFO named *.png must not block the reader
@@ -290,9 +300,22 @@ def check_image_file(path: str | os.PathLike, max_pixels: int | None = None) -> 
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
             view = memoryview(mapped)
             try:
-                return check_encoded(view, what, max_pixels)
+                header = check_encoded(view, what, max_pixels)
             finally:
                 view.release()      # before the map closes, even when a traceback still refers to it
+        if not read:
+            return header, b""
+        chunks, total = [], 0
+        while True:                 # bounded: a file that grew past the cap since fstat is refused
+            chunk = os.pread(fd, min(1 << 20, cap + 1 - total), total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > cap:
+                raise ImageTooLargeError(f"{what} grew past {cap:,} bytes while it was read; refused")
+        data = b"".join(chunks)
+        return check_encoded(data, what, max_pixels), data
     except OSError as exc:
         raise ImageDecodeError(f"cannot read {what}: {exc}") from exc
     finally:
@@ -301,4 +324,5 @@ def check_image_file(path: str | os.PathLike, max_pixels: int | None = None) -> 
 
 __all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "ImageHeader", "ImageTooLargeError", "MAX_IMAGE_PIXELS_CEILING",
            "MAX_JPEG_SCANS", "check_encoded", "check_image_file", "check_pixels", "get_max_image_pixels",
+           "read_checked_file",
            "max_encoded_bytes", "read_header", "set_max_image_pixels", "sniff_format"]

@@ -19,7 +19,7 @@ from ...frames import (
     given_frames,
     to_body_convention,
 )
-from ..image_limits import check_image_file
+from ..image_limits import read_checked_file
 from ..poses import nan_poses
 from .base import PosedImage, examples
 
@@ -43,12 +43,9 @@ def list_image_files(folder: str | Path) -> list[Path]:
 def read_image_file(path: str | Path) -> np.ndarray:
     """Decode an image file to HxWx3 uint8 RGB; ImageDecodeError names the file on failure."""
     path = Path(path)
-    check_image_file(path)   # image_limits: regular file, size and PNG/JPEG header within max_image_pixels
-    try:
-        # np.fromfile + imdecode instead of imread: works for any path encoding.
-        buf = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        raise ImageDecodeError(f"cannot read image file {path}: {exc}") from exc
+    # image_limits: a regular file, its size and its PNG/JPEG header within max_image_pixels, checked before
+    # it is read and again on the bytes read (imdecode instead of imread: any path encoding works)
+    buf = np.frombuffer(read_checked_file(path), dtype=np.uint8)
     image = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if image is None or image.size == 0:
         raise ImageDecodeError(f"image file {path} ({buf.size} bytes) could not be decoded; "
