@@ -18,13 +18,13 @@ Without a GPU it says so, runs the CPU-side checks (parity in fp32, times on the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import machine_info, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -153,7 +153,8 @@ def main() -> int:
     from r2former_core.device import resolve_device
     from r2former_core.errors import DeviceError
     from r2former_core.mapdb import _faiss_gpu_available
-    report: dict = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
+    report: dict = {"machine": machine_info(torch.get_num_threads()), "torch": torch.__version__,
+                    "cuda_available": torch.cuda.is_available(),
                     "faiss": faiss.__version__, "faiss_gpu": _faiss_gpu_available()}
     try:
         device = str(resolve_device(args.device))
@@ -186,9 +187,7 @@ def main() -> int:
               f"{r['search_ms']:>7.2f} {r['search_on'][:3]:<3}{r['rerank_ms']:>9.1f} {r['pipeline_hz']:>6.2f}")
     ok = all(r["ok"] for r in report["parity"])
     report["ok"] = ok
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    out = write_report(args.out, report)
     print(f"\n{'PASS' if ok else 'FAIL'}: fp32 parity {'holds' if ok else 'does not hold'} on {device}"
           + ("" if report["gpu"] else " (no GPU on this machine: the CUDA path was not checked)"))
     print(f"wrote {out}")

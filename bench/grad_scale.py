@@ -16,13 +16,12 @@ the overflow is a property of the fp16 range), and a binary search over the expo
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import machine_info, write_report
 
 from r2former_core.features import images_to_tensor
 from r2former_core.model import ModelConfig, R2FormerModel, build_model, load_model, preset
@@ -113,12 +112,9 @@ def main() -> None:
     worst = min(r["largest_safe_exponent"] for r in rows)
     print(f"\nworst case 2^{worst}; torch's default initial scale 2^16 overflows in "
           f"{sum(r['largest_safe_exponent'] < 16 for r in rows)} of {len(rows)} cases")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"batch": b, "threads": args.threads, "torch": torch.__version__,
-                               "cpu": platform.processor() or platform.machine(), "results": rows,
-                               "worst_exponent": worst}, indent=2))
-    print(f"wrote {out}")
+    write_report(args.out, {"batch": b, "threads": args.threads, "torch": torch.__version__,
+                               "machine": machine_info(args.threads), "results": rows,
+                               "worst_exponent": worst})
 
 
 if __name__ == "__main__":

@@ -13,13 +13,13 @@ maps are rebuilt when the model's fingerprint changes).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import machine_info, write_report
 
 from r2former_core.synthetic import write_drive
 
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     maps = {seed: map_for(work, seed, model, drive(seed, "map", args.map_conditions, args.map_frames), tag)
             for seed in sorted({s for s, _ in sets})}
 
-    report: dict = {"sets": {}, "meta": {"model": str(args.model), "fingerprint": model.fingerprint,
+    report: dict = {"sets": {}, "meta": {"machine": machine_info(torch.get_num_threads()),
+                                        "model": str(args.model), "fingerprint": model.fingerprint,
                                         "precision": model.precision, "rerank_precision": model.rerank_precision,
                                         "top_k": args.top_k, "threshold_m": args.threshold_m, "size": list(size),
                                         "map_frames": args.map_frames, "query_frames": args.query_frames,
@@ -135,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== all queries pooled")
     print(format_table(pooled))
     print(format_confidence_table(pooled))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    write_report(args.out, report)
     return 0
 
 

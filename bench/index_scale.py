@@ -29,9 +29,7 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+from benchlib import machine_info, write_report  # noqa: E402
 
 G = 256
 K = 100
@@ -283,13 +282,8 @@ def main() -> int:
                                               ["flat", "ivfpq", "hnsw"].index(r["index"])))
     print()
     print_table(rows)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    flags = Path("/proc/cpuinfo").read_text()
     result = {"benchmark": "index_scale", "global_dim": G, "k": K, "queries": args.queries, "threads": args.threads,
-              "machine": {"host": socket.gethostname(), "cpu": cpu, "cpus": os.cpu_count(),
-                          "avx512f": " avx512f " in flags, "amx": " amx_bf16 " in flags,
-                          "platform": platform.platform(), "faiss": faiss.__version__},
+              "machine": machine_info(args.threads),
               "notes": ["synthetic descriptors: maplike = drives as random walks on the sphere, two sessions each; "
                         "isotropic = uniform random unit vectors (worst case); real descriptors may differ",
                         "recall_at_100: |index top-100 & exact top-100| / 100 averaged over the queries; top1_equal: "
@@ -297,9 +291,7 @@ def main() -> int:
                         "latency: one query at a time through MapDatabase.search (IVF-PQ includes the exact "
                         "re-scoring of refine_factor x k candidates); the CPUs are shared (loadavg fields)"],
               "results": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(out, result)
     return 0
 
 

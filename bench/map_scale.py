@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -47,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+from benchlib import machine_info, write_report  # noqa: E402
 
 G, N, C = 256, 500, 131
 ENTRY_BYTES = N * C * 2
@@ -464,9 +464,7 @@ def main() -> int:
     targets = {"disk_bytes_per_image_max": 140_000, "rss_1m_max_mib": 3 * 1024, "search_100k_p50_max_ms": 20}
     result = {"benchmark": "map_scale", "global_dim": G, "num_local": N, "local_values": C, "k": args.k,
               "queries": args.queries, "rerank_queries": args.rerank_queries, "threads": args.threads,
-              "machine": {"host": socket.gethostname(), "cpus": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version(), "numpy": np.__version__,
-                          "faiss": faiss.__version__},
+              "machine": machine_info(args.threads) | {"numpy": np.__version__},
               "notes": ["cold reads: local.f16 evicted with posix_fadvise(POSIX_FADV_DONTNEED) before the pass; "
                         "a hypervisor-level cache below this VM may still serve some of them",
                         "warm reads: the same queries a second time (page cache)",
@@ -481,10 +479,7 @@ def main() -> int:
                         "rss_file_growth_if_memmap_mib: how much VmRSS would grow if the same cold candidate "
                         "reads went through a long-lived np.memmap instead of pread (why local() uses pread)"],
               "targets": targets, "results": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, result)
     return 0
 
 

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import cpu_model, write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,22 +41,11 @@ def _peak_rss_mib() -> float:
     return float("nan")
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (what makes numbers from different hosts comparable)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_meta(threads: int) -> dict:
     import torch
     sys.path.insert(0, str(ROOT))
     from r2former_core.model.precision import cpu_flags, cpu_flags_text
-    meta = {"torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_model(),
+    meta = {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
             "cpu_flags": cpu_flags_text(), "cpu_flag_values": cpu_flags(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(), "threads": threads,
             "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
@@ -202,9 +193,7 @@ def main() -> int:
     meta["k"] = args.k
     meta["command"] = " ".join([Path(sys.executable).name, "bench/model_speed.py", *sys.argv[1:]])
     print_table(rows, meta)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    print(f"wrote {args.out}")
+    write_report(args.out, {"meta": meta, "results": rows})
     return 0
 
 

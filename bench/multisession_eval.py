@@ -23,7 +23,6 @@ Rendered drives and built maps are cached in --work (keyed by seed, condition, f
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from benchlib import machine_info, write_report  # noqa: E402
 
 DEFAULT_SEEDS = "950,951,952"
 DEFAULT_QUERIES = "dusk,night,fog,rain"
@@ -134,16 +134,14 @@ def main(argv: list[str] | None = None) -> int:
                 by_condition[cond][label][m] = {k: sum(r[k] * r["queries"] for r in rows) / n
                                                 for k in ("recall@1", "top1_within_5m", "pose_within_5m")}
     print_tables(by_condition, pooled, modes)
-    report = {"meta": {"model": str(args.model), "fingerprint": model.fingerprint, "seeds": seeds,
+    report = {"meta": {"machine": machine_info(args.threads), "model": str(args.model),
+                       "fingerprint": model.fingerprint, "seeds": seeds,
                        "query_conditions": conditions, "map_sessions": ["day", "night"], "top_k": args.top_k,
                        "threshold_m": args.threshold_m, "size": list(size), "map_frames": args.map_frames,
                        "query_frames": args.query_frames, "spacing_m": args.spacing, "threads": args.threads,
                        "seconds": round(time.time() - t_start, 1)},
               "by_condition": by_condition, "pooled": pooled, "sets": per_set}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import signal
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchlib import machine_info, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("node_soak")
@@ -316,7 +316,7 @@ def run_soak(model: Path, duration: float, rate: float = 30.0, malformed_every: 
         "unexpected_log_lines": unexpected_log_lines(log_text),
         "malformed_log_lines": sum(1 for line in log_text.splitlines() if EXPECTED_LOG.search(line)),
         "load_average_start": load_start, "load_average_end": load_end,
-        "machine": machine(), "work": str(work),
+        "machine": machine_info(), "work": str(work),
     }
     if own_work:
         shutil.rmtree(work, ignore_errors=True)
@@ -344,16 +344,6 @@ def _sample_memory(pid: int, records: Records, stop: threading.Event) -> None:
         stop.wait(max(0.0, next_t - time.monotonic()))
 
 
-def machine() -> dict[str, Any]:
-    flags = ""
-    model = platform.processor()
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        model = re.search(r"model name\s*:\s*(.*)", cpuinfo).group(1)
-        flags = " ".join(sorted({f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in cpuinfo}))
-    except (OSError, AttributeError):
-        pass
-    return {"cpu": model, "flags": flags, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def table(r: dict[str, Any]) -> str:
@@ -405,9 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                  args.height, args.map_images, Path(args.work) if args.work else None)
     r["command"] = "python bench/node_soak.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(table(r))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(r, indent=1, default=str) + "\n")
+    out = write_report(args.out, r)
     log.info("results written to %s", out)
     ok = (r["node_alive_at_end"] and r["max_pending"] is not None and r["max_pending"] <= 1
           and r["dropped_equals_received_minus_processed"] and r["memory"]["growth_mb"] <= RSS_BOUND_MB

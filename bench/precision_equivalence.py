@@ -20,9 +20,7 @@ The per-query rerank scores of the heldout part also feed bench/rerank_budget.py
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+from benchlib import machine_info, write_report  # noqa: E402
 from heldout_eval import DEFAULT_SETS, map_for, parse_sets, render_drive  # noqa: E402
 
 
@@ -150,17 +149,11 @@ def main() -> int:
     if modes[0] != "fp32":
         modes = ["fp32"] + [m for m in modes if m != "fp32"]
     parts = {s.strip() for s in args.parts.split(",")}
-    from r2former_core.model.precision import cpu_flags_text
-    report: dict = {"meta": {"cpu": platform.processor() or platform.machine(), "flags": cpu_flags_text(),
-                             "fp32_maps": args.fp32_maps, "tie_margin": args.tie_margin,
+    report: dict = {"meta": {"machine": machine_info(torch.get_num_threads()), "fp32_maps": args.fp32_maps,
+                             "tie_margin": args.tie_margin,
                              "command": " ".join(["bench/precision_equivalence.py", *sys.argv[1:]]),
                              "torch": torch.__version__, "modes": modes, "date": time.strftime("%Y-%m-%d %H:%M")},
                     "heldout": {}, "deits": {}}
-    try:
-        from model_speed import _cpu_model
-        report["meta"]["cpu"] = _cpu_model()
-    except ImportError:
-        pass
 
     if "heldout" in parts:
         from r2former_core.metrics import recall_from_ranks
@@ -221,10 +214,7 @@ def main() -> int:
             print(f"{m:<6} {100 * row['global_top1_agreement']:>11.1f}% {100 * row['rerank_top1_agreement']:>11.1f}% "
                   f"{row['min_global_cosine']:>9.5f} {100 * overlap:>10.1f}% {row['max_prob_diff']:>10.2e} "
                   f"{row['extract_s']:>9.1f} {row['rerank_s']:>8.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    write_report(args.out, report)
     return 0
 
 

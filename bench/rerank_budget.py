@@ -17,11 +17,11 @@ localizer applies them (r2former_core/localizer.py):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
+from benchlib import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,11 +79,8 @@ def main() -> int:
         budget = f" {row['mean_reranked'] * args.ms_per_candidate:>10.0f}" if args.ms_per_candidate else ""
         print(f"{row['rule']:<22} {row['mean_reranked']:>15.1f} {100 * row['recall@1']:>6.1f}% "
               f"{100 * row['recall@5']:>6.1f}%{budget}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": {"scores": args.scores, "mode": m, "queries": int(len(idx_all)),
-                                        "ms_per_candidate": args.ms_per_candidate}, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    write_report(args.out, {"meta": {"scores": args.scores, "mode": m, "queries": int(len(idx_all)),
+                                        "ms_per_candidate": args.ms_per_candidate}, "rows": rows})
     return 0
 
 

@@ -20,15 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
+
+from benchlib import machine_info, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -108,21 +108,14 @@ def main() -> int:
         for name in ("single", "single_n", "sharded"):
             shutil.rmtree(work / name)
     shutil.rmtree(work, ignore_errors=True)
-    flags = Path("/proc/cpuinfo").read_text()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")), "")
     result = {"benchmark": "sharded_build", "procs": args.procs, "threads_total": args.threads,
-              "machine": {"host": socket.gethostname(), "cpu": cpu, "cpus": os.cpu_count(),
-                          "avx512f": " avx512f " in flags, "amx": " amx_bf16 " in flags,
-                          "platform": platform.platform()},
+              "machine": machine_info(args.threads),
               "notes": ["wall time of the whole command, including Python start-up and model load in every process",
                         "extract_write_s: from the log (1 s resolution), extraction of the keyframes to the map "
                         "written",
                         "the CPUs are shared with other work: see loadavg"],
               "results": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, result)
     return 0
 
 

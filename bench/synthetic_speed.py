@@ -16,11 +16,11 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from benchlib import machine_info, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONDITION_SETS = [("day",), ("dusk",), ("night",), ("winter",), ("autumn",), ("fog",), ("rain",),
@@ -72,12 +72,8 @@ def main() -> int:
               "world_init_s": init_s, "route_length_m": world.route_length, "per_conditions": rows,
               "overall_images_per_s_wall": overall_wall, "overall_images_per_s_cpu": overall_cpu,
               "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-              "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                          "cpu_count": os.cpu_count()}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+              "machine": machine_info(1)}
+    write_report(args.out, result)
     return 0
 
 
