@@ -17,6 +17,7 @@ on its own and with the tracker, scored over all frames (see the section below).
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -29,12 +30,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from .data.poses import interpolate_poses, yaw_from_quat
 from .data.sources import Source
 from .errors import ConfigError, DataError
 from .localizer import Localizer
 from .metrics import RECALL_VALUES, first_positive_rank, recall_from_ranks
 from .options import TrackingConfig
 from .rerank import check_mode
+from .tracking import Tracker
 
 log = logging.getLogger(__name__)
 CONFIDENCE_STEPS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -266,7 +269,6 @@ class SequenceResult:
 
     def add(self, frame: SequenceFrame, pose: np.ndarray, covariance: np.ndarray, published: bool, ms: float,
             reranked: int, state: str) -> None:
-        from .data.poses import yaw_from_quat
         self.names.append(frame.name)
         self.stamps.append(float(frame.stamp))
         self.published.append(bool(published))
@@ -319,7 +321,6 @@ def evaluate_sequence(localizer: Localizer, frames: Iterable[SequenceFrame], mod
     """Localize time-ordered frames on their own ("single": `Localizer.localize_features`, published when
     accepted) and/or with the tracker ("tracking": `Tracker.step`, the code the node runs). Every frame's
     features are extracted once and shared; each mode's ms include that extraction."""
-    from .tracking import Tracker
     for m in modes:
         if m not in SEQUENCE_MODES:
             raise ConfigError(f"unknown sequence mode {m!r}; choose from {', '.join(SEQUENCE_MODES)}")
@@ -353,7 +354,6 @@ def evaluate_sequence(localizer: Localizer, frames: Iterable[SequenceFrame], mod
 def odometry_at(stamps: np.ndarray, odometry: tuple[np.ndarray, np.ndarray] | None,
                 tolerance: float = 0.05, max_gap: float = 1.0) -> list[np.ndarray | None]:
     """The odometry pose at each stamp (interpolated; None where the odometry has no sample near enough)."""
-    from .data.poses import interpolate_poses
     if odometry is None:
         return [None] * len(stamps)
     poses, valid = interpolate_poses(odometry[0], odometry[1], np.asarray(stamps, np.float64), tolerance, max_gap)
@@ -391,7 +391,6 @@ def sequence_frames(localizer: Localizer, source: Source, odometry: tuple[np.nda
 def write_sequence_report(results: dict[str, SequenceResult], out: Path, meta: dict | None = None) -> tuple[Path, Path]:
     """JSON `{"single": {...}, "tracking": {...}}` (plus "_meta"), the error over the frames as a plot
     (<stem>.png) and one row per frame and mode (<stem>_frames.csv) beside it."""
-    import csv
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     data: dict = {m: r.summary() for m, r in results.items()}
