@@ -42,10 +42,11 @@ def test_tracker_seed_tracks_from_the_pose_and_a_wrong_seed_is_left(road_map):  
     first = tracker.step(50.0, features=(np.array([0]), None), with_matches=False)
     assert first.reranked == 8                           # tracked from the seed: not the whole top_k
     assert first.state == "tracking" and abs(first.pose[0] - 40.0) < 3.0
-    # a wrong seed (the look-alike stretch far away): contradicted, lost, then found again
-    tracker.seed(pose_at(2 * 61), cov)
+    # a wrong seed (30 m behind the robot): contradicted, lost, then found again
+    tracker.seed(pose_at(2 * 5), cov)
     out = [tracker.step(60.0 + 0.2 * k, features=(np.array([k]), None), with_matches=False) for k in range(1, 25)]
     assert any(r.state == "lost" for r in out)
+    assert not any(r.accepted and abs(r.pose[0] - 2 * truth[k + 1]) > 5 for k, r in enumerate(out))   # never published
     assert all(r.accepted and abs(r.pose[0] - 2 * truth[k + 1]) < 3 for k, r in enumerate(out) if k >= 18)
     # no map entry near the pose: global search
     assert tracker.seed(pose_at(40.0, 200.0), cov) == 0 and tracker.state == "global"
