@@ -10,12 +10,18 @@ restarts it. The tiny random-weight model cannot rerank by appearance, so the no
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
-from rostools import LATCHED, NodeProcess, RosProbe, build_test_map, line_poses, save_tiny_model, synthetic_images, \
-    wait_until
+from rostools import (
+    LATCHED,
+    NodeProcess,
+    RosProbe,
+    build_test_map,
+    line_poses,
+    save_tiny_model,
+    synthetic_images,
+    wait_until,
+)
 
 pytestmark = pytest.mark.ros
 
