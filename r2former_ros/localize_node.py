@@ -544,9 +544,9 @@ class LocalizeNode(LifecycleNode):
             self.destroy_timer(timer)
         self._timers.clear()
         self.stop()
-        with self._localizer_lock:
-            if self._tracker is not None:
-                self._tracker.reset()
+        with self._localizer_lock:        # a new filter: a worker that outlived stop() keeps the old one
+            if self._tracker is not None and self._localizer is not None:
+                self._tracker = make_tracker(self._localizer, self._values)
             self._tracker_request = None
         self._odom = None
         self._health = None          # inactive: nothing is published (see _swap_map, _on_image)
