@@ -119,6 +119,23 @@ def test_summary_without_poses_or_diagnostics():
     assert "n/a" in format_table(s)
 
 
+def test_compare_takes_every_nth_frame_and_the_node_parameters():
+    import yaml
+
+    from r2former_core.data.sources.base import ListSource, PosedImage, PoseFrames
+    from r2former_core.demo_compare import EveryNth, configs_from_params
+    records = [PosedImage(f"f{i}", float(i), pose(i, 0, 0), np.zeros((4, 4, 3), np.uint8)) for i in range(7)]
+    sub = EveryNth(ListSource(records, PoseFrames("map", "base_link")), 3)
+    assert len(sub) == 3 and sub.names == ["f0", "f3", "f6"] and [r.name for r in sub] == sub.names
+    stamps, poses = sub.poses()
+    assert stamps.tolist() == [0.0, 3.0, 6.0] and poses[:, 0].tolist() == [0.0, 3.0, 6.0]
+    values = yaml.safe_load((Path(ROOT) / "config" / "localize.yaml").read_text())["/**"]["ros__parameters"]
+    values.update(top_k=7, rerank="ransac", track_min_mass=0.8, track_kidnap_candidates=3)
+    loc, track = configs_from_params(values, "cpu")
+    assert (loc.top_k, loc.rerank, loc.device) == (7, "ransac", "cpu")
+    assert (track.min_mass, track.kidnap_candidates, track.max_speed) == (0.8, 3, values["track_max_speed"])
+
+
 # ------------------------------------------------------------------------------ end to end
 
 def run_demo(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
