@@ -25,6 +25,7 @@ from rostools import (
     NodeProcess,
     RosProbe,
     build_test_map,
+    diagnostic_values,
     line_poses,
     save_tiny_model,
     synthetic_images,
@@ -44,7 +45,7 @@ from std_msgs.msg import String  # noqa: E402
 from r2former_core.data.poses import compose_poses, invert_poses  # noqa: E402
 from r2former_core.data.sources import ListSource, PosedImage, PoseFrames  # noqa: E402
 from r2former_core.frames import OPTICAL_IN_BODY, planar_error, pose_from_xyzrpy  # noqa: E402
-from r2former_ros.conversions import pose_from_msg, rgb_to_image_msg, sec_to_stamp, stamp_to_ns  # noqa: E402
+from r2former_ros.conversions import pose_from_msg, pose_msg, rgb_to_image_msg, sec_to_stamp, stamp_to_ns  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODEL = os.path.join(ROOT, "models", "r2former_tiny_demo.safetensors")
@@ -141,7 +142,9 @@ def test_camera_pose_in_base_gives_the_base_pose(world):
 
 def test_mounting_from_tf_and_map_to_odom(world, tf2_msgs_path):
     """camera_pose_in_base empty: base_link -> front_camera_optical from /tf_static (an optical frame), and
-    publish_tf: odom -> base_link on /tf, map -> odom broadcast back like AMCL."""
+    publish_tf: odom -> base_link on /tf, map -> odom broadcast back like AMCL. The same odometry on /odom
+    (nav_msgs/Odometry) drives the tracker, composed with the mounting from TF (the map holds camera poses)."""
+    from nav_msgs.msg import Odometry
     from tf2_msgs.msg import TFMessage
 
     from r2former_ros.qos import latched_qos
@@ -151,6 +154,8 @@ def test_mounting_from_tf_and_map_to_odom(world, tf2_msgs_path):
     tf_out = probe.subscribe(TFMessage, "/tf")
     static_pub = probe.publisher(TFMessage, "/tf_static", latched_qos(100))
     tf_pub = probe.publisher(TFMessage, "/tf")
+    odom_pub = probe.publisher(Odometry, "/odom")
+    diags = probe.subscribe(DiagnosticArray, "/diagnostics")
     pub = probe.publisher(Image, "/front_camera/image")
     optical_in_base = compose_poses(world["mount"], OPTICAL_IN_BODY)
     static_pub.publish(TFMessage(transforms=[transform_stamped("base_link", "front_camera_optical", optical_in_base,
@@ -160,7 +165,8 @@ def test_mounting_from_tf_and_map_to_odom(world, tf2_msgs_path):
         "--ros-args", "-r", "image:=/front_camera/image", "-p", f"map_path:={world['map']}",
         "-p", f"model_path:={DEMO_MODEL}", "-p", "device:=cpu", "-p", "qos_reliability:=reliable",
         "-p", "min_confidence:=0.0", "-p", "publish_tf:=true", "-p", "transform_tolerance:=0.5",
-        "-p", "transform_timeout:=1.0"], world["root"] / "logs", env=with_tf2_msgs(os.environ.copy(), tf2_msgs_path))
+        "-p", "transform_timeout:=1.0", "-p", "odom_topic:=/odom"], world["root"] / "logs",
+        env=with_tf2_msgs(os.environ.copy(), tf2_msgs_path))
     stamps = 700.0 + 0.1 * np.arange(QUERY_FRAMES)
     base_in_odom = compose_poses(invert_poses(odom_in_map), world["bases"])
 
@@ -169,6 +175,11 @@ def test_mounting_from_tf_and_map_to_odom(world, tf2_msgs_path):
             if 0 <= k < QUERY_FRAMES:
                 tf_pub.publish(TFMessage(transforms=[transform_stamped("odom", "base_link", base_in_odom[k],
                                                                        int(round(stamps[k] * 1e9)))]))
+                msg = Odometry()
+                msg.header.stamp = sec_to_stamp(stamps[k])
+                msg.header.frame_id, msg.child_frame_id = "odom", "base_link"
+                msg.pose.pose = pose_msg(base_in_odom[k])
+                odom_pub.publish(msg)
     try:
         assert probe.wait_for_subscriber("/front_camera/image", 90), node.output()
         assert probe.wait_for_subscriber("/tf", 20)
@@ -186,6 +197,15 @@ def test_mounting_from_tf_and_map_to_odom(world, tf2_msgs_path):
         assert matched
         d, yaw = planar_error(pose_from_transform(matched[-1].transform), odom_in_map)
         assert d < MAX_POSITION_M and math.degrees(yaw) < MAX_YAW_DEG
+        # the tracker used the odometry of every frame (composed with the mounting from TF)
+        def odometry_used() -> int:
+            for array in reversed(diags.snapshot()[-20:]):
+                values = diagnostic_values(array, "localization")
+                if values is not None:
+                    return int(values.get("odometry_used", -1))
+            return -1
+        assert wait_until(lambda: odometry_used() >= QUERY_FRAMES - 1, 5), odometry_used()
+        assert "frame without odometry" not in node.output()
     finally:
         node.stop()
         probe.close()
