@@ -11,6 +11,11 @@ Definitions (also written into summary.json under "definitions"):
   pose at the same stamp (ground truth interpolated at the image stamp);
 * yaw error: |wrapped difference of the headings| in degrees (the demo's camera only turns about z);
 * a frame is "within" when position error <= `max_position_m` and yaw error <= `max_yaw_deg`;
+* a gross error is a published pose more than 25 m off (GROSS_M);
+* tracking (live): the localizer's diagnostics: whether the tracker ran and the mean number of candidates
+  it reranked per frame (`tracking_reranked_mean`); without the tracker every frame reranks top_k;
+* comparison (optional, added by the demo): single frames against tracking on the same query frames,
+  offline (`r2former_core.demo_compare`): fractions of ALL compared frames;
 * latency: for each pose, (time the pose arrived at the evaluator) - (time the image with the same
   header stamp arrived at the evaluator), both on the evaluator's monotonic clock. The image reaches
   the localizer and the evaluator over the same transport at about the same time, so this measures
@@ -30,6 +35,7 @@ from .data.poses import interpolate_poses, yaw_from_quat
 
 MAX_POSITION_M = 5.0
 MAX_YAW_DEG = 20.0
+GROSS_M = 25.0          # a published pose further off than this is a gross error (as r2former eval --sequence)
 LATENCY_METHOD = ("evaluator clock: arrival of ~/pose minus arrival of the image with the same header stamp "
                   "(both received by the evaluator over the same transport as the localizer)")
 
@@ -138,6 +144,8 @@ def summarize(poses: Sequence[PoseRecord], image_arrivals: Mapping[int, float], 
     if has_gt.any():
         pos_err[has_gt], yaw_err[has_gt] = pose_errors(est[has_gt], gt[has_gt])
     ok = within(pos_err, yaw_err, max_position_m, max_yaw_deg) & has_gt
+    with np.errstate(invalid="ignore"):
+        gross = has_gt & (pos_err > GROSS_M)
     latencies, unpaired = pair_latencies(image_arrivals, [(p.stamp_ns, p.arrival) for p in poses])
     spd = [is_spd(p.covariance) for p in poses]
 
@@ -179,6 +187,14 @@ def summarize(poses: Sequence[PoseRecord], image_arrivals: Mapping[int, float], 
             "median_position_error_m": _median(pos_err[has_gt]),
             "median_yaw_error_deg": _median(yaw_err[has_gt]),
             "p90_position_error_m": _pct(pos_err[has_gt], 90),
+            "gross_errors": int(gross.sum()),
+            "gross_fraction_of_published": float(gross.sum() / published) if published else None,
+        },
+        "tracking": {
+            "enabled": diagnostics.get("tracking") == "on",
+            "reranked_per_frame": _float(diagnostics.get("tracking_reranked_mean", diagnostics.get("reranked"))),
+            "frames": count("tracking_frames"),
+            "state": diagnostics.get("tracking_state"),
         },
         "latency": {
             "method": LATENCY_METHOD,
@@ -228,6 +244,20 @@ def format_table(summary: Mapping[str, Any]) -> str:
         ("covariance SPD", "all" if summary["covariance"]["all_spd"]
          else f"{summary['covariance']['not_spd']} not positive definite"),
     ]
+    t = summary.get("tracking")
+    if t is not None:
+        rows.insert(1, (f"gross errors (> {GROSS_M:g} m)", f"{_fmt(a.get('gross_errors'), 'd')}   "
+                        f"({pct(a.get('gross_fraction_of_published'))} of published frames)"))
+        rows.append(("tracking (live)", ("on" if t["enabled"] else "off") + "   "
+                     f"{_fmt(t['reranked_per_frame'], '.1f')} candidates reranked per frame"))
+    c = summary.get("comparison")
+    if c:
+        for mode in ("single", "tracking"):
+            m = c[mode]
+            rows.append((f"{mode} (offline, {c['frames']} frames)",
+                         f"{pct(m['within_5m'])} within 5 m, {pct(m['gross_error_rate'])} > "
+                         f"{GROSS_M:g} m, {m['reranked_per_frame']:.1f} reranked/frame, "
+                         f"{m['ms_per_frame']:.0f} ms/frame"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 

@@ -309,6 +309,24 @@ class MapBelief:
             self.uniform += float(m[~keep].sum())
             self.entries, self.mass = self.entries[keep], self.mass[keep]
 
+    def seed(self, xy: np.ndarray, yaw: float, position_std: float, yaw_std: float) -> int:
+        """Put the belief on the entries near a given pose (an operator's initial pose): Gaussian in position
+        (`position_std` m) and heading (`yaw_std` rad) out to 3 sigma, speed unknown (uniform); "elsewhere"
+        keeps its prior. Returns the number of entries seeded; 0 (no entry near it): the belief is the prior."""
+        self.reset()
+        d2 = ((self.xy - np.asarray(xy, np.float64)[:2]) ** 2).sum(1)
+        dyaw = _wrap(self.yaw - float(yaw))
+        near = np.flatnonzero((d2 <= (3.0 * position_std) ** 2) & (np.abs(dyaw) <= 3.0 * yaw_std))
+        if not len(near):
+            return 0
+        w = np.exp(-0.5 * d2[near] / position_std ** 2 - 0.5 * (dyaw[near] / yaw_std) ** 2)
+        nb = len(self.speeds)
+        self.entries = near.astype(np.int64)
+        self.mass = np.repeat((w / w.sum() * (1.0 - self.elsewhere))[:, None] / nb, nb, axis=1)
+        self.uniform = 0.0
+        self._prune()
+        return len(self.entries)
+
     # ------------------------------------------------------------------ estimate
     def place(self) -> Place | None:
         """The most probable place (None while the belief holds no entry)."""
@@ -428,6 +446,24 @@ class Tracker:
         self._last_odom: np.ndarray | None = None
         self._below = 0
         self._last: TrackedResult | None = None
+
+    def seed(self, pose: np.ndarray, covariance: np.ndarray) -> int:
+        """Start from a known pose (7,) in the map frame, of the body the map poses describe, with its 6x6
+        covariance (x y z roll pitch yaw): the belief goes to the map entries near it (at least the filter's
+        own position and heading noise wide) and the next frame is tracked from there (a wrong seed is
+        left like a kidnap). Returns the entries seeded; 0 (no map entry near the pose): global search."""
+        self.reset()
+        pose = np.asarray(pose, np.float64).reshape(7)
+        cov = np.asarray(covariance, np.float64).reshape(6, 6)
+        xy_var = float(np.linalg.eigvalsh(0.5 * (cov[:2, :2] + cov[:2, :2].T)).max()) if np.all(np.isfinite(cov)) \
+            else 0.0
+        yaw_var = float(cov[5, 5]) if math.isfinite(cov[5, 5]) else 0.0
+        position_std = max(math.sqrt(max(xy_var, 0.0)), getattr(self.belief, "position_std", 0.0), 0.1)
+        yaw_std = max(math.sqrt(max(yaw_var, 0.0)), math.radians(self.config.heading_std_deg))
+        seeded = self.belief.seed(pose[:2], float(yaw_from_quat(pose[3:])), position_std, yaw_std)
+        if seeded:
+            self.state = "tracking"
+        return seeded
 
     # ------------------------------------------------------------------ one frame
     def step(self, stamp: float, image: np.ndarray | None = None, *,

@@ -1,7 +1,7 @@
 """`bag_player`: publish a rosbag2's topics with rclpy (no `ros2 bag` needed; reads with `rosbags`).
 
     bag_player BAG [--topics /camera/image_raw /odom] [--rate 2.0] [--loop] [--start-delay 1.0]
-               [--wait-for-subscribers 5]
+               [--wait-for-subscribers 5 [--subscribers /camera/image_raw=2]]
                [--qos-reliability reliable|best_effort] [--qos-depth 10] [--clock]
 
 Messages keep their recorded bytes, so header stamps are the original ones; they are sent at the
@@ -156,21 +156,32 @@ class BagPlayer(Node):
             count += 1
         return count
 
-    def wait_for_subscribers(self, timeout: float) -> bool:
-        """Wait until every publisher has a subscriber (at most `timeout` s); False on timeout."""
+    def wait_for_subscribers(self, timeout: float, expected: dict[str, int] | None = None) -> bool:
+        """Wait until every publisher has a subscriber, or the number `expected` names for its topic (at most
+        `timeout` s); False on timeout. Counting matters with best-effort topics: a message sent before a
+        subscriber is matched is lost for it, so a player that starts when the first of two subscribers
+        appears can feed one and not the other."""
+        expected = expected or {}
+
+        def missing() -> list[str]:
+            return [f"{t.topic} ({t.publisher.get_subscription_count()} of {expected.get(t.topic, 1)})"
+                    for t in self.topics.values()
+                    if t.publisher.get_subscription_count() < expected.get(t.topic, 1)]
+
         deadline = time.monotonic() + timeout
         while rclpy.ok(context=self.context) and time.monotonic() < deadline:
-            if all(t.publisher.get_subscription_count() > 0 for t in self.topics.values()):
+            if not missing():
                 return True
             time.sleep(0.02)
-        missing = [t.topic for t in self.topics.values() if t.publisher.get_subscription_count() == 0]
-        if missing:
-            self.get_logger().warning(f"no subscriber after {timeout:g} s on {', '.join(missing)}; playing anyway")
-        return not missing
+        lacking = missing()
+        if lacking:
+            self.get_logger().warning(f"too few subscribers after {timeout:g} s on {', '.join(lacking)}; "
+                                      "playing anyway")
+        return not lacking
 
     def play(self) -> None:
         if self.args.wait_for_subscribers > 0:
-            self.wait_for_subscribers(self.args.wait_for_subscribers)
+            self.wait_for_subscribers(self.args.wait_for_subscribers, dict(self.args.subscribers))
         if self.args.start_delay > 0:
             self._sleep_until(time.monotonic() + self.args.start_delay)
         loops = 0
@@ -187,6 +198,14 @@ class BagPlayer(Node):
         self.reader.close()
 
 
+def topic_count(text: str) -> tuple[str, int]:
+    """TOPIC=N for --subscribers."""
+    topic, sep, count = text.rpartition("=")
+    if not sep or not topic or not count.isdigit() or int(count) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TOPIC=N with N >= 1, e.g. /camera/image_raw=2")
+    return topic, int(count)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bag_player", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -200,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait before the first message, e.g. for subscribers to be discovered (default 0)")
     p.add_argument("--wait-for-subscribers", type=float, default=0.0, metavar="SEC",
                    help="before playing, wait up to SEC seconds until every topic has a subscriber (default 0)")
+    p.add_argument("--subscribers", action="append", type=topic_count, default=[], metavar="TOPIC=N",
+                   help="with --wait-for-subscribers: wait for N subscribers on TOPIC instead of one (e.g. the "
+                        "localizer and an evaluator on the camera topic: /camera/image_raw=2); repeatable")
     p.add_argument("--qos-reliability", choices=RELIABILITY_CHOICES, default="reliable",
                    help="reliable (default; large images arrive without a shared-memory profile) or best_effort")
     p.add_argument("--qos-depth", type=int, default=10, help="publisher history depth (default 10)")

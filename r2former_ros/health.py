@@ -14,6 +14,10 @@
   with an incompatible QoS and the policy, messages lost in the middleware), turned into the reason
   why no image arrives.
 * `MapOnDisk`: whether the map directory a node loaded is still the one on disk (deleted, replaced).
+* `TrackingMonitor`: what the tracker did per frame (filter state, support, candidates reranked and their
+  mean, "elsewhere" probability, speed), or that tracking is off.
+* `OdometryMonitor`: whether each frame had an odometry pose at its stamp (and why not): WARN while frames
+  are predicted without the odometry the node was told to use.
 
 Levels are the values of diagnostic_msgs/DiagnosticStatus (OK 0, WARN 1, ERROR 2, STALE 3).
 Times are seconds from a monotonic clock, passed in (`now`) so the logic is testable.
@@ -228,3 +232,97 @@ class MapOnDisk:
             return Status(WARN, what, [("map on disk", "deleted")])
         return Status(WARN, f"map {self.path} was replaced on disk since it was loaded; the node serves the map it "
                             "loaded: call ~/reload_map to use the new one", [("map on disk", "replaced")])
+
+
+class TrackingMonitor:
+    """The tracker's per-frame figures for diagnostics (thread-safe). `enabled` False: tracking off."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._lock = threading.Lock()
+        self.state = "global"
+        self.support = 0
+        self.reranked = 0
+        self.reranked_total = 0
+        self.frames = 0                 # frames the filter used (duplicates and out-of-order ones are not)
+        self.skipped = 0
+        self.elsewhere = float("nan")
+        self.speed = float("nan")
+        self.resets = 0
+        self.last_reset = ""
+
+    def frame(self, state: str, support: int, reranked: int, elsewhere: float, speed: float, used: bool = True) -> None:
+        with self._lock:
+            self.state, self.support, self.elsewhere, self.speed = state, int(support), float(elsewhere), float(speed)
+            if used:
+                self.frames += 1
+                self.reranked = int(reranked)
+                self.reranked_total += int(reranked)
+            else:
+                self.skipped += 1
+
+    def reset(self, why: str) -> None:
+        with self._lock:
+            self.state = "global"
+            self.support = 0
+            self.resets += 1
+            self.last_reset = why
+
+    def status(self) -> Status:
+        if not self.enabled:
+            return Status(OK, "", [("tracking", "off"), ("tracking_state", "off (every frame on its own)")])
+        with self._lock:
+            mean = self.reranked_total / self.frames if self.frames else float("nan")
+            values = [("tracking", "on"), ("tracking_state", self.state), ("tracking_support", str(self.support)),
+                      ("tracking_reranked", str(self.reranked)), ("tracking_reranked_mean", f"{mean:.1f}"),
+                      ("tracking_frames", str(self.frames)), ("tracking_frames_skipped", str(self.skipped)),
+                      ("tracking_elsewhere", f"{self.elsewhere:.3f}"), ("tracking_speed_mps", f"{self.speed:.2f}"),
+                      ("tracking_resets", str(self.resets)), ("tracking_last_reset", self.last_reset)]
+        return Status(OK, "", values)
+
+
+class OdometryMonitor:
+    """Odometry for the tracker (the node's odom_topic): messages received and, per frame, whether a pose at
+    the frame's stamp was found and why not (thread-safe). An empty topic means no odometry is used."""
+
+    def __init__(self, topic: str, window: float) -> None:
+        self.topic = topic
+        self._lock = threading.Lock()
+        self.missing_events = EventWindow(window)
+        self.messages = 0
+        self.last_message: float | None = None
+        self.used = 0
+        self.missing = 0
+        self.last = "no frame yet"
+        self.last_missing = ""
+
+    def message(self, now: float) -> None:
+        with self._lock:
+            self.messages += 1
+            self.last_message = now
+
+    def frame(self, used: bool, reason: str, now: float) -> None:
+        with self._lock:
+            if used:
+                self.used += 1
+                self.last = "used"
+            else:
+                self.missing += 1
+                self.last = self.last_missing = reason
+        if not used:
+            self.missing_events.add(now)
+
+    def status(self, now: float) -> Status:
+        if not self.topic:
+            return Status(OK, "", [("odometry", "off (odom_topic empty)")])
+        with self._lock:
+            age = "never" if self.last_message is None else f"{now - self.last_message:.2f}"
+            values = [("odometry", self.last), ("odom_topic", self.topic), ("odometry_messages", str(self.messages)),
+                      ("odometry_age_s", age), ("odometry_used", str(self.used)),
+                      ("odometry_missing", str(self.missing)), ("odometry_last_missing", self.last_missing)]
+            last_missing = self.last_missing
+        count = self.missing_events.count(now)
+        if count:
+            return Status(WARN, f"{count} frames without odometry in the last {self.missing_events.window:g} s "
+                                f"({last_missing}): predicted without it", values)
+        return Status(OK, "", values)

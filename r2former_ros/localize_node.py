@@ -12,6 +12,23 @@ frame against a map in a worker thread and publishes the pose of `base_frame` in
     initialpose   PoseWithCovarianceStamped (optional, relative: /<ns>/initialpose) on each transition to localized
     /tf           map_frame -> odom_frame (optional, publish_tf), the way AMCL sends it
 
+Tracking (parameter `tracking`, default on; docs/TRACKING.md): every frame goes through the tracker
+(`r2former_core.tracking.Tracker`, a Bayes filter over the map on the same Localizer, the code
+`r2former localize --sequence` runs), which reranks only the candidates where the robot can be and
+publishes only when one place holds `track_min_mass` of the belief; the published covariance is the
+filter's and ~/state follows the filter (global / tracking / lost). Its parameters are `track_<field>`
+of `TrackingConfig`; setting any of them (or `tracking`) restarts the filter (global search). Inputs:
+
+    odom_topic    nav_msgs/Odometry (optional): the odometry pose at each image stamp (interpolated from a
+                  bounded buffer) drives the prediction; a frame without one is predicted without odometry
+                  (diagnostics say why)
+    initialpose   PoseWithCovarianceStamped (relative, as AMCL's): seeds the filter at that pose (the map
+                  entries near it); when the pose cannot be used (camera map without a known mounting, no map
+                  entry near it) the filter restarts global search. The node's own initialpose is ignored.
+
+The filter restarts on deactivate, cleanup, a map change and when the image stamps jump back (a looped
+bag or a sim-time reset: the tracker compares each image's header stamp with the last).
+
 Frames (REP-105): a map of base poses (its child_frame is base_frame) is published as it is; a map
 of camera poses is composed with the camera's mounting, `camera_pose_in_base` when set, else TF
 (base_frame -> the image's frame_id at the image stamp). Maps that do not record their child frame
@@ -50,6 +67,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +76,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
+from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.event_handler import (
@@ -77,6 +96,7 @@ from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
 from r2former_core.data.image_limits import ImageTooLargeError
+from r2former_core.data.poses import compose_poses
 from r2former_core.errors import EXPECTED_ERRORS, ImageDecodeError, MapError, R2FormerError
 from r2former_core.frames import (
     FrameError,
@@ -91,15 +111,17 @@ from r2former_core.frames import (
 from r2former_core.localizer import Localizer
 from r2former_core.mapdb import MapDatabase
 from r2former_core.model import load_model
-from r2former_core.options import TIMING_STAGES, LocalizerConfig, config_options
+from r2former_core.options import TIMING_STAGES, LocalizerConfig, TrackingConfig, config_options
 from r2former_core.resources import resolve_model_path
 from r2former_core.results import LocalizationResult
+from r2former_core.tracking import TrackedResult, Tracker
 
 from . import health
 from .conversions import (
     msg_to_rgb,
     ns_to_stamp,
     pose_array_msg,
+    pose_from_msg,
     pose_with_covariance_msg,
     rgb_to_image_msg,
     stamp_to_ns,
@@ -107,6 +129,7 @@ from .conversions import (
 from .latest_frame import LatestFrameSlot
 from .localization_state import LOCALIZED, LocalizationStateMachine, Transition
 from .parameters import ParamSpec, declare_parameters
+from .pose_buffer import PoseBuffer, PoseLookup
 from .qos import RELIABILITY_CHOICES, latched_qos, stream_qos
 from .tf_io import TfClient, TransformUnavailable, make_tf_client
 from .visualization import candidate_markers, draw_matches
@@ -117,6 +140,12 @@ MAX_MATCH_LINES = 500
 WARN_THROTTLE_SEC = 5.0
 TF_REPUBLISH_HZ = 10.0
 FAULT_INJECTION_ENV = "R2FORMER_INJECT_FAULT_FRAME_ID"
+STAGES = (*TIMING_STAGES, "filter")     # latencies in diagnostics (filter: the tracker's prediction and update)
+TRACK_PREFIX = "track_"                 # parameter track_<name> = TrackingConfig.<name>
+ODOM_BUFFER = 1000                      # odometry samples kept (10 s at 100 Hz)
+ODOM_TOLERANCE_S = 0.05                 # an image stamp this close to the newest odometry sample uses it
+ODOM_MAX_GAP_S = 0.5                    # odometry samples further apart are not interpolated across
+ODOM_RESET_JUMP_S = 1.0                 # odometry stamps jumping back by more (a looped bag) clear the buffer
 
 # Parameters: "fixed" ones are read-only (read at configure); all others are applied live.
 PARAMETERS: tuple[ParamSpec, ...] = (
@@ -150,7 +179,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("camera_pose_in_base", [], "[x, y, z, roll, pitch, yaw] (metres, radians): pose of the camera frame "
               "(body convention: x forward, y left, z up) in base_frame; empty = from TF (base_frame -> the "
               "image's frame_id at the image stamp). Used when the map holds camera poses"),
-    ParamSpec("transform_timeout", 0.2, "seconds to wait for a TF lookup at the image stamp", min=0.0, max=10.0),
+    ParamSpec("transform_timeout", 0.2, "seconds to wait for a TF lookup (and, with odom_topic, an odometry pose) "
+              "at the image stamp", min=0.0, max=10.0),
     ParamSpec("publish_tf", False, "broadcast map_frame -> odom_frame like AMCL (needs odom_frame -> base_frame "
               "in TF at the image stamps)", read_only=True),
     ParamSpec("transform_tolerance", 1.0, "seconds the published map -> odom transform is post-dated (as AMCL's "
@@ -183,10 +213,21 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("localized_after", 2, "consecutive accepted results to become localized (from not_localized "
               "or lost)", min=1, max=1000),
     ParamSpec("lost_after", 5, "consecutive rejected results to become lost (from localized)", min=1, max=1000),
+    ParamSpec.from_config(TrackingConfig, "enabled", param="tracking", note="on: the tracker decides what is "
+                          "published (track_min_mass) and ~/state follows it; min_confidence, localized_after and "
+                          "lost_after apply with tracking off"),
+    ParamSpec("odom_topic", "", "nav_msgs/Odometry of base_frame in the odometry frame for the tracker's "
+              "prediction, interpolated at each image stamp (e.g. /odom or robot_localization's "
+              "/odometry/filtered); empty = no odometry (the filter estimates the speed)", read_only=True),
+    *(ParamSpec.from_config(TrackingConfig, name, param=TRACK_PREFIX + name)
+      for name in config_options(TrackingConfig) if name != "enabled"),
 )
 # Every description says when the value takes effect.
+TRACKING_PARAMETERS = frozenset(spec.name for spec in PARAMETERS
+                                if spec.name == "tracking" or spec.name.startswith(TRACK_PREFIX))
 PARAMETERS = tuple(dataclasses.replace(spec, description=spec.description + (
-    " [fixed: read at configure]" if spec.read_only else " [live: applied when set]")) for spec in PARAMETERS)
+    " [fixed: read at configure]" if spec.read_only else " [live: setting it restarts the tracker]"
+    if spec.name in TRACKING_PARAMETERS else " [live: applied when set]")) for spec in PARAMETERS)
 SPECS = {spec.name: spec for spec in PARAMETERS}
 
 
@@ -204,6 +245,19 @@ def localizer_config(values: dict[str, Any]) -> LocalizerConfig:
     """The LocalizerConfig of the node's parameters (every parameter named like a config field)."""
     fields = {name: values[name] for name in config_options(LocalizerConfig) if name in values}
     return LocalizerConfig(**fields, num_matches=MAX_MATCH_LINES)
+
+
+def tracking_config(values: dict[str, Any]) -> TrackingConfig:
+    """The TrackingConfig of the node's parameters (`tracking` and every track_<field>)."""
+    fields = {name: values[TRACK_PREFIX + name] for name in config_options(TrackingConfig)
+              if TRACK_PREFIX + name in values}
+    return TrackingConfig(enabled=bool(values.get("tracking", True)), **fields).validate()
+
+
+def make_tracker(localizer: Localizer, values: dict[str, Any]) -> Tracker | None:
+    """The tracker of `localizer` with the node's tracking parameters, or None with tracking off."""
+    config = tracking_config(values)
+    return Tracker(localizer, config) if config.enabled else None
 
 
 def load_localizer(model, map_path: str, values: dict[str, Any]) -> Localizer:
@@ -272,6 +326,8 @@ class Health:
         self.malformed = health.EventWindow(window)
         self.tf_failures = health.EventWindow(window)
         self.subscription = health.SubscriptionMonitor("image", str(values["qos_reliability"]))
+        self.tracking = health.TrackingMonitor(bool(values["tracking"]))
+        self.odometry = health.OdometryMonitor(str(values["odom_topic"]), window)
 
 
 @dataclass(frozen=True)
@@ -279,6 +335,27 @@ class Received:
     """An image message with its receipt time (ROS clock, ns: sim time under use_sim_time)."""
     msg: Image | CompressedImage
     receipt_ns: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One frame's answer, from a single frame or from the tracker: what is published and what is drawn."""
+    accepted: bool
+    confidence: float
+    reason: str
+    pose: np.ndarray
+    covariance: np.ndarray
+    timings_ms: dict[str, float]
+    frame: LocalizationResult | None      # the reranked candidates (markers, matches); None: frame not used
+    tracked: TrackedResult | None = None
+
+    @classmethod
+    def single(cls, r: LocalizationResult) -> Outcome:
+        return cls(r.accepted, float(r.confidence), r.reason, r.pose, r.covariance, r.timings_ms, r)
+
+    @classmethod
+    def tracking(cls, t: TrackedResult) -> Outcome:
+        return cls(t.accepted, float(t.confidence), t.reason, t.pose, t.covariance, t.timings_ms, t.frame, t)
 
 
 @dataclass(frozen=True)
@@ -306,6 +383,12 @@ class LocalizeNode(LifecycleNode):
         self._pending_map: tuple[str, Localizer] | None = None
         self._state = LocalizationStateMachine(self._values["localized_after"], self._values["lost_after"])
         self._initialpose_pending = False
+        self._tracker: Tracker | None = None      # with tracking on; swapped under _localizer_lock
+        self._tracker_request: tuple[str, Any] | None = None   # ("seed", (pose, cov)) / ("reset", why): worker
+        self._odom: PoseBuffer | None = None
+        self._odom_sub: Any = None
+        self._initialpose_sub: Any = None
+        self._sent_initialposes: deque[int] = deque(maxlen=32)   # stamps of our own initialpose messages
         self._maps_base_poses = True
         self._tf: TfClient | None = None
         self._map_to_odom: np.ndarray | None = None
@@ -400,6 +483,12 @@ class LocalizeNode(LifecycleNode):
             sub = self.create_subscription(Image, "image", self._on_image, qos, event_callbacks=events)
         self._image_sub = sub
         self._health.subscription.topic = sub.topic_name
+        if self._values["odom_topic"]:
+            self._odom = PoseBuffer(ODOM_BUFFER, tolerance=ODOM_TOLERANCE_S, max_gap=ODOM_MAX_GAP_S)
+            self._odom_sub = self.create_subscription(Odometry, self._values["odom_topic"], self._on_odometry,
+                                                      stream_qos("best_effort", 50))
+        self._initialpose_sub = self.create_subscription(PoseWithCovarianceStamped, "initialpose",
+                                                         self._on_initialpose, 10)
         rate = float(self._values["diagnostics_rate"])
         if rate > 0:
             self._timers.append(self.create_timer(1.0 / rate, self._publish_diagnostics))
@@ -408,7 +497,8 @@ class LocalizeNode(LifecycleNode):
         self._publish_map_poses()
         self._publish_state()
         self.get_logger().info(f"active: subscribed {self._image_sub.topic_name} "
-                               f"({self._values['qos_reliability']}/{self._values['qos_depth']})")
+                               f"({self._values['qos_reliability']}/{self._values['qos_depth']}); "
+                               f"{self._tracking_summary()}")
         return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -444,14 +534,21 @@ class LocalizeNode(LifecycleNode):
                             self._state_pub, self._diag_pub, self._initialpose_pub]
 
     def _stop_processing(self) -> None:
-        """Unsubscribe the camera, stop the worker (it finishes its frame) and the timers."""
-        if self._image_sub is not None:
-            self.destroy_subscription(self._image_sub)
-            self._image_sub = None
+        """Unsubscribe the camera, odometry and initialpose, stop the worker (it finishes its frame) and the
+        timers; the tracker starts again from global search at the next activation."""
+        for sub in (self._image_sub, self._odom_sub, self._initialpose_sub):
+            if sub is not None:
+                self.destroy_subscription(sub)
+        self._image_sub = self._odom_sub = self._initialpose_sub = None
         for timer in self._timers:
             self.destroy_timer(timer)
         self._timers.clear()
         self.stop()
+        with self._localizer_lock:        # a new filter: a worker that outlived stop() keeps the old one
+            if self._tracker is not None and self._localizer is not None:
+                self._tracker = make_tracker(self._localizer, self._values)
+            self._tracker_request = None
+        self._odom = None
         self._health = None          # inactive: nothing is published (see _swap_map, _on_image)
 
     def _release(self) -> None:
@@ -468,6 +565,7 @@ class LocalizeNode(LifecycleNode):
         device = getattr(self._model, "device", None)
         with self._localizer_lock:
             self._localizer = None
+            self._tracker = None
         self._model = None
         self._map_to_odom = None
         gc.collect()
@@ -525,6 +623,15 @@ class LocalizeNode(LifecycleNode):
                     self._localizer.config, **{name: self._values[name] for name in live_config}).validate()
             self._state.localized_after = int(self._values["localized_after"])
             self._state.lost_after = int(self._values["lost_after"])
+            restart = self._localizer is not None and bool(TRACKING_PARAMETERS & set(changed))
+            if self._localizer is not None and restart:
+                self._tracker = make_tracker(self._localizer, self._values)
+                self._tracker_request = None
+        if restart:
+            if self._health is not None:
+                self._health.tracking.enabled = self._tracker is not None
+                self._health.tracking.reset("parameters changed")
+            self.get_logger().info(f"tracking parameters changed: {self._tracking_summary()}")
         pending, self._pending_map = self._pending_map, None
         if pending is not None and "map_path" in changed:
             self._swap_map(*pending)
@@ -554,27 +661,160 @@ class LocalizeNode(LifecycleNode):
                 self._count_error(exc)
 
     def _process(self, received: Received, received_at: float) -> None:
-        """One frame: decode, localize, express in the base frame, update the state, publish, record."""
+        """One frame: decode, localize (or track), express in the base frame, update the state, publish,
+        record."""
         msg = received.msg
         stamp_ns = stamp_to_ns(msg.header.stamp) or received.receipt_ns   # zero stamp: receipt time
         rgb, decode_ms = self._decode(msg)
         if rgb is None:
             return
-        localizer = self._current_localizer()
+        with self._localizer_lock:
+            localizer, tracker = self._localizer, self._tracker
+            request, self._tracker_request = self._tracker_request, None
         if localizer is None:
             return
-        result = self._localize(localizer, rgb, decode_ms)
+        if tracker is not None:
+            self._apply_tracker_request(tracker, request)
+            outcome = self._track(tracker, rgb, decode_ms, msg.header.frame_id, stamp_ns)
+        else:
+            outcome = Outcome.single(self._localize(localizer, rgb, decode_ms))
         self._inject_fault(msg)
-        estimate = self._base_estimate(result, msg.header.frame_id, stamp_ns) if result.accepted else None
-        decision = self._advance_state(localizer, result, published=estimate is not None)
+        estimate = self._base_estimate(outcome, msg.header.frame_id, stamp_ns) if outcome.accepted else None
+        decision = self._advance_state(localizer, outcome, published=estimate is not None)
         if decision is None:             # the map changed while we worked: stale result
             return
         transition, send_initialpose = decision
-        self._publish_result(result, estimate, stamp_ns, send_initialpose)
+        self._publish_result(outcome, estimate, stamp_ns, send_initialpose)
         if transition is not None:
-            self._on_transition(transition, result)
-        self._publish_extras(rgb, result, localizer, msg.header, stamp_ns)
-        self._record(result, estimate is not None, received_at)
+            self._on_transition(transition, outcome)
+        self._publish_extras(rgb, outcome, localizer, msg.header, stamp_ns)
+        self._record(outcome, estimate is not None, received_at)
+
+    # --------------------------------------------------------------- tracking
+    def _track(self, tracker: Tracker, rgb: np.ndarray, decode_ms: float, camera_frame: str,
+               stamp_ns: int) -> Outcome:
+        """The tracker's step for this frame, at the image's header stamp, with the odometry pose there."""
+        odom_pose, why = self._odometry_at(stamp_ns, camera_frame)
+        h = self._health
+        if h is not None and self._odom is not None:
+            h.odometry.frame(odom_pose is not None, why, time.monotonic())
+        if odom_pose is None and why:
+            self.get_logger().warning(f"frame without odometry: {why}", throttle_duration_sec=WARN_THROTTLE_SEC)
+        result = tracker.step(stamp_ns / 1e9, rgb, odom_pose=odom_pose, decode_ms=decode_ms)
+        if h is not None:
+            h.tracking.frame(result.state, result.support, result.reranked, result.elsewhere, result.speed,
+                             used=result.frame is not None)
+        return Outcome.tracking(result)
+
+    def _apply_tracker_request(self, tracker: Tracker, request: tuple[str, Any] | None) -> None:
+        """A seed from /initialpose or a reset, applied by the worker between frames (the tracker is not
+        thread-safe)."""
+        if request is None:
+            return
+        what, arg = request
+        seeded = tracker.seed(*arg) if what == "seed" else 0
+        if what == "seed" and seeded:
+            message = f"tracker seeded from initialpose: {seeded} map entries near the pose"
+        else:
+            tracker.reset()
+            message = (f"tracker reset to global search: {arg}" if what == "reset"
+                       else "tracker reset to global search: no map entry near the initial pose")
+        self.get_logger().info(message)
+        if self._health is not None:
+            self._health.tracking.reset(message)
+
+    def _odometry_at(self, stamp_ns: int, camera_frame: str) -> tuple[np.ndarray | None, str]:
+        """(odometry pose of the body the map poses describe at the image stamp, "") or (None, why not);
+        (None, "") without odom_topic. Waits up to transform_timeout for a sample after the stamp."""
+        buffer = self._odom
+        if buffer is None:
+            return None, ""
+        stamp = stamp_ns / 1e9
+        deadline = time.monotonic() + float(self._values["transform_timeout"])
+        status, pose = buffer.lookup(stamp)
+        while status is PoseLookup.WAIT and time.monotonic() < deadline:
+            time.sleep(0.005)
+            status, pose = buffer.lookup(stamp)
+        if status is PoseLookup.WAIT:
+            status, pose = buffer.lookup(stamp, final=True)
+        if pose is None:
+            newest = buffer.newest_stamp
+            if newest is None:
+                return None, f"no odometry received on {self._values['odom_topic']}"
+            if newest < stamp:
+                return None, f"odometry stale: the newest is {stamp - newest:.2f} s older than the image"
+            return None, "no odometry around the image stamp (older than the buffer, or a gap)"
+        if self._maps_base_poses:
+            return pose, ""
+        mount = self._mount
+        if mount is None:
+            try:
+                mount = self._mount_from_tf(camera_frame, stamp_ns)
+            except TransformUnavailable as exc:
+                return None, f"camera mounting unknown: {exc}"
+        return compose_poses(pose, mount), ""      # the camera's odometry pose: the map holds camera poses
+
+    def _on_odometry(self, msg: Odometry) -> None:
+        buffer, h = self._odom, self._health
+        if buffer is None:
+            return
+        stamp = stamp_to_ns(msg.header.stamp) / 1e9
+        newest = buffer.newest_stamp
+        if newest is not None and stamp <= newest:
+            if newest - stamp <= ODOM_RESET_JUMP_S:
+                return                   # out of order or repeated: the buffer keeps its time order
+            buffer.clear()               # a looped bag or a sim-time reset
+        buffer.add(stamp, pose_from_msg(msg.pose.pose))
+        if h is not None:
+            h.odometry.message(time.monotonic())
+
+    def _on_initialpose(self, msg: PoseWithCovarianceStamped) -> None:
+        """Seed the tracker at an operator's (or another localizer's) initial pose of base_frame."""
+        if stamp_to_ns(msg.header.stamp) in self._sent_initialposes:
+            return                       # our own, published on each transition to localized
+        frame = msg.header.frame_id.lstrip("/")
+        if frame and frame != self._values["map_frame"]:
+            self.get_logger().warning(f"initialpose in frame {frame!r} ignored: expected map_frame "
+                                      f"{self._values['map_frame']!r}")
+            return
+        with self._localizer_lock:
+            tracker, localizer = self._tracker, self._localizer
+        if tracker is None or localizer is None:
+            self.get_logger().info("initialpose ignored: tracking is off (single frames need no initial pose)")
+            return
+        pose = pose_from_msg(msg.pose.pose)
+        cov = np.asarray(msg.pose.covariance, dtype=np.float64).reshape(6, 6)
+        request: tuple[str, Any]
+        if not np.all(np.isfinite(pose)) or np.linalg.norm(pose[3:]) < 1e-6:
+            self.get_logger().warning("initialpose ignored: not a finite pose with a unit quaternion")
+            return
+        pose[3:] /= np.linalg.norm(pose[3:])
+        if self._maps_base_poses:
+            request = ("seed", (pose, cov))
+        else:
+            mount = self._mount
+            if mount is None:
+                try:
+                    mount = self._mount_from_tf(self._camera_frame, 0)
+                except TransformUnavailable as exc:
+                    mount = None
+                    request = ("reset", f"initialpose received, camera mounting unknown ({exc})")
+            if mount is not None:
+                request = ("seed", (compose_poses(pose, mount), cov))
+        with self._localizer_lock:
+            if self._tracker is tracker:
+                self._tracker_request = request
+        self.get_logger().info(f"initialpose at x={pose[0]:.2f} y={pose[1]:.2f}: "
+                               f"{'seeding' if request[0] == 'seed' else 'resetting'} the tracker at the next frame")
+
+    def _tracking_summary(self) -> str:
+        tracker = self._tracker
+        if tracker is None:
+            return "tracking off (every frame localized on its own)"
+        odom = self._values["odom_topic"]
+        return (f"tracking on ({tracker.config.track_candidates} + {tracker.config.kidnap_candidates} candidates "
+                f"while tracking, min_mass {tracker.config.min_mass:g}); "
+                f"{'odometry from ' + odom if odom else 'no odometry'}")
 
     def _decode(self, msg: Image | CompressedImage) -> tuple[np.ndarray | None, float]:
         """The RGB image, or None for a malformed one (counted, logged). The size limit is checked from the
@@ -677,7 +917,7 @@ class LocalizeNode(LifecycleNode):
         result = localizer.localize(rgb, decode_ms=decode_ms)
         return result.judge(float(self._values["min_confidence"]))   # it can change at run time
 
-    def _base_estimate(self, result: LocalizationResult, camera_frame: str, stamp_ns: int) -> BaseEstimate | None:
+    def _base_estimate(self, result: Outcome, camera_frame: str, stamp_ns: int) -> BaseEstimate | None:
         """The pose of base_frame for an accepted result: as it is for a map of base poses, else the camera
         pose composed with the mounting. None (counted, warned) when the mounting is not available in TF."""
         if self._maps_base_poses:
@@ -707,13 +947,17 @@ class LocalizeNode(LifecycleNode):
         mount = self._tf.lookup(self._values["base_frame"], frame, stamp_ns, float(self._values["transform_timeout"]))
         return optical_to_body(mount) if is_optical_frame(frame) else mount
 
-    def _advance_state(self, localizer: Localizer, result: LocalizationResult,
+    def _advance_state(self, localizer: Localizer, result: Outcome,
                        published: bool) -> tuple[Transition | None, bool] | None:
-        """Feed the state machine; (transition, send initialpose now), or None when the map was swapped."""
+        """Feed the state machine (the tracker's state with tracking on); (transition, send initialpose now),
+        or None when the map was swapped."""
         with self._localizer_lock:
             if localizer is not self._localizer:
                 return None
-            transition = self._state.update(result.accepted and published)
+            if result.tracked is not None:
+                transition = self._state.follow(result.tracked.state, result.accepted and published)
+            else:
+                transition = self._state.update(result.accepted and published)
             if transition is not None:
                 self._initialpose_pending = transition.current == LOCALIZED
             send = (self._initialpose_pending and self._state.state == LOCALIZED and published
@@ -723,7 +967,7 @@ class LocalizeNode(LifecycleNode):
                 self._initialpose_pending = False
             return transition, send
 
-    def _publish_result(self, result: LocalizationResult, estimate: BaseEstimate | None, stamp_ns: int,
+    def _publish_result(self, result: Outcome, estimate: BaseEstimate | None, stamp_ns: int,
                         send_initialpose: bool) -> None:
         if estimate is None:
             return
@@ -733,6 +977,7 @@ class LocalizeNode(LifecycleNode):
         if self._health is not None:
             self._health.poses.tick(time.monotonic())
         if send_initialpose:
+            self._sent_initialposes.append(stamp_ns)     # not a seed for our own tracker
             self._initialpose_pub.publish(pose)
             self.get_logger().info(f"published {self._initialpose_pub.topic_name} "
                                    f"(confidence {result.confidence:.2f})")
@@ -765,16 +1010,18 @@ class LocalizeNode(LifecycleNode):
         stamp_ns = self.get_clock().now().nanoseconds + int(float(self._values["transform_tolerance"]) * 1e9)
         self._tf.send(self._values["map_frame"], self._values["odom_frame"], self._map_to_odom, stamp_ns)
 
-    def _publish_extras(self, rgb: np.ndarray, result: LocalizationResult, localizer: Localizer, header: Header,
+    def _publish_extras(self, rgb: np.ndarray, result: Outcome, localizer: Localizer, header: Header,
                         stamp_ns: int) -> None:
+        if result.frame is None:         # a frame the tracker did not use (duplicate or out-of-order stamp)
+            return
         stamp = ns_to_stamp(stamp_ns)
         if self._candidates_pub.get_subscription_count() > 0:
             self._candidates_pub.publish(candidate_markers(
-                result.candidates, self._values["map_frame"], stamp,
+                result.frame.candidates, self._values["map_frame"], stamp,
                 max_markers=int(self._values["num_candidate_markers"])))
         self._maybe_publish_matches(rgb, result, localizer, header, stamp)
 
-    def _record(self, result: LocalizationResult, published: bool, received_at: float) -> None:
+    def _record(self, result: Outcome, published: bool, received_at: float) -> None:
         with self._stats.lock:
             s = self._stats
             s.localized_results += 1
@@ -783,7 +1030,7 @@ class LocalizeNode(LifecycleNode):
             s.published += int(published)
             s.last_confidence = float(result.confidence)
             s.last_reason = result.reason
-            for name in TIMING_STAGES:
+            for name in STAGES:
                 if name in result.timings_ms:
                     s.smooth(name, float(result.timings_ms[name]))
             s.end_to_end_ms = (time.monotonic() - received_at) * 1e3
@@ -803,12 +1050,12 @@ class LocalizeNode(LifecycleNode):
         self.get_logger().error(f"localization failed: {type(exc).__name__}: {exc}",
                                 throttle_duration_sec=WARN_THROTTLE_SEC)
 
-    def _on_transition(self, transition: Transition, result: LocalizationResult) -> None:
+    def _on_transition(self, transition: Transition, result: Outcome) -> None:
         self.get_logger().info(f"state {transition.previous} -> {transition.current} "
                                f"(confidence {result.confidence:.2f}{', ' + result.reason if result.reason else ''})")
         self._publish_state()
 
-    def _maybe_publish_matches(self, rgb, result: LocalizationResult, localizer: Localizer, header: Header,
+    def _maybe_publish_matches(self, rgb, result: Outcome, localizer: Localizer, header: Header,
                                stamp) -> None:
         rate = float(self._values["matches_rate"])
         now = time.monotonic()
@@ -817,15 +1064,22 @@ class LocalizeNode(LifecycleNode):
         if self._matches_pub.get_subscription_count() == 0:
             return
         self._last_matches_time = now
-        best = result.best
+        frame = result.frame             # not None: see _publish_extras
+        if frame is None:
+            return
+        best = frame.best
         thumb = localizer.map.thumbnail(best.index) if best is not None else None
         lines = [f"{self._state.state}  confidence {result.confidence:.2f}"
                  f"{'' if result.accepted else '  rejected: ' + result.reason}"]
+        t = result.tracked
+        if t is not None:
+            lines.append(f"tracking: {t.state}  support {t.support}  reranked {t.reranked}  "
+                         f"elsewhere {t.elsewhere:.2f}  speed {t.speed:.1f} m/s")
         if best is not None:
             lines.append(f"best #{best.index} {best.name}  score {best.score:.3f}  global {best.global_score:.3f}"
                          f"  rerank {best.rerank_score:.3f}")
         height, width = localizer.model.cfg.image_size
-        image = draw_matches(rgb, thumb, result.matches, model_size=(int(height), int(width)),
+        image = draw_matches(rgb, thumb, frame.matches, model_size=(int(height), int(width)),
                              num_lines=int(self._values["num_match_lines"]), text=lines)
         out = rgb_to_image_msg(image, encoding="rgb8")
         out.header.stamp = stamp
@@ -853,6 +1107,10 @@ class LocalizeNode(LifecycleNode):
             self._maps_base_poses = poses_are_base(info.child_frame, base)
             self._state = LocalizationStateMachine(self._values["localized_after"], self._values["lost_after"])
             self._initialpose_pending = False
+            self._tracker = make_tracker(localizer, self._values)
+            self._tracker_request = None
+        if self._health is not None:
+            self._health.tracking.reset("map changed")
 
     def _swap_map(self, map_path: str, localizer: Localizer) -> None:
         self._use_map(localizer)
@@ -912,8 +1170,13 @@ class LocalizeNode(LifecycleNode):
         map_status = self._map_status(now)
         poses = h.poses.status(now)
         errors, malformed, tf_failures = (w.count(now) for w in (h.errors, h.malformed, h.tf_failures))
+        tracking, odometry = h.tracking.status(), h.odometry.status(now)
+        tracking_values = dict(tracking.values)
+        details = [s.last_reason] if s.last_reason and state != LOCALIZED else []
+        if h.tracking.enabled:
+            details.append(f"filter {tracking_values['tracking_state']}")
         parts = [health.Status(health.OK if state == LOCALIZED else health.WARN,
-                               state + (f" ({s.last_reason})" if s.last_reason and state != LOCALIZED else ""))]
+                               state + (f" ({'; '.join(details)})" if details else ""))]
         window = f"{h.errors.window:g} s"
         if errors:
             parts.append(health.Status(health.WARN, f"{errors} errors in the last {window}: {s.last_error}"))
@@ -924,6 +1187,8 @@ class LocalizeNode(LifecycleNode):
             parts.append(health.Status(map_status.level, map_status.message))
         if tf_failures:
             parts.append(health.Status(health.WARN, f"{tf_failures} TF lookups failed in the last {window}"))
+        if odometry.level > health.OK:
+            parts.append(health.Status(odometry.level, odometry.message))
         if images.level >= health.ERROR:
             parts.append(health.Status(images.level, images.message))
         summary = health.merge(parts)
@@ -938,10 +1203,12 @@ class LocalizeNode(LifecycleNode):
             ("map_errors", s.map_errors),
             ("tf_failures", s.tf_failures), ("accepted", s.accepted), ("rejected", s.rejected),
             ("published", s.published),
-            *((f"latency_{n}_ms", f"{s.latency_ms[n]:.2f}") for n in TIMING_STAGES if n in s.latency_ms),
+            *((f"latency_{n}_ms", f"{s.latency_ms[n]:.2f}") for n in STAGES if n in s.latency_ms),
             ("latency_end_to_end_ms", f"{s.end_to_end_ms:.2f}"),
             ("device", str(localizer.device)), ("precision", localizer.model.precision),
-            ("rerank_precision", localizer.model.rerank_precision), ("reranked", localizer.last_reranked),
+            ("rerank_precision", localizer.model.rerank_precision),
+            ("reranked", tracking_values.get("tracking_reranked", localizer.last_reranked)),
+            *tracking.values, *odometry.values,
             ("map_search_device", localizer.map.search_device), ("map_size", len(localizer.map)),
             ("map_path", self._values["map_path"]), *map_status.values, ("model_path", str(self._model_path)),
             ("model_fingerprint", localizer.model.fingerprint),

@@ -35,6 +35,11 @@ class PoseBuffer:
         with self._lock:
             self._samples.append((float(stamp), np.asarray(pose, dtype=np.float64).reshape(7)))
 
+    def clear(self) -> None:
+        """Forget every sample (e.g. when the stamps jump back: a looped bag, a sim-time reset)."""
+        with self._lock:
+            self._samples.clear()
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._samples)

@@ -119,6 +119,23 @@ def test_summary_without_poses_or_diagnostics():
     assert "n/a" in format_table(s)
 
 
+def test_compare_takes_every_nth_frame_and_the_node_parameters():
+    import yaml
+
+    from r2former_core.data.sources.base import ListSource, PosedImage, PoseFrames
+    from r2former_core.demo_compare import EveryNth, configs_from_params
+    records = [PosedImage(f"f{i}", float(i), pose(i, 0, 0), np.zeros((4, 4, 3), np.uint8)) for i in range(7)]
+    sub = EveryNth(ListSource(records, PoseFrames("map", "base_link")), 3)
+    assert len(sub) == 3 and sub.names == ["f0", "f3", "f6"] and [r.name for r in sub] == sub.names
+    stamps, poses = sub.poses()
+    assert stamps.tolist() == [0.0, 3.0, 6.0] and poses[:, 0].tolist() == [0.0, 3.0, 6.0]
+    values = yaml.safe_load((Path(ROOT) / "config" / "localize.yaml").read_text())["/**"]["ros__parameters"]
+    values.update(top_k=7, rerank="ransac", track_min_mass=0.8, track_kidnap_candidates=3)
+    loc, track = configs_from_params(values, "cpu")
+    assert (loc.top_k, loc.rerank, loc.device) == (7, "ransac", "cpu")
+    assert (track.min_mass, track.kidnap_candidates, track.max_speed) == (0.8, 3, values["track_max_speed"])
+
+
 # ------------------------------------------------------------------------------ end to end
 
 def run_demo(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -140,20 +157,27 @@ def test_demo_end_to_end_on_a_tiny_world(tmp_path, tiny_model):
         seen = probe.subscribe(PoseWithCovarianceStamped, "/r2former_localizer/pose")
         result = run_demo(["--out", str(out), "--map", "", "--model", str(model), "--seed", "3", "--map-frames", "12",
                            "--query-frames", "10", "--min-confidence", "0", "--top-k", "5",
+                           # half speed: 2 s of camera, so a loaded machine still processes several frames
+                           "--rate", "0.5",
+                           # the random-weight model never makes one place hold 90 % of the belief: publish the
+                           # tracker's most probable place whatever its probability
+                           "--set", "track_min_mass=0.0", "--compare-every", "2",
                            "--idle-timeout", "3", "--domain-id", os.environ["ROS_DOMAIN_ID"], "--device", "cpu"])
     finally:
         probe.close()
     assert result.returncode == 0, result.stdout + result.stderr
-    for step in ("[1/6]", "[6/6]", "within 5 m and 20 deg", "latency p50 / p95", "demo finished"):
+    for step in ("[1/7]", "[6/7]", "[7/7]", "within 5 m and 20 deg", "latency p50 / p95", "tracking (live)",
+                 "single (offline, 5 frames)", "tracking (offline, 5 frames)", "demo finished"):
         assert step in result.stdout
 
     summary = json.loads((out / "summary.json").read_text())
     f = summary["frames"]
     assert f["published"] == 10
     assert 0 < f["seen_by_evaluator"] <= 10
-    assert 0 < f["poses"] <= f["processed"] <= f["received_by_localizer"] <= 10
+    logs = "\n".join(f"--- {log.name}\n" + log.read_text()[-2000:] for log in sorted((out / "logs").glob("*.log")))
+    assert 0 < f["poses"] <= f["processed"] <= f["received_by_localizer"] <= 10, f"{f}\n{logs}"
     assert f["processed"] + f["dropped"] == f["received_by_localizer"]
-    assert f["rejected"] == 0                                   # min_confidence 0: every result is published
+    assert f["rejected"] == 0                                   # track_min_mass 0: every result is published
     assert f["poses_with_ground_truth"] == f["poses"]
     a = summary["accuracy"]
     assert 0.0 <= a["fraction_of_poses"] <= 1.0 and a["median_position_error_m"] >= 0.0
@@ -162,6 +186,21 @@ def test_demo_end_to_end_on_a_tiny_world(tmp_path, tiny_model):
     assert lat["paired"] == f["poses"] and lat["unpaired"] == 0
     assert 0 < lat["p50_ms"] <= lat["p95_ms"]
     assert summary["covariance"]["all_spd"]
+    assert 0 <= a["gross_errors"] <= f["poses"]
+    # tracking: live (the node's diagnostics) and offline against single frames on the same frames
+    t = summary["tracking"]
+    assert t["enabled"] and t["frames"] == f["processed"] and 0 < t["reranked_per_frame"] <= 5
+    assert summary["demo"]["localize_params"]["tracking"] is True
+    assert summary["demo"]["localize_params"]["track_min_mass"] == 0.0
+    c = summary["comparison"]
+    assert c["every"] == 2 and c["frames"] == 5
+    for mode in ("single", "tracking"):
+        m = c[mode]
+        assert m["frames"] == 5 and 0.0 <= m["within_5m"] <= m["published"] <= 1.0, m
+        assert 0.0 <= m["gross_error_rate"] <= m["published"] and m["ms_per_frame"] > 0
+    assert c["single"]["reranked_per_frame"] == 5.0            # every frame reranks the whole top_k
+    assert 0 < c["tracking"]["reranked_per_frame"] <= 5.0
+    assert (out / "comparison.png").stat().st_size > 1000 and "comparison.png" in summary["files"]
     assert summary["stopped_by"] == "idle"
     assert summary["demo"]["localize_exit"] == 0 and summary["demo"]["map_images"] == 12
     assert summary["demo"]["model_fingerprint"] == tiny_model.fingerprint
@@ -176,8 +215,9 @@ def test_demo_end_to_end_on_a_tiny_world(tmp_path, tiny_model):
 
     assert (out / "trajectory.png").stat().st_size > 1000
     matches = sorted(out.glob("matches_*.png"))
-    assert 1 <= len(matches) <= 4 and summary["files"] == ["trajectory.png"] + [m.name for m in matches]
-    for log in ("synth_map", "synth_query", "build_map", "localize", "demo_evaluator", "bag_player"):
+    assert 1 <= len(matches) <= 4
+    assert summary["files"] == ["trajectory.png"] + [m.name for m in matches] + ["comparison.png"]
+    for log in ("synth_map", "synth_query", "build_map", "localize", "demo_evaluator", "bag_player", "compare"):
         assert (out / "logs" / f"{log}.log").is_file()
 
 
@@ -223,7 +263,7 @@ def test_demo_ctrl_c_stops_every_child(tmp_path, tiny_model):
                             cwd=ROOT, env=os.environ.copy())
     try:
         # the query bag (60 s) is playing: localize, demo_evaluator and bag_player are running
-        assert wait_until(lambda: "[5/6]" in (tmp_path / "demo.out").read_text() or proc.poll() is not None, 240)
+        assert wait_until(lambda: "[5/7]" in (tmp_path / "demo.out").read_text() or proc.poll() is not None, 240)
         assert wait_until(lambda: len(_processes_mentioning(str(out))) >= 4, 30), _processes_mentioning(str(out))
         proc.send_signal(signal.SIGINT)
         proc.wait(120)            # the nodes get SIGINT together, then SIGTERM after 10 s, then SIGKILL after 5 s

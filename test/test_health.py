@@ -9,7 +9,19 @@ import pytest
 
 from r2former_core.data.poses import compose_poses, invert_poses
 from r2former_core.frames import pose_from_xyzrpy
-from r2former_ros.health import ERROR, OK, STALE, WARN, EventWindow, FrequencyStatus, InputTimeout, Status, merge
+from r2former_ros.health import (
+    ERROR,
+    OK,
+    STALE,
+    WARN,
+    EventWindow,
+    FrequencyStatus,
+    InputTimeout,
+    OdometryMonitor,
+    Status,
+    TrackingMonitor,
+    merge,
+)
 from r2former_ros.transform_cache import TransformCache, TransformLookupError
 
 
@@ -122,3 +134,34 @@ def test_lookup_errors_say_whether_waiting_helps():
     with pytest.raises(TransformLookupError, match="not connected"):
         c.lookup("odom", "other", 4.0)
     assert not c.add("a", "a", pose(0, 0), 0.0) and not c.add("a", "b", np.full(7, np.nan), 0.0)
+
+
+def test_tracking_monitor_reports_the_filter_or_that_tracking_is_off():
+    off = TrackingMonitor(False).status()
+    assert off.level == OK and dict(off.values)["tracking"] == "off"
+    t = TrackingMonitor(True)
+    t.frame("global", 100, 100, 0.2, 0.0)
+    t.frame("tracking", 40, 30, 0.05, 9.5)
+    t.frame("tracking", 40, 0, 0.05, 9.5, used=False)       # a duplicate stamp: not counted as reranked
+    v = dict(t.status().values)
+    assert (v["tracking_state"], v["tracking_support"], v["tracking_reranked"]) == ("tracking", "40", "30")
+    assert v["tracking_reranked_mean"] == "65.0" and v["tracking_frames"] == "2" and v["tracking_frames_skipped"] == "1"
+    assert v["tracking_elsewhere"] == "0.050" and v["tracking_speed_mps"] == "9.50"
+    t.reset("initialpose")
+    v = dict(t.status().values)
+    assert v["tracking_state"] == "global" and v["tracking_resets"] == "1" and v["tracking_last_reset"] == "initialpose"
+
+
+def test_odometry_monitor_warns_while_frames_miss_odometry():
+    assert dict(OdometryMonitor("", 5.0).status(0.0).values)["odometry"] == "off (odom_topic empty)"
+    o = OdometryMonitor("/odom", window=5.0)
+    o.message(1.0)
+    o.frame(True, "", 1.0)
+    s = o.status(1.5)
+    assert s.level == OK and dict(s.values)["odometry"] == "used" and dict(s.values)["odometry_age_s"] == "0.50"
+    o.frame(False, "odometry stale: the newest is 2.00 s older than the image", 3.0)
+    s = o.status(3.5)
+    assert s.level == WARN and "1 frames without odometry" in s.message and "stale" in s.message
+    assert dict(s.values)["odometry_missing"] == "1"
+    o.frame(True, "", 9.0)
+    assert o.status(9.0).level == OK                        # the missing frame left the window

@@ -75,6 +75,7 @@ class LiveNode:
             "--ros-args", "-r", f"__node:={name}", "-r", remap,
             "-p", f"map_path:={assets['map']}", "-p", f"model_path:={assets['model']}", "-p", "device:=cpu",
             "-p", f"image_transport:={transport}", "-p", "min_confidence:=0.0", "-p", "top_k:=3",
+            "-p", "tracking:=false",   # single frames: every good image gives a pose
             "-p", "diagnostics_rate:=10.0", "-p", "matches_rate:=0.0", "-p", "qos_reliability:=reliable",
             "-p", "qos_depth:=10"], assets["root"] / "logs")
         self.stamp = 100.0

@@ -78,3 +78,32 @@ def test_bag_player_topic_filter_and_unknown_topic(tmp_path, probe):
         assert "/nope" in out and "/odom" in out and "Traceback" not in out
     finally:
         bad.stop()
+
+
+def test_bag_player_waits_for_the_number_of_subscribers_asked(tmp_path, probe):
+    """--subscribers TOPIC=2: the player starts only when both subscribers are matched, so the one that came
+    late still gets every message (volatile topics do not replay what was sent before a match)."""
+    import time
+
+    n = 5
+    stamps = [7.0 + 0.1 * i for i in range(n)]
+    bag = write_image_pose_bag(tmp_path / "bag", synthetic_images(n), stamps)
+    early = probe.subscribe(Image, "/camera/image_raw")
+    player = NodeProcess("r2former_ros.bag_player",
+                         [str(bag), "--rate", "10", "--wait-for-subscribers", "30",
+                          "--subscribers", "/camera/image_raw=2"], tmp_path / "logs")
+    try:
+        time.sleep(2.0)                              # the player is up and waiting for the second subscriber
+        assert len(early) == 0, player.output()
+        late = probe.subscribe(Image, "/camera/image_raw")
+        assert player.wait(40) == 0, player.output()
+        assert early.wait(n, 5) and late.wait(n, 5), player.output()
+        assert len(early) == n and len(late) == n
+    finally:
+        player.stop()
+
+    bad = NodeProcess("r2former_ros.bag_player", [str(bag), "--subscribers", "/camera/image_raw"], tmp_path / "logs")
+    try:
+        assert bad.wait(30) == 2 and "TOPIC=N" in bad.output()
+    finally:
+        bad.stop()

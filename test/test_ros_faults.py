@@ -98,6 +98,7 @@ class Session:
             "--ros-args", "-r", f"__node:={NODE}", "-r", f"image:={TOPIC}",
             "-p", f"map_path:={assets['live']}", "-p", f"model_path:={assets['model']}", "-p", "device:=cpu",
             "-p", "min_confidence:=0.0", "-p", "top_k:=3", "-p", "diagnostics_rate:=10.0", "-p", "matches_rate:=0.0",
+            "-p", "tracking:=false",   # single frames: every good image gives a pose
             "-p", "qos_reliability:=reliable", "-p", "qos_depth:=10", "-p", "input_timeout_s:=1.0",
             "-p", "diagnostics_window:=2.0"], self.logs, env=env)
         self.pub = None

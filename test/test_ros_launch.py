@@ -382,7 +382,7 @@ def test_cli_launch_runs_the_node_compressed_best_effort(tmp_path, tiny_model):
     map_dir = build_test_map(tiny_model, images, line_poses(6), tmp_path / "map")
     params = tmp_path / "localize.yaml"
     doc = yaml.safe_load((ROOT / "config/localize.yaml").read_text())
-    doc["/**"]["ros__parameters"].update(min_confidence=0.0, diagnostics_rate=5.0)
+    doc["/**"]["ros__parameters"].update(min_confidence=0.0, diagnostics_rate=5.0, tracking=False)   # a pose per image
     params.write_text(yaml.safe_dump(doc))
 
     probe = RosProbe("cli_launch_probe")

@@ -70,7 +70,7 @@ class Session:
             "-p", f"map_path:={assets['map_a']}", "-p", f"model_path:={assets['model']}", "-p", "device:=cpu",
             "-p", "min_confidence:=0.0", "-p", "matches_rate:=50.0", "-p", "diagnostics_rate:=10.0",
             "-p", "localized_after:=2", "-p", "lost_after:=2", "-p", "publish_initialpose:=true",
-            "-p", "initialpose_min_confidence:=0.0", "-p", "top_k:=5",
+            "-p", "initialpose_min_confidence:=0.0", "-p", "top_k:=5", "-p", "tracking:=false",   # single frames
             # reliable + deep DDS history: every frame reaches the node, so the node's own newest-frame
             # slot is what drops (the default best-effort QoS is used by the launch test)
             "-p", "qos_reliability:=reliable", "-p", "qos_depth:=100"], assets["root"] / "logs")

@@ -45,6 +45,27 @@ def test_state_machine_thresholds_of_one():
         LocalizationStateMachine(0, 1)
 
 
+def test_state_follows_the_filter_with_tracking():
+    sm = LocalizationStateMachine(localized_after=5, lost_after=5)   # the single-frame thresholds do not apply
+    assert sm.follow("global", False) is None and sm.state == NOT_LOCALIZED
+    assert sm.follow("tracking", False) is None                      # a place, not sure enough to publish
+    assert sm.follow("tracking", True) == Transition(NOT_LOCALIZED, LOCALIZED)
+    assert sm.follow("tracking", False) is None and sm.state == LOCALIZED
+    assert sm.follow("lost", False) == Transition(LOCALIZED, LOST)
+    assert sm.follow("global", False) is None and sm.state == LOST       # searching again after being localized
+    assert sm.follow("tracking", True) == Transition(LOST, LOCALIZED)
+    assert sm.follow("global", False) == Transition(LOCALIZED, LOST)     # a reset (stamps back, initial pose)
+    fresh = LocalizationStateMachine()
+    assert fresh.follow("lost", False) == Transition(NOT_LOCALIZED, LOST)
+
+
+def test_pose_buffer_clear():
+    buf = PoseBuffer(capacity=10)
+    buf.add(1.0, np.array([0, 0, 0, 0, 0, 0, 1.0]))
+    buf.clear()
+    assert len(buf) == 0 and buf.newest_stamp is None and buf.lookup(1.0, final=True)[0] is PoseLookup.MISSING
+
+
 # ------------------------------------------------------------------------------ newest-frame slot
 
 def test_slot_keeps_only_the_newest_and_counts_drops():

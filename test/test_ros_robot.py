@@ -25,6 +25,7 @@ from rostools import (
     NodeProcess,
     RosProbe,
     build_test_map,
+    diagnostic_values,
     line_poses,
     save_tiny_model,
     synthetic_images,
@@ -44,7 +45,7 @@ from std_msgs.msg import String  # noqa: E402
 from r2former_core.data.poses import compose_poses, invert_poses  # noqa: E402
 from r2former_core.data.sources import ListSource, PosedImage, PoseFrames  # noqa: E402
 from r2former_core.frames import OPTICAL_IN_BODY, planar_error, pose_from_xyzrpy  # noqa: E402
-from r2former_ros.conversions import pose_from_msg, rgb_to_image_msg, sec_to_stamp, stamp_to_ns  # noqa: E402
+from r2former_ros.conversions import pose_from_msg, pose_msg, rgb_to_image_msg, sec_to_stamp, stamp_to_ns  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODEL = os.path.join(ROOT, "models", "r2former_tiny_demo.safetensors")
@@ -124,7 +125,8 @@ def test_camera_pose_in_base_gives_the_base_pose(world):
         assert probe.wait_for_subscriber("/front_camera/image", 90), node.output()
         stamps = 500.0 + 0.1 * np.arange(QUERY_FRAMES)
         publish_query(pub, world["images"], stamps, "camera")
-        assert poses.wait(QUERY_FRAMES - 2, 30), node.output()
+        # tracking (the default) publishes once a place holds the belief: from the second or third frame on
+        assert poses.wait(QUERY_FRAMES - 4, 30), node.output()
         errors = check_base_poses(poses.snapshot(), stamps, world["bases"])
         good = [d < MAX_POSITION_M and yaw < MAX_YAW_DEG for d, yaw in errors]
         assert sum(good) >= 0.8 * len(errors), errors
@@ -140,7 +142,9 @@ def test_camera_pose_in_base_gives_the_base_pose(world):
 
 def test_mounting_from_tf_and_map_to_odom(world, tf2_msgs_path):
     """camera_pose_in_base empty: base_link -> front_camera_optical from /tf_static (an optical frame), and
-    publish_tf: odom -> base_link on /tf, map -> odom broadcast back like AMCL."""
+    publish_tf: odom -> base_link on /tf, map -> odom broadcast back like AMCL. The same odometry on /odom
+    (nav_msgs/Odometry) drives the tracker, composed with the mounting from TF (the map holds camera poses)."""
+    from nav_msgs.msg import Odometry
     from tf2_msgs.msg import TFMessage
 
     from r2former_ros.qos import latched_qos
@@ -150,6 +154,8 @@ def test_mounting_from_tf_and_map_to_odom(world, tf2_msgs_path):
     tf_out = probe.subscribe(TFMessage, "/tf")
     static_pub = probe.publisher(TFMessage, "/tf_static", latched_qos(100))
     tf_pub = probe.publisher(TFMessage, "/tf")
+    odom_pub = probe.publisher(Odometry, "/odom")
+    diags = probe.subscribe(DiagnosticArray, "/diagnostics")
     pub = probe.publisher(Image, "/front_camera/image")
     optical_in_base = compose_poses(world["mount"], OPTICAL_IN_BODY)
     static_pub.publish(TFMessage(transforms=[transform_stamped("base_link", "front_camera_optical", optical_in_base,
@@ -159,7 +165,8 @@ def test_mounting_from_tf_and_map_to_odom(world, tf2_msgs_path):
         "--ros-args", "-r", "image:=/front_camera/image", "-p", f"map_path:={world['map']}",
         "-p", f"model_path:={DEMO_MODEL}", "-p", "device:=cpu", "-p", "qos_reliability:=reliable",
         "-p", "min_confidence:=0.0", "-p", "publish_tf:=true", "-p", "transform_tolerance:=0.5",
-        "-p", "transform_timeout:=1.0"], world["root"] / "logs", env=with_tf2_msgs(os.environ.copy(), tf2_msgs_path))
+        "-p", "transform_timeout:=1.0", "-p", "odom_topic:=/odom"], world["root"] / "logs",
+        env=with_tf2_msgs(os.environ.copy(), tf2_msgs_path))
     stamps = 700.0 + 0.1 * np.arange(QUERY_FRAMES)
     base_in_odom = compose_poses(invert_poses(odom_in_map), world["bases"])
 
@@ -168,11 +175,16 @@ def test_mounting_from_tf_and_map_to_odom(world, tf2_msgs_path):
             if 0 <= k < QUERY_FRAMES:
                 tf_pub.publish(TFMessage(transforms=[transform_stamped("odom", "base_link", base_in_odom[k],
                                                                        int(round(stamps[k] * 1e9)))]))
+                msg = Odometry()
+                msg.header.stamp = sec_to_stamp(stamps[k])
+                msg.header.frame_id, msg.child_frame_id = "odom", "base_link"
+                msg.pose.pose = pose_msg(base_in_odom[k])
+                odom_pub.publish(msg)
     try:
         assert probe.wait_for_subscriber("/front_camera/image", 90), node.output()
         assert probe.wait_for_subscriber("/tf", 20)
         publish_query(pub, world["images"], stamps, "front_camera_optical", before_each=odometry)
-        assert poses.wait(QUERY_FRAMES - 2, 30), node.output()
+        assert poses.wait(QUERY_FRAMES - 4, 30), node.output()      # tracking: from the second or third frame
         errors = check_base_poses(poses.snapshot(), stamps, world["bases"])
         assert sum(d < MAX_POSITION_M and yaw < MAX_YAW_DEG for d, yaw in errors) >= 0.8 * len(errors), errors
         assert "mounting from TF" in node.output() and "TF via tf2" in node.output()
@@ -185,6 +197,15 @@ def test_mounting_from_tf_and_map_to_odom(world, tf2_msgs_path):
         assert matched
         d, yaw = planar_error(pose_from_transform(matched[-1].transform), odom_in_map)
         assert d < MAX_POSITION_M and math.degrees(yaw) < MAX_YAW_DEG
+        # the tracker used the odometry of every frame (composed with the mounting from TF)
+        def odometry_used() -> int:
+            for array in reversed(diags.snapshot()[-20:]):
+                values = diagnostic_values(array, "localization")
+                if values is not None:
+                    return int(values.get("odometry_used", -1))
+            return -1
+        assert wait_until(lambda: odometry_used() >= QUERY_FRAMES - 1, 5), odometry_used()
+        assert "frame without odometry" not in node.output()
     finally:
         node.stop()
         probe.close()
@@ -206,7 +227,8 @@ def small(tmp_path_factory, tiny_model):
     doc["/**"]["ros__parameters"].update(
         model_path=str(model), device="cpu", min_confidence=0.0, autostart=False, publish_initialpose=True,
         initialpose_min_confidence=0.0, localized_after=1, qos_reliability="reliable", top_k=5,
-        diagnostics_rate=5.0, input_timeout_s=1.0, diagnostics_window=1.0, expected_image_rate_min=1.0)
+        diagnostics_rate=5.0, input_timeout_s=1.0, diagnostics_window=1.0, expected_image_rate_min=1.0,
+        tracking=False)             # one pose per image (test_ros_tracking.py runs the tracker's lifecycle)
     params.write_text(yaml.safe_dump(doc))
     return dict(root=root, model=model, map1=map1, map2=map2, images=images, params=params)
 
