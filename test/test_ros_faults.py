@@ -341,6 +341,15 @@ def live_inputs(tmp_path_factory, tiny_model):
             "entry_bytes": tiny_model.cfg.local_tokens * tiny_model.cfg.local_values * 2}
 
 
+def player_args(inputs: dict) -> list[str]:
+    """The bag at 10x, reliable, once the node's two subscriptions are matched. The player sees a match when
+    its writer has discovered the reader; the reader may discover the writer a little later on a busy machine
+    (seen once in 20 runs: 40 poses and no image arrived), so the writer keeps every image (depth 100 >= 40)
+    for the reliable protocol to deliver once both sides are matched."""
+    return [str(inputs["bag"]), "--rate", "10", "--wait-for-subscribers", "60", "--qos-depth", "100",
+            "--start-delay", "0.5"]
+
+
 def _live_argv(inputs: dict, out: Path) -> list[str]:
     return ["--live", "--image-topic", "/live/image", "--pose-topic", "/live/odom", "--out", str(out),
             "--model", inputs["model"], "--device", "cpu", "--min-distance", "0", "--min-angle", "0", "--overwrite",
@@ -380,8 +389,7 @@ def test_live_build_map_killed_at_seeded_points_never_leaves_a_half_map(live_inp
             had_map = out.exists()
             t0 = time.monotonic()
             pid = zygote.start("build_map", _live_argv(inputs, out), logs / f"live{i}.log")
-            player = NodeProcess("r2former_ros.bag_player", [str(inputs["bag"]), "--rate", "10",
-                                                             "--wait-for-subscribers", "60"], logs)
+            player = NodeProcess("r2former_ros.bag_player", player_args(inputs), logs)
             try:
                 deadline = time.monotonic() + 120
                 interrupted = False
@@ -424,8 +432,7 @@ def test_live_build_map_killed_at_seeded_points_never_leaves_a_half_map(live_inp
         leftovers = sorted(p.name for p in out.parent.iterdir() if p.name != "m")
         # a rerun, played to the end and interrupted (Ctrl-C), completes and leaves only the map
         pid = zygote.start("build_map", _live_argv(inputs, out), logs / "rerun.log")
-        player = NodeProcess("r2former_ros.bag_player", [str(inputs["bag"]), "--rate", "10",
-                                                         "--wait-for-subscribers", "60"], logs)
+        player = NodeProcess("r2former_ros.bag_player", player_args(inputs), logs)
         try:
             assert player.wait(120) == 0, player.output()[-2000:]
             time.sleep(1.5)                   # the last image waits for its pose (pose_wait) and is extracted
