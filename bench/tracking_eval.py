@@ -11,8 +11,10 @@ by the tracker ("tracking"), four ways:
 * .../odometry     the same with noisy wheel odometry (r2former_core.odometry, seeded by the world seed);
                    across the kidnap the odometry shows no motion (the robot was carried)
 
-Each frame's features are extracted once and shared; single and tracking of the drive run frame by frame
-interleaved (their ms per frame are comparable; the other runs' ms are measured later in the same process).
+Each frame's features are extracted once and shared. In every run single frames and the tracker run frame by
+frame interleaved, so each run's ms per frame has a single-frame reference timed in the same pass
+(`single_ms_per_frame_same_pass`; on a shared machine only such ratios mean something); the single-frame
+accuracy is that of the first pass (it does not depend on the order).
 Scores are over ALL frames: within_5m (published pose within 5 m and 20 deg; no pose = miss),
 gross_error_rate (> 25 m), calibration (published poses inside their 95 % ellipse), reranked and ms per frame.
 
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": platform.processor() or platform.machine(), "threads": args.threads,
         "load_average_start": os.getloadavg()[0]}}
     hardest: dict[str, list[SequenceResult]] = {}    # run -> results of the hardest held-out sets
+    hardest_paired: dict[str, list[float]] = {}       # run -> single-frame ms of the same passes
     for item in args.sets.split(","):
         seed_text, cond = item.split(":")
         seed = int(seed_text)
@@ -138,22 +141,29 @@ def main(argv: list[str] | None = None) -> int:
         truth = np.array([f.truth for f in frames])
         orders = {"drive": np.arange(n), "kidnap": np.r_[np.arange(n // 2, n), np.arange(n // 2)]}
         results: dict[str, SequenceResult] = {}
+        paired_single_ms: dict[str, list[float]] = {}
         for run in RUNS:
             order = orders[run.split("/")[0]]
             odom = odometry_in_play_order(truth, order, seed) if run.endswith("odometry") else None
             played = [SequenceFrame(frames[i].name, frames[0].stamp + 0.1 * k, frames[i].truth,
                                     features=frames[i].features, extract_ms=frames[i].extract_ms,
                                     odom_pose=None if odom is None else odom[k]) for k, i in enumerate(order)]
-            modes = ("single", "tracking") if run == "drive" else ("tracking",)
-            out = evaluate_sequence(localizer, played, modes=modes, tracking=cfg, progress=False)
+            # single frames run in every pass, frame by frame interleaved with the tracker, so that each run's
+            # ms per frame has a same-pass reference on a shared machine (accuracy: the first pass's)
+            out = evaluate_sequence(localizer, played, modes=("single", "tracking"), tracking=cfg, progress=False)
             if run == "drive":
                 results["single"] = out["single"]
             results[f"tracking/{run}"] = out["tracking"]
+            paired_single_ms[f"tracking/{run}"] = out["single"].ms
         report["sets"][item] = {k: r.summary() for k, r in results.items()}
+        for k, ms in paired_single_ms.items():
+            report["sets"][item][k]["single_ms_per_frame_same_pass"] = float(np.mean(ms))
         if cond == HARDEST:
             if seed != 7:                          # the reference world is reported on its own
                 for k, r in results.items():
                     hardest.setdefault(k, []).append(r)
+                for k, ms in paired_single_ms.items():
+                    hardest_paired.setdefault(k, []).extend(ms)
             single_kidnap = SequenceResult()       # single-frame results do not depend on the order
             for i in orders["kidnap"]:
                 for name in ("names", "stamps", "errors_m", "yaw_errors_deg", "published", "mahalanobis2", "ms",
@@ -170,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     if hardest:
         held_out = {k: pooled(v) for k, v in hardest.items()}
         report["hardest_pooled"] = {k: r.summary() for k, r in held_out.items()}
+        for k, ms in hardest_paired.items():
+            report["hardest_pooled"][k]["single_ms_per_frame_same_pass"] = float(np.mean(ms))
         report["targets"] = targets(report["hardest_pooled"])
         print(f"\n== {HARDEST}, held-out worlds pooled")
         print(table(report["hardest_pooled"]))
@@ -187,12 +199,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(rows: dict[str, dict]) -> str:
     lines = [f"{'run':<26} {'within 5 m':>10} {'> 25 m':>7} {'published':>9} {'in 95%':>7} {'reranked':>9} "
-             f"{'ms/frame':>9}"]
+             f"{'ms/frame':>9} {'x single':>9}"]
     for name, s in rows.items():
         cal = "-" if s["calibration"] is None else f"{100 * s['calibration']:.1f}%"
+        ratio = s["ms_per_frame"] / s.get("single_ms_per_frame_same_pass", s["ms_per_frame"])
         lines.append(f"{name:<26} {100 * s['within_5m']:>9.1f}% {100 * s['gross_error_rate']:>6.1f}% "
                      f"{100 * s['published']:>8.1f}% {cal:>7} {s['reranked_per_frame']:>9.1f} "
-                     f"{s['ms_per_frame']:>9.1f}")
+                     f"{s['ms_per_frame']:>9.1f} {ratio:>9.2f}")
     return "\n".join(lines)
 
 
@@ -210,9 +223,9 @@ def targets(s: dict[str, dict]) -> dict[str, dict]:
         "reranked per frame <= 1/2 of single's": {
             "value": f"{kid['reranked_per_frame']:.1f} vs {single['reranked_per_frame']:.1f}",
             "met": kid["reranked_per_frame"] <= single["reranked_per_frame"] / 2},
-        "ms per frame not higher": {
-            "value": f"{kid['ms_per_frame']:.1f} vs {single['ms_per_frame']:.1f}",
-            "met": kid["ms_per_frame"] <= single["ms_per_frame"]},
+        "ms per frame not higher (single timed in the same pass)": {
+            "value": f"{kid['ms_per_frame']:.1f} vs {kid['single_ms_per_frame_same_pass']:.1f}",
+            "met": kid["ms_per_frame"] <= kid["single_ms_per_frame_same_pass"]},
         "calibration 90-98 % inside the 95 % ellipse": {"value": f"{cal:.3f}", "met": 0.90 <= cal <= 0.98},
         "with odometry better still (within 5 m up, gross not up)": {
             "value": f"{odo['within_5m']:.3f} / {odo['gross_error_rate']:.3f} vs "
