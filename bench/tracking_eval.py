@@ -29,10 +29,8 @@ the demo's world, also never used in training). The tracker's parameters were ch
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -42,6 +40,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchlib import machine_info, write_report  # noqa: E402
 
 from r2former_core.evaluation import SequenceFrame, SequenceResult, evaluate_sequence, plot_sequence  # noqa: E402
 from r2former_core.odometry import chain_increments, planar_increments, simulate_odometry  # noqa: E402
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"sets": {}, "meta": {
         "model": args.model, "fingerprint": model.fingerprint, "size": list(size), "map_frames": args.map_frames,
         "query_frames": args.query_frames, "top_k": args.top_k, "tracking_config": asdict(cfg),
-        "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "machine": machine_info(args.threads), "threads": args.threads,
         "load_average_start": os.getloadavg()[0]}}
     hardest: dict[str, list[SequenceResult]] = {}    # run -> results of the hardest held-out sets
     hardest_paired: dict[str, list[float]] = {}       # run -> single-frame ms of the same passes
@@ -190,10 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<48} {t['value']:<28} {'met' if t['met'] else 'NOT met'}")
     report["meta"]["seconds"] = round(time.time() - t_start, 1)
     report["meta"]["load_average_end"] = os.getloadavg()[0]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out} and plots in {plots}")
+    write_report(args.out, report)
+    print(f"plots in {plots}")
     return 0
 
 

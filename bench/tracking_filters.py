@@ -17,7 +17,6 @@ held-out test worlds 950-952 of bench/tracking_eval.py: the filter and its param
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchlib import machine_info, write_report  # noqa: E402
 
 from r2former_core.localizer import Localizer  # noqa: E402
 from r2former_core.odometry import chain_increments, planar_increments, simulate_odometry  # noqa: E402
@@ -417,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in filter(None, args.variants.split(",")):
         if name != "defaults":
             setups[f"entries: {name}"] = (None, TrackingConfig(**VARIANTS[name]))
-    report: dict = {"sets": {}, "meta": {"model": args.model, "size": list(size), "map_frames": args.map_frames,
+    report: dict = {"sets": {}, "meta": {"machine": machine_info(torch.get_num_threads()),
+                                        "model": args.model, "size": list(size), "map_frames": args.map_frames,
                                          "query_frames": args.query_frames, "particles": args.particles}}
     for item in args.sets.split(","):
         seed, cond = item.split(":")
@@ -450,10 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in mean.items():
         print(f"{name:<60} {100 * s['within_5m']:>9.1f}% {100 * s['gross_error_rate']:>6.1f}% "
               f"{100 * s['calibration']:>6.0f}% {s['reranked_per_frame']:>9.1f} {s.get('filter_ms', 0):>10.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    write_report(args.out, report)
     return 0
 
 
