@@ -2,7 +2,8 @@
 and RViz.
 
     ros2 launch r2former_ros localize.launch.py map:=/path/to/map [model:=...] [device:=cpu]
-        [image_topic:=/camera/image_raw] [compressed:=true] [namespace:=robot1] [rviz:=true]
+        [image_topic:=/camera/image_raw] [compressed:=true] [odom_topic:=/odom] [tracking:=false]
+        [namespace:=robot1] [rviz:=true]
         [autostart:=true] [use_sim_time:=false] [lifecycle_manager:=false]
         [params_file:=/path/to/localize.yaml] [lifecycle_params_file:=/path/to/lifecycle_manager.yaml]
 
@@ -33,9 +34,12 @@ def _nodes(context, *args, **kwargs):
     manager = cfg.get("lifecycle_manager", "false").lower() in TRUE
     overrides = {}
     # String parameters from launch arguments are parsed as YAML unless typed: keep them strings.
-    for argument, parameter in (("map", "map_path"), ("model", "model_path"), ("device", "device")):
+    for argument, parameter in (("map", "map_path"), ("model", "model_path"), ("device", "device"),
+                                ("odom_topic", "odom_topic")):
         if cfg.get(argument, ""):
             overrides[parameter] = ParameterValue(LaunchConfiguration(argument), value_type=str)
+    if cfg.get("tracking", ""):
+        overrides["tracking"] = cfg["tracking"].lower() in TRUE
     if cfg.get("compressed", "false").lower() in TRUE:
         overrides["image_transport"] = "compressed"
     if manager or cfg.get("autostart", "true").lower() not in TRUE:
@@ -70,6 +74,10 @@ def generate_launch_description():
                               description="camera topic the node's `image` is remapped to (and <topic>/compressed)"),
         DeclareLaunchArgument("compressed", default_value="false",
                               description="true: subscribe <image_topic>/compressed (sensor_msgs/CompressedImage)"),
+        DeclareLaunchArgument("odom_topic", default_value="",
+                              description="nav_msgs/Odometry topic for the tracker (overrides odom_topic)"),
+        DeclareLaunchArgument("tracking", default_value="",
+                              description="true / false: filter over time or single frames (overrides tracking)"),
         DeclareLaunchArgument("namespace", default_value="",
                               description="namespace of every node (and so of their relative topics)"),
         DeclareLaunchArgument("rviz", default_value="false", description="start rviz2 with rviz/localize.rviz"),

@@ -90,6 +90,7 @@ def yaml_value(value: str | bool) -> str:
 
 def localize_invocations(params_file: str, map_path: str = "", model: str = "", device: str = "",
                          image_topic: str = "", compressed: bool = False, namespace: str = "",
+                         odom_topic: str = "", tracking: bool | None = None,
                          autostart: bool = True, use_sim_time: bool = False, lifecycle_manager: bool = False,
                          rviz: bool = False, lifecycle_params_file: str = "",
                          rviz_config: str = "") -> list[NodeInvocation]:
@@ -104,6 +105,10 @@ def localize_invocations(params_file: str, map_path: str = "", model: str = "", 
         overrides["model_path"] = model
     if device:
         overrides["device"] = device
+    if odom_topic:
+        overrides["odom_topic"] = odom_topic
+    if tracking is not None:
+        overrides["tracking"] = tracking
     if compressed:
         overrides["image_transport"] = "compressed"
     if lifecycle_manager or not autostart:
@@ -153,6 +158,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", type=device_type, help="overrides device (auto, cpu, cuda or cuda:N)")
     p.add_argument("--image-topic", default="", help="camera topic to remap `image` to (and <topic>/compressed)")
     p.add_argument("--compressed", action="store_true", help="subscribe <image-topic>/compressed")
+    p.add_argument("--odom-topic", default="", help="nav_msgs/Odometry topic for the tracker (overrides odom_topic)")
+    p.add_argument("--tracking", choices=("on", "off"),
+                   help="filter over time (on) or localize single frames (off); overrides tracking")
     p.add_argument("--namespace", default="", help="namespace of the nodes")
     p.add_argument("--rviz", action="store_true", help="also start rviz2 with rviz/localize.rviz")
     p.add_argument("--no-autostart", dest="autostart", action="store_false",
@@ -180,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
     invocations = localize_invocations(
         str(Path(params_file).resolve()), map_path=args.map, model=args.model, device=args.device or "",
         image_topic=args.image_topic, compressed=args.compressed, namespace=args.namespace,
+        odom_topic=args.odom_topic, tracking=None if args.tracking is None else args.tracking == "on",
         autostart=args.autostart, use_sim_time=args.use_sim_time, lifecycle_manager=args.lifecycle_manager,
         rviz=args.rviz, lifecycle_params_file=lifecycle_params,
         rviz_config=str(find_file(RVIZ_CONFIG)) if args.rviz else "")

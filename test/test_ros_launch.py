@@ -160,7 +160,8 @@ SCENARIOS = [
     {},
     {"map": "/maps/123", "model": "/models/m.safetensors", "device": "cpu"},
     {"map": "maps/a b", "image_topic": "/camera/image_raw", "compressed": "true", "namespace": "robot1"},
-    {"autostart": "false", "use_sim_time": "true"},
+    {"autostart": "false", "use_sim_time": "true", "odom_topic": "/wheel/odom", "tracking": "false"},
+    {"tracking": "true", "odom_topic": "odom"},
     {"lifecycle_manager": "true", "namespace": "robot2", "rviz": "true", "use_sim_time": "true",
      "image_topic": "/robot2/camera/image_raw"},
 ]
@@ -178,6 +179,8 @@ def test_launch_file_nodes_equal_cli_invocations(launch_module, arguments):
         params_file=f"{SHARE}/config/localize.yaml", map_path=arguments.get("map", ""),
         model=arguments.get("model", ""), device=arguments.get("device", ""),
         image_topic=arguments.get("image_topic", ""), compressed=flag(arguments, "compressed"),
+        odom_topic=arguments.get("odom_topic", ""),
+        tracking=None if "tracking" not in arguments else flag(arguments, "tracking"),
         namespace=arguments.get("namespace", ""), autostart=flag(arguments, "autostart", "true"),
         use_sim_time=flag(arguments, "use_sim_time"), lifecycle_manager=flag(arguments, "lifecycle_manager"),
         rviz=flag(arguments, "rviz"), lifecycle_params_file=LIFECYCLE_PARAMS,
@@ -207,7 +210,8 @@ def test_launch_file_nodes_equal_cli_invocations(launch_module, arguments):
 
 def test_cli_command_line_carries_the_same_values():
     inv = launcher.localize_invocations("/p/localize.yaml", map_path="123", image_topic="/cam",
-                                          compressed=True, namespace="r1", autostart=False, use_sim_time=True)[0]
+                                          compressed=True, namespace="r1", autostart=False, use_sim_time=True,
+                                          odom_topic="/odom", tracking=False)[0]
     args = inv.ros_args()
     assert args[:3] == ["--ros-args", "-r", "__node:=r2former_localizer"]
     assert ["-r", "__ns:=/r1"] == args[3:5] and ["--params-file", "/p/localize.yaml"] == args[5:7]
@@ -215,6 +219,7 @@ def test_cli_command_line_carries_the_same_values():
     assert "map_path:='123'" in args            # quoted: rcl would parse 123 as an integer
     assert "image_transport:='compressed'" in args
     assert "autostart:=false" in args and "use_sim_time:=true" in args   # booleans stay booleans
+    assert "odom_topic:='/odom'" in args and "tracking:=false" in args
 
 
 def test_cli_refuses_nodes_that_are_not_installed(monkeypatch, tmp_path):
@@ -232,7 +237,7 @@ def test_launch_arguments_rviz_and_files(launch_module):
     nodes, declared, context = launch_nodes(launch_module)
     assert set(declared) == {"map", "model", "device", "image_topic", "compressed", "namespace", "rviz",
                              "params_file", "autostart", "use_sim_time", "lifecycle_manager",
-                             "lifecycle_params_file"}
+                             "lifecycle_params_file", "odom_topic", "tracking"}
     assert all(arg.kwargs.get("description") for arg in declared.values())
     assert [n.kwargs["package"] for n in nodes] == ["r2former_ros"]      # rviz2 is not looked up unless asked
     assert declared["rviz"].kwargs["default_value"] == "false"
@@ -247,7 +252,7 @@ def test_launch_arguments_rviz_and_files(launch_module):
     sub = argparse.ArgumentParser().add_subparsers()
     dests = {a.dest for a in launcher.add_parser(sub)._actions}
     assert {"map", "model", "device", "image_topic", "compressed", "namespace", "rviz", "params_file", "autostart",
-            "use_sim_time", "lifecycle_manager", "lifecycle_params_file"} <= dests
+            "use_sim_time", "lifecycle_manager", "lifecycle_params_file", "odom_topic", "tracking"} <= dests
 
 
 def test_rviz_topics_are_relative_and_exist():
