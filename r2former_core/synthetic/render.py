@@ -13,7 +13,7 @@ import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -40,8 +40,27 @@ from .scene import (
     parse_conditions,
 )
 
-if TYPE_CHECKING:
-    from .world import SyntheticWorld
+
+class WorldGeometry(Protocol):
+    """What the renderer reads of a world (`world.SyntheticWorld` builds it): the renderer depends on this,
+    not on the world module, so the world can own its renderer without an import cycle."""
+    seed: int
+    sun: np.ndarray                      # (2,) sun direction in the ground plane
+    origin: np.ndarray                   # (2,) world x, y of the ground texture's pixel (0, 0)
+    atlas: np.ndarray                    # facade texture atlas and its mip offsets/scales
+    atlas_mip: np.ndarray
+    ground: np.ndarray                   # ground texture (RGB + coverage) and its mips
+    ground_mip: np.ndarray
+    light: np.ndarray                    # street-light map
+    sky: np.ndarray                      # sky panorama (wrapped by one column)
+    wall_a: np.ndarray                   # (W, 2) wall end points, normals, heights, lengths
+    wall_b: np.ndarray
+    wall_normal: np.ndarray
+    wall_height: np.ndarray
+    wall_length: np.ndarray
+    wall_tex: np.ndarray                 # (W, 2) atlas position of each wall's texture
+    wall_shade: np.ndarray
+    props: np.ndarray                    # (P, k) poles, trees and vehicles
 
 LAYERS = 3                                # wall hits kept per column
 FAR = 160.0                               # walls beyond this are not drawn
@@ -92,7 +111,7 @@ class Camera:
 class Renderer:
     """Renders views of one world; keeps the sky colours of each palette once computed."""
 
-    def __init__(self, world: SyntheticWorld) -> None:
+    def __init__(self, world: WorldGeometry) -> None:
         self.world = world
         self._sky_rgb: dict[tuple, np.ndarray] = {}
 
