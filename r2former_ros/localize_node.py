@@ -1019,7 +1019,7 @@ class LocalizeNode(LifecycleNode):
             self._candidates_pub.publish(candidate_markers(
                 result.frame.candidates, self._values["map_frame"], stamp,
                 max_markers=int(self._values["num_candidate_markers"])))
-        self._maybe_publish_matches(rgb, result, localizer, header, stamp)
+        self._maybe_publish_matches(rgb, result, result.frame, localizer, header, stamp)
 
     def _record(self, result: Outcome, published: bool, received_at: float) -> None:
         with self._stats.lock:
@@ -1055,8 +1055,8 @@ class LocalizeNode(LifecycleNode):
                                f"(confidence {result.confidence:.2f}{', ' + result.reason if result.reason else ''})")
         self._publish_state()
 
-    def _maybe_publish_matches(self, rgb, result: Outcome, localizer: Localizer, header: Header,
-                               stamp) -> None:
+    def _maybe_publish_matches(self, rgb, result: Outcome, frame: LocalizationResult, localizer: Localizer,
+                               header: Header, stamp) -> None:
         rate = float(self._values["matches_rate"])
         now = time.monotonic()
         if rate <= 0 or now - self._last_matches_time < 1.0 / rate:
@@ -1064,9 +1064,6 @@ class LocalizeNode(LifecycleNode):
         if self._matches_pub.get_subscription_count() == 0:
             return
         self._last_matches_time = now
-        frame = result.frame             # not None: see _publish_extras
-        if frame is None:
-            return
         best = frame.best
         thumb = localizer.map.thumbnail(best.index) if best is not None else None
         lines = [f"{self._state.state}  confidence {result.confidence:.2f}"
