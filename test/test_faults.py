@@ -78,20 +78,44 @@ class Zygote:
         self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env, cwd=str(REPO))
         assert json.loads(self.proc.stdout.readline()) == {"ready": True}
+        self.running: set[int] = set()
 
     def start(self, tool: str, argv: list[str], log: Path) -> int:
         self.proc.stdin.write(json.dumps({"tool": tool, "argv": argv, "log": str(log)}) + "\n")
         self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())["pid"]
+        pid = json.loads(self.proc.stdout.readline())["pid"]
+        self.running.add(pid)
+        return pid
 
     def wait(self, pid: int) -> int:
         reply = json.loads(self.proc.stdout.readline())
         assert reply["pid"] == pid
+        self.running.discard(pid)
         return reply["status"]
 
     def close(self) -> None:
+        """Ends the zygote; a child a failed test left running is killed first (the zygote waits for it)."""
+        for pid in self.running:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def file_size(path: Path) -> int:
+    """The size of a file a live writer owns, 0 while it is absent: a writer may remove its temporary directory
+    between an exists() and a stat() (build_map's start-up probe creates one and aborts it at once)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +173,7 @@ def reached(point: tuple[str, float | str], tmp_dirs: list[Path], entry_bytes: i
     kind, where = point
     for tmp in tmp_dirs:
         if kind == "entries":
-            local = tmp / "local.f16"
-            if local.exists() and local.stat().st_size >= where * n * entry_bytes:
+            if file_size(tmp / "local.f16") >= where * n * entry_bytes > 0:
                 return True
         elif (tmp / where).exists():
             return True

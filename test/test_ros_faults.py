@@ -370,7 +370,7 @@ def test_live_build_map_killed_at_seeded_points_never_leaves_a_half_map(live_inp
     fresh bag_player playing the bag at 10x (40 images in 2 s); killed with SIGKILL after a seeded fraction of
     the images became keyframes, or, for a third of the runs, after SIGINT made it commit, when a seeded file of
     the commit appears."""
-    from test_faults import COMMIT_FILES, Zygote, alive, state_after_kill
+    from test_faults import COMMIT_FILES, Zygote, alive, file_size, state_after_kill
     inputs = live_inputs
     out = tmp_path / "maps" / "m"
     out.parent.mkdir()
@@ -396,8 +396,8 @@ def test_live_build_map_killed_at_seeded_points_never_leaves_a_half_map(live_inp
                 while time.monotonic() < deadline and alive(pid):
                     tmp = list(out.parent.glob(f"{out.name}.tmp-{pid}-*"))
                     if kind == "entries":
-                        if any((t / "local.f16").exists() and (t / "local.f16").stat().st_size
-                               >= where * LIVE_IMAGES * inputs["entry_bytes"] for t in tmp):
+                        if any(file_size(t / "local.f16") >= where * LIVE_IMAGES * inputs["entry_bytes"] > 0
+                               for t in tmp):
                             break
                         if not player.alive():
                             break                      # the bag ended before that fraction: kill now
