@@ -9,13 +9,17 @@ Blocks built with `onednn=True` (the reranker's) run their linear layers through
 inference (`linear`): with the bias and the GELU fused it is about twice as fast as MKL's addmm
 for the narrow layers of the reranker (width 32, tens of thousands of tokens) and identical in
 float32 there. The backbone keeps MKL: its wide layers gain nothing and oneDNN's summation order
-moves the selection attention by ~1e-4 after 12 layers.
+moves the selection attention by ~1e-4 after 12 layers. The same blocks compute attention of
+8-dimensional heads (the reranker's blocks 1 and 2) with the compiled kernels of `native` where they
+are available.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import native
 
 LAYER_NORM_EPS = 1e-6
 # Below this many keys, explicit attention beats the fused kernel's per-call overhead (CPU).
@@ -79,7 +83,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self._heads(linear(x, self.qkv, onednn=self.onednn)).unbind(0)
+        qkv = linear(x, self.qkv, onednn=self.onednn)
+        if self.onednn and native.applies(qkv, self.num_heads, 3):      # the reranker's 8-dimensional heads
+            return linear(native.attention(qkv, self.num_heads), self.proj, onednn=self.onednn)
+        q, k, v = self._heads(qkv).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)
         return linear(out.transpose(1, 2).reshape(b, n, c), self.proj, onednn=self.onednn)
 
@@ -92,8 +99,13 @@ class Attention(nn.Module):
         if isinstance(self.qkv, nn.Linear):
             w, bias = self.qkv.weight, self.qkv.bias
             project = linear_wb if self.onednn else F.linear
-            q = self._heads(project(x[:, :rows], w[:c], bias[:c]))[0]
-            k, v = self._heads(project(x, w[c:], bias[c:])).unbind(0)
+            q_rows, kv = project(x[:, :rows], w[:c], bias[:c]), project(x, w[c:], bias[c:])
+            if (self.onednn and not return_probs and n <= native.MAX_SHORT
+                    and native.applies(kv, self.num_heads, 2) and native.applies(q_rows, self.num_heads, 1)):
+                out = native.attention_rows(q_rows, kv, self.num_heads)
+                return linear(out, self.proj, onednn=self.onednn), None
+            q = self._heads(q_rows)[0]
+            k, v = self._heads(kv).unbind(0)
         else:   # a quantized linear layer (precision int8) has no weight slices: project every row
             q, k, v = self._heads(self.qkv(x)).unbind(0)
             q = q[:, :, :rows]

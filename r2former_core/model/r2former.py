@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import resolve_device
+from . import native
 from .backbone import DeiTDistilled
 from .config import ModelConfig
 from .layers import trunc_normal_
@@ -89,8 +90,11 @@ class R2FormerModel(nn.Module):
         return rerank_precision(self.precision, self.device)
 
     def describe_precision(self) -> str:
-        """One line for start-up logs and diagnostics."""
-        return describe(self.precision_setting, self.precision, self.device)
+        """One line for start-up logs and diagnostics (with the reranker's attention kernel on a CPU)."""
+        text = describe(self.precision_setting, self.precision, self.device)
+        if self.device.type == "cpu" and self.cfg.rerank_dim // self.cfg.rerank_heads == native.HEAD_DIM:
+            text += "; " + native.describe()
+        return text
 
     def autocast(self):
         """The context of this model's precision (for callers that run `forward_features` or the reranker

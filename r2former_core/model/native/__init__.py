@@ -1,0 +1,248 @@
+"""A compiled attention kernel for the reranker's 8-dimensional heads (CPU, float32), built on first use.
+
+The reranker's time on a CPU is attention with heads of dimension 8: block 2 (4 heads over ~1001 tokens
+per pair), where torch's fused kernel spends its time in the softmax rather than the two small matrix
+products, and block 1 (thousands of 6-token sequences), where its per-sequence overhead dominates.
+`attention.c` (beside this file) has one kernel for each shape: long sequences fuse scores, softmax and the
+weighted sum per query row (2-2.5x faster per score on an AVX-512 CPU); short ones (at most 16 tokens) run
+16 sequences at once in vector lanes (4-6x faster). docs/BENCHMARKS.md section 1 has the figures.
+
+How it is built: the first time a process needs it, the C file is compiled with the system's C compiler
+(`cc`, or `$CC`) for this CPU (`-O3 -march=native`) into a per-user cache (`$R2FORMER_CACHE`, else
+`$XDG_CACHE_HOME/r2former`, else `~/.cache/r2former`), keyed by the source, the compiler, its flags and the
+CPU's instruction sets, so later processes load it in milliseconds and a home directory shared between
+machines keeps one build per CPU type. The library is written to a temporary name and renamed into place
+(two processes compiling at once do not collide). After loading, its output is compared with torch's on a
+small random input; a library that disagrees is not used.
+
+Fallback: without a compiler, when compiling fails, or with `R2FORMER_NATIVE=0` in the environment,
+attention runs on torch's fused kernel (the same results within float32 rounding, slower); the reason is
+logged once and `status()` reports it (start-up log line of the localizer and `r2former` commands).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("attention.c")
+HEAD_DIM = 8
+MAX_SHORT = 16          # sequences up to this many tokens go to the short-sequence kernel
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-fno-strict-aliasing")
+COMPILE_TIMEOUT_S = 120.0
+DISABLE_ENV = "R2FORMER_NATIVE"
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    available: bool
+    detail: str          # the library's path, or why the torch kernel is used
+
+
+_lock = threading.Lock()
+_status: KernelStatus | None = None
+_long = None
+_short = None
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: $R2FORMER_CACHE, else $XDG_CACHE_HOME/r2former, else ~/.cache/r2former."""
+    root = os.environ.get("R2FORMER_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "r2former"
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and instruction-set flags (what -march=native compiles for)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+        return platform.machine() + platform.processor()
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "flags", "Features", "CPU implementer", "CPU part") and key not in fields:
+            fields[key] = value.strip()
+    return repr(sorted(fields.items()))
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(compiler: str, rebuild: bool = False) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, _cpu_signature()])
+                         .encode()).hexdigest()[:16]
+    target = cache_dir() / f"attention_hd8-{key}.so"
+    if target.exists() and not rebuild:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lpthread"], capture_output=True,
+                                text=True, timeout=COMPILE_TIMEOUT_S)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed ({result.returncode}): {result.stderr.strip()[-800:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("compiled the reranker's attention kernel: %s", target)
+    return target
+
+
+def _self_check(long_kernel, short_kernel) -> float:
+    """Largest difference to torch's fused attention on small random inputs (odd sizes: vector tails and
+    idle lanes), through both kernels, full and class-row-only."""
+    g = torch.Generator().manual_seed(0)
+    h, c = 4, 4 * HEAD_DIM
+    worst = 0.0
+    for b, n in ((3, 37), (21, 6)):
+        qkv = torch.randn(b, n, 3 * c, generator=g) * 2
+        expected = _torch_attention(qkv, h)
+        got = torch.empty(b, n, c)
+        if n > MAX_SHORT:
+            rc = long_kernel(qkv.data_ptr(), got.data_ptr(), b, n, h, HEAD_DIM ** -0.5, 2)
+        else:
+            rc = _call_short(short_kernel, qkv[..., :c], qkv[..., c:], got, h, 2)
+        if rc != 0:
+            raise RuntimeError(f"the kernel returned error {rc} on the self-check")
+        worst = max(worst, float((got - expected).abs().max()))
+    return worst
+
+
+def _call_short(kernel, q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, heads: int, threads: int) -> int:
+    """q (B, rows, C) and kv (B, n, 2C) may be views with any batch/token strides and a unit channel stride."""
+    c = heads * HEAD_DIM
+    size = kv.element_size()
+    return kernel(q.data_ptr(), q.stride(0), q.stride(1), kv.data_ptr(), kv.data_ptr() + c * size * kv.stride(2),
+                  kv.stride(0), kv.stride(1), out.data_ptr(), q.shape[0], kv.shape[1], q.shape[1], heads,
+                  HEAD_DIM ** -0.5, threads)
+
+
+def _torch_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, _ = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+
+
+def _load() -> KernelStatus:
+    global _long, _short
+    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+        return KernelStatus(False, f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}")
+    compiler = _compiler()
+    if compiler is None:
+        return KernelStatus(False, "no C compiler found (cc, gcc or clang; or set CC): install one (e.g. "
+                                   "build-essential) for 2x faster reranking on a CPU")
+    try:
+        path = _build(compiler)
+        try:
+            library = ctypes.CDLL(str(path))
+        except OSError as e:          # a damaged cache file (e.g. a disk that filled up): build it again
+            log.warning("cannot load %s (%s): compiling it again", path, e)
+            library = ctypes.CDLL(str(_build(compiler, rebuild=True)))
+        pointer, long_, int_, float_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+        long_kernel = library.r2f_attention_hd8
+        long_kernel.argtypes = [pointer, pointer, long_, long_, int_, float_, int_]
+        long_kernel.restype = int_
+        short_kernel = library.r2f_attention_small_hd8
+        short_kernel.argtypes = [pointer, long_, long_, pointer, pointer, long_, long_, pointer, long_, int_, int_,
+                                 int_, float_, int_]
+        short_kernel.restype = int_
+        error = _self_check(long_kernel, short_kernel)
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+        return KernelStatus(False, f"could not build or load the kernel: {e}")
+    if not error < 1e-5:
+        return KernelStatus(False, f"{path} disagrees with torch by {error:.2e} on the self-check: not used")
+    _long, _short = long_kernel, short_kernel
+    return KernelStatus(True, str(path))
+
+
+_enabled = True
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Inside, attention runs on torch's kernel in this thread's process (benchmarks and tests compare both)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def status() -> KernelStatus:
+    """Whether the compiled kernel is used in this process (builds or loads it on the first call)."""
+    global _status
+    with _lock:
+        if _status is None:
+            _status = _load()
+            if not _status.available:
+                log.warning("reranker attention runs on torch's kernel: %s", _status.detail)
+        return _status
+
+
+def describe() -> str:
+    """For start-up logs: which attention kernel the reranker uses."""
+    s = status()
+    return "attention kernel: compiled (native)" if s.available else "attention kernel: torch"
+
+
+def applies(x: torch.Tensor, heads: int, width: int) -> bool:
+    """The kernels compute this call: CPU float32 inference on (B, N, width) with heads of dimension 8."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and x.dim() == 3 and x.shape[2] == width * heads * HEAD_DIM and x.stride(2) == 1
+            and not torch.is_autocast_enabled("cpu") and _enabled and status().available)
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise MemoryError(f"the attention kernel failed with error {rc} ({os.strerror(rc)})")
+
+
+def attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """Softmax attention of the (B, N, 3C) projection `qkv` (q, k, v each C = heads x 8 wide, in that order)
+    -> (B, N, C), heads side by side, scale 1/sqrt(8): what `F.scaled_dot_product_attention` gives after the
+    usual split into heads, permute and merge. Call only where `applies(qkv, heads, 3)`."""
+    qkv = qkv.contiguous()
+    b, n, _ = qkv.shape
+    c = heads * HEAD_DIM
+    out = torch.empty(b, n, c, dtype=torch.float32)
+    if n <= MAX_SHORT:
+        _check(_call_short(_short, qkv[..., :c], qkv[..., c:], out, heads, torch.get_num_threads()))
+    else:
+        assert _long is not None
+        _check(_long(qkv.data_ptr(), out.data_ptr(), b, n, heads, HEAD_DIM ** -0.5, torch.get_num_threads()))
+    return out
+
+
+def attention_rows(q: torch.Tensor, kv: torch.Tensor, heads: int) -> torch.Tensor:
+    """Attention of the first rows only: q (B, rows, C) against kv (B, N, 2C) (keys then values) -> (B, rows, C).
+    Short sequences only (N <= MAX_SHORT); call only where `applies(kv, heads, 2)` and `applies(q, heads, 1)`."""
+    b, rows, c = q.shape
+    if kv.shape[1] > MAX_SHORT:
+        raise ValueError(f"attention_rows takes at most {MAX_SHORT} tokens, got {kv.shape[1]}")
+    out = torch.empty(b, rows, c, dtype=torch.float32)
+    _check(_call_short(_short, q, kv, out, heads, torch.get_num_threads()))
+    return out

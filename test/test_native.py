@@ -1,0 +1,150 @@
+"""The compiled attention kernels of the reranker (r2former_core/model/native): built on this machine, equal to
+torch's attention within float32 rounding for both shapes, independent of the thread count, used by the
+reranker, and a clean fallback when disabled or when the cached library is damaged."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from r2former_core.model import native
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _reference(qkv: torch.Tensor, heads: int, rows: int | None = None) -> torch.Tensor:
+    b, n, _ = qkv.shape
+    q, k, v = qkv.double().reshape(b, n, 3, heads, 8).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+    return out[:, :rows].float() if rows else out.float()
+
+
+def test_kernel_is_built_here_or_says_why():
+    status = native.status()
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    if compiler is not None and os.environ.get(native.DISABLE_ENV, "1") not in ("0", "off", "false", "no"):
+        assert status.available, status.detail
+        assert Path(status.detail).is_file() and Path(status.detail).parent == native.cache_dir()
+    else:
+        assert not status.available and ("compiler" in status.detail or native.DISABLE_ENV in status.detail)
+
+
+@pytest.mark.parametrize("batch,n,heads", [(1, 17, 4), (3, 1001, 4), (2, 255, 2), (2, 257, 1), (1, 40, 8)])
+def test_long_sequences_equal_torch(batch, n, heads):
+    assert native.status().available
+    g = torch.Generator().manual_seed(n)
+    qkv = torch.randn(batch, n, 3 * heads * 8, generator=g) * 3        # large logits: a peaked softmax too
+    with torch.no_grad():
+        assert native.applies(qkv, heads, 3)
+        got = native.attention(qkv, heads)
+    assert got.shape == (batch, n, heads * 8)
+    torch.testing.assert_close(got, _reference(qkv, heads), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch,n", [(1, 2), (15, 6), (16, 6), (33, 6), (40, 16), (17, 9)])
+def test_short_sequences_equal_torch_full_and_first_row(batch, n):
+    heads, c = 4, 32
+    g = torch.Generator().manual_seed(batch * 100 + n)
+    qkv = torch.randn(batch, n, 3 * c, generator=g) * 3
+    with torch.no_grad():
+        full = native.attention(qkv, heads)
+        first = native.attention_rows(qkv[:, :1, :c], qkv[..., c:], heads)   # strided views, as forward_rows
+    torch.testing.assert_close(full, _reference(qkv, heads), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(first, _reference(qkv, heads, rows=1), atol=2e-5, rtol=1e-5)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(1)
+    long_qkv, short_qkv = torch.randn(5, 300, 96, generator=g), torch.randn(100, 6, 96, generator=g)
+    previous = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                outs.append((native.attention(long_qkv, 4), native.attention(short_qkv, 4)))
+    finally:
+        torch.set_num_threads(previous)
+    for long_out, short_out in outs[1:]:
+        assert torch.equal(long_out, outs[0][0]) and torch.equal(short_out, outs[0][1])
+
+
+def test_not_applied_where_it_does_not_compute():
+    qkv = torch.randn(2, 40, 96)
+    assert not native.applies(qkv, 4, 3)                            # autograd on: training stays on torch
+    with torch.no_grad():
+        assert native.applies(qkv, 4, 3)
+        assert not native.applies(qkv.double(), 4, 3)
+        assert not native.applies(torch.randn(2, 40, 192), 4, 3)     # heads of 16
+        with native.disabled():
+            assert not native.applies(qkv, 4, 3)
+        with pytest.raises(ValueError, match="at most 16 tokens"):
+            native.attention_rows(qkv[:, :1, :32], qkv[..., 32:], 4)
+
+
+def test_reranker_scores_equal_with_and_without_the_kernel(tiny_config):
+    """The whole reranker (blocks 1 and 2) through the kernels and through torch: the same scores."""
+    import dataclasses
+
+    from r2former_core.model import build_model
+    cfg = dataclasses.replace(tiny_config, rerank_dim=32, rerank_heads=4)      # heads of 8, as released
+    model = build_model(cfg, seed=0).eval()
+    g = torch.Generator().manual_seed(3)
+    n, k = cfg.num_local, 7
+    q_local = torch.rand(n, cfg.local_values, generator=g)
+    c_local = torch.rand(k, n, cfg.local_values, generator=g)
+    q_global, c_global = torch.randn(cfg.global_dim, generator=g), torch.randn(k, cfg.global_dim, generator=g)
+    with torch.no_grad():
+        calls = []
+        original = native.attention
+        native.attention = lambda *a: calls.append(a[0].shape) or original(*a)
+        try:
+            fast = model.reranker.rerank_query(q_global, q_local, c_global, c_local)
+        finally:
+            native.attention = original
+        with native.disabled():
+            slow = model.reranker.rerank_query(q_global, q_local, c_global, c_local)
+    assert any(shape[1] > native.MAX_SHORT for shape in calls) and any(shape[1] <= native.MAX_SHORT for shape in calls)
+    torch.testing.assert_close(fast.logits, slow.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.final_score, slow.final_score, atol=1e-5, rtol=1e-5)
+
+
+def _status_in_subprocess(env: dict) -> dict:
+    code = ("import json; from r2former_core.model import native; s = native.status(); "
+            "print(json.dumps({'available': s.available, 'detail': s.detail}))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_disabled_by_environment(tmp_path):
+    s = _status_in_subprocess({native.DISABLE_ENV: "0", "R2FORMER_CACHE": str(tmp_path)})
+    assert not s["available"] and "R2FORMER_NATIVE=0" in s["detail"]
+    assert not any(tmp_path.iterdir()), "nothing is compiled when disabled"
+
+
+def test_cache_is_reused_and_a_damaged_library_is_rebuilt(tmp_path):
+    first = _status_in_subprocess({"R2FORMER_CACHE": str(tmp_path)})
+    assert first["available"], first["detail"]
+    library = Path(first["detail"])
+    assert library.parent == tmp_path and [p.name for p in tmp_path.iterdir()] == [library.name], \
+        "one library, no temporary file left"
+    mtime = library.stat().st_mtime_ns
+    again = _status_in_subprocess({"R2FORMER_CACHE": str(tmp_path)})
+    assert again == first and library.stat().st_mtime_ns == mtime, "the second process loads the cached library"
+    library.write_bytes(b"not a shared library")                   # e.g. truncated by a full disk
+    repaired = _status_in_subprocess({"R2FORMER_CACHE": str(tmp_path)})
+    assert repaired["available"] and repaired["detail"] == first["detail"]
+    assert library.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_no_compiler_falls_back_with_a_reason(tmp_path):
+    s = _status_in_subprocess({"CC": "no-such-compiler", "PATH": str(tmp_path), "R2FORMER_CACHE": str(tmp_path)})
+    assert not s["available"] and "no C compiler" in s["detail"]
