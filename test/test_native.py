@@ -148,3 +148,11 @@ def test_cache_is_reused_and_a_damaged_library_is_rebuilt(tmp_path):
 def test_no_compiler_falls_back_with_a_reason(tmp_path):
     s = _status_in_subprocess({"CC": "no-such-compiler", "PATH": str(tmp_path), "R2FORMER_CACHE": str(tmp_path)})
     assert not s["available"] and "no C compiler" in s["detail"]
+
+
+def test_unusable_cache_folder_falls_back_to_a_temporary_folder(tmp_path):
+    blocked = tmp_path / "a-file"          # the cache path is a file: no folder can be made there (even as root)
+    blocked.write_text("")
+    s = _status_in_subprocess({"R2FORMER_CACHE": str(blocked / "r2former")})
+    assert s["available"], s["detail"]
+    assert Path(s["detail"]).parent.name == f"r2former-{os.getuid()}"

@@ -9,7 +9,7 @@ weighted sum per query row (2-2.5x faster per score on an AVX-512 CPU); short on
 
 How it is built: the first time a process needs it, the C file is compiled with the system's C compiler
 (`cc`, or `$CC`) for this CPU (`-O3 -march=native`) into a per-user cache (`$R2FORMER_CACHE`, else
-`$XDG_CACHE_HOME/r2former`, else `~/.cache/r2former`), keyed by the source, the compiler, its flags and the
+`$XDG_CACHE_HOME/r2former`, else `~/.cache/r2former`; a temporary folder when that is not writable), keyed by the source, the compiler, its flags and the
 CPU's instruction sets, so later processes load it in milliseconds and a home directory shared between
 machines keeps one build per CPU type. The library is written to a temporary name and renamed into place
 (two processes compiling at once do not collide). After loading, its output is compared with torch's on a
@@ -92,10 +92,18 @@ def _build(compiler: str, rebuild: bool = False) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, _cpu_signature()])
                          .encode()).hexdigest()[:16]
-    target = cache_dir() / f"attention_hd8-{key}.so"
-    if target.exists() and not rebuild:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    name = f"attention_hd8-{key}.so"
+    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"r2former-{os.getuid()}"):
+        if (folder / name).exists() and not rebuild:
+            return folder / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                break
+        except OSError:
+            pass
+        log.warning("cache folder %s is not writable: the attention kernel goes to a temporary folder", folder)
+    target = folder / name
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
