@@ -9,11 +9,11 @@ weighted sum per query row (2-2.5x faster per score on an AVX-512 CPU); short on
 
 How it is built: the first time a process needs it, the C file is compiled with the system's C compiler
 (`cc`, or `$CC`) for this CPU (`-O3 -march=native`) into a per-user cache (`$R2FORMER_CACHE`, else
-`$XDG_CACHE_HOME/r2former`, else `~/.cache/r2former`; a temporary folder when that is not writable), keyed by the source, the compiler, its flags and the
-CPU's instruction sets, so later processes load it in milliseconds and a home directory shared between
-machines keeps one build per CPU type. The library is written to a temporary name and renamed into place
-(two processes compiling at once do not collide). After loading, its output is compared with torch's on a
-small random input; a library that disagrees is not used.
+`$XDG_CACHE_HOME/r2former`, else `~/.cache/r2former`; a temporary folder when that cannot be written),
+keyed by the source, the compiler, its flags and the CPU's instruction sets, so later processes load it in
+milliseconds and a home directory shared between machines keeps one build per CPU type. The library is
+written to a temporary name and renamed into place (two processes compiling at once do not collide). After
+loading, its output is compared with torch's on small random inputs; a library that disagrees is not used.
 
 Fallback: without a compiler, when compiling fails, or with `R2FORMER_NATIVE=0` in the environment,
 attention runs on torch's fused kernel (the same results within float32 rounding, slower); the reason is
