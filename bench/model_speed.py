@@ -94,10 +94,15 @@ def worker(args) -> dict:
                 with torch.no_grad():
                     reference_rerank(sd, model.cfg, g[:1].expand(k, -1), loc[:1].expand(k, -1, -1), g[1:], loc[1:])
         else:
+            import contextlib
+
+            from r2former_core.model import native
             c_global, c_local = g[1:].numpy(), loc[1:].numpy().astype(np.float16)   # as the map stores them
+            torch_attention = args.task == "rerank_torch_attention"
 
             def run():
-                return model.rerank(g[0], loc[0], c_global, c_local)
+                with native.disabled() if torch_attention else contextlib.nullcontext():
+                    return model.rerank(g[0], loc[0], c_global, c_local)
         per = 1
     for _ in range(args.warmup):
         run()
@@ -109,7 +114,9 @@ def worker(args) -> dict:
         sync()
         times.append((time.perf_counter() - t0) * 1000 / per)
         cpu_times.append((time.process_time() - c0) * 1000 / per)
-    return {"task": args.task, "precision": model.precision,
+    from r2former_core.model import native
+    kernel = ("torch" if args.task == "rerank_torch_attention" or not native.status().available else "native")
+    return {"task": args.task, "precision": model.precision, "attention_kernel": kernel,
             "rerank_precision": model.rerank_precision if args.task.startswith("rerank") else None,
             "requested": precision, "device": str(dev), "threads": args.threads,
             "ms_median": statistics.median(times), "ms_min": min(times), "ms_max": max(times),
@@ -125,7 +132,8 @@ def add_ratios(rows: list[dict]) -> None:
     for r in rows:
         base = fp32.get(r["task"])
         for key, suffix in (("ms_median", ""), ("cpu_ms_median", "_cpu")):
-            r["x_vs_reference" + suffix] = (ref[key] / r[key] if ref and r["task"] == "rerank" else None)
+            r["x_vs_reference" + suffix] = (ref[key] / r[key] if ref and r["task"].startswith("rerank")
+                                            and r["task"] != "rerank_reference" else None)
             r["x_vs_fp32" + suffix] = base[key] / r[key] if base and r["task"] != "rerank_reference" else None
 
 
@@ -135,13 +143,13 @@ def print_table(rows: list[dict], meta: dict) -> None:
 
     def x(v):
         return f"{v:.2f}x" if v else "-"
-    print(f"{'task':<17} {'precision':<11} {'device':<7} {'ms (median)':>12} {'cpu ms':>9} {'vs reference':>13} "
+    print(f"{'task':<22} {'precision':<11} {'device':<7} {'ms (median)':>12} {'cpu ms':>9} {'vs reference':>13} "
           f"{'(cpu)':>7} {'vs fp32':>8} {'(cpu)':>7} {'peak MiB':>9} {'load':>5}")
     for r in rows:
         unit = "/img" if r["task"].startswith("extract") else "/q"
         prec = r["precision"] + (f"/{r['rerank_precision']}" if r.get("rerank_precision") not in (None, r["precision"])
                                  else "")
-        print(f"{r['task']:<17} {prec:<11} {r['device']:<7} {r['ms_median']:>8.1f}{unit:<4} {r['cpu_ms_median']:>9.1f} "
+        print(f"{r['task']:<22} {prec:<11} {r['device']:<7} {r['ms_median']:>8.1f}{unit:<4} {r['cpu_ms_median']:>9.1f} "
               f"{x(r['x_vs_reference']):>13} {x(r['x_vs_reference_cpu']):>7} {x(r['x_vs_fp32']):>8} "
               f"{x(r['x_vs_fp32_cpu']):>7} {r['peak_rss_mib']:>9.0f} {r['loadavg_1min_end']:>5.1f}")
 
@@ -160,8 +168,10 @@ def main() -> int:
     p.add_argument("--k", type=int, default=100, help="candidates per query for reranking (default 100)")
     p.add_argument("--model", default=None, help="weights file (default: random weights, released configuration)")
     p.add_argument("--tasks", default="extract_b1,extract_b8,rerank,rerank_reference",
-                   help="comma-separated: extract_bN (batch N), rerank, rerank_reference (the literal test reference, "
-                        "official-style, fp32 only) (default extract_b1,extract_b8,rerank,rerank_reference)")
+                   help="comma-separated: extract_bN (batch N), rerank, rerank_torch_attention (the same with torch's "
+                        "attention instead of the compiled kernel, r2former_core/model/native), rerank_reference (the "
+                        "literal test reference, official-style, fp32 only) (default "
+                        "extract_b1,extract_b8,rerank,rerank_reference)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "model_speed.json"), help="JSON output path")
     p.add_argument("--task", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -193,6 +203,15 @@ def main() -> int:
     meta["k"] = args.k
     meta["command"] = " ".join([Path(sys.executable).name, "bench/model_speed.py", *sys.argv[1:]])
     print_table(rows, meta)
+    for r in rows:
+        base = next((t for t in rows if t["task"] == "rerank_torch_attention" and t["requested"] == r["requested"]),
+                    None)
+        if r["task"] == "rerank" and base:
+            r["x_vs_torch_attention"] = base["ms_median"] / r["ms_median"]
+            r["x_vs_torch_attention_cpu"] = base["cpu_ms_median"] / r["cpu_ms_median"]
+            print(f"rerank {r['requested']}: attention kernel {r['attention_kernel']}, "
+                  f"{r['x_vs_torch_attention']:.2f}x (cpu {r['x_vs_torch_attention_cpu']:.2f}x) the same reranking "
+                  "with torch's attention")
     write_report(args.out, {"meta": meta, "results": rows})
     return 0
 

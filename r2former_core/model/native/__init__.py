@@ -8,7 +8,8 @@ weighted sum per query row (2-2.5x faster per score on an AVX-512 CPU); short on
 16 sequences at once in vector lanes (4-6x faster). docs/BENCHMARKS.md section 1 has the figures.
 
 How it is built: the first time a process needs it, the C file is compiled with the system's C compiler
-(`cc`, or `$CC`) for this CPU (`-O3 -march=native`) into a per-user cache (`$R2FORMER_CACHE`, else
+(`cc`, or `$CC`) for this CPU (`-O3 -march=native`; `$R2FORMER_NATIVE_MARCH` replaces `native`, e.g.
+`x86-64-v3` for a build any AVX2 machine runs) into a per-user cache (`$R2FORMER_CACHE`, else
 `$XDG_CACHE_HOME/r2former`, else `~/.cache/r2former`; a temporary folder when that cannot be written),
 keyed by the source, the compiler, its flags and the CPU's instruction sets, so later processes load it in
 milliseconds and a home directory shared between machines keeps one build per CPU type. The library is
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("attention.c")
 HEAD_DIM = 8
 MAX_SHORT = 16          # sequences up to this many tokens go to the short-sequence kernel
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-fno-strict-aliasing")
+FLAGS = ("-O3", "-fopenmp-simd", "-fPIC", "-shared", "-fno-strict-aliasing")
+MARCH_ENV = "R2FORMER_NATIVE_MARCH"     # -march= value, default native (e.g. x86-64-v3 for any AVX2 machine)
 COMPILE_TIMEOUT_S = 120.0
 DISABLE_ENV = "R2FORMER_NATIVE"
 
@@ -88,9 +90,13 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
 
 
+def _flags() -> list[str]:
+    return [*FLAGS, f"-march={os.environ.get(MARCH_ENV, '').strip() or 'native'}"]
+
+
 def _build(compiler: str, rebuild: bool = False) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, _cpu_signature()])
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *_flags(), _cpu_signature()])
                          .encode()).hexdigest()[:16]
     name = f"attention_hd8-{key}.so"
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"r2former-{os.getuid()}"):
@@ -107,7 +113,7 @@ def _build(compiler: str, rebuild: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lpthread"], capture_output=True,
+        result = subprocess.run([compiler, *_flags(), "-o", tmp, str(SOURCE), "-lpthread"], capture_output=True,
                                 text=True, timeout=COMPILE_TIMEOUT_S)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({result.returncode}): {result.stderr.strip()[-800:]}")
