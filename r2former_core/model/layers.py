@@ -45,23 +45,34 @@ def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return False
 
 
-def linear_wb(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-    """x @ weight.T + bias, optionally followed by the exact (erf) GELU; through oneDNN where `_onednn_ok`."""
+def linear_wb(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias, optionally followed by the exact (erf) GELU or plus `residual`; through oneDNN
+    where `_onednn_ok` (the residual add fused into the layer: the same floats, one pass less)."""
     if _onednn_ok(x, weight):
         if gelu:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    y = F.linear(x, weight, bias)
-    return F.gelu(y) if gelu else y
+        if residual is not None and residual.dtype == x.dtype:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    else:
+        y = F.linear(x, weight, bias)
+        if gelu:
+            y = F.gelu(y)
+    return y if residual is None else residual + y
 
 
-def linear(x: torch.Tensor, layer: nn.Module, gelu: bool = False, onednn: bool = True) -> torch.Tensor:
-    """layer(x) (+ GELU); plain nn.Linear layers go through `linear_wb` when `onednn`, others (quantized
-    layers) are called."""
+def linear(x: torch.Tensor, layer: nn.Module, gelu: bool = False, onednn: bool = True,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """layer(x) (+ GELU, or + `residual`); plain nn.Linear layers go through `linear_wb` when `onednn`, others
+    (quantized layers) are called."""
+    if gelu and residual is not None:
+        raise ValueError("linear takes gelu or residual, not both")
     if onednn and type(layer) is nn.Linear:
-        return linear_wb(x, layer.weight, layer.bias, gelu)
+        return linear_wb(x, layer.weight, layer.bias, gelu, residual)
     y = layer(x)
-    return F.gelu(y) if gelu else y
+    y = F.gelu(y) if gelu else y
+    return y if residual is None else residual + y
 
 
 class Attention(nn.Module):
@@ -81,17 +92,20 @@ class Attention(nn.Module):
         b, n, _ = y.shape
         return y.reshape(b, n, -1, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of x's tokens (+ `residual`, added by the output projection)."""
         b, n, c = x.shape
         qkv = linear(x, self.qkv, onednn=self.onednn)
         if self.onednn and native.applies(qkv, self.num_heads, 3):      # the reranker's 8-dimensional heads
-            return linear(native.attention(qkv, self.num_heads), self.proj, onednn=self.onednn)
-        q, k, v = self._heads(qkv).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return linear(out.transpose(1, 2).reshape(b, n, c), self.proj, onednn=self.onednn)
+            out = native.attention(qkv, self.num_heads)
+        else:
+            q, k, v = self._heads(qkv).unbind(0)
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return linear(out, self.proj, onednn=self.onednn, residual=residual)
 
-    def forward_rows(self, x: torch.Tensor, rows: int, return_probs: bool = False):
-        """Attention output for the first `rows` tokens only (all tokens serve as keys/values).
+    def forward_rows(self, x: torch.Tensor, rows: int, return_probs: bool = False,
+                     residual: torch.Tensor | None = None):
+        """Attention output for the first `rows` tokens only (all tokens serve as keys/values), + `residual`.
 
         With `return_probs` also returns the softmax attention of those rows, (B, heads, rows, N).
         """
@@ -103,7 +117,7 @@ class Attention(nn.Module):
             if (self.onednn and not return_probs and n <= native.MAX_SHORT
                     and native.applies(kv, self.num_heads, 2) and native.applies(q_rows, self.num_heads, 1)):
                 out = native.attention_rows(q_rows, kv, self.num_heads)
-                return linear(out, self.proj, onednn=self.onednn), None
+                return linear(out, self.proj, onednn=self.onednn, residual=residual), None
             q = self._heads(q_rows)[0]
             k, v = self._heads(kv).unbind(0)
         else:   # a quantized linear layer (precision int8) has no weight slices: project every row
@@ -114,7 +128,7 @@ class Attention(nn.Module):
             out = probs @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        out = linear(out.transpose(1, 2).reshape(b, rows, c), self.proj, onednn=self.onednn)
+        out = linear(out.transpose(1, 2).reshape(b, rows, c), self.proj, onednn=self.onednn, residual=residual)
         return out, (probs if return_probs else None)
 
 
@@ -125,8 +139,9 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(linear(x, self.fc1, gelu=True, onednn=self.onednn), self.fc2, onednn=self.onednn)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(linear(x, self.fc1, gelu=True, onednn=self.onednn), self.fc2, onednn=self.onednn,
+                      residual=residual)
 
 
 class Block(nn.Module):
@@ -140,14 +155,13 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), onednn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = self.attn(self.norm1(x), residual=x)
+        return self.mlp(self.norm2(x), residual=x)
 
     def forward_rows(self, x: torch.Tensor, rows: int, return_probs: bool = False):
         """Block output for the first `rows` tokens; the others only contribute keys/values."""
-        attn_out, probs = self.attn.forward_rows(self.norm1(x), rows, return_probs)
-        y = x[:, :rows] + attn_out
-        return y + self.mlp(self.norm2(y)), probs
+        y, probs = self.attn.forward_rows(self.norm1(x), rows, return_probs, residual=x[:, :rows])
+        return self.mlp(self.norm2(y), residual=y), probs
 
 
 def sincos_embed_2d(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
