@@ -41,6 +41,10 @@ def _peak_rss_mib() -> float:
     return float("nan")
 
 
+ISA_OVERRIDES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "R2FORMER_NATIVE_MARCH",
+                 "R2FORMER_NATIVE")
+
+
 def machine_meta(threads: int) -> dict:
     import torch
     sys.path.insert(0, str(ROOT))
@@ -51,6 +55,9 @@ def machine_meta(threads: int) -> dict:
             "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_start": os.getloadavg()[0]}
+    # Variables that make this machine run as a smaller CPU class (e.g. AVX2 only: torch, oneDNN, MKL and the
+    # compiled kernel all limited), recorded so that such a run is never mistaken for the real machine class.
+    meta["isa_overrides"] = {k: os.environ[k] for k in ISA_OVERRIDES if k in os.environ}
     return meta
 
 
@@ -140,6 +147,8 @@ def add_ratios(rows: list[dict]) -> None:
 def print_table(rows: list[dict], meta: dict) -> None:
     print(f"CPU: {meta['cpu']} ({meta['cpu_flags']}; torch capability {meta['cpu_capability']}), "
           f"{meta['threads']} threads, torch {meta['torch']}" + (f", GPU {meta['cuda']}" if meta["cuda"] else ""))
+    if meta.get("isa_overrides"):
+        print("instruction sets limited by: " + " ".join(f"{k}={v}" for k, v in meta["isa_overrides"].items()))
 
     def x(v):
         return f"{v:.2f}x" if v else "-"

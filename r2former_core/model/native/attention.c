@@ -47,10 +47,21 @@ static inline float exp_nonpositive(float x)
     return p * scale.f;
 }
 
-/* GCC/Clang vector extensions: 16 floats, lowered to one AVX-512 register, two AVX2 ones, or four SSE ones. */
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+/* GCC/Clang vector extensions as wide as the target's registers: 16 floats with AVX-512, 8 with AVX/AVX2,
+ * 4 otherwise (SSE, NEON). With 16 registers of 8 floats (AVX2) two rows' accumulators do not fit: pass 2 then
+ * takes one row at a time (TWO_ROWS 0). */
+#if defined(__AVX512F__)
 #define W 16
+#define TWO_ROWS 1
+#elif defined(__AVX__)
+#define W 8
+#define TWO_ROWS 0
+#else
+#define W 4
+#define TWO_ROWS 0
+#endif
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
 #define ROW_BLOCK 16          /* rows sharing one pass over a chunk of keys */
 #define CHUNK 256             /* keys per chunk: 8 x 256 keys and values = 16 kB, in L1 */
 
@@ -61,8 +72,8 @@ static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
 static inline vf vexp_nonpositive(vf x)
 {
-    /* exp_nonpositive on 16 lanes, the same operations. */
-    const vf low = (vf){0} - 87.0f, magic = (vf){0} + 12582912.0f;
+    /* exp_nonpositive on W lanes, the same operations. */
+    const vf low = (vf){0} - 87.0f, magic = (vf){0} + 12582912.0f;   /* broadcasts */
     x = vmax(x, low);
     vf t = x * 1.44269504088896341f + magic;
     vf n = t - magic;
@@ -153,9 +164,10 @@ static void attend(const float *restrict qkv, float *restrict out, long n, int h
             for (int k = 1; k < 10; ++k)
                 acc[r * 10 + k] = (vf){0};
         }
-        /* pass 2: exp, sums and weighted values, chunk by chunk, two rows at a time */
+        /* pass 2: exp, sums and weighted values, chunk by chunk, two rows (or one) at a time */
         for (long j0 = 0; j0 < np; j0 += CHUNK) {
             const long j1 = j0 + CHUNK < np ? j0 + CHUNK : np;
+#if TWO_ROWS
             for (int r = 0; r < rows; r += 2) {
                 const int rb = r + 1 < rows ? r + 1 : r;
                 const float *sa = s + r * np, *sb = s + rb * np;
@@ -179,6 +191,27 @@ static void attend(const float *restrict qkv, float *restrict out, long n, int h
                     B[1] = lb; B[2] = p0; B[3] = p1; B[4] = p2; B[5] = p3; B[6] = p4; B[7] = p5; B[8] = p6; B[9] = p7;
                 }
             }
+#else
+            for (int r = 0; r < rows; ++r) {
+                const float *sa = s + r * np;
+                vf *A = acc + r * 10;
+                const vf ma = A[0];
+                vf la = A[1], o0 = A[2], o1 = A[3], o2 = A[4], o3 = A[5], o4 = A[6], o5 = A[7], o6 = A[8], o7 = A[9];
+                for (long j = j0; j < j1; j += W) {
+                    const vf ea = vexp_nonpositive(vload(sa + j) - ma);
+                    la += ea;
+                    o0 += ea * vload(vt + j);
+                    o1 += ea * vload(vt + np + j);
+                    o2 += ea * vload(vt + 2 * np + j);
+                    o3 += ea * vload(vt + 3 * np + j);
+                    o4 += ea * vload(vt + 4 * np + j);
+                    o5 += ea * vload(vt + 5 * np + j);
+                    o6 += ea * vload(vt + 6 * np + j);
+                    o7 += ea * vload(vt + 7 * np + j);
+                }
+                A[1] = la; A[2] = o0; A[3] = o1; A[4] = o2; A[5] = o3; A[6] = o4; A[7] = o5; A[8] = o6; A[9] = o7;
+            }
+#endif
         }
         for (int r = 0; r < rows; ++r) {
             const float inv = 1.0f / hsum(acc[r * 10 + 1]);
