@@ -156,3 +156,30 @@ def test_unusable_cache_folder_falls_back_to_a_temporary_folder(tmp_path):
     s = _status_in_subprocess({"R2FORMER_CACHE": str(blocked / "r2former")})
     assert s["available"], s["detail"]
     assert Path(s["detail"]).parent.name == f"r2former-{os.getuid()}"
+
+
+def _narrower_targets() -> list[str]:
+    """-march values that build the narrower code paths of attention.c on this machine: AVX2 (8 floats) and
+    the baseline (4 floats: SSE2 on x86-64, NEON on arm64)."""
+    import platform
+    return ["x86-64-v3", "x86-64"] if platform.machine() in ("x86_64", "AMD64") else ["armv8-a"]
+
+
+@pytest.mark.parametrize("march", _narrower_targets())
+def test_narrower_vector_builds_agree_with_torch(tmp_path, march):
+    """Every vector width the source supports passes the self-check against torch (a wrong result would leave
+    the kernel unused); the AVX2 build is what most robots' CPUs run."""
+    code = ("import json, torch; from r2former_core.model import native; s = native.status(); torch.manual_seed(0)\n"
+            "diffs = []\n"
+            "for b, n in ((2, 300), (33, 6), (1, 1001)):\n"
+            "    qkv = torch.randn(b, n, 96) * 3\n"
+            "    q, k, v = qkv.double().reshape(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)\n"
+            "    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, 32)\n"
+            "    with torch.no_grad():\n"
+            "        diffs.append(float((native.attention(qkv, 4).double() - ref).abs().max()) if s.available else 1.0)\n"
+            "print(json.dumps({'available': s.available, 'detail': s.detail, 'diffs': diffs}))")
+    env = {**os.environ, "R2FORMER_CACHE": str(tmp_path), native.MARCH_ENV: march, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True)
+    s = json.loads(out.stdout.strip().splitlines()[-1])
+    assert s["available"], s["detail"]
+    assert max(s["diffs"]) < 2e-5, s["diffs"]
