@@ -66,7 +66,15 @@ typedef int32_t vi __attribute__((vector_size(W * 4)));
 #define CHUNK 256             /* keys per chunk: 8 x 256 keys and values = 16 kB, in L1 */
 
 static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+#elif defined(__AVX__)
+#include <immintrin.h>
+static inline vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
+#else
 static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
+#endif
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
@@ -191,15 +199,21 @@ static void attend(const float *restrict qkv, float *restrict out, long n, int h
                     B[1] = lb; B[2] = p0; B[3] = p1; B[4] = p2; B[5] = p3; B[6] = p4; B[7] = p5; B[8] = p6; B[9] = p7;
                 }
             }
-#else
+#else       /* exp and sums first (stored over the scores), then the weighted values: fewer live registers */
             for (int r = 0; r < rows; ++r) {
-                const float *sa = s + r * np;
+                float *sa = s + r * np;
                 vf *A = acc + r * 10;
                 const vf ma = A[0];
-                vf la = A[1], o0 = A[2], o1 = A[3], o2 = A[4], o3 = A[5], o4 = A[6], o5 = A[7], o6 = A[8], o7 = A[9];
+                vf la = A[1];
                 for (long j = j0; j < j1; j += W) {
                     const vf ea = vexp_nonpositive(vload(sa + j) - ma);
                     la += ea;
+                    vstore(sa + j, ea);
+                }
+                A[1] = la;
+                vf o0 = A[2], o1 = A[3], o2 = A[4], o3 = A[5], o4 = A[6], o5 = A[7], o6 = A[8], o7 = A[9];
+                for (long j = j0; j < j1; j += W) {
+                    const vf ea = vload(sa + j);
                     o0 += ea * vload(vt + j);
                     o1 += ea * vload(vt + np + j);
                     o2 += ea * vload(vt + 2 * np + j);
@@ -209,7 +223,7 @@ static void attend(const float *restrict qkv, float *restrict out, long n, int h
                     o6 += ea * vload(vt + 6 * np + j);
                     o7 += ea * vload(vt + 7 * np + j);
                 }
-                A[1] = la; A[2] = o0; A[3] = o1; A[4] = o2; A[5] = o3; A[6] = o4; A[7] = o5; A[8] = o6; A[9] = o7;
+                A[2] = o0; A[3] = o1; A[4] = o2; A[5] = o3; A[6] = o4; A[7] = o5; A[8] = o6; A[9] = o7;
             }
 #endif
         }
