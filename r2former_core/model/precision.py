@@ -8,7 +8,8 @@ Modes (`options.PRECISIONS`):
         the reranker's block stacks run on a bfloat16 copy of their weights on CUDA and on AMX CPUs.
         On CPUs without AMX the reranker stays float32 (`rerank_precision`): its time is the fused
         attention over 1001 tokens of head dimension 8, which is no faster in bfloat16 there and
-        whose 6-token block-1 attention is twice as slow (docs/BENCHMARKS.md section 1);
+        whose 6-token block-1 attention is twice as slow (docs/BENCHMARKS.md section 1); in float32 on a
+        CPU both attentions run on the compiled kernels of `native` (2-3x faster than torch's);
   fp16  float16 autocast on CUDA (what the package did unconditionally on CUDA before);
   int8  dynamic int8 linear layers in the backbone (CPU, fbgemm, VNNI); the reranker runs in fp32;
   auto  the fastest mode this machine accelerates among those that keep the ranking
