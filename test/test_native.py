@@ -184,3 +184,13 @@ def test_narrower_vector_builds_agree_with_torch(tmp_path, march):
     s = json.loads(out.stdout.strip().splitlines()[-1])
     assert s["available"], s["detail"]
     assert max(s["diffs"]) < 2e-5, s["diffs"]
+
+
+def test_a_cache_folder_others_can_write_is_not_used(tmp_path):
+    """A library loaded from a folder anyone can write could be anyone's code: such a folder is refused."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    s = _status_in_subprocess({"R2FORMER_CACHE": str(shared)})
+    assert s["available"], s["detail"]
+    assert Path(s["detail"]).parent != shared and not any(shared.iterdir())

@@ -10,7 +10,8 @@ weighted sum per query row (2-2.5x faster per score on an AVX-512 CPU); short on
 How it is built: the first time a process needs it, the C file is compiled with the system's C compiler
 (`cc`, or `$CC`) for this CPU (`-O3 -march=native`; `$R2FORMER_NATIVE_MARCH` replaces `native`, e.g.
 `x86-64-v3` for a build any AVX2 machine runs) into a per-user cache (`$R2FORMER_CACHE`, else
-`$XDG_CACHE_HOME/r2former`, else `~/.cache/r2former`; a temporary folder when that cannot be written),
+`$XDG_CACHE_HOME/r2former`, else `~/.cache/r2former`; a temporary folder when that cannot be written; a
+folder or library that other users can write is never used),
 keyed by the source, the compiler, its flags and the CPU's instruction sets, so later processes load it in
 milliseconds and a home directory shared between machines keeps one build per CPU type. The library is
 written to a temporary name and renamed into place (two processes compiling at once do not collide). After
@@ -94,22 +95,35 @@ def _flags() -> list[str]:
     return [*FLAGS, f"-march={os.environ.get(MARCH_ENV, '').strip() or 'native'}"]
 
 
+def _private(path: Path) -> bool:
+    """`path` belongs to this user and no one else can write it: a library loaded from it runs as this user,
+    so a folder others can write (e.g. a /tmp path someone created first) is never used."""
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _build(compiler: str, rebuild: bool = False) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *_flags(), _cpu_signature()])
                          .encode()).hexdigest()[:16]
     name = f"attention_hd8-{key}.so"
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"r2former-{os.getuid()}"):
-        if (folder / name).exists() and not rebuild:
-            return folder / name
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            if os.access(folder, os.W_OK):
-                break
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            usable = _private(folder) and os.access(folder, os.W_OK)
         except OSError:
-            pass
-        log.warning("cache folder %s is not writable: the attention kernel goes to a temporary folder", folder)
+            usable = False
+        if usable:
+            break
+        log.warning("cache folder %s is not a folder only this user can write: the attention kernel is not "
+                    "loaded from or written to it", folder)
+    else:
+        raise RuntimeError("no cache folder only this user can write (set R2FORMER_CACHE to one)")
     target = folder / name
+    if target.exists() and not rebuild:
+        if _private(target):
+            return target
+        log.warning("%s can be written by other users: compiling it again", target)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
