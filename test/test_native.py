@@ -194,3 +194,14 @@ def test_a_cache_folder_others_can_write_is_not_used(tmp_path):
     s = _status_in_subprocess({"R2FORMER_CACHE": str(shared)})
     assert s["available"], s["detail"]
     assert Path(s["detail"]).parent != shared and not any(shared.iterdir())
+
+
+@pytest.mark.parametrize("n", [6, 300])
+def test_a_nan_input_gives_nan_output_as_torch_does(n):
+    """Corrupt inputs must not turn into plausible numbers: a NaN in a key makes every row's output NaN."""
+    qkv = torch.randn(2, n, 96)
+    qkv[1, n // 2, 40] = float("nan")                  # a key of pair 1, head 1
+    with torch.no_grad():
+        out = native.attention(qkv, 4)
+    assert torch.isnan(out[1, :, 8:16]).all() and torch.isfinite(out[0]).all()
+    assert torch.isfinite(out[1, :, :8]).all(), "other heads are not touched"

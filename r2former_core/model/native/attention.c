@@ -82,7 +82,7 @@ static inline vf vexp_nonpositive(vf x)
 {
     /* exp_nonpositive on W lanes, the same operations. */
     const vf low = (vf){0} - 87.0f, magic = (vf){0} + 12582912.0f;   /* broadcasts */
-    x = vmax(x, low);
+    x = vmax(low, x);                          /* (low, x): a NaN in x stays NaN (maxps returns its 2nd operand) */
     vf t = x * 1.44269504088896341f + magic;
     vf n = t - magic;
     vf r = x - n * 0.693359375f;
