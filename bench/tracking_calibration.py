@@ -34,8 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import machine_info, write_report  # noqa: E402
-from tracking_filters import (NIGHT_FOG_WORLDS, VARIANTS, TableLocalizer, Variant,  # noqa: E402
-                              odometry_in_play_order, play_order, score_table)
+from tracking_filters import (  # noqa: E402
+    NIGHT_FOG_WORLDS,
+    VARIANTS,
+    TableLocalizer,
+    Variant,
+    odometry_in_play_order,
+    play_order,
+    score_table,
+)
 
 from r2former_core.data.poses import yaw_from_quat  # noqa: E402
 from r2former_core.evaluation import CHI2_2D_95, GROSS_M  # noqa: E402
@@ -159,11 +166,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"m2 p95 {rp['m2_p95']:.2f} (exact: {CHI2_2D_95}); along the drive: mean error^2 "
                   f"{rp['along_mean_sq_error']:.2f} m^2, published variance {rp['along_mean_variance']:.2f}; across: "
                   f"{rp['across_mean_sq_error']:.2f} vs {rp['across_mean_variance']:.2f}")
-            print("   lateral offset by world (m): " + " ".join(
-                f"{w.split(':')[0].split('/')[0]}:{v:+.1f}" for w, v in rp["lateral_offset_by_world"].items()))
-        print("   confidence -> published, > 25 m off: " + "; ".join(
-            f"[{b['confidence'][0]:.2f}, {b['confidence'][1]:.2f}) {b['published']}, {b['gross']}"
-            + (f" ({100 * b['gross'] / b['published']:.1f} %)" if b["published"] else "") for b in s["confidence_bins"]))
+            if name != "all runs":
+                print("   lateral offset by world (m): " + " ".join(
+                    f"{w.split(':')[0]}:{v:+.1f}" for w, v in rp["lateral_offset_by_world"].items()))
+        bins = [f"[{b['confidence'][0]:.2f}, {b['confidence'][1]:.2f}) {b['published']}, {b['gross']}"
+                + (f" ({100 * b['gross'] / b['published']:.1f} %)" if b["published"] else "")
+                for b in s["confidence_bins"]]
+        print("   confidence -> published, > 25 m off: " + "; ".join(bins))
     write_report(args.out, report)
     return 0
 
