@@ -12,7 +12,16 @@ own (ms per frame of prediction + update); end-to-end timings are in bench/track
         --out bench/results/tracking_filters.json
 
 The default sets are validation worlds (900, 901: model selection in training; 953, 954: never used), not the
-held-out test worlds 950-952 of bench/tracking_eval.py: the filter and its parameters were chosen here.
+held-out test worlds 950-952 of bench/tracking_eval.py: the filter and its parameters were chosen here. The
+second round (global search, speed of new hypotheses; docs/TRACKING.md) was chosen on 20 worlds at night in fog,
+each played in time order and kidnapped at several points, without the particle filter:
+
+    .venv/bin/python bench/tracking_filters.py --model models/r2former_tiny_demo.safetensors \
+        --sets night+fog-validation --particles 0 --orders drive,kidnap,kidnap@0.25,kidnap@0.75 \
+        --variants "defaults,global search reranks all of top_k" --out bench/results/tracking_filters_night_fog.json
+
+Besides the mean over the sets it prints figures pooled over all their frames, and how many worlds meet the
+issue's calibration band and gross-error bound one by one.
 """
 from __future__ import annotations
 
