@@ -241,15 +241,18 @@ class TrackingConfig:
                              "a belief split between places is not published", min=0.0, max=1.0)
     track_mass: float = option(0.5, "while the most probable place holds at least this probability the tracker "
                                "reranks only the belief's entries (plus kidnap_candidates); below it for lost_frames "
-                               "frames, the whole top_k again", min=0.0, max=1.0)
+                               "frames, the global top (global_candidates) again", min=0.0, max=1.0)
     mode_radius: float = option(0.0, "m, map entries within this of the most probable one form the published "
                                 "place; 0 = max(10 m, 4 x keyframe spacing)", min=0.0, max=500.0)
     track_candidates: int = option(20, "map entries of the belief reranked per frame while tracking (with the "
                                    "kidnap candidates at most top_k)", min=1, max=1000)
     kidnap_candidates: int = option(20, "global top candidates reranked as well while tracking, to notice a kidnap "
                                     "(at most half of top_k)", min=0, max=1000)
-    lost_frames: int = option(5, "frames below track_mass after which tracking is lost and the whole top_k is "
-                              "reranked again (global search)", min=1, max=1000)
+    global_candidates: int = option(50, "global top candidates reranked per frame while there is no place to track "
+                                    "(global search, lost): the best of the global retrieval, not chosen by the "
+                                    "belief; at most top_k (0 = all of top_k)", min=0, max=1000)
+    lost_frames: int = option(5, "frames below track_mass after which tracking is lost and global search "
+                              "(global_candidates) starts again", min=1, max=1000)
     max_support: int = option(200, "most map entries the belief keeps (the least probable are dropped)",
                               min=10, max=100000)
     score_gain: float = option(0.9, "calibration of the rerank score: log likelihood ratio = score_gain x "

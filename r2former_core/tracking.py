@@ -17,20 +17,22 @@ map: the observation is explained by no entry). Per frame:
    motion has a direction even without odometry. A little of the belief returns to the prior every
    second (`kidnap_rate`), which is what lets a new place take over after a kidnap.
 2. choose candidates: while tracking, the support's most probable entries (`track_candidates`) plus a
-   few of the global top-k (`kidnap_candidates`, to notice a kidnap); otherwise the whole top_k, as a
-   single frame does. The localizer reranks exactly these.
+   few of the global top-k (`kidnap_candidates`, to notice a kidnap); otherwise (global search, lost) the
+   best `global_candidates` of the global top-k, chosen by the retrieval and not by the belief (which is
+   not to be trusted yet), so that no frame reranks more than that. The localizer reranks exactly these.
 3. update: each reranked entry's score becomes a likelihood ratio against "elsewhere" (calibrated:
    log LR = score_gain x normalised logit + score_bias, bounded by `max_log_lr`); entries not reranked
    use their global cosine (global_gain, global_bias). The logit is normalised by the entry's typical
    score (`ScoreNormaliser`: look-alike stretches that score high against every query count less) and by
    the frame's level (the median of its global top candidates), and counts only as far as the entry's
-   typical score is known.
+   typical score is known. Hypotheses the update adds (the "anywhere" share at newly observed entries)
+   take the belief's current speed distribution: a kidnap moves the robot, not its speed.
 4. publish: the most probable entry and its neighbours within `mode_radius` form the place; its
    probability is the confidence. Pose = mass-weighted position (orientation of the most probable
    entry), covariance = the place's spread plus a floor, widened when the place holds less than all
    of the belief. Below `min_mass` nothing is published: a split belief is not a pose.
 
-States: `global` (no place yet: the whole top_k is reranked), `tracking` (a place holds at least
+States: `global` (no place yet: global search), `tracking` (a place holds at least
 `track_mass`), `lost` (below it for `lost_frames` frames: global search again until a place holds it).
 
 Stamps: frames must come in time order. A frame with the stamp of the last one (a duplicate) or an
@@ -176,6 +178,16 @@ class MapBelief:
         """Probability of each support entry (summed over speeds)."""
         return self.mass.sum(1)
 
+    def speed_distribution(self) -> np.ndarray:
+        """Probability of each speed state: the support's mass summed over entries, with the mass that has no
+        speed (anywhere on the map, elsewhere) spread evenly over the states. New hypotheses start from it:
+        when the robot is carried elsewhere (a kidnap) or the belief was on a look-alike place, the place
+        changes but the robot's speed does not, so a place found anew need not learn the speed again. With
+        an empty support (start, reset) it is uniform."""
+        p = self.mass.sum(0) + (self.uniform + self.elsewhere) / len(self.speeds)
+        total = float(p.sum())
+        return p / total if total > 0 else np.full(len(self.speeds), 1.0 / len(self.speeds))
+
     def most_probable(self, n: int) -> np.ndarray:
         """Up to n support entries, most probable first."""
         if not len(self.entries) or n <= 0:
@@ -271,17 +283,19 @@ class MapBelief:
         entries, lr = entries[order], lr[order]
         nb = len(self.speeds)
         share = self.uniform / self.num_entries
+        birth = self.speed_distribution()
         if len(self.entries):
             pos = np.searchsorted(entries, self.entries)
             if np.any(pos >= len(entries)) or np.any(entries[np.minimum(pos, len(entries) - 1)] != self.entries):
                 raise ValueError("update: every support entry needs a likelihood")
             self.mass = self.mass * lr[pos][:, None]
-        # the uniform prior's share at the observed entries joins the support
+        # the uniform prior's share at the observed entries joins the support, with the robot's speed as the
+        # belief has it (before this update's ratios)
         merged = np.union1d(self.entries, entries)
         mass = np.zeros((len(merged), nb))
         if len(self.entries):
             mass[np.searchsorted(merged, self.entries)] = self.mass
-        mass[np.searchsorted(merged, entries)] += (share * lr / nb)[:, None]
+        mass[np.searchsorted(merged, entries)] += (share * lr)[:, None] * birth[None, :]
         self.entries, self.mass = merged, mass
         unobserved = max(self.num_entries - len(entries), 0)
         self.uniform = share * unobserved * math.exp(rest_log_lr)
@@ -546,10 +560,14 @@ class Tracker:
                              timings_ms={"total": 0.0})
 
     def _candidates(self, top: np.ndarray) -> np.ndarray:
-        """What to rerank: the whole top_k, or while tracking the belief's most probable entries and a few
-        global top candidates (never more than top_k: the kidnap candidates get at most half of it)."""
+        """What to rerank: while tracking the belief's most probable entries and a few global top candidates
+        (never more than top_k: the kidnap candidates get at most half of it); otherwise (global search,
+        lost) the best `global_candidates` of the global top (0: all of top_k). Global search takes the
+        retrieval's order, not the belief's: the belief is not yet to be trusted, and reranking its own
+        hypotheses first confirms whichever look-alike got ahead (measured: docs/TRACKING.md)."""
         if self.state != "tracking":
-            return top
+            n = self.config.global_candidates
+            return top[:n] if n > 0 else top
         budget = self.localizer.config.top_k
         kidnap = min(self.config.kidnap_candidates, budget // 2)
         own = self.belief.most_probable(min(self.config.track_candidates, budget - kidnap))

@@ -812,8 +812,11 @@ class LocalizeNode(LifecycleNode):
         if tracker is None:
             return "tracking off (every frame localized on its own)"
         odom = self._values["odom_topic"]
-        return (f"tracking on ({tracker.config.track_candidates} + {tracker.config.kidnap_candidates} candidates "
-                f"while tracking, min_mass {tracker.config.min_mass:g}); "
+        cfg = tracker.config
+        top_k = tracker.localizer.config.top_k
+        searching = min(cfg.global_candidates or top_k, top_k)
+        return (f"tracking on ({cfg.track_candidates} + {cfg.kidnap_candidates} candidates while tracking, "
+                f"{searching} while searching, min_mass {cfg.min_mass:g}); "
                 f"{'odometry from ' + odom if odom else 'no odometry'}")
 
     def _decode(self, msg: Image | CompressedImage) -> tuple[np.ndarray | None, float]:

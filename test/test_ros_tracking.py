@@ -2,7 +2,8 @@
 topics: a drive along a map of distinct images with wheel odometry on `odom_topic`.
 
 One node is shared by the tests of this module (in file order): the filter goes from global search to
-tracking and then reranks fewer candidates than top_k, poses are published with the filter's covariance,
+tracking and then reranks fewer candidates than top_k (global search on track_global_candidates of
+them), poses are published with the filter's covariance,
 odometry is used (and its absence reported), /initialpose seeds the filter (the node's own initialpose
 does not), stamps going back restart it, a tracking parameter set live restarts it, deactivate/activate
 restarts it. The tiny random-weight model cannot rerank by appearance, so the node reranks with RANSAC
@@ -42,7 +43,7 @@ from r2former_ros.conversions import pose_from_msg, pose_msg, rgb_to_image_msg, 
 
 NODE = "/r2former_localizer"
 MAP_SIZE, SPACING, DT = 40, 2.0, 0.2          # map entries 2 m apart, frames 0.2 s apart: 10 m/s
-TOP_K, TRACK, KIDNAP = 20, 4, 2
+TOP_K, TRACK, KIDNAP, GLOBAL = 20, 4, 2, 12
 ODOM_IN_MAP = pose_from_xyzrpy([5.0, -3.0, 0.0, 0.0, 0.0, 0.4])     # where the odometry frame lies in the map
 
 
@@ -82,6 +83,7 @@ class Session:
             "-p", "rerank:=ransac", "-p", f"top_k:={TOP_K}", "-p", "diagnostics_rate:=10.0",
             "-p", "qos_reliability:=reliable", "-p", "odom_topic:=/wheel/odom", "-p", "transform_timeout:=0.3",
             "-p", f"track_track_candidates:={TRACK}", "-p", f"track_kidnap_candidates:={KIDNAP}",
+            "-p", f"track_global_candidates:={GLOBAL}",
             "-p", "publish_initialpose:=true", "-p", "initialpose_min_confidence:=0.0"], assets["root"] / "logs")
         self.stamp = 100.0
         self.sent: dict[int, int] = {}       # image stamp (ns) -> map entry driven to
@@ -156,7 +158,7 @@ def test_global_search_then_tracking_with_fewer_candidates_and_odometry(session,
     assert s.state.snapshot()[0].data == "not_localized"
     first = s.frame(0)
     assert first["tracking"] == "on" and first["tracking_state"] == "global", first
-    assert first["tracking_reranked"] == str(TOP_K) and first["reranked"] == str(TOP_K)   # global: whole top_k
+    assert first["tracking_reranked"] == str(GLOBAL) and first["reranked"] == str(GLOBAL)   # global search
     tracked = [s.frame(k) for k in range(1, 25)]
     states = [d["tracking_state"] for d in tracked]
     assert "tracking" in states and states[-1] == "tracking", states
@@ -213,7 +215,7 @@ def test_stamps_going_back_restart_the_filter(session):
         s.frame(k)
     n_state = len(s.state)
     d = s.frame(12, stamp=s.stamp - 30.0)      # a looped bag: 30 s back
-    assert d["tracking_state"] == "global" and d["tracking_reranked"] == str(TOP_K), d
+    assert d["tracking_state"] == "global" and d["tracking_reranked"] == str(GLOBAL), d
     assert "filter reset" in s.node.output()
     assert s.state.wait(n_state + 1, 5) and s.state.last().data == "lost"   # it was localized: lost now
 
@@ -222,7 +224,7 @@ def test_tracking_parameters_are_live_and_restart_the_filter(session):
     s = session
     for k in range(13, 20):
         s.frame(k)
-    s.set_params(track_min_mass=0.95)
+    s.set_params(track_min_mass=0.95, track_global_candidates=0)      # 0: global search on the whole top_k
     d = s.frame(20)
     assert "parameters changed" in d["tracking_last_reset"] and d["tracking_reranked"] == str(TOP_K), d
     s.set_params(tracking=False)

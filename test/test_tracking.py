@@ -138,6 +138,33 @@ def test_update_is_bayes_rule_against_elsewhere_and_the_uniform_prior():
         b.update(np.array([5]), np.array([0.0]), 0.0)
 
 
+def test_new_hypotheses_take_the_belief_speed():
+    """The uniform prior's share that an update adds at newly observed entries gets the belief's speed
+    distribution (a kidnap moves the robot, not its speed); the support's own mass keeps its speeds."""
+    cfg = TrackingConfig(max_speed=10.0, speed_resolution=1.0, elsewhere_prior=0.2)
+    b = MapBelief(road(50), SPACING, cfg)
+    nb = len(b.speeds)
+    # empty support (start): every speed equally likely
+    assert b.speed_distribution() == pytest.approx(np.full(nb, 1.0 / nb))
+    b.update(np.array([5]), np.array([1.0]), rest_log_lr=0.0)
+    assert b.mass[0] == pytest.approx(np.full(nb, b.mass[0, 0]))
+    # a belief at entry 20 driving at 8 m/s, with a little mass that has no speed (anywhere, elsewhere)
+    concentrate(b, 20, speed=8.0)
+    b.mass *= 0.9
+    b.uniform, b.elsewhere = 0.08, 0.02
+    fast = int(np.argmin(np.abs(b.speeds - 8.0)))
+    expected = np.full(nb, 0.1 / nb)
+    expected[fast] += 0.9
+    assert b.speed_distribution() == pytest.approx(expected)
+    share = b.uniform / 50
+    b.update(np.array([20, 40]), np.array([0.0, 2.0]), rest_log_lr=0.0)
+    total = 0.9 + share * (1 + math.exp(2.0)) + share * 48 + 0.02
+    row = {int(e): b.mass[k] for k, e in enumerate(b.entries)}
+    assert row[40] == pytest.approx(share * math.exp(2.0) * expected / total)             # newborn: the speed
+    assert row[20] == pytest.approx((0.9 * np.eye(nb)[fast] + share * expected) / total)   # kept: its own
+    assert b.place().speed == pytest.approx(8.0, abs=1.0)
+
+
 def test_place_pose_and_covariance_come_from_the_posterior():
     b = MapBelief(road(), SPACING, TrackingConfig(), min_position_std=0.5)
     b.entries = np.array([10, 11, 40])
@@ -285,6 +312,31 @@ def test_tracker_recovers_from_a_kidnap(road_map):
     recovered = [k for k, r in enumerate(after) if r.accepted and abs(r.pose[0] - 2 * truth[30 + k]) < 3]
     assert recovered and lost[0] < recovered[0] <= 25
     assert all(r.accepted and abs(r.pose[0] - 2 * truth[30 + k]) < 3 for k, r in enumerate(after) if k >= 25)
+
+
+def test_global_search_reranks_the_best_global_candidates_only(road_map):
+    """While searching (global, lost) the tracker reranks the first `global_candidates` of the retrieval's
+    order (not chosen by the belief), never more per frame than max(global_candidates, track + kidnap
+    candidates); 0 = the whole top_k. The kidnap is still noticed and the new place found."""
+    truth = [40 + k for k in range(30)] + [2 + k for k in range(30)]
+    hints = ["strong"] * 30 + ["none"] * 10 + ["weak"] * 20
+    rerank, glob = drive_tables(truth, seed=1, global_hint=hints)
+    loc = TableLocalizer(road_map, rerank, glob, top_k=20)
+    cfg = TrackingConfig(max_speed=15.0, lost_frames=3, track_candidates=6, kidnap_candidates=2,
+                         global_candidates=8)
+    out = run(Tracker(loc, cfg), len(truth))
+    searching = [k for k, r in enumerate(out) if r.reranked > 0 and (k == 0 or out[k - 1].state != "tracking")]
+    assert searching[0] == 0 and any(k > 30 for k in searching)       # at the start and after the kidnap
+    for k in searching:
+        assert loc.reranked_sets[k].tolist() == np.argsort(-glob[k], kind="stable")[:8].tolist()
+    assert max(r.reranked for r in out) == 8
+    after = out[30:]
+    assert all(r.accepted and abs(r.pose[0] - 2 * truth[30 + k]) < 3 for k, r in enumerate(after) if k >= 25)
+    # 0: the whole top_k, as a single frame
+    loc.reranked_sets.clear()
+    first = Tracker(loc, TrackingConfig(global_candidates=0)).step(0.0, features=(np.array([0]), None),
+                                                                    with_matches=False)
+    assert first.state == "global" and first.reranked == 20
 
 
 def test_tracker_skips_duplicate_and_out_of_order_stamps_and_resets_on_a_jump_back(road_map):
