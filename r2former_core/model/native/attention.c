@@ -26,6 +26,13 @@
 
 #define D 8
 
+/* exp in two steps, for a float or a vector of floats alike: x = n ln 2 + r (ln 2 split in two parts so the
+ * reduction is exact), then e^r on [-ln2/2, ln2/2] by Cephes expf's polynomial, then times 2^n. */
+#define EXP_REDUCE(x, n) ((x) - (n) * 0.693359375f - (n) * -2.12194440e-4f)
+#define EXP_POLY(r)                                                                                            \
+    ((((((1.9875691500e-4f * (r) + 1.3981999507e-3f) * (r) + 8.3334519073e-3f) * (r) + 4.1665795894e-2f) * (r) \
+       + 1.6666665459e-1f) * (r) + 5.0000001201e-1f) * (r) * (r) + (r) + 1.0f)
+
 static inline float exp_nonpositive(float x)
 {
     /* e^x for x <= 0; x below -87 gives 0 (e^-87 ~ 1.6e-38, at float's normal range). */
@@ -33,15 +40,8 @@ static inline float exp_nonpositive(float x)
     x = x < -87.0f ? -87.0f : x;
     float t = x * 1.44269504088896341f + round_magic;
     float n = t - round_magic;                        /* round(x / ln 2) */
-    float r = x - n * 0.693359375f;                   /* ln 2 split in two for an exact reduction */
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    float r = EXP_REDUCE(x, n);
+    float p = EXP_POLY(r);
     union { int32_t i; float f; } scale;
     scale.i = ((int32_t)n + 127) << 23;               /* 2^n, n in [-126, 0] */
     return p * scale.f;
@@ -85,15 +85,8 @@ static inline vf vexp_nonpositive(vf x)
     x = vmax(low, x);                          /* (low, x): a NaN in x stays NaN (maxps returns its 2nd operand) */
     vf t = x * 1.44269504088896341f + magic;
     vf n = t - magic;
-    vf r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    vf p = (vf){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    vf r = EXP_REDUCE(x, n);
+    vf p = EXP_POLY(r);
     vi e = (__builtin_convertvector(n, vi) + 127) << 23;
     return p * (vf)e;
 }
@@ -236,14 +229,50 @@ static void attend(const float *restrict qkv, float *restrict out, long n, int h
     }
 }
 
+/* The first member of every job: its share of the work and how it ended (see run_parallel). */
+struct range {
+    long first, last;
+    int status;
+};
+
+#define MAX_THREADS 64
+
+/* Runs fn on jobs[0..threads) (each `size` bytes, starting with a struct range), jobs[0] in this thread;
+ * a thread that cannot be started has its share done here. Returns the first nonzero status, else 0. */
+static int run_parallel(void *(*fn)(void *), void *jobs, size_t size, int threads)
+{
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 1; t < threads; ++t)
+        started[t] = pthread_create(&ids[t], NULL, fn, (char *)jobs + t * size) == 0;
+    fn(jobs);
+    int status = ((struct range *)jobs)->status;
+    for (int t = 1; t < threads; ++t) {
+        void *job = (char *)jobs + t * size;
+        if (started[t])
+            pthread_join(ids[t], NULL);
+        else
+            fn(job);
+        if (((struct range *)job)->status && !status)
+            status = ((struct range *)job)->status;
+    }
+    return status;
+}
+
+static int clamp_threads(int threads, long units)
+{
+    if (threads > units)
+        threads = units > 0 ? (int)units : 1;
+    return threads > MAX_THREADS ? MAX_THREADS : threads;
+}
+
 struct job {
+    struct range range;   /* (pair, head) units [first, last) */
     const float *qkv;
     float *out;
     long pairs, n;
     int heads;
     float scale;
-    long first, last;     /* (pair, head) units [first, last) */
-    int status;
 };
 
 static void *run(void *arg)
@@ -252,19 +281,19 @@ static void *run(void *arg)
     const long n = job->n, np = (n + W - 1) / W * W;
     void *memory = NULL;
     if (posix_memalign(&memory, 64, sizeof(float) * (size_t)np * (2 * D + ROW_BLOCK) + sizeof(vf) * ROW_BLOCK * 10)) {
-        job->status = ENOMEM;
+        job->range.status = ENOMEM;
         return NULL;
     }
     float *scratch = memory;
     const long c = (long)job->heads * D;
-    for (long u = job->first; u < job->last; ++u) {
+    for (long u = job->range.first; u < job->range.last; ++u) {
         const long b = u / job->heads;
         const int h = (int)(u % job->heads);
         attend(job->qkv + b * n * 3 * c, job->out + b * n * c, n, job->heads, h, job->scale,
                scratch, scratch + D * np, scratch + 2 * D * np, (vf *)(scratch + (2 * D + ROW_BLOCK) * np));
     }
     free(memory);
-    job->status = 0;
+    job->range.status = 0;
     return NULL;
 }
 
@@ -273,30 +302,11 @@ int r2f_attention_hd8(const float *qkv, float *out, long pairs, long n, int head
     if (pairs < 0 || n < 1 || heads < 1 || threads < 1)
         return EINVAL;
     const long units = pairs * heads;
-    if (threads > units)
-        threads = units > 0 ? (int)units : 1;
-    if (threads > 64)
-        threads = 64;
-    struct job jobs[64];
-    pthread_t ids[64];
-    int started[64] = {0};
-    for (int t = 0; t < threads; ++t) {
-        jobs[t] = (struct job){qkv, out, pairs, n, heads, scale, units * t / threads, units * (t + 1) / threads, 0};
-    }
-    for (int t = 1; t < threads; ++t)
-        started[t] = pthread_create(&ids[t], NULL, run, &jobs[t]) == 0;
-    run(&jobs[0]);
-    int status = jobs[0].status;
-    for (int t = 1; t < threads; ++t) {
-        if (started[t]) {
-            pthread_join(ids[t], NULL);
-        } else {
-            run(&jobs[t]);      /* no thread: do its share here */
-        }
-        if (jobs[t].status)
-            status = jobs[t].status;
-    }
-    return status;
+    threads = clamp_threads(threads, units);
+    struct job jobs[MAX_THREADS];
+    for (int t = 0; t < threads; ++t)
+        jobs[t] = (struct job){{units * t / threads, units * (t + 1) / threads, 0}, qkv, out, pairs, n, heads, scale};
+    return run_parallel(run, jobs, sizeof jobs[0], threads);
 }
 
 /* ---- many short sequences (the reranker's block 1: a class token and 5 pair tokens per local token) ----
@@ -391,9 +401,8 @@ static void attend_small(const struct small_args *a, long b0, int lanes, float *
 }
 
 struct small_job {
+    struct range range;   /* blocks of LANES sequences [first, last) */
     const struct small_args *args;
-    long first, last;     /* blocks of LANES sequences [first, last) */
-    int status;
 };
 
 static void *run_small(void *arg)
@@ -403,16 +412,16 @@ static void *run_small(void *arg)
     const long c = (long)a->heads * D;
     float *buf = malloc(sizeof(float) * (size_t)(2 * a->rows + 2 * a->n) * c * LANES);
     if (!buf) {
-        job->status = ENOMEM;
+        job->range.status = ENOMEM;
         return NULL;
     }
-    for (long blk = job->first; blk < job->last; ++blk) {
+    for (long blk = job->range.first; blk < job->range.last; ++blk) {
         const long b0 = blk * LANES;
         const int lanes = a->batch - b0 < LANES ? (int)(a->batch - b0) : LANES;
         attend_small(a, b0, lanes, buf);
     }
     free(buf);
-    job->status = 0;
+    job->range.status = 0;
     return NULL;
 }
 
@@ -423,26 +432,9 @@ int r2f_attention_small_hd8(const float *q, long q_bs, long q_ts, const float *k
         return EINVAL;
     const struct small_args args = {q, k, v, q_bs, q_ts, kv_bs, kv_ts, out, batch, n, rows, heads, scale};
     const long blocks = (batch + LANES - 1) / LANES;
-    if (threads > blocks)
-        threads = blocks > 0 ? (int)blocks : 1;
-    if (threads > 64)
-        threads = 64;
-    struct small_job jobs[64];
-    pthread_t ids[64];
-    int started[64] = {0};
+    threads = clamp_threads(threads, blocks);
+    struct small_job jobs[MAX_THREADS];
     for (int t = 0; t < threads; ++t)
-        jobs[t] = (struct small_job){&args, blocks * t / threads, blocks * (t + 1) / threads, 0};
-    for (int t = 1; t < threads; ++t)
-        started[t] = pthread_create(&ids[t], NULL, run_small, &jobs[t]) == 0;
-    run_small(&jobs[0]);
-    int status = jobs[0].status;
-    for (int t = 1; t < threads; ++t) {
-        if (started[t])
-            pthread_join(ids[t], NULL);
-        else
-            run_small(&jobs[t]);
-        if (jobs[t].status)
-            status = jobs[t].status;
-    }
-    return status;
+        jobs[t] = (struct small_job){{blocks * t / threads, blocks * (t + 1) / threads, 0}, &args};
+    return run_parallel(run_small, jobs, sizeof jobs[0], threads);
 }
