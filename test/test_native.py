@@ -205,3 +205,14 @@ def test_a_nan_input_gives_nan_output_as_torch_does(n):
         out = native.attention(qkv, 4)
     assert torch.isnan(out[1, :, 8:16]).all() and torch.isfinite(out[0]).all()
     assert torch.isfinite(out[1, :, :8]).all(), "other heads are not touched"
+
+
+def test_the_kernel_source_is_installed_with_the_package():
+    """pip and colcon install from setup.py: its package data must carry attention.c, or an installed package
+    would always fall back to torch (checked in a built wheel once: r2former_core/model/native/attention.c)."""
+    import ast
+    tree = ast.parse((REPO / "setup.py").read_text())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    package_data = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "package_data"))
+    patterns = package_data["r2former_core"]
+    assert any(native.SOURCE in set((REPO / "r2former_core").glob(p)) for p in patterns), patterns
