@@ -150,13 +150,18 @@ def _self_check(long_kernel, short_kernel) -> float:
         expected = _torch_attention(qkv, h)
         got = torch.empty(b, n, c)
         if n > MAX_SHORT:
-            rc = long_kernel(qkv.data_ptr(), got.data_ptr(), b, n, h, HEAD_DIM ** -0.5, 2)
+            rc = _call_long(long_kernel, qkv, got, h, 2)
         else:
             rc = _call_short(short_kernel, qkv[..., :c], qkv[..., c:], got, h, 2)
         if rc != 0:
             raise RuntimeError(f"the kernel returned error {rc} on the self-check")
         worst = max(worst, float((got - expected).abs().max()))
     return worst
+
+
+def _call_long(kernel, qkv: torch.Tensor, out: torch.Tensor, heads: int, threads: int) -> int:
+    """qkv (B, N, 3C) contiguous -> out (B, N, C)."""
+    return kernel(qkv.data_ptr(), out.data_ptr(), qkv.shape[0], qkv.shape[1], heads, HEAD_DIM ** -0.5, threads)
 
 
 def _call_short(kernel, q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, heads: int, threads: int) -> int:
@@ -211,7 +216,7 @@ _enabled = True
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Inside, attention runs on torch's kernel in this thread's process (benchmarks and tests compare both)."""
+    """Inside, attention runs on torch's kernel in this process (benchmarks and tests compare both)."""
     global _enabled
     previous, _enabled = _enabled, False
     try:
@@ -260,8 +265,7 @@ def attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     if n <= MAX_SHORT:
         _check(_call_short(_short, qkv[..., :c], qkv[..., c:], out, heads, torch.get_num_threads()))
     else:
-        assert _long is not None
-        _check(_long(qkv.data_ptr(), out.data_ptr(), b, n, heads, HEAD_DIM ** -0.5, torch.get_num_threads()))
+        _check(_call_long(_long, qkv, out, heads, torch.get_num_threads()))
     return out
 
 
