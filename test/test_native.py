@@ -47,7 +47,9 @@ def test_long_sequences_equal_torch(batch, n, heads):
         assert native.applies(qkv, heads, 3)
         got = native.attention(qkv, heads)
     assert got.shape == (batch, n, heads * 8)
-    torch.testing.assert_close(got, _reference(qkv, heads), atol=2e-5, rtol=1e-5)
+    # Scores up to ~60 here: their float32 rounding alone moves the output by ~2e-5 (torch's own fused kernel is
+    # 1.6-2.4e-5 off the float64 result on such inputs).
+    torch.testing.assert_close(got, _reference(qkv, heads), atol=4e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("batch,n", [(1, 2), (15, 6), (16, 6), (33, 6), (40, 16), (17, 9)])
@@ -185,7 +187,7 @@ def test_narrower_vector_builds_agree_with_torch(tmp_path, march):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True)
     s = json.loads(out.stdout.strip().splitlines()[-1])
     assert s["available"], s["detail"]
-    assert max(s["diffs"]) < 2e-5, s["diffs"]
+    assert max(s["diffs"]) < 4e-5, s["diffs"]      # float32 rounding of scores up to ~60 (as in the test above)
 
 
 def test_a_cache_folder_others_can_write_is_not_used(tmp_path):

@@ -12,8 +12,8 @@
  * r2f_attention_small_hd8: many short sequences (block 1: a class token and 5 pair tokens per local token),
  * 16 sequences at a time transposed into vector lanes; optionally only the first rows' output.
  *
- * exp is a Cephes-style polynomial (relative error ~1e-7, like expf) written so that the compiler
- * vectorizes it; build WITHOUT -ffast-math (the rounding trick in it needs IEEE order).
+ * The softmax weights are powers of two of base-2 scores (below), by a polynomial the compiler vectorizes;
+ * build WITHOUT -ffast-math (the rounding trick in it needs IEEE order).
  * Threads: pthreads over independent units (no OpenMP runtime of its own); every unit is computed the same
  * way whatever the thread count, so results do not depend on it.
  * Both return 0, or an errno value (EINVAL for bad sizes, ENOMEM).
@@ -26,24 +26,25 @@
 
 #define D 8
 
-/* exp in two steps, for a float or a vector of floats alike: x = n ln 2 + r (ln 2 split in two parts so the
- * reduction is exact), then e^r on [-ln2/2, ln2/2] by Cephes expf's polynomial, then times 2^n. */
-#define EXP_REDUCE(x, n) ((x) - (n) * 0.693359375f - (n) * -2.12194440e-4f)
-#define EXP_POLY(r)                                                                                            \
-    ((((((1.9875691500e-4f * (r) + 1.3981999507e-3f) * (r) + 8.3334519073e-3f) * (r) + 4.1665795894e-2f) * (r) \
-       + 1.6666665459e-1f) * (r) + 5.0000001201e-1f) * (r) * (r) + (r) + 1.0f)
+/* Softmax weights are computed as powers of two: the scores come in base 2 (log2(e) is folded into the
+ * scale of the keys or queries), and 2^x = 2^n 2^r with n = round(x), r = x - n in [-1/2, 1/2] (exact), 2^r by
+ * a degree-5 polynomial fitted for relative error on that interval (1.6e-7 in float32 with fused
+ * multiply-adds; expf's is ~1e-7). Softmax is invariant to the base, so the weights are those of e^x. */
+#define LOG2E 1.44269504088896341f
+#define EXP2_POLY(r)                                                                                           \
+    (((((1.326472731307149e-3f * (r) + 9.671512991189957e-3f) * (r) + 5.550733581185341e-2f) * (r)             \
+       + 2.4022242426872253e-1f) * (r) + 6.931470036506653e-1f) * (r) + 1.0f)
+#define EXP2_LOW -126.0f        /* 2^-126: the smallest normal float; lower arguments give 2^-126 ~ 1.2e-38 */
 
-static inline float exp_nonpositive(float x)
+static inline float exp2_nonpositive(float x)
 {
-    /* e^x for x <= 0; x below -87 gives 0 (e^-87 ~ 1.6e-38, at float's normal range). */
-    const float round_magic = 12582912.0f;          /* 1.5 * 2^23: adding it rounds to an integer */
-    x = x < -87.0f ? -87.0f : x;
-    float t = x * 1.44269504088896341f + round_magic;
-    float n = t - round_magic;                        /* round(x / ln 2) */
-    float r = EXP_REDUCE(x, n);
-    float p = EXP_POLY(r);
-    union { int32_t i; float f; } scale;
-    scale.i = ((int32_t)n + 127) << 23;               /* 2^n, n in [-126, 0] */
+    /* 2^x for x <= 0 (NaN stays NaN). */
+    const float round_magic = 12582912.0f;          /* 1.5 * 2^23: adding it rounds to an integer (even) */
+    x = x < EXP2_LOW ? EXP2_LOW : x;
+    float n = (x + round_magic) - round_magic;
+    float p = EXP2_POLY(x - n);
+    union { uint32_t i; float f; } scale;
+    scale.i = (uint32_t)((int32_t)n + 127) << 23;     /* 2^n, n in [-126, 0] */
     return p * scale.f;
 }
 
@@ -78,17 +79,20 @@ static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
-static inline vf vexp_nonpositive(vf x)
+static inline vf vexp2_nonpositive(vf x)
 {
-    /* exp_nonpositive on W lanes, the same operations. */
-    const vf low = (vf){0} - 87.0f, magic = (vf){0} + 12582912.0f;   /* broadcasts */
-    x = vmax(low, x);                          /* (low, x): a NaN in x stays NaN (maxps returns its 2nd operand) */
-    vf t = x * 1.44269504088896341f + magic;
-    vf n = t - magic;
-    vf r = EXP_REDUCE(x, n);
-    vf p = EXP_POLY(r);
-    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    /* exp2_nonpositive on W lanes: the same values (AVX-512: round and scale by 2^n in one instruction each) */
+    x = vmax((vf){0} + EXP2_LOW, x);           /* (low, x): a NaN in x stays NaN (maxps returns its 2nd operand) */
+#if defined(__AVX512F__)
+    const vf n = (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return (vf)_mm512_scalef_ps((__m512)EXP2_POLY(x - n), (__m512)n);
+#else
+    const vf magic = (vf){0} + 12582912.0f;
+    const vf n = (x + magic) - magic;
+    const vf p = EXP2_POLY(x - n);
+    const vi e = (vi)(((__builtin_convertvector(n, vi) + 127)) << 23);
     return p * (vf)e;
+#endif
 }
 
 static inline float hsum(vf v)
@@ -113,10 +117,11 @@ static void attend(const float *restrict qkv, float *restrict out, long n, int h
                    float *restrict kt, float *restrict vt, float *restrict s, vf *restrict acc)
 {
     const long c = (long)heads * D, stride = 3 * c, np = (n + W - 1) / W * W;
+    const float scale2 = scale * LOG2E;   /* scores in base 2 */
     for (long j = 0; j < np; ++j) {
         const float *k = qkv + j * stride + c + h * D, *v = k + c;
         for (int d = 0; d < D; ++d) {
-            kt[d * np + j] = j < n ? k[d] * scale : 0.0f;
+            kt[d * np + j] = j < n ? k[d] * scale2 : 0.0f;
             vt[d * np + j] = j < n ? v[d] : 0.0f;
         }
     }
@@ -177,7 +182,7 @@ static void attend(const float *restrict qkv, float *restrict out, long n, int h
                 vf la = A[1], o0 = A[2], o1 = A[3], o2 = A[4], o3 = A[5], o4 = A[6], o5 = A[7], o6 = A[8], o7 = A[9];
                 vf lb = B[1], p0 = B[2], p1 = B[3], p2 = B[4], p3 = B[5], p4 = B[6], p5 = B[7], p6 = B[8], p7 = B[9];
                 for (long j = j0; j < j1; j += W) {
-                    const vf ea = vexp_nonpositive(vload(sa + j) - ma), eb = vexp_nonpositive(vload(sb + j) - mb);
+                    const vf ea = vexp2_nonpositive(vload(sa + j) - ma), eb = vexp2_nonpositive(vload(sb + j) - mb);
                     const vf v0 = vload(vt + j), v1 = vload(vt + np + j), v2 = vload(vt + 2 * np + j),
                              v3 = vload(vt + 3 * np + j), v4 = vload(vt + 4 * np + j), v5 = vload(vt + 5 * np + j),
                              v6 = vload(vt + 6 * np + j), v7 = vload(vt + 7 * np + j);
@@ -199,7 +204,7 @@ static void attend(const float *restrict qkv, float *restrict out, long n, int h
                 const vf ma = A[0];
                 vf la = A[1];
                 for (long j = j0; j < j1; j += W) {
-                    const vf ea = vexp_nonpositive(vload(sa + j) - ma);
+                    const vf ea = vexp2_nonpositive(vload(sa + j) - ma);
                     la += ea;
                     vstore(sa + j, ea);
                 }
@@ -336,7 +341,7 @@ static void attend_small(const struct small_args *a, long b0, int lanes, float *
         for (int t = 0; t < rows; ++t) {
             const float *q = a->q + b * a->q_bs + t * a->q_ts;
             for (int ch = 0; ch < c; ++ch)
-                qb[(t * c + ch) * LANES + l] = q[ch] * a->scale;
+                qb[(t * c + ch) * LANES + l] = q[ch] * (a->scale * LOG2E);
         }
         for (int t = 0; t < n; ++t) {
             const float *k = a->k + b * a->kv_bs + t * a->kv_ts, *v = a->v + b * a->kv_bs + t * a->kv_ts;
@@ -370,7 +375,7 @@ static void attend_small(const struct small_args *a, long b0, int lanes, float *
             for (int j = 0; j < n; ++j) {
 #pragma omp simd
                 for (int l = 0; l < LANES; ++l) {
-                    s[j][l] = exp_nonpositive(s[j][l] - m[l]);
+                    s[j][l] = exp2_nonpositive(s[j][l] - m[l]);
                     sum[l] += s[j][l];
                 }
             }
