@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="R2Former visual localization for ROS 2",
     packages=find_packages(include=["r2former_core", "r2former_core.*", "r2former_ros", "r2former_ros.*"]),
-    package_data={"r2former_core": ["py.typed", "model/native/*.c"]},   # the kernel is compiled on first use
+    package_data={"r2former_core": ["py.typed", "model/native/*.c", "model/native/*.h"]},   # compiled on first use
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),

@@ -1,6 +1,7 @@
-"""The compiled attention kernels of the reranker (r2former_core/model/native): built on this machine, equal to
-torch's attention within float32 rounding for both shapes, independent of the thread count, used by the
-reranker, and a clean fallback when disabled or when the cached library is damaged."""
+"""The compiled kernels of the reranker (r2former_core/model/native): built on this machine, attention equal to
+torch's within float32 rounding for both shapes, the mutual top-P selection equal to torch.topk, independent of
+the thread count, used by the reranker, and a clean fallback when disabled or when the cached library is
+damaged."""
 from __future__ import annotations
 
 import json
@@ -94,7 +95,8 @@ def test_not_applied_where_it_does_not_compute():
 
 
 def test_reranker_scores_equal_with_and_without_the_kernel(tiny_config):
-    """The whole reranker (blocks 1 and 2) through the kernels and through torch: the same scores."""
+    """The whole reranker (top-P selection, blocks 1 and 2) through the kernels and through torch: the same
+    scores."""
     import dataclasses
 
     from r2former_core.model import build_model
@@ -106,16 +108,18 @@ def test_reranker_scores_equal_with_and_without_the_kernel(tiny_config):
     c_local = torch.rand(k, n, cfg.local_values, generator=g)
     q_global, c_global = torch.randn(cfg.global_dim, generator=g), torch.randn(k, cfg.global_dim, generator=g)
     with torch.no_grad():
-        calls = []
-        original = native.attention
+        calls, topk_calls = [], []
+        original, original_topk = native.attention, native.mutual_topk
         native.attention = lambda *a: calls.append(a[0].shape) or original(*a)
+        native.mutual_topk = lambda *a: topk_calls.append(a[0].shape) or original_topk(*a)
         try:
             fast = model.reranker.rerank_query(q_global, q_local, c_global, c_local)
         finally:
-            native.attention = original
+            native.attention, native.mutual_topk = original, original_topk
         with native.disabled():
             slow = model.reranker.rerank_query(q_global, q_local, c_global, c_local)
     assert any(shape[1] > native.MAX_SHORT for shape in calls) and any(shape[1] <= native.MAX_SHORT for shape in calls)
+    assert topk_calls == [(k, n, n)]
     torch.testing.assert_close(fast.logits, slow.logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fast.final_score, slow.final_score, atol=1e-5, rtol=1e-5)
 
@@ -211,12 +215,69 @@ def test_a_nan_input_gives_nan_output_as_torch_does(n):
     assert torch.isfinite(out[1, :, :8]).all(), "other heads are not touched"
 
 
-def test_the_kernel_source_is_installed_with_the_package():
-    """pip and colcon install from setup.py: its package data must carry attention.c, or an installed package
-    would always fall back to torch (checked in a built wheel once: r2former_core/model/native/attention.c)."""
+def test_the_kernel_sources_are_installed_with_the_package():
+    """pip and colcon install from setup.py: its package data must carry the C sources and headers, or an installed
+    package would always fall back to torch (checked in a built wheel once)."""
     import ast
     tree = ast.parse((REPO / "setup.py").read_text())
     call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
     package_data = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "package_data"))
-    patterns = package_data["r2former_core"]
-    assert any(native.SOURCE in set((REPO / "r2former_core").glob(p)) for p in patterns), patterns
+    installed = {path for pattern in package_data["r2former_core"] for path in (REPO / "r2former_core").glob(pattern)}
+    assert set(native.SOURCES) | set(native.HEADERS) <= installed, package_data
+    assert set(native.SOURCES) | set(native.HEADERS) == set(native.FOLDER.glob("*.[ch]")), "a source not compiled"
+
+
+def _torch_topk(corr: torch.Tensor, p: int) -> tuple[torch.Tensor, ...]:
+    val_q, idx_q = corr.topk(p, dim=2)
+    val_r, idx_r = corr.topk(p, dim=1)
+    return val_q, idx_q, val_r.transpose(1, 2), idx_r.transpose(1, 2)
+
+
+@pytest.mark.parametrize("shape,p", [((2, 500, 500), 5), ((3, 37, 41), 5), ((1, 5, 300), 5), ((4, 19, 6), 6),
+                                     ((1, 64, 80), 1), ((2, 100, 70), 16)])
+def test_mutual_topk_equals_torch_topk(shape, p):
+    g = torch.Generator().manual_seed(sum(shape) + p)
+    corr = torch.randn(*shape, generator=g)          # continuous values: no ties, so the order is torch's exactly
+    with torch.no_grad():
+        assert native.topk_applies(corr, p)
+        got = native.mutual_topk(corr, p)
+    for a, b in zip(got, _torch_topk(corr, p)):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_mutual_topk_ties_keep_the_lower_index_first_and_nan_ranks_first():
+    g = torch.Generator().manual_seed(7)
+    corr = torch.randint(0, 3, (2, 40, 33), generator=g).float()      # many ties
+    corr[1, 3, 7] = corr[1, 20, 7] = float("nan")
+    corr[0, 11, :] = float("nan")
+    row_val, row_idx, col_val, col_idx = native.mutual_topk(corr, 5)
+
+    def expected(values: list[float]) -> list[int]:     # NaN first, then larger, then lower index
+        return sorted(range(len(values)), key=lambda j: (values[j] == values[j], -values[j] if values[j] == values[j]
+                                                         else 0.0, j))[:5]
+    for b in range(2):
+        for i in range(40):
+            assert row_idx[b, i].tolist() == expected(corr[b, i].tolist())
+        for j in range(33):
+            assert col_idx[b, j].tolist() == expected(corr[b, :, j].tolist())
+    assert torch.isnan(col_val[1, 7, :2]).all() and col_idx[1, 7, :2].tolist() == [3, 20]
+    assert torch.isnan(row_val[0, 11]).all() and row_idx[0, 11].tolist() == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(row_val, torch.gather(corr, 2, row_idx), equal_nan=True)   # values match indices
+
+
+def test_mutual_topk_does_not_depend_on_the_thread_count():
+    corr = torch.randn(9, 120, 130, generator=torch.Generator().manual_seed(2))
+    previous = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(native.mutual_topk(corr, 5))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for out in outs[1:] for a, b in zip(out, outs[0]))
+    assert not native.topk_applies(corr, 5), "autograd on (training): torch.topk"
+    with torch.no_grad():
+        assert not native.topk_applies(corr, 200) and not native.topk_applies(corr.double(), 5)
+        with native.disabled():
+            assert not native.topk_applies(corr, 5)

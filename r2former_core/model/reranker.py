@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .config import ModelConfig
 from .layers import LAYER_NORM_EPS, Block, init_linear_layers, linear, sincos_embed_2d, trunc_normal_
 
@@ -120,9 +121,12 @@ class Reranker(nn.Module):
         w_c, bias = w[:, 6], self.pair_head.bias
 
         corr = torch.matmul(xf, yf.transpose(1, 2))                   # (B, N, N)
-        val_q, idx_q = corr.topk(p, dim=2)                            # per query token: best refs
-        val_r, idx_r = corr.topk(p, dim=1)                            # per ref token: best queries
-        val_r, idx_r = val_r.transpose(1, 2), idx_r.transpose(1, 2)   # (B, N, P)
+        if native.topk_applies(corr, p):                              # both selections in one pass
+            val_q, idx_q, val_r, idx_r = native.mutual_topk(corr, p)
+        else:
+            val_q, idx_q = corr.topk(p, dim=2)                        # per query token: best refs
+            val_r, idx_r = corr.topk(p, dim=1)                        # per ref token: best queries
+            val_r, idx_r = val_r.transpose(1, 2), idx_r.transpose(1, 2)   # (B, N, P)
 
         bi = torch.arange(b, device=yl.device)[:, None, None]
         q_side = a_q[:, :, None, :] + b_r[bi, idx_q] + val_q[..., None] * w_c    # (B, N, P, d)

@@ -41,9 +41,12 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("attention.c")
+FOLDER = Path(__file__).parent
+SOURCES = (FOLDER / "attention.c", FOLDER / "topk.c")          # compiled into one library
+HEADERS = (FOLDER / "parallel.h", FOLDER / "vectors.h")
 HEAD_DIM = 8
 MAX_SHORT = 16          # sequences up to this many tokens go to the short-sequence kernel
+MAX_PARTNERS = 64       # largest P of mutual_topk (topk.c's MAX_P)
 FLAGS = ("-O3", "-fopenmp-simd", "-fPIC", "-shared", "-fno-strict-aliasing")
 MARCH_ENV = "R2FORMER_NATIVE_MARCH"     # -march= value, default native (e.g. x86-64-v3 for any AVX2 machine)
 COMPILE_TIMEOUT_S = 120.0
@@ -60,6 +63,7 @@ _lock = threading.Lock()
 _status: KernelStatus | None = None
 _long = None
 _short = None
+_topk = None
 
 
 def cache_dir() -> Path:
@@ -104,9 +108,10 @@ def _private(path: Path) -> bool:
 
 def _build(compiler: str, rebuild: bool = False) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *_flags(), _cpu_signature()])
+    texts = [path.read_text() for path in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256("\0".join([*texts, compiler, version, *_flags(), _cpu_signature()])
                          .encode()).hexdigest()[:16]
-    name = f"attention_hd8-{key}.so"
+    name = f"reranker_kernels-{key}.so"
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"r2former-{os.getuid()}"):
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -127,21 +132,22 @@ def _build(compiler: str, rebuild: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *_flags(), "-o", tmp, str(SOURCE), "-lpthread"], capture_output=True,
-                                text=True, timeout=COMPILE_TIMEOUT_S)
+        result = subprocess.run([compiler, *_flags(), "-o", tmp, *map(str, SOURCES), "-lpthread"],
+                                capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({result.returncode}): {result.stderr.strip()[-800:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    log.info("compiled the reranker's attention kernel: %s", target)
+    log.info("compiled the reranker's kernels: %s", target)
     return target
 
 
-def _self_check(long_kernel, short_kernel) -> float:
+def _self_check(long_kernel, short_kernel, topk_kernel) -> float:
     """Largest difference to torch's fused attention on small random inputs (odd sizes: vector tails and
-    idle lanes), through both kernels, full and class-row-only."""
+    idle lanes), through both kernels, full and class-row-only; infinite if the top-P selection differs from
+    torch.topk's."""
     g = torch.Generator().manual_seed(0)
     h, c = 4, 4 * HEAD_DIM
     worst = 0.0
@@ -156,6 +162,12 @@ def _self_check(long_kernel, short_kernel) -> float:
         if rc != 0:
             raise RuntimeError(f"the kernel returned error {rc} on the self-check")
         worst = max(worst, float((got - expected).abs().max()))
+    corr = torch.randn(3, 37, 41, generator=g)
+    got_topk, rc = _call_topk(topk_kernel, corr, 5, 2)
+    if rc != 0:
+        raise RuntimeError(f"the top-P kernel returned error {rc} on the self-check")
+    if not all(torch.equal(a, b) for a, b in zip(got_topk, _torch_topk(corr, 5))):
+        worst = float("inf")
     return worst
 
 
@@ -173,6 +185,21 @@ def _call_short(kernel, q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, he
                   HEAD_DIM ** -0.5, threads)
 
 
+def _call_topk(kernel, corr: torch.Tensor, p: int, threads: int) -> tuple[tuple[torch.Tensor, ...], int]:
+    """corr (B, N, M) contiguous -> (row values, row indices (B, N, P), column values, column indices (B, M, P))."""
+    b, n, m = corr.shape
+    out = (torch.empty(b, n, p), torch.empty(b, n, p, dtype=torch.int64), torch.empty(b, m, p),
+           torch.empty(b, m, p, dtype=torch.int64))
+    rc = kernel(corr.data_ptr(), b, n, m, p, *(t.data_ptr() for t in out), threads)
+    return out, rc
+
+
+def _torch_topk(corr: torch.Tensor, p: int) -> tuple[torch.Tensor, ...]:
+    val_q, idx_q = corr.topk(p, dim=2)
+    val_r, idx_r = corr.topk(p, dim=1)
+    return val_q, idx_q, val_r.transpose(1, 2), idx_r.transpose(1, 2)
+
+
 def _torch_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     b, n, _ = qkv.shape
     q, k, v = qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
@@ -180,7 +207,7 @@ def _torch_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _load() -> KernelStatus:
-    global _long, _short
+    global _long, _short, _topk
     if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
         return KernelStatus(False, f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}")
     compiler = _compiler()
@@ -202,12 +229,15 @@ def _load() -> KernelStatus:
         short_kernel.argtypes = [pointer, long_, long_, pointer, pointer, long_, long_, pointer, long_, int_, int_,
                                  int_, float_, int_]
         short_kernel.restype = int_
-        error = _self_check(long_kernel, short_kernel)
+        topk_kernel = library.r2f_mutual_topk
+        topk_kernel.argtypes = [pointer, long_, long_, long_, int_, pointer, pointer, pointer, pointer, int_]
+        topk_kernel.restype = int_
+        error = _self_check(long_kernel, short_kernel, topk_kernel)
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         return KernelStatus(False, f"could not build or load the kernel: {e}")
     if not error < 1e-5:
         return KernelStatus(False, f"{path} disagrees with torch by {error:.2e} on the self-check: not used")
-    _long, _short = long_kernel, short_kernel
+    _long, _short, _topk = long_kernel, short_kernel, topk_kernel
     return KernelStatus(True, str(path))
 
 
@@ -251,7 +281,7 @@ def applies(x: torch.Tensor, heads: int, width: int) -> bool:
 
 def _check(rc: int) -> None:
     if rc != 0:
-        raise MemoryError(f"the attention kernel failed with error {rc} ({os.strerror(rc)})")
+        raise MemoryError(f"a reranker kernel failed with error {rc} ({os.strerror(rc)})")
 
 
 def attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
@@ -278,3 +308,20 @@ def attention_rows(q: torch.Tensor, kv: torch.Tensor, heads: int) -> torch.Tenso
     out = torch.empty(b, rows, c, dtype=torch.float32)
     _check(_call_short(_short, q, kv, out, heads, torch.get_num_threads()))
     return out
+
+
+def mutual_topk(corr: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The P largest correlations of every row and of every column of each (N, M) pair, in descending order with
+    their int64 indices: `corr.topk(p, dim=2)` and `corr.topk(p, dim=1)` (the latter transposed to (B, M, P)),
+    in one pass. Equal values keep the lower index first (torch leaves their order unspecified); NaN ranks
+    first, as in torch. Call only where `topk_applies(corr, p)`."""
+    out, rc = _call_topk(_topk, corr.contiguous(), p, torch.get_num_threads())
+    _check(rc)
+    return out  # type: ignore[return-value]
+
+
+def topk_applies(corr: torch.Tensor, p: int) -> bool:
+    """`mutual_topk` computes this call: CPU float32 inference on (B, N, M) with N and M at least P."""
+    return (corr.device.type == "cpu" and corr.dtype == torch.float32 and not torch.is_grad_enabled()
+            and corr.dim() == 3 and 1 <= p <= MAX_PARTNERS and min(corr.shape[1], corr.shape[2]) >= p
+            and not torch.is_autocast_enabled("cpu") and _enabled and status().available)

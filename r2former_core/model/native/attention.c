@@ -19,10 +19,12 @@
  * Both return 0, or an errno value (EINVAL for bad sizes, ENOMEM).
  */
 #include <errno.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "parallel.h"
+#include "vectors.h"
 
 #define D 8
 
@@ -48,36 +50,10 @@ static inline float exp2_nonpositive(float x)
     return p * scale.f;
 }
 
-/* GCC/Clang vector extensions as wide as the target's registers: 16 floats with AVX-512, 8 with AVX/AVX2,
- * 4 otherwise (SSE, NEON). With 16 registers of 8 floats (AVX2) two rows' accumulators do not fit: pass 2 then
- * takes one row at a time (TWO_ROWS 0). */
-#if defined(__AVX512F__)
-#define W 16
-#define TWO_ROWS 1
-#elif defined(__AVX__)
-#define W 8
-#define TWO_ROWS 0
-#else
-#define W 4
-#define TWO_ROWS 0
-#endif
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
+/* With 16 registers of 8 floats (AVX2) two rows' accumulators do not fit: pass 2 then takes one row at a time. */
+#define TWO_ROWS (W == 16)
 #define ROW_BLOCK 16          /* rows sharing one pass over a chunk of keys */
 #define CHUNK 256             /* keys per chunk: 8 x 256 keys and values = 16 kB, in L1 */
-
-static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
-#if defined(__AVX512F__)
-#include <immintrin.h>
-static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
-#elif defined(__AVX__)
-#include <immintrin.h>
-static inline vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
-#else
-static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
-#endif
-static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
 static inline vf vexp2_nonpositive(vf x)
 {
@@ -232,43 +208,6 @@ static void attend(const float *restrict qkv, float *restrict out, long n, int h
                 o[d] = hsum(acc[r * 10 + 2 + d]) * inv;
         }
     }
-}
-
-/* The first member of every job: its share of the work and how it ended (see run_parallel). */
-struct range {
-    long first, last;
-    int status;
-};
-
-#define MAX_THREADS 64
-
-/* Runs fn on jobs[0..threads) (each `size` bytes, starting with a struct range), jobs[0] in this thread;
- * a thread that cannot be started has its share done here. Returns the first nonzero status, else 0. */
-static int run_parallel(void *(*fn)(void *), void *jobs, size_t size, int threads)
-{
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int t = 1; t < threads; ++t)
-        started[t] = pthread_create(&ids[t], NULL, fn, (char *)jobs + t * size) == 0;
-    fn(jobs);
-    int status = ((struct range *)jobs)->status;
-    for (int t = 1; t < threads; ++t) {
-        void *job = (char *)jobs + t * size;
-        if (started[t])
-            pthread_join(ids[t], NULL);
-        else
-            fn(job);
-        if (((struct range *)job)->status && !status)
-            status = ((struct range *)job)->status;
-    }
-    return status;
-}
-
-static int clamp_threads(int threads, long units)
-{
-    if (threads > units)
-        threads = units > 0 ? (int)units : 1;
-    return threads > MAX_THREADS ? MAX_THREADS : threads;
 }
 
 struct job {
