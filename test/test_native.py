@@ -281,3 +281,45 @@ def test_mutual_topk_does_not_depend_on_the_thread_count():
         assert not native.topk_applies(corr, 200) and not native.topk_applies(corr.double(), 5)
         with native.disabled():
             assert not native.topk_applies(corr, 5)
+
+
+@pytest.mark.parametrize("shape", [(3, 1001, 32), (24576, 32), (7, 16), (2, 5, 256), (40000, 64)])
+def test_layer_norm_equals_torch(shape):
+    """Width-32 tokens as the reranker has them, the other widths it accepts, and a call long enough for threads."""
+    g = torch.Generator().manual_seed(shape[-1] + len(shape))
+    x = torch.randn(*shape, generator=g) * 3 + 1
+    norm = torch.nn.LayerNorm(shape[-1], eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g))
+        norm.bias.copy_(torch.randn(shape[-1], generator=g))
+        assert native.norm_applies(x, norm)
+        got = native.layer_norm(x, norm)
+        expected = F.layer_norm(x.double(), (shape[-1],), norm.weight.double(), norm.bias.double(), 1e-6).float()
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_norm_is_used_by_the_reranker_blocks_only_where_it_applies():
+    from r2former_core.model.layers import Block
+    block, x = Block(32, 4, onednn=True).eval(), torch.randn(2, 50, 32)
+    with torch.no_grad():
+        calls = []
+        original = native.layer_norm
+        native.layer_norm = lambda *a: calls.append(a[0].shape) or original(*a)
+        try:
+            fast = block(x)
+        finally:
+            native.layer_norm = original
+        with native.disabled():
+            slow = block(x)
+        assert calls == [(2, 50, 32)] * 2
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+        norm = torch.nn.LayerNorm(24)
+        assert not native.norm_applies(torch.randn(3, 24), norm), "24 is not a multiple of every vector width"
+        assert not native.norm_applies(x.double(), block.norm1)
+    assert not native.norm_applies(x, block.norm1), "autograd on (training): torch's layer norm"
+    with torch.no_grad():
+        x_nan = x.clone()
+        x_nan[1, 3, 5] = float("nan")
+        out = native.layer_norm(x_nan, block.norm1)
+    assert torch.isnan(out[1, 3]).all() and torch.isfinite(out[0]).all() and torch.isfinite(out[1, 4]).all()

@@ -10,8 +10,8 @@ inference (`linear`): with the bias and the GELU fused it is about twice as fast
 for the narrow layers of the reranker (width 32, tens of thousands of tokens) and identical in
 float32 there. The backbone keeps MKL: its wide layers gain nothing and oneDNN's summation order
 moves the selection attention by ~1e-4 after 12 layers. The same blocks compute attention of
-8-dimensional heads (the reranker's blocks 1 and 2) with the compiled kernels of `native` where they
-are available.
+8-dimensional heads (the reranker's blocks 1 and 2) and their layer norms with the compiled kernels of
+`native` where they are available.
 """
 from __future__ import annotations
 
@@ -73,6 +73,11 @@ def linear(x: torch.Tensor, layer: nn.Module, gelu: bool = False, onednn: bool =
     y = layer(x)
     y = F.gelu(y) if gelu else y
     return y if residual is None else residual + y
+
+
+def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """norm(x), on the compiled kernel of `native` where it applies (the reranker's width-32 tokens)."""
+    return native.layer_norm(x, norm) if native.norm_applies(x, norm) else norm(x)
 
 
 class Attention(nn.Module):
@@ -149,19 +154,23 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, onednn: bool = False):
         super().__init__()
+        self.onednn = onednn      # the reranker's blocks: oneDNN linear layers and the compiled kernels
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = Attention(dim, num_heads, onednn)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), onednn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.attn(self.norm1(x), residual=x)
-        return self.mlp(self.norm2(x), residual=x)
+        x = self.attn(self._norm(self.norm1, x), residual=x)
+        return self.mlp(self._norm(self.norm2, x), residual=x)
+
+    def _norm(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, norm) if self.onednn else norm(x)
 
     def forward_rows(self, x: torch.Tensor, rows: int, return_probs: bool = False):
         """Block output for the first `rows` tokens; the others only contribute keys/values."""
-        y, probs = self.attn.forward_rows(self.norm1(x), rows, return_probs, residual=x[:, :rows])
-        return self.mlp(self.norm2(y), residual=y), probs
+        y, probs = self.attn.forward_rows(self._norm(self.norm1, x), rows, return_probs, residual=x[:, :rows])
+        return self.mlp(self._norm(self.norm2, y), residual=y), probs
 
 
 def sincos_embed_2d(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import native
 from .config import ModelConfig
-from .layers import LAYER_NORM_EPS, Block, init_linear_layers, linear, sincos_embed_2d, trunc_normal_
+from .layers import LAYER_NORM_EPS, Block, init_linear_layers, layer_norm, linear, sincos_embed_2d, trunc_normal_
 
 
 @dataclass
@@ -147,9 +147,9 @@ class Reranker(nn.Module):
             cls2 = net.cls_token_2
             tokens = torch.cat([self._stack(net.blocks_2, torch.cat([cls2.expand(len(part), -1, -1), part], 1))
                                 for part in seq.split(self.pair_batch)], dim=0)
-            tokens = linear(net.decoder_norm(tokens), net.pair_head_2).reshape(b, 2 * n, self.dim)
+            tokens = linear(layer_norm(tokens, net.decoder_norm), net.pair_head_2).reshape(b, 2 * n, self.dim)
             x = torch.cat([net.cls_token.expand(b, -1, -1), tokens + pe_tokens], dim=1)
-            out = linear(net.decoder_norm(self._stack(net.blocks, x)), net.decoder_pred)
+            out = linear(layer_norm(self._stack(net.blocks, x), net.decoder_norm), net.decoder_pred)
         return out.float()
 
     def scores(self, logits: torch.Tensor, global_score: torch.Tensor) -> RerankOutput:

@@ -71,14 +71,6 @@ static inline vf vexp2_nonpositive(vf x)
 #endif
 }
 
-static inline float hsum(vf v)
-{
-    float total = 0.0f;
-    for (int l = 0; l < W; ++l)
-        total += v[l];
-    return total;
-}
-
 static inline float hmax(vf v)
 {
     float m = v[0];
