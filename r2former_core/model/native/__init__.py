@@ -169,7 +169,8 @@ def _self_check(long_kernel, short_kernel, topk_kernel, norm_kernel) -> float:
         raise RuntimeError(f"the top-P kernel returned error {rc} on the self-check")
     if not all(torch.equal(a, b) for a, b in zip(got_topk, _torch_topk(corr, 5))):
         worst = float("inf")
-    x, weight, bias = torch.randn(301, 32, generator=g) * 3 + 1, torch.randn(32, generator=g), torch.randn(32, generator=g)
+    x = torch.randn(301, 32, generator=g) * 3 + 1
+    weight, bias = torch.randn(32, generator=g), torch.randn(32, generator=g)
     got = torch.empty_like(x)
     if _call_norm(norm_kernel, x, weight, bias, 1e-6, got, 2) != 0:
         raise RuntimeError("the layer norm kernel failed on the self-check")
