@@ -323,3 +323,29 @@ def test_layer_norm_is_used_by_the_reranker_blocks_only_where_it_applies():
         x_nan[1, 3, 5] = float("nan")
         out = native.layer_norm(x_nan, block.norm1)
     assert torch.isnan(out[1, 3]).all() and torch.isfinite(out[0]).all() and torch.isfinite(out[1, 4]).all()
+
+
+@pytest.mark.parametrize("shared_query", [True, False])
+def test_pair_tokens_equal_the_torch_form(shared_query):
+    """The block-1 input assembled by the kernel equals the reranker's torch form (gathers, adds, class token)."""
+    g = torch.Generator().manual_seed(5)
+    b, n, m, p, d = 4, 37, 29, 5, 32
+    a_q = torch.randn(1 if shared_query else b, n, d, generator=g)
+    b_r = torch.randn(b, m, d, generator=g)
+    val_q, val_r = torch.randn(b, n, p, generator=g), torch.randn(b, m, p, generator=g)
+    idx_q, idx_r = torch.randint(0, m, (b, n, p), generator=g), torch.randint(0, n, (b, m, p), generator=g)
+    w_c, bias, cls = (torch.randn(d, generator=g) for _ in range(3))
+    with torch.no_grad():
+        assert native.pairs_apply(b_r)
+        got = native.pair_tokens(a_q, b_r, val_q, idx_q, val_r, idx_r, w_c, bias, cls[None, None])
+    bi = torch.arange(b)[:, None, None]
+    a_full = a_q.expand(b, -1, -1)
+    q_side = a_full[:, :, None] + b_r[bi, idx_q] + val_q[..., None] * w_c
+    r_side = a_full[bi, idx_r] + b_r[:, :, None] + val_r[..., None] * w_c
+    emb = torch.cat([q_side, r_side], 1) + bias
+    expected = torch.cat([cls.expand(b, n + m, 1, d), emb], 2)
+    assert got.shape == (b, n + m, 1 + p, d)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    idx_q[2, 3, 1] = m                                   # one index out of range: refused, nothing read or written
+    with pytest.raises(ValueError, match="out of range"):
+        native.pair_tokens(a_q, b_r, val_q, idx_q, val_r, idx_r, w_c, bias, cls)

@@ -112,8 +112,8 @@ class Reranker(nn.Module):
         what the block stacks compute in (float32 = exact; inference only otherwise)."""
         b, n, _ = yl.shape
         p = self.partners
-        xf, a_q, pe_q = query_terms if query_terms is not None else self._query_terms(xl)
-        xf, a_q, pe_q = (t.expand(b, -1, -1) for t in (xf, a_q, pe_q))   # views when shared
+        xf, a_q_shared, pe_q = query_terms if query_terms is not None else self._query_terms(xl)
+        xf, a_q, pe_q = (t.expand(b, -1, -1) for t in (xf, a_q_shared, pe_q))   # views when shared
         w = self.pair_head.weight
         y_coords = yl[..., :3].clamp(0, 1)
         yf = F.normalize(yl[..., 3:], dim=-1)
@@ -129,24 +129,30 @@ class Reranker(nn.Module):
             val_r, idx_r = val_r.transpose(1, 2), idx_r.transpose(1, 2)   # (B, N, P)
 
         bi = torch.arange(b, device=yl.device)[:, None, None]
-        q_side = a_q[:, :, None, :] + b_r[bi, idx_q] + val_q[..., None] * w_c    # (B, N, P, d)
-        r_side = a_q[bi, idx_r] + b_r[:, :, None, :] + val_r[..., None] * w_c    # (B, N, P, d)
-        emb = torch.cat([q_side, r_side], dim=1) + bias
         # Token position: the query-side (x, y) of each token's best pair.
         pe_tokens = torch.cat([pe_q, pe_q[bi[..., 0], idx_r[..., 0]]], dim=1)
 
         net = self._stacks(dtype)
-        cast = emb.device.type == "cuda" and dtype != torch.float32
+        cast = yl.device.type == "cuda" and dtype != torch.float32
         with torch.autocast("cuda", dtype=dtype) if cast else contextlib.nullcontext():
             if cast:
                 net = self   # CUDA: autocast does the casting, weights stay float32
             else:
-                emb, pe_tokens = emb.to(dtype), pe_tokens.to(dtype)
-            seq = emb.reshape(b * 2 * n, p, self.dim)
-            # Block-1 runs on many tiny sequences; slices that fit in cache are much faster.
-            cls2 = net.cls_token_2
-            tokens = torch.cat([self._stack(net.blocks_2, torch.cat([cls2.expand(len(part), -1, -1), part], 1))
-                                for part in seq.split(self.pair_batch)], dim=0)
+                pe_tokens = pe_tokens.to(dtype)
+            # Block-1 runs on many tiny sequences (a class token and P pair embeddings each); slices that fit in
+            # cache are much faster.
+            if dtype == torch.float32 and native.pairs_apply(b_r):      # the sequences assembled in one pass
+                seq = native.pair_tokens(a_q_shared, b_r, val_q, idx_q, val_r, idx_r, w_c, bias, net.cls_token_2)
+                parts: Any = seq.reshape(b * 2 * n, p + 1, self.dim).split(self.pair_batch)
+            else:
+                q_side = a_q[:, :, None, :] + b_r[bi, idx_q] + val_q[..., None] * w_c    # (B, N, P, d)
+                r_side = a_q[bi, idx_r] + b_r[:, :, None, :] + val_r[..., None] * w_c    # (B, N, P, d)
+                emb = torch.cat([q_side, r_side], dim=1) + bias
+                emb = emb if cast else emb.to(dtype)
+                cls2 = net.cls_token_2
+                parts = (torch.cat([cls2.expand(len(part), -1, -1), part], 1)
+                         for part in emb.reshape(b * 2 * n, p, self.dim).split(self.pair_batch))
+            tokens = torch.cat([self._stack(net.blocks_2, part) for part in parts], dim=0)
             tokens = linear(layer_norm(tokens, net.decoder_norm), net.pair_head_2).reshape(b, 2 * n, self.dim)
             x = torch.cat([net.cls_token.expand(b, -1, -1), tokens + pe_tokens], dim=1)
             out = linear(layer_norm(self._stack(net.blocks, x), net.decoder_norm), net.decoder_pred)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import logging
 import os
@@ -42,7 +43,8 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).parent
-SOURCES = (FOLDER / "attention.c", FOLDER / "topk.c", FOLDER / "layer_norm.c")          # compiled into one library
+# compiled into one library
+SOURCES = tuple(FOLDER / name for name in ("attention.c", "topk.c", "layer_norm.c", "pair_tokens.c"))
 HEADERS = (FOLDER / "parallel.h", FOLDER / "vectors.h")
 HEAD_DIM = 8
 MAX_SHORT = 16          # sequences up to this many tokens go to the short-sequence kernel
@@ -65,6 +67,7 @@ _long = None
 _short = None
 _topk = None
 _norm = None
+_pairs = None
 
 
 def cache_dir() -> Path:
@@ -207,6 +210,50 @@ def _call_norm(kernel, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                   out.data_ptr(), threads)
 
 
+def _call_pairs(kernel, a_q: torch.Tensor, b_r: torch.Tensor, val_q: torch.Tensor, idx_q: torch.Tensor,
+                val_r: torch.Tensor, idx_r: torch.Tensor, w_c: torch.Tensor, bias: torch.Tensor, cls: torch.Tensor,
+                threads: int) -> tuple[torch.Tensor, int]:
+    """a_q (1 or B, N, D), b_r (B, M, D), val/idx_q (B, N, P), val/idx_r (B, M, P), all contiguous; w_c, bias, cls
+    (D,) -> (B, N + M, 1 + P, D)."""
+    b, m, d = b_r.shape
+    n, p = a_q.shape[1], idx_q.shape[2]
+    out = torch.empty(b, n + m, 1 + p, d)
+    rc = kernel(a_q.data_ptr(), 0 if a_q.shape[0] == 1 else n * d, b_r.data_ptr(), val_q.data_ptr(), idx_q.data_ptr(),
+                val_r.data_ptr(), idx_r.data_ptr(), w_c.data_ptr(), bias.data_ptr(), cls.data_ptr(), out.data_ptr(),
+                b, n, m, p, d, threads)
+    return out, rc
+
+
+def _torch_pairs(a_q, b_r, val_q, idx_q, val_r, idx_r, w_c, bias, cls) -> torch.Tensor:
+    """What `_call_pairs` computes, as the reranker's torch path does it."""
+    b = b_r.shape[0]
+    a_q = a_q.expand(b, -1, -1)
+    bi = torch.arange(b)[:, None, None]
+    q_side = a_q[:, :, None, :] + b_r[bi, idx_q] + val_q[..., None] * w_c
+    r_side = a_q[bi, idx_r] + b_r[:, :, None, :] + val_r[..., None] * w_c
+    emb = torch.cat([q_side, r_side], dim=1) + bias
+    return torch.cat([cls.expand(*emb.shape[:2], 1, -1), emb], dim=2)
+
+
+def _self_check_pairs(kernel) -> float:
+    """Largest difference to the torch form on small random inputs; infinite if an index out of range is not
+    refused."""
+    g = torch.Generator().manual_seed(1)
+    b, n, m, p, d = 3, 11, 13, 5, 32
+    a_q, b_r = torch.randn(1, n, d, generator=g), torch.randn(b, m, d, generator=g)
+    val_q, val_r = torch.randn(b, n, p, generator=g), torch.randn(b, m, p, generator=g)
+    idx_q, idx_r = torch.randint(0, m, (b, n, p), generator=g), torch.randint(0, n, (b, m, p), generator=g)
+    w_c, bias, cls = (torch.randn(d, generator=g) for _ in range(3))
+    got, rc = _call_pairs(kernel, a_q, b_r, val_q, idx_q, val_r, idx_r, w_c, bias, cls, 2)
+    if rc != 0:
+        raise RuntimeError(f"the pair-token kernel returned error {rc} on the self-check")
+    idx_r[1, 2, 3] = n                                   # out of range: refused, nothing read
+    if _call_pairs(kernel, a_q, b_r, val_q, idx_q, val_r, idx_r, w_c, bias, cls, 2)[1] == 0:
+        return float("inf")
+    idx_r[1, 2, 3] = 0
+    return float((got - _torch_pairs(a_q, b_r, val_q, idx_q, val_r, idx_r, w_c, bias, cls)).abs().max())
+
+
 def _torch_topk(corr: torch.Tensor, p: int) -> tuple[torch.Tensor, ...]:
     val_q, idx_q = corr.topk(p, dim=2)
     val_r, idx_r = corr.topk(p, dim=1)
@@ -220,7 +267,7 @@ def _torch_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _load() -> KernelStatus:
-    global _long, _short, _topk, _norm
+    global _long, _short, _topk, _norm, _pairs
     if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
         return KernelStatus(False, f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}")
     compiler = _compiler()
@@ -248,12 +295,16 @@ def _load() -> KernelStatus:
         norm_kernel = library.r2f_layer_norm
         norm_kernel.argtypes = [pointer, long_, int_, pointer, pointer, float_, pointer, int_]
         norm_kernel.restype = int_
+        pairs_kernel = library.r2f_pair_tokens
+        pairs_kernel.argtypes = [pointer, long_, *[pointer] * 9, long_, long_, long_, int_, int_, int_]
+        pairs_kernel.restype = int_
         error = _self_check(long_kernel, short_kernel, topk_kernel, norm_kernel)
+        error = max(error, _self_check_pairs(pairs_kernel))
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         return KernelStatus(False, f"could not build or load the kernel: {e}")
     if not error < 1e-5:
         return KernelStatus(False, f"{path} disagrees with torch by {error:.2e} on the self-check: not used")
-    _long, _short, _topk, _norm = long_kernel, short_kernel, topk_kernel, norm_kernel
+    _long, _short, _topk, _norm, _pairs = long_kernel, short_kernel, topk_kernel, norm_kernel, pairs_kernel
     return KernelStatus(True, str(path))
 
 
@@ -360,3 +411,26 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     out = torch.empty_like(x)
     _check(_call_norm(_norm, x, norm.weight, norm.bias, norm.eps, out, torch.get_num_threads()))
     return out
+
+
+def pair_tokens(a_q: torch.Tensor, b_r: torch.Tensor, val_q: torch.Tensor, idx_q: torch.Tensor, val_r: torch.Tensor,
+                idx_r: torch.Tensor, w_c: torch.Tensor, bias: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """The reranker's block-1 input in one pass: for each of B pairs, every query token (then every reference token)
+    becomes the class token `cls` followed by its P pair embeddings own + partner + value * w_c + bias (`a_q`
+    (1 or B, N, D) the query tokens' terms, `b_r` (B, M, D) the reference tokens', partners by `idx_q` (B, N, P)
+    into b_r and `idx_r` (B, M, P) into a_q) -> (B, N + M, 1 + P, D). Call only where `pairs_apply(b_r)`."""
+    out, rc = _call_pairs(_pairs, a_q.contiguous(), b_r.contiguous(), val_q.contiguous(), idx_q.contiguous(),
+                          val_r.contiguous(), idx_r.contiguous(), w_c.contiguous(), bias.contiguous(),
+                          cls.reshape(-1).contiguous(), torch.get_num_threads())
+    if rc == errno.EINVAL:
+        raise ValueError("pair_tokens: an index out of range or sizes the kernel does not take")
+    _check(rc)
+    return out
+
+
+def pairs_apply(b_r: torch.Tensor) -> bool:
+    """`pair_tokens` computes this call: CPU float32 inference with a token width of 16 to 256 in steps of 16."""
+    d = b_r.shape[-1] if b_r.dim() == 3 else 0
+    return (b_r.device.type == "cpu" and b_r.dtype == torch.float32 and not torch.is_grad_enabled()
+            and 16 <= d <= 256 and d % 16 == 0 and not torch.is_autocast_enabled("cpu") and _enabled
+            and status().available)
