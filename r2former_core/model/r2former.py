@@ -90,7 +90,7 @@ class R2FormerModel(nn.Module):
         return rerank_precision(self.precision, self.device)
 
     def describe_precision(self) -> str:
-        """One line for start-up logs and diagnostics (with the reranker's attention kernel on a CPU)."""
+        """One line for start-up logs and diagnostics (with the reranker's kernels on a CPU)."""
         text = describe(self.precision_setting, self.precision, self.device)
         if self.device.type == "cpu" and self.cfg.rerank_dim // self.cfg.rerank_heads == native.HEAD_DIM:
             text += "; " + native.describe()

@@ -1,13 +1,22 @@
-"""A compiled attention kernel for the reranker's 8-dimensional heads (CPU, float32), built on first use.
+"""Compiled kernels for the reranker (CPU, float32, inference), built on first use.
 
 The reranker's time on a CPU is attention with heads of dimension 8: block 2 (4 heads over ~1001 tokens
 per pair), where torch's fused kernel spends its time in the softmax rather than the two small matrix
-products, and block 1 (thousands of 6-token sequences), where its per-sequence overhead dominates.
-`attention.c` (beside this file) has one kernel for each shape: long sequences fuse scores, softmax and the
-weighted sum per query row (2-2.5x faster per score on an AVX-512 CPU); short ones (at most 16 tokens) run
-16 sequences at once in vector lanes (4-6x faster). docs/BENCHMARKS.md section 1 has the figures.
+products, and block 1 (thousands of 6-token sequences), where its per-sequence overhead dominates; around it,
+operations on width-32 tokens that torch runs at a per-row rather than per-value speed. The C files beside
+this one, compiled into one library:
+- `attention.c`: one attention kernel for each shape: long sequences fuse scores, softmax (as powers of two)
+  and the weighted sum per query row (3-4x faster per score than torch's on an AVX-512 CPU); short ones (at
+  most 16 tokens) run 16 sequences at once in vector lanes (4-6x faster);
+- `topk.c`: both top-P selections of the token correlations (each query token's best reference tokens and
+  each reference token's best query tokens) in one pass, equal to torch.topk's;
+- `layer_norm.c`: layer norm of short rows (3-4x torch's per call);
+- `pair_tokens.c`: block 1's input (class token and pair embeddings) in one pass instead of gathers, adds
+  and concatenations.
+`parallel.h` (threads) and `vectors.h` (vector types as wide as the CPU's registers) are shared.
+docs/BENCHMARKS.md section 1.0 has the figures.
 
-How it is built: the first time a process needs it, the C file is compiled with the system's C compiler
+How it is built: the first time a process needs it, the C files are compiled with the system's C compiler
 (`cc`, or `$CC`) for this CPU (`-O3 -march=native`; `$R2FORMER_NATIVE_MARCH` replaces `native`, e.g.
 `x86-64-v3` for a build any AVX2 machine runs) into a per-user cache (`$R2FORMER_CACHE`, else
 `$XDG_CACHE_HOME/r2former`, else `~/.cache/r2former`; a temporary folder when that cannot be written; a
@@ -18,7 +27,7 @@ written to a temporary name and renamed into place (two processes compiling at o
 loading, its output is compared with torch's on small random inputs; a library that disagrees is not used.
 
 Fallback: without a compiler, when compiling fails, or with `R2FORMER_NATIVE=0` in the environment,
-attention runs on torch's fused kernel (the same results within float32 rounding, slower); the reason is
+everything runs on torch (the same results within float32 rounding, slower); the reason is
 logged once and `status()` reports it (start-up log line of the localizer and `r2former` commands).
 """
 from __future__ import annotations
@@ -124,7 +133,7 @@ def _build(compiler: str, rebuild: bool = False) -> Path:
             usable = False
         if usable:
             break
-        log.warning("cache folder %s is not a folder only this user can write: the attention kernel is not "
+        log.warning("cache folder %s is not a folder only this user can write: the reranker's kernels are not "
                     "loaded from or written to it", folder)
     else:
         raise RuntimeError("no cache folder only this user can write (set R2FORMER_CACHE to one)")
@@ -313,7 +322,7 @@ _enabled = True
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Inside, attention runs on torch's kernel in this process (benchmarks and tests compare both)."""
+    """Inside, the reranker runs on torch alone in this process (benchmarks and tests compare both)."""
     global _enabled
     previous, _enabled = _enabled, False
     try:
@@ -334,9 +343,9 @@ def status() -> KernelStatus:
 
 
 def describe() -> str:
-    """For start-up logs: which attention kernel the reranker uses."""
+    """For start-up logs: whether the reranker runs on the compiled kernels or on torch alone."""
     s = status()
-    return "attention kernel: compiled (native)" if s.available else "attention kernel: torch"
+    return "reranker kernels: compiled (native)" if s.available else "reranker kernels: torch"
 
 
 def applies(x: torch.Tensor, heads: int, width: int) -> bool:

@@ -43,6 +43,8 @@ static inline uint32_t may_rank_before(vf x, vf t)
 {
 #if defined(__AVX512F__)
     return _mm512_cmp_ps_mask((__m512)x, (__m512)t, _CMP_NLE_UQ);
+#elif defined(__AVX__)
+    return (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps((__m256)x, (__m256)t, _CMP_NLE_UQ));
 #else
     const vi pass = ~(x <= t);
     uint32_t bits = 0;
