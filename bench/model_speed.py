@@ -58,6 +58,9 @@ def machine_meta(threads: int) -> dict:
     # Variables that make this machine run as a smaller CPU class (e.g. AVX2 only: torch, oneDNN, MKL and the
     # compiled kernel all limited), recorded so that such a run is never mistaken for the real machine class.
     meta["isa_overrides"] = {k: os.environ[k] for k in ISA_OVERRIDES if k in os.environ}
+    # How idle OpenMP threads wait (spinning or sleeping) moves two-thread times a lot on a busy machine: the
+    # nodes default to PASSIVE (r2former_ros/__init__.py), the library and this script leave it to the caller.
+    meta["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset (spin, then sleep)")
     return meta
 
 
@@ -146,7 +149,8 @@ def add_ratios(rows: list[dict]) -> None:
 
 def print_table(rows: list[dict], meta: dict) -> None:
     print(f"CPU: {meta['cpu']} ({meta['cpu_flags']}; torch capability {meta['cpu_capability']}), "
-          f"{meta['threads']} threads, torch {meta['torch']}" + (f", GPU {meta['cuda']}" if meta["cuda"] else ""))
+          f"{meta['threads']} threads, torch {meta['torch']}, OMP_WAIT_POLICY {meta['omp_wait_policy']}"
+          + (f", GPU {meta['cuda']}" if meta["cuda"] else ""))
     if meta.get("isa_overrides"):
         print("instruction sets limited by: " + " ".join(f"{k}={v}" for k, v in meta["isa_overrides"].items()))
 
