@@ -175,8 +175,8 @@ def _narrower_targets() -> list[str]:
 
 @pytest.mark.parametrize("march", _narrower_targets())
 def test_narrower_vector_builds_agree_with_torch(tmp_path, march):
-    """Every vector width the source supports passes the self-check against torch (a wrong result would leave
-    the kernel unused); the AVX2 build is what most robots' CPUs run."""
+    """Every vector width the sources support passes the self-check against torch (a wrong result would leave
+    the kernels unused) and agrees on larger inputs; the AVX2 build is what most robots' CPUs run."""
     code = ("import json, torch; from r2former_core.model import native; s = native.status(); torch.manual_seed(0)\n"
             "diffs = []\n"
             "for b, n in ((2, 300), (33, 6), (1, 1001)):\n"
@@ -186,12 +186,20 @@ def test_narrower_vector_builds_agree_with_torch(tmp_path, march):
             "    with torch.no_grad():\n"
             "        got = native.attention(qkv, 4).double() if s.available else ref + 1\n"
             "    diffs.append(float((got - ref).abs().max()))\n"
-            "print(json.dumps({'available': s.available, 'detail': s.detail, 'diffs': diffs}))")
+            "corr = torch.randn(2, 500, 300)\n"
+            "topk = s.available and all(torch.equal(a, b) for a, b in zip(native.mutual_topk(corr, 5), "
+            "(*corr.topk(5, dim=2), *(t.transpose(1, 2) for t in corr.topk(5, dim=1)))))\n"
+            "x, norm = torch.randn(999, 32) * 3, torch.nn.LayerNorm(32, eps=1e-6)\n"
+            "with torch.no_grad():\n"
+            "    norm_diff = float((native.layer_norm(x, norm) - norm(x)).abs().max()) if s.available else 1.0\n"
+            "print(json.dumps({'available': s.available, 'detail': s.detail, 'diffs': diffs, 'topk': topk, "
+            "'norm': norm_diff}))")
     env = {**os.environ, "R2FORMER_CACHE": str(tmp_path), native.MARCH_ENV: march, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True)
     s = json.loads(out.stdout.strip().splitlines()[-1])
     assert s["available"], s["detail"]
     assert max(s["diffs"]) < 4e-5, s["diffs"]      # float32 rounding of scores up to ~60 (as in the test above)
+    assert s["topk"] and s["norm"] < 1e-5, s
 
 
 def test_a_cache_folder_others_can_write_is_not_used(tmp_path):
