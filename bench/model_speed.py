@@ -58,8 +58,8 @@ def machine_meta(threads: int) -> dict:
     # Variables that make this machine run as a smaller CPU class (e.g. AVX2 only: torch, oneDNN, MKL and the
     # compiled kernel all limited), recorded so that such a run is never mistaken for the real machine class.
     meta["isa_overrides"] = {k: os.environ[k] for k in ISA_OVERRIDES if k in os.environ}
-    # How idle OpenMP threads wait (spinning or sleeping) moves two-thread times a lot on a busy machine: the
-    # nodes default to PASSIVE (r2former_ros/__init__.py), the library and this script leave it to the caller.
+    # How idle OpenMP threads wait (spinning or sleeping) moves two-thread times a lot: the nodes, `r2former` and
+    # this script default to PASSIVE (r2former_core/openmp.py); OMP_WAIT_POLICY=ACTIVE measures spinning.
     meta["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset (spin, then sleep)")
     return meta
 
@@ -186,12 +186,24 @@ def main() -> int:
                         "literal test reference, official-style, fp32 only) (default "
                         "extract_b1,extract_b8,rerank,rerank_reference)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "model_speed.json"), help="JSON output path")
+    p.add_argument("--omp-wait-policy", choices=["passive", "active", "unset"], default=None,
+                   help="how torch's idle OpenMP threads wait: passive (sleep), active (spin), unset (OpenMP's default: "
+                        "spin, then sleep); default: OMP_WAIT_POLICY from the environment, else passive as the nodes "
+                        "and `r2former` run (r2former_core/openmp.py)")
     p.add_argument("--task", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.task:
         print(json.dumps(worker(args)))
         return 0
+    if args.omp_wait_policy == "unset":
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    elif args.omp_wait_policy:
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+    else:
+        sys.path.insert(0, str(ROOT))
+        from r2former_core.openmp import prefer_sleeping_waiters
+        prefer_sleeping_waiters()      # as the nodes and `r2former` run (the workers inherit it)
     asked = dict.fromkeys(s.strip() for s in args.precisions.split(","))
     precisions = ["fp32"] + [q for q in asked if q and q != "fp32"]
     meta = machine_meta(args.threads)

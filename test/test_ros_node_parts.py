@@ -353,10 +353,11 @@ def test_map_on_disk_tells_deleted_and_replaced_apart(tmp_path):
     assert dict(watch.status().values)["map on disk"] == "as loaded"
 
 
+@pytest.mark.parametrize("program", ["r2former_ros.localize_node", "r2former_core.cli.main"])
 @pytest.mark.parametrize("preset,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_node_processes_default_openmp_waiting_to_passive_before_torch_loads(preset, expected):
-    """The node modules import torch; r2former_ros sets OMP_WAIT_POLICY first (libgomp reads it when it loads),
-    and keeps a value the user set."""
+def test_programs_default_openmp_waiting_to_passive_before_torch_loads(program, preset, expected):
+    """The node and CLI modules import torch; their packages set OMP_WAIT_POLICY first (OpenMP reads it when torch
+    loads), and keep a value the user set (r2former_core/openmp.py)."""
     import json
     import os
     import subprocess
@@ -365,8 +366,10 @@ def test_node_processes_default_openmp_waiting_to_passive_before_torch_loads(pre
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if preset:
         env["OMP_WAIT_POLICY"] = preset
-    code = ("import sys, os, r2former_ros; before = 'torch' in sys.modules; import r2former_ros.localize_node; "
-            "import json; print(json.dumps([before, os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules]))")
+    package = program.rsplit(".", 1)[0]
+    code = (f"import sys, os, importlib; importlib.import_module('{package}'); before = 'torch' in sys.modules; "
+            f"policy = os.environ.get('OMP_WAIT_POLICY'); importlib.import_module('{program}'); import json; "
+            "print(json.dumps([before, policy, 'torch' in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(Path(__file__).parents[1])},
                          capture_output=True, text=True, timeout=120, check=True)
     torch_before, policy, torch_after = json.loads(out.stdout.strip().splitlines()[-1])
