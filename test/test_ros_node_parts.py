@@ -356,8 +356,8 @@ def test_map_on_disk_tells_deleted_and_replaced_apart(tmp_path):
 @pytest.mark.parametrize("program", ["r2former_ros.localize_node", "r2former_core.cli.main"])
 @pytest.mark.parametrize("preset,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_programs_default_openmp_waiting_to_passive_before_torch_loads(program, preset, expected):
-    """The node and CLI modules import torch; their packages set OMP_WAIT_POLICY first (OpenMP reads it when torch
-    loads), and keep a value the user set (r2former_core/openmp.py)."""
+    """The node modules import torch, the CLI's commands do; their packages set OMP_WAIT_POLICY first (OpenMP reads
+    it when torch loads), and keep a value the user set (r2former_core/openmp.py)."""
     import json
     import os
     import subprocess
@@ -373,4 +373,5 @@ def test_programs_default_openmp_waiting_to_passive_before_torch_loads(program, 
     out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(Path(__file__).parents[1])},
                          capture_output=True, text=True, timeout=120, check=True)
     torch_before, policy, torch_after = json.loads(out.stdout.strip().splitlines()[-1])
-    assert not torch_before and torch_after and policy == expected
+    assert not torch_before and policy == expected
+    assert torch_after or program.endswith("cli.main"), "the node module loads torch (the CLI loads it per command)"
