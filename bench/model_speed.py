@@ -188,8 +188,8 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "model_speed.json"), help="JSON output path")
     p.add_argument("--omp-wait-policy", choices=["passive", "active", "unset"], default=None,
                    help="how torch's idle OpenMP threads wait: passive (sleep), active (spin), unset (OpenMP's "
-                        "default: spin, then sleep); default: OMP_WAIT_POLICY from the environment, else passive as the nodes "
-                        "and `r2former` run (r2former_core/openmp.py)")
+                        "default: spin, then sleep); default: OMP_WAIT_POLICY from the environment, else passive "
+                        "as the nodes and `r2former` run (r2former_core/openmp.py)")
     p.add_argument("--task", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
