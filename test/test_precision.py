@@ -63,12 +63,16 @@ def test_modes_a_device_cannot_run_are_refused():
         precision.resolve_precision("fp8", "cpu")
 
 
-def test_reranker_stays_fp32_for_int8_and_for_bf16_without_amx(monkeypatch):
+def test_reranker_stays_fp32_for_int8_and_for_bf16_on_cpus_unless_amx_without_the_kernels(monkeypatch):
+    from r2former_core.model import native
     cpu = torch.device("cpu")
     cpu_with(monkeypatch, avx512_bf16=True)
     assert precision.rerank_precision("bf16", cpu) == "fp32"
     assert precision.rerank_precision("int8", cpu) == "fp32"
     cpu_with(monkeypatch, amx=True)
+    assert native.status().available
+    assert precision.rerank_precision("bf16", cpu) == "fp32", "the float32 kernels beat torch's bfloat16"
+    monkeypatch.setattr(native, "status", lambda: native.KernelStatus(False, "no C compiler found"))
     assert precision.rerank_precision("bf16", cpu) == "bf16"
     assert precision.rerank_precision("fp16", torch.device("cuda", 0)) == "fp16"
 

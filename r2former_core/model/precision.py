@@ -5,8 +5,9 @@ Modes (`options.PRECISIONS`):
   fp32  exact: within 1e-4 of the literal reference and of the official outputs (also on CUDA:
         TF32 is switched off inside the model's calls);
   bf16  bfloat16 autocast for the backbone (about 1.8x faster than fp32 on an AVX512-BF16 CPU);
-        the reranker's block stacks run on a bfloat16 copy of their weights on CUDA and on AMX CPUs.
-        On CPUs without AMX the reranker stays float32 (`rerank_precision`): its time is the fused
+        the reranker's block stacks run on a bfloat16 copy of their weights on CUDA, and on AMX CPUs
+        when the compiled float32 kernels are not available. Otherwise on CPUs the reranker stays float32
+        (`rerank_precision`): its time is the fused
         attention over 1001 tokens of head dimension 8, which is no faster in bfloat16 there and
         whose 6-token block-1 attention is twice as slow (docs/BENCHMARKS.md section 1); in float32 on a
         CPU both attentions run on the compiled kernels of `native` (2-3x faster than torch's);
@@ -119,11 +120,16 @@ def resolve_precision(name: str, device: torch.device | str) -> str:
 
 def rerank_precision(precision: str, device: torch.device) -> str:
     """The mode the reranker runs in for a concrete mode: int8 quantizes only the backbone (reranker fp32);
-    bf16 on a CPU without AMX keeps the reranker in fp32 (no faster in bfloat16 there, see above)."""
+    bf16 on a CPU keeps the reranker in fp32 unless the CPU has AMX and the compiled float32 kernels are not
+    available: without AMX bfloat16 is no faster there (see above); with AMX torch's bfloat16 reranking was
+    measured 1.06x its float32 (issue 14, an AMX Xeon), while the kernels make float32 2-3x torch's (docs/
+    BENCHMARKS.md section 1.0; not measured on an AMX CPU)."""
     if precision == "int8":
         return "fp32"
-    if precision == "bf16" and device.type == "cpu" and not cpu_flags()["amx"]:
-        return "fp32"
+    if precision == "bf16" and device.type == "cpu":
+        from . import native
+        if not cpu_flags()["amx"] or native.status().available:
+            return "fp32"
     return precision
 
 
