@@ -13,7 +13,8 @@ Efficient form: pair_head is linear, so v @ W splits into a query-token term, a 
 term and a correlation term. Those are computed once per token and gathered by the top-P
 indices: no N x N x 7 tensor, no argsort, no int64 index tensors broadcast to 7 channels.
 The query side is shared by all K candidates. Block stacks use fused attention, and the last
-block of each stack only computes its class-token output.
+block of each stack only computes its class-token output. In CPU float32 inference the top-P selections,
+block 1's input, the attention and the layer norms run on the compiled kernels of `native`.
 
 Precision: the correlations, their top-P selection and the pair embeddings are always float32 (a
 bfloat16 correlation would tie many of the top-P candidates); the two block stacks run in the
