@@ -5,8 +5,8 @@ compiled kernels (`model.native`) run their own threads right after torch's para
 2-core machine a spinning OpenMP thread then holds the core a kernel thread needs; when other processes keep
 cores busy (a robot: drivers, SLAM, Nav2) spinning threads also take their partners' share. Measured
 (docs/BENCHMARKS.md section 1.0, docs/ROBOT.md section 8): two-thread reranking 1.36x faster on an idle
-machine with sleeping waiters, ~3.5x with a busy core; torch-only work loses a little (extraction at batch 1
-7-10 % slower), so a frame is faster either way.
+machine with sleeping waiters, ~3.5x with a busy core; for torch-only work (extraction) the difference is
+within run-to-run noise, so a frame is faster either way.
 """
 from __future__ import annotations
 
