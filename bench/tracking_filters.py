@@ -123,7 +123,7 @@ VARIANTS = {
     "global search: the belief's entries first": Variant(tracker=BeliefFirstGlobalSearch),
     "new hypotheses with uniform speed": Variant(belief=UniformSpeedBirth),
     "first version (both of the above)": Variant({"global_candidates": 0}, belief=UniformSpeedBirth),
-    # the covariance (third round): spread_weight 0 and speed_horizon 1.25 s are the defaults
+    # the covariance (third round): spread_weight 0 and speed_horizon 2 s are the defaults
     "second-round covariance (all of the spread; no speed term)": Variant({"spread_weight": 1.0,
                                                                           "speed_horizon": 0.0}),
     "all of the spread + speed term": Variant({"spread_weight": 1.0}),
@@ -131,7 +131,7 @@ VARIANTS = {
     "a quarter of the spread + speed term": Variant({"spread_weight": 0.25}),
     "no speed term": Variant({"speed_horizon": 0.0}),
     "speed horizon 0.75 s": Variant({"speed_horizon": 0.75}),
-    "speed horizon 2 s": Variant({"speed_horizon": 2.0}),
+    "speed horizon 1.25 s": Variant({"speed_horizon": 1.25}),
     "second-round covariance; publish once the speed is resolved (std <= 3 m/s)": Variant(
         {"spread_weight": 1.0, "speed_horizon": 0.0}, tracker=SpeedGate),
 }

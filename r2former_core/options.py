@@ -247,7 +247,7 @@ class TrackingConfig:
     spread_weight: float = option(0.0, "weight of the belief's spread over the published place's map entries in the "
                                   "covariance (besides the floor of half the keyframe spacing); 1 = all of it (the "
                                   "first versions), which measured ~3.4 x the error along the drive", min=0.0, max=1.0)
-    speed_horizon: float = option(1.25, "s; without odometry the covariance along the heading grows by the variance "
+    speed_horizon: float = option(2.0, "s; without odometry the covariance along the heading grows by the variance "
                                   "of the place's speed times this squared: the distance an uncertain speed can put "
                                   "the robot ahead of or behind the place (0 = off)", min=0.0, max=60.0)
     track_candidates: int = option(20, "map entries of the belief reranked per frame while tracking (with the "
