@@ -20,8 +20,17 @@ each played in time order and kidnapped at several points, without the particle 
         --sets night+fog-validation --particles 0 --orders drive,kidnap,kidnap@0.25,kidnap@0.75 \
         --variants "defaults,global search reranks all of top_k" --out bench/results/tracking_filters_night_fog.json
 
-Besides the mean over the sets it prints figures pooled over all their frames, and how many worlds meet the
-issue's calibration band and gross-error bound one by one.
+The third round (the published covariance) was chosen on the same 20 worlds with six more plays each (more
+kidnaps, a slower robot, a varying speed: --orders calibration), 400 plays per row:
+
+    .venv/bin/python bench/tracking_filters.py --model models/r2former_tiny_demo.safetensors \
+        --sets night+fog-validation --particles 0 --orders calibration \
+        --variants "second-round covariance (all of the spread; no speed term),speed horizon 1.25 s" \
+        --out bench/results/tracking_filters_calibration.json
+
+Besides the mean over the sets it prints figures pooled over all their frames, how many worlds meet the
+issue's calibration band and gross-error bound one by one, and for each filter the share of all its plays
+(every set, order, with and without odometry) inside the calibration band.
 """
 from __future__ import annotations
 
