@@ -36,11 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import machine_info, write_report  # noqa: E402
 from tracking_filters import (  # noqa: E402
     NIGHT_FOG_WORLDS,
+    PLAIN_ORDERS,
+    STRESS_ORDERS,
     VARIANTS,
     TableLocalizer,
     Variant,
     odometry_in_play_order,
-    play_order,
+    play,
+    play_times,
     score_table,
 )
 
@@ -51,13 +54,15 @@ from r2former_core.options import TrackingConfig  # noqa: E402
 CONFIDENCE_BINS = (0.90, 0.93, 0.95, 0.97, 0.99, 1.0001)
 
 
-def published_poses(table: dict, order: np.ndarray, odometry: np.ndarray | None, variant: Variant) -> list[dict]:
-    """One record per published pose of the tracker (a variant of bench/tracking_filters.py) on a score table."""
+def published_poses(table: dict, order: np.ndarray, odometry: np.ndarray | None, variant: Variant,
+                    dt: np.ndarray | None = None) -> list[dict]:
+    """One record per published pose of the tracker (a variant of bench/tracking_filters.py) on a score table,
+    the frames played in `order`, `dt` seconds apart (None: 0.1 s)."""
     loc = TableLocalizer(table)
     cfg = TrackingConfig(**variant.config)
     belief = variant.belief(loc.map.poses, loc.map.keyframe_spacing(), cfg) if variant.belief else None
     tracker = variant.tracker(loc, cfg, belief=belief)
-    stamps = table["stamps"][0] + 0.1 * np.arange(len(order))
+    stamps = table["stamps"][0] + play_times(len(order), dt)
     out = []
     for k, i in enumerate(order):
         r = tracker.step(stamps[k], features=(np.array([i]), None),
@@ -120,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sets", default="night+fog-validation",
                    help="query sets SEED:CONDITIONS, comma separated, or night+fog-validation (the 20 validation "
                         "worlds of bench/tracking_filters.py at night in fog) (default night+fog-validation)")
-    p.add_argument("--orders", default="drive,kidnap", help="play orders as in bench/tracking_filters.py "
+    p.add_argument("--orders", default="drive,kidnap", help="play orders as in bench/tracking_filters.py; "
+                                                            "'calibration' = its third round's 10 plays "
                                                             "(default drive,kidnap)")
     p.add_argument("--variant", default="defaults", choices=list(VARIANTS),
                    help="the tracker: defaults or a variant of bench/tracking_filters.py (default defaults)")
@@ -139,22 +145,23 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model)
     size = tuple(int(v) for v in args.size.split("x"))
     variant = VARIANTS[args.variant]
-    runs = [f"{o}{suffix}" for o in args.orders.split(",") for suffix in ("", "/odometry")]
+    orders = f"{PLAIN_ORDERS},{STRESS_ORDERS}" if args.orders == "calibration" else args.orders
+    runs = [f"{o}{suffix}" for o in orders.split(",") for suffix in ("", "/odometry")]
     records: dict[str, dict[str, list[dict]]] = {r: {} for r in runs}
     for item in tqdm(sets.split(","), desc="sets", unit="set", disable=None):
         seed, cond = item.split(":")
         table = dict(np.load(score_table(model, int(seed), cond, Path(args.work), size, args.map_frames,
                                          args.query_frames)))
         for name in runs:
-            order = play_order(name.split("/")[0], len(table["stamps"]))
+            order, dt = play(name.split("/")[0], len(table["stamps"]))
             odom = odometry_in_play_order(table["query_poses"], order, int(seed)) if name.endswith("odometry") \
                 else None
-            records[name][item] = published_poses(table, order, odom, variant)
+            records[name][item] = published_poses(table, order, odom, variant, dt)
     report = {"runs": {name: summarise(recs) for name, recs in records.items()},
               "all": summarise({f"{w}/{name}": recs for name, by_world in records.items()
                                 for w, recs in by_world.items()}),
               "meta": {"machine": machine_info(args.threads), "model": args.model, "sets": sets,
-                       "variant": args.variant, "orders": args.orders}}
+                       "variant": args.variant, "orders": orders}}
     for name, s in {**report["runs"], "all runs": report["all"]}.items():
         rp = s["right_place"]
         print(f"\n== {name}: {s['published']} published, {100 * (s['calibration'] or 0):.1f} % inside the 95 % "

@@ -244,6 +244,12 @@ class TrackingConfig:
                                "frames, the global top (global_candidates) again", min=0.0, max=1.0)
     mode_radius: float = option(0.0, "m, map entries within this of the most probable one form the published "
                                 "place; 0 = max(10 m, 4 x keyframe spacing)", min=0.0, max=500.0)
+    spread_weight: float = option(0.0, "weight of the belief's spread over the published place's map entries in the "
+                                  "covariance (besides the floor of half the keyframe spacing); 1 = all of it (the "
+                                  "first versions), which measured ~3.4 x the error along the drive", min=0.0, max=1.0)
+    speed_horizon: float = option(2.0, "s; without odometry the covariance along the heading grows by the variance "
+                                  "of the place's speed times this squared: the distance an uncertain speed can put "
+                                  "the robot ahead of or behind the place (0 = off)", min=0.0, max=60.0)
     track_candidates: int = option(20, "map entries of the belief reranked per frame while tracking (with the "
                                    "kidnap candidates at most top_k)", min=1, max=1000)
     kidnap_candidates: int = option(20, "global top candidates reranked as well while tracking, to notice a kidnap "

@@ -29,8 +29,10 @@ map: the observation is explained by no entry). Per frame:
    take the belief's current speed distribution: a kidnap moves the robot, not its speed.
 4. publish: the most probable entry and its neighbours within `mode_radius` form the place; its
    probability is the confidence. Pose = mass-weighted position (orientation of the most probable
-   entry), covariance = the place's spread plus a floor, widened when the place holds less than all
-   of the belief. Below `min_mass` nothing is published: a split belief is not a pose.
+   entry), covariance = a floor (half the keyframe spacing) plus `spread_weight` x the place's spread
+   and, without odometry, the speed's variance x `speed_horizon`^2 along the heading (an uncertain speed
+   puts the robot ahead of or behind the place), widened when the place holds less than all of the
+   belief. Below `min_mass` nothing is published: a split belief is not a pose.
 
 States: `global` (no place yet: global search), `tracking` (a place holds at least
 `track_mass`), `lost` (below it for `lost_frames` frames: global search again until a place holds it).
@@ -165,6 +167,7 @@ class MapBelief:
         self.mass = np.zeros((0, len(self.speeds)))
         self.elsewhere = self.config.elsewhere_prior
         self.uniform = 1.0 - self.elsewhere
+        self.odometry_predicted = False     # the last prediction moved the belief by odometry (speed measured)
 
     def __len__(self) -> int:
         """Support size: map entries the belief holds explicitly."""
@@ -226,6 +229,7 @@ class MapBelief:
             return
         keep = math.exp(-cfg.kidnap_rate * dt)
         leaked = 0.0
+        self.odometry_predicted = odometry is not None
         if len(self.entries):
             src = self.entries
             if odometry is not None:
@@ -361,14 +365,28 @@ class MapBelief:
         pose[2] = w @ self.z[ent]
         d = np.column_stack([self.xy[ent] - pose[:2], self.z[ent] - pose[2]])
         floor = max(self.min_position_std, 0.5 * self.spacing) ** 2
+        spread = (w[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0)
+        speeds = (self.mass[near] / mass).sum(0)          # the place's speed distribution
+        speed = float(speeds @ self.speeds)
         cov = np.zeros((6, 6))
-        cov[:3, :3] = (w[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0) + floor * np.eye(3)
+        cov[:3, :3] = self.config.spread_weight * spread + floor * np.eye(3)
+        if not self.odometry_predicted:
+            cov[:3, :3] += self._along_track(b, float(speeds @ (self.speeds - speed) ** 2))
         cov[3, 3] = cov[4, 4] = self.roll_pitch_std ** 2
         cov[5, 5] = float(w @ _wrap(self.yaw[ent] - self.yaw[b]) ** 2) + self.min_yaw_std ** 2
         cov[:3, :3] /= max(mass, 0.05)
         cov = 0.5 * (cov + cov.T)
-        speed = float((self.mass[near] / mass).sum(0) @ self.speeds)
         return Place(pose=pose, covariance=cov, mass=mass, entries=ent, speed=speed)
+
+    def _along_track(self, entry: int, speed_variance: float) -> np.ndarray:
+        """(3, 3) position variance along the entry's heading from the speed's uncertainty: without odometry the
+        place moves by the estimated speed, so a speed off by its standard deviation puts the robot that times
+        `speed_horizon` seconds ahead of or behind it. After a kidnap or a search the place is often found
+        before its speed (the robot's speed is then relearned from weak evidence), and the published place
+        falls behind or runs ahead while the belief's spread over entries stays a few metres
+        (docs/TRACKING.md, "Third round")."""
+        h = np.array([self.heading[entry, 0], self.heading[entry, 1], 0.0])
+        return speed_variance * self.config.speed_horizon ** 2 * np.outer(h, h)
 
 
 class ScoreNormaliser:

@@ -166,7 +166,7 @@ def test_new_hypotheses_take_the_belief_speed():
 
 
 def test_place_pose_and_covariance_come_from_the_posterior():
-    b = MapBelief(road(), SPACING, TrackingConfig(), min_position_std=0.5)
+    b = MapBelief(road(), SPACING, TrackingConfig(spread_weight=1.0), min_position_std=0.5)
     b.entries = np.array([10, 11, 40])
     b.mass = np.zeros((3, len(b.speeds)))
     b.mass[:, 0] = [0.45, 0.45, 0.1]
@@ -179,6 +179,49 @@ def test_place_pose_and_covariance_come_from_the_posterior():
     assert place.covariance[0, 0] == pytest.approx((1.0 + 1.0) / 0.9)
     assert place.covariance[1, 1] == pytest.approx(1.0 / 0.9)
     assert np.all(np.linalg.eigvalsh(place.covariance) > 0)
+    # the defaults leave the spread out (it measured ~3.4 x the error along the drive): the floor only
+    b.config = TrackingConfig()
+    assert b.place().covariance[0, 0] == pytest.approx(1.0 / 0.9)
+    b.config = TrackingConfig(spread_weight=0.25)
+    assert b.place().covariance[0, 0] == pytest.approx((0.25 + 1.0) / 0.9)
+
+
+def test_covariance_grows_along_the_heading_with_the_speed_uncertainty():
+    """Without odometry the published place moves by the estimated speed: a speed distribution with variance
+    s^2 widens the covariance along the heading (not across it) by s^2 x speed_horizon^2; a single speed, or a
+    prediction by odometry (the speed measured), adds nothing."""
+    yaw = math.radians(30.0)
+    poses = road(40)
+    poses[:, 0], poses[:, 1] = np.arange(40) * SPACING * math.cos(yaw), np.arange(40) * SPACING * math.sin(yaw)
+    poses[:, 3:] = quat_from_yaw(yaw)
+    cfg = TrackingConfig(max_speed=10.0, speed_resolution=1.0, speed_horizon=1.5, spread_weight=0.0)
+    b = MapBelief(poses, SPACING, cfg, min_position_std=0.5)
+    floor = 1.0                                                  # (half the 2 m spacing)^2
+    concentrate(b, 20, speed=6.0)
+    assert b.place().covariance[:2, :2] == pytest.approx(floor * np.eye(2))
+    # half of the mass at 4 m/s, half at 8 m/s: variance 4 (m/s)^2 -> 4 x 1.5^2 = 9 m^2 along the heading
+    b.mass[0] = 0.0
+    b.mass[0, np.argmin(np.abs(b.speeds - 4.0))] = b.mass[0, np.argmin(np.abs(b.speeds - 8.0))] = 0.5
+    cov = b.place().covariance[:2, :2]
+    along, across = np.array([math.cos(yaw), math.sin(yaw)]), np.array([-math.sin(yaw), math.cos(yaw)])
+    assert along @ cov @ along == pytest.approx(floor + 9.0)
+    assert across @ cov @ across == pytest.approx(floor)
+    assert along @ cov @ across == pytest.approx(0.0, abs=1e-9)
+    assert b.place().speed == pytest.approx(6.0)
+    # the horizon scales it; 0 turns it off
+    b.config = TrackingConfig(max_speed=10.0, speed_resolution=1.0, speed_horizon=0.0)
+    assert b.place().covariance[:2, :2] == pytest.approx(floor * np.eye(2))
+    b.config = cfg
+    # predicted by odometry: the speed states are the odometry's, not an estimate; the term is off until a
+    # prediction without odometry again
+    b.predict(0.1, odometry=np.array([0.6, 0.0, 0.0]))
+    assert b.odometry_predicted
+    cov = b.place().covariance[:2, :2]
+    assert along @ cov @ along == pytest.approx(across @ cov @ across, rel=1e-6)
+    b.predict(0.1)
+    assert not b.odometry_predicted
+    cov = b.place().covariance[:2, :2]
+    assert along @ cov @ along > across @ cov @ across + 1.0
 
 
 def test_score_normaliser_discounts_entries_that_score_high_against_every_query():
@@ -363,3 +406,26 @@ def test_tracker_skips_duplicate_and_out_of_order_stamps_and_resets_on_a_jump_ba
     tracker.step(3.2, features=(np.array([1]), None), with_matches=False)
     gap = tracker.step(3.2 + 60.0, features=(np.array([2]), None), with_matches=False)
     assert gap.reranked == 20
+
+
+def test_published_covariance_is_wider_along_the_drive_only_without_odometry(road_map):
+    """The same drive with and without odometry: without it the speed is the filter's estimate and the published
+    covariance is wider along the heading (x) than across it; with odometry the speed is measured and the
+    covariance is the floor in every direction. Both contain the error (this drive has no wrong place)."""
+    truth = [5 + k for k in range(30)]
+    rerank, glob = drive_tables(truth)
+    cfg = TrackingConfig(max_speed=15.0, track_candidates=6, kidnap_candidates=2)
+    for odometry in (False, True):
+        tracker = Tracker(TableLocalizer(road_map, rerank, glob, top_k=20), cfg)
+        out = [tracker.step(100.0 + 0.2 * k, features=(np.array([k]), None), with_matches=False,
+                            odom_pose=road_map.poses[t] if odometry else None) for k, t in enumerate(truth)]
+        published = [(r, t) for r, t in zip(out, truth) if r.accepted]
+        assert len(published) >= 20
+        for r, t in published:
+            cov = r.covariance[:2, :2]
+            if odometry:
+                assert cov[0, 0] == pytest.approx(cov[1, 1], rel=1e-6)
+            else:
+                assert cov[0, 0] > 2.0 * cov[1, 1]
+            e = r.pose[:2] - road_map.poses[t][:2]
+            assert e @ np.linalg.solve(cov, e) <= 5.991
