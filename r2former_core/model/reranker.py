@@ -38,6 +38,20 @@ from .config import ModelConfig
 from .layers import LAYER_NORM_EPS, Block, init_linear_layers, layer_norm, linear, sincos_embed_2d, trunc_normal_
 
 
+def pair_embeddings(a_q: torch.Tensor, b_r: torch.Tensor, val_q: torch.Tensor, idx_q: torch.Tensor,
+                    val_r: torch.Tensor, idx_r: torch.Tensor, w_c: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The pair head's output for every token's P pairs, from its three linear terms: a_q (1 or B, N, d) the query
+    tokens' terms, b_r (B, M, d) the reference tokens', partners by idx_q (B, N, P) into b_r and idx_r (B, M, P)
+    into a_q, correlations val_q / val_r times w_c (d,), plus bias -> (B, N + M, P, d): query tokens first.
+    (`native.pair_tokens` computes the same with the class token in front, in one pass.)"""
+    b = b_r.shape[0]
+    a_q = a_q.expand(b, -1, -1)
+    bi = torch.arange(b, device=b_r.device)[:, None, None]
+    q_side = a_q[:, :, None, :] + b_r[bi, idx_q] + val_q[..., None] * w_c    # (B, N, P, d)
+    r_side = a_q[bi, idx_r] + b_r[:, :, None, :] + val_r[..., None] * w_c    # (B, M, P, d)
+    return torch.cat([q_side, r_side], dim=1) + bias
+
+
 @dataclass
 class RerankOutput:
     """Scores of K (query, candidate) pairs."""
@@ -113,8 +127,8 @@ class Reranker(nn.Module):
         what the block stacks compute in (float32 = exact; inference only otherwise)."""
         b, n, _ = yl.shape
         p = self.partners
-        xf, a_q_shared, pe_q = query_terms if query_terms is not None else self._query_terms(xl)
-        xf, a_q, pe_q = (t.expand(b, -1, -1) for t in (xf, a_q_shared, pe_q))   # views when shared
+        xf, a_q, pe_q = query_terms if query_terms is not None else self._query_terms(xl)
+        xf, pe_q = (t.expand(b, -1, -1) for t in (xf, pe_q))   # views when shared (a_q: pair_embeddings expands it)
         w = self.pair_head.weight
         y_coords = yl[..., :3].clamp(0, 1)
         yf = F.normalize(yl[..., 3:], dim=-1)
@@ -143,12 +157,10 @@ class Reranker(nn.Module):
             # Block-1 runs on many tiny sequences (a class token and P pair embeddings each); slices that fit in
             # cache are much faster.
             if dtype == torch.float32 and native.pairs_apply(b_r):      # the sequences assembled in one pass
-                seq = native.pair_tokens(a_q_shared, b_r, val_q, idx_q, val_r, idx_r, w_c, bias, net.cls_token_2)
+                seq = native.pair_tokens(a_q, b_r, val_q, idx_q, val_r, idx_r, w_c, bias, net.cls_token_2)
                 parts: Any = seq.reshape(b * 2 * n, p + 1, self.dim).split(self.pair_batch)
             else:
-                q_side = a_q[:, :, None, :] + b_r[bi, idx_q] + val_q[..., None] * w_c    # (B, N, P, d)
-                r_side = a_q[bi, idx_r] + b_r[:, :, None, :] + val_r[..., None] * w_c    # (B, N, P, d)
-                emb = torch.cat([q_side, r_side], dim=1) + bias
+                emb = pair_embeddings(a_q, b_r, val_q, idx_q, val_r, idx_r, w_c, bias)
                 emb = emb if cast else emb.to(dtype)
                 cls2 = net.cls_token_2
                 parts = (torch.cat([cls2.expand(len(part), -1, -1), part], 1)

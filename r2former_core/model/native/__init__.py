@@ -233,20 +233,12 @@ def _call_pairs(kernel, a_q: torch.Tensor, b_r: torch.Tensor, val_q: torch.Tenso
     return out, rc
 
 
-def _torch_pairs(a_q, b_r, val_q, idx_q, val_r, idx_r, w_c, bias, cls) -> torch.Tensor:
-    """What `_call_pairs` computes, as the reranker's torch path does it."""
-    b = b_r.shape[0]
-    a_q = a_q.expand(b, -1, -1)
-    bi = torch.arange(b)[:, None, None]
-    q_side = a_q[:, :, None, :] + b_r[bi, idx_q] + val_q[..., None] * w_c
-    r_side = a_q[bi, idx_r] + b_r[:, :, None, :] + val_r[..., None] * w_c
-    emb = torch.cat([q_side, r_side], dim=1) + bias
-    return torch.cat([cls.expand(*emb.shape[:2], 1, -1), emb], dim=2)
-
-
 def _self_check_pairs(kernel) -> float:
-    """Largest difference to the torch form on small random inputs; infinite if an index out of range is not
-    refused."""
+    """Largest difference to the reranker's torch form (`reranker.pair_embeddings` after the class token) on small
+    random inputs; infinite if an index out of range is not refused."""
+    # imported here: the reranker imports this module
+    from ..reranker import pair_embeddings
+
     g = torch.Generator().manual_seed(1)
     b, n, m, p, d = 3, 11, 13, 5, 32
     a_q, b_r = torch.randn(1, n, d, generator=g), torch.randn(b, m, d, generator=g)
@@ -260,7 +252,9 @@ def _self_check_pairs(kernel) -> float:
     if _call_pairs(kernel, a_q, b_r, val_q, idx_q, val_r, idx_r, w_c, bias, cls, 2)[1] == 0:
         return float("inf")
     idx_r[1, 2, 3] = 0
-    return float((got - _torch_pairs(a_q, b_r, val_q, idx_q, val_r, idx_r, w_c, bias, cls)).abs().max())
+    emb = pair_embeddings(a_q, b_r, val_q, idx_q, val_r, idx_r, w_c, bias)
+    expected = torch.cat([cls.expand(*emb.shape[:2], 1, -1), emb], dim=2)
+    return float((got - expected).abs().max())
 
 
 def _torch_topk(corr: torch.Tensor, p: int) -> tuple[torch.Tensor, ...]:
@@ -348,11 +342,15 @@ def describe() -> str:
     return "reranker kernels: compiled (native)" if s.available else "reranker kernels: torch"
 
 
+def _cpu_inference(x: torch.Tensor) -> bool:
+    """What every kernel needs: a float32 CPU tensor outside autograd and autocast, the kernels enabled and built."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and _enabled and status().available)
+
+
 def applies(x: torch.Tensor, heads: int, width: int) -> bool:
     """The kernels compute this call: CPU float32 inference on (B, N, width) with heads of dimension 8."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and x.dim() == 3 and x.shape[2] == width * heads * HEAD_DIM and x.stride(2) == 1
-            and not torch.is_autocast_enabled("cpu") and _enabled and status().available)
+    return (x.dim() == 3 and x.shape[2] == width * heads * HEAD_DIM and x.stride(2) == 1 and _cpu_inference(x))
 
 
 def _check(rc: int) -> None:
@@ -398,19 +396,17 @@ def mutual_topk(corr: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor,
 
 def topk_applies(corr: torch.Tensor, p: int) -> bool:
     """`mutual_topk` computes this call: CPU float32 inference on (B, N, M) with N and M at least P."""
-    return (corr.device.type == "cpu" and corr.dtype == torch.float32 and not torch.is_grad_enabled()
-            and corr.dim() == 3 and 1 <= p <= MAX_PARTNERS and min(corr.shape[1], corr.shape[2]) >= p
-            and not torch.is_autocast_enabled("cpu") and _enabled and status().available)
+    return (corr.dim() == 3 and 1 <= p <= MAX_PARTNERS and min(corr.shape[1], corr.shape[2]) >= p
+            and _cpu_inference(corr))
 
 
 def norm_applies(x: torch.Tensor, norm: torch.nn.LayerNorm) -> bool:
     """`layer_norm` computes this call: CPU float32 inference, a last dimension of 16 to 256 values in steps of 16
     (every vector width divides it), with the affine weight and bias."""
     d = x.shape[-1] if x.dim() else 0
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and 16 <= d <= 256 and d % 16 == 0 and tuple(norm.normalized_shape) == (d,)
+    return (16 <= d <= 256 and d % 16 == 0 and tuple(norm.normalized_shape) == (d,)
             and norm.weight is not None and norm.bias is not None and norm.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and _enabled and status().available)
+            and _cpu_inference(x))
 
 
 def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
@@ -440,6 +436,4 @@ def pair_tokens(a_q: torch.Tensor, b_r: torch.Tensor, val_q: torch.Tensor, idx_q
 def pairs_apply(b_r: torch.Tensor) -> bool:
     """`pair_tokens` computes this call: CPU float32 inference with a token width of 16 to 256 in steps of 16."""
     d = b_r.shape[-1] if b_r.dim() == 3 else 0
-    return (b_r.device.type == "cpu" and b_r.dtype == torch.float32 and not torch.is_grad_enabled()
-            and 16 <= d <= 256 and d % 16 == 0 and not torch.is_autocast_enabled("cpu") and _enabled
-            and status().available)
+    return 16 <= d <= 256 and d % 16 == 0 and _cpu_inference(b_r)

@@ -37,13 +37,13 @@
     (((((1.326472731307149e-3f * (r) + 9.671512991189957e-3f) * (r) + 5.550733581185341e-2f) * (r)             \
        + 2.4022242426872253e-1f) * (r) + 6.931470036506653e-1f) * (r) + 1.0f)
 #define EXP2_LOW -126.0f        /* 2^-126: the smallest normal float; lower arguments give 2^-126 ~ 1.2e-38 */
+#define ROUND_MAGIC 12582912.0f /* 1.5 * 2^23: adding it rounds a float to an integer (to even) */
 
 static inline float exp2_nonpositive(float x)
 {
     /* 2^x for x <= 0 (NaN stays NaN). */
-    const float round_magic = 12582912.0f;          /* 1.5 * 2^23: adding it rounds to an integer (even) */
     x = x < EXP2_LOW ? EXP2_LOW : x;
-    float n = (x + round_magic) - round_magic;
+    float n = (x + ROUND_MAGIC) - ROUND_MAGIC;
     float p = EXP2_POLY(x - n);
     union { uint32_t i; float f; } scale;
     scale.i = (uint32_t)((int32_t)n + 127) << 23;     /* 2^n, n in [-126, 0] */
@@ -63,8 +63,7 @@ static inline vf vexp2_nonpositive(vf x)
     const vf n = (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     return (vf)_mm512_scalef_ps((__m512)EXP2_POLY(x - n), (__m512)n);
 #else
-    const vf magic = (vf){0} + 12582912.0f;
-    const vf n = (x + magic) - magic;
+    const vf n = (x + ROUND_MAGIC) - ROUND_MAGIC;
     const vf p = EXP2_POLY(x - n);
     const vi e = (vi)(((__builtin_convertvector(n, vi) + 127)) << 23);
     return p * (vf)e;
