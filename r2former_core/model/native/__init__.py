@@ -49,6 +49,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..pairs import pair_embeddings
+
 log = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).parent
@@ -234,11 +236,8 @@ def _call_pairs(kernel, a_q: torch.Tensor, b_r: torch.Tensor, val_q: torch.Tenso
 
 
 def _self_check_pairs(kernel) -> float:
-    """Largest difference to the reranker's torch form (`reranker.pair_embeddings` after the class token) on small
+    """Largest difference to the reranker's torch form (`pairs.pair_embeddings` after the class token) on small
     random inputs; infinite if an index out of range is not refused."""
-    # imported here: the reranker imports this module
-    from ..reranker import pair_embeddings
-
     g = torch.Generator().manual_seed(1)
     b, n, m, p, d = 3, 11, 13, 5, 32
     a_q, b_r = torch.randn(1, n, d, generator=g), torch.randn(b, m, d, generator=g)
