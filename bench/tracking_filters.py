@@ -150,7 +150,8 @@ VARIANTS = {
 
 def score_table(model, seed: int, cond: str, work: Path, size: tuple[int, int], map_frames: int,
                 query_frames: int) -> Path:
-    """npz with every query frame's global cosine and match probability against every map entry."""
+    """npz with every query frame's global cosine and match probability against every map entry, and its global
+    descriptor (`query_global`: the tracker's test for an unchanged view)."""
     from r2former_core.data.sources import open_source
     from r2former_core.features import extract_image
     from r2former_core.mapdb import MapDatabase, MapError
@@ -158,7 +159,7 @@ def score_table(model, seed: int, cond: str, work: Path, size: tuple[int, int], 
     from r2former_core.synthetic import write_drive
 
     tag = f"{size[0]}x{size[1]}"
-    out = work / f"table_{seed}_{cond}_{map_frames}_{query_frames}_{tag}_{model.fingerprint}.npz"
+    out = work / f"table2_{seed}_{cond}_{map_frames}_{query_frames}_{tag}_{model.fingerprint}.npz"
     if out.is_file():
         return out
 
@@ -179,15 +180,16 @@ def score_table(model, seed: int, cond: str, work: Path, size: tuple[int, int], 
     src = open_source(images=str(qdir / "images"), poses=str(qdir / "poses.txt"))
     c_global = np.asarray(mapdb.global_desc, np.float32)
     c_local = mapdb.local(np.arange(len(mapdb)))
-    glob, rerank, poses, stamps = [], [], [], []
+    glob, rerank, poses, stamps, descs = [], [], [], [], []
     for rec in src:
         g, loc = extract_image(model, rec.image)
+        descs.append(g)
         glob.append(c_global @ g)
         rerank.append(model.rerank(g, loc, c_global, c_local).match_prob.numpy())
         poses.append(rec.pose)
         stamps.append(rec.stamp)
     np.savez(out, global_scores=np.array(glob), rerank=np.array(rerank), query_poses=np.array(poses),
-             stamps=np.array(stamps), map_poses=mapdb.poses)
+             stamps=np.array(stamps), map_poses=mapdb.poses, query_global=np.array(descs, np.float32))
     return out
 
 
@@ -211,6 +213,7 @@ class TableLocalizer(Localizer):
         self.config = LocalizerConfig(top_k=top_k)
         self.map = _TableMap(table["map_poses"])
         self.glob, self.rerank = table["global_scores"], table["rerank"]
+        self.query_global = table.get("query_global")
 
     def retrieve(self, q_global):
         i = int(q_global[0])
@@ -219,6 +222,13 @@ class TableLocalizer(Localizer):
 
     def global_scores(self, q_global, indices):
         return self.glob[int(q_global[0]), np.asarray(indices)]
+
+    def view_change(self, a, b):
+        """From the table's query descriptors (`query_global`); without them, 0 for the same frame, else 1."""
+        i, j = int(round(float(a[0]))), int(round(float(b[0])))
+        if self.query_global is None:
+            return 0.0 if i == j else 1.0
+        return float(1.0 - self.query_global[i] @ self.query_global[j])
 
     def localize_features(self, q_global, q_local, rerank=None, retrieved=None, c_local=None, with_matches=True):
         i = int(q_global[0])
@@ -392,6 +402,17 @@ class ParticleBelief:
         self._normalise()
         self._resample()
 
+    def hold(self, since: float, until: float) -> None:
+        """MapBelief.hold for particles: each particle's weight by its speed, the mass on the map kept."""
+        if until <= since or not len(self.p):
+            return
+        before = float(self.w.sum())
+        w = self.w * np.exp(-0.5 * self.p[:, 3] ** 2 * (until ** 2 - since ** 2) / self.inner.position_std ** 2)
+        if w.sum() > 1e-12 * before:
+            self.w = w * (before / w.sum())
+        else:
+            self.p[:, 3] = 0.0
+
     def _normalise(self) -> None:
         total = float(self.w.sum()) + self.uniform + self.elsewhere
         self.w /= total
@@ -451,22 +472,32 @@ def odometry_in_play_order(truth: np.ndarray, order: np.ndarray, seed: int) -> n
 
 def run(table, order: np.ndarray, make_belief, cfg: TrackingConfig, odometry: np.ndarray | None,
         tracker_cls: type[Tracker] = Tracker, dt: np.ndarray | None = None) -> dict:
-    """The tracker on a score table, frames played in `order`, `dt` seconds after the one before (0.1)."""
+    """The tracker on a score table, frames played in `order`, `dt` seconds after the one before (0.1).
+    A frame repeated in `order` is the camera of a standing robot (plays "~stops"): the figures are over the
+    frames where the robot moves; `standing_frames`, `reranked_per_frame_all` and `standing_still` (frames the
+    tracker took for standing) count the repeats too."""
     from r2former_core.evaluation import CHI2_2D_95, GROSS_M, SequenceFrame, SequenceResult
     loc = TableLocalizer(table)
     tracker = tracker_cls(loc, cfg, belief=make_belief(loc) if make_belief else None)
     res = SequenceResult()
     stamps = table["stamps"][0] + play_times(len(order), dt)
-    filter_ms = []
+    filter_ms, reranked, still = [], [], 0
     for k, i in enumerate(order):
-        fr = SequenceFrame(str(i), stamps[k], table["query_poses"][i])
         t = time.perf_counter()
         r = tracker.step(stamps[k], features=(np.array([i]), None),
                          odom_pose=None if odometry is None else odometry[k], with_matches=False)
         filter_ms.append((time.perf_counter() - t) * 1000)
+        reranked.append(r.reranked)
+        still += int(r.still)
+        if k and order[k - 1] == i:
+            continue
+        fr = SequenceFrame(str(i), stamps[k], table["query_poses"][i])
         res.add(fr, r.pose, r.covariance, r.accepted, filter_ms[-1], r.reranked, r.state)
     out = res.summary()
     out["filter_ms"] = float(np.mean(filter_ms))
+    out["standing_frames"] = len(order) - out["frames"]
+    out["standing_still"] = still
+    out["reranked_per_frame_all"] = float(np.mean(reranked))
     err, m2 = np.asarray(res.errors_m), np.asarray(res.mahalanobis2)
     with np.errstate(invalid="ignore"):     # published poses outside their ellipse yet on the right road
         out["outside_5_25m"] = int(np.sum((m2 > CHI2_2D_95) & (err > 5.0) & (err <= GROSS_M)))
@@ -477,7 +508,9 @@ def single(table, order: np.ndarray) -> dict:
     from r2former_core.evaluation import SequenceFrame, SequenceResult
     loc = TableLocalizer(table)
     res = SequenceResult()
-    for i in order:
+    for k, i in enumerate(order):
+        if k and order[k - 1] == i:      # a standing robot's repeated view (~stops): counted once
+            continue
         r = loc.localize_features(np.array([i]), None)
         res.add(SequenceFrame(str(i), 0.0, table["query_poses"][i]), r.pose, r.covariance, r.accepted, 0.0,
                 len(r.candidates), "single")
@@ -492,7 +525,7 @@ def play_order(name: str, n: int) -> np.ndarray:
     """Frame order of a run: "drive" (time order), "kidnap[@F]" (from F of the drive to its end, then from
     its start: at that point the robot is carried back; F = 0.5 by default) or "kidnaps:K" (the drive cut
     into K + 1 equal parts played in a fixed shuffled order: K kidnaps, 1 <= K <= 4). A speed suffix
-    (~slow, ~wave) changes only the times (`play`)."""
+    (~slow, ~wave) changes only the times, ~stops repeats frames as well (`play`)."""
     name = name.partition("~")[0]
     if name == "drive":
         return np.arange(n)
@@ -511,8 +544,9 @@ def play_order(name: str, n: int) -> np.ndarray:
 
 def play(name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Frame order and the seconds between frames of a run: `play_order`'s name, optionally with a speed:
-    "~slow" (10 m/s: the frames 0.2 s apart) or "~wave" (a speed varying smoothly between 6 and 22 m/s with a
-    15 s period, at most 3.4 m/s^2, continued across the kidnaps); without one, 20 m/s (0.1 s)."""
+    "~slow" (10 m/s: the frames 0.2 s apart), "~wave" (a speed varying smoothly between 6 and 22 m/s with a
+    15 s period, at most 3.4 m/s^2, continued across the kidnaps) or "~stops" (10 m/s with three stops of
+    10 s: `stops`); without one, 20 m/s (0.1 s)."""
     order = play_order(name, n)
     speed = name.partition("~")[2]
     if speed == "":
@@ -525,7 +559,34 @@ def play(name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
             dt[k] = SPACING_M / (14.0 - 8.0 * math.cos(2 * math.pi * t / 15.0))
             t += dt[k]
         return order, dt
-    raise SystemExit(f"unknown speed {speed!r} in {name!r}: ~slow or ~wave")
+    if speed == "stops":
+        return stops(order)
+    raise SystemExit(f"unknown speed {speed!r} in {name!r}: ~slow, ~wave or ~stops")
+
+
+def stops(order: np.ndarray, cruise: float = 10.0, accel: float = 2.0, seconds: float = 10.0,
+          at: tuple[float, ...] = (0.25, 0.5, 0.75)) -> tuple[np.ndarray, np.ndarray]:
+    """A robot that stops three times (at a quarter, half and three quarters of the play) for `seconds`:
+    between stops it drives `cruise` m/s, braking and starting at `accel` m/s^2; while it stands its camera
+    sends the same view at 10 Hz (the frame repeated in the order). The table's frames are 2 m apart, so
+    braking and starting are frames further apart in time."""
+    n = len(order)
+    halts = sorted({min(n - 1, max(1, int(round(f * n)))) for f in at})
+    # speed at each point of the play (in metres from the start), slowed to zero at the stops
+    s = np.linspace(0.0, SPACING_M * (n - 1), 20 * (n - 1) + 1)
+    to_stop = np.min(np.abs(s[:, None] - SPACING_M * np.asarray(halts)[None, :]), axis=1)
+    v = np.maximum(np.minimum(cruise, np.sqrt(2 * accel * to_stop)), 0.05)
+    seg = (1.0 / v[:-1] + 1.0 / v[1:]) / 2 * np.diff(s)       # trapezoid of ds / v
+    step_dt = np.add.reduceat(seg, np.arange(0, len(seg), 20))
+    frames, dts = [], []
+    for k in range(n):
+        frames.append(order[k])
+        dts.append(0.1 if k == 0 else float(step_dt[k - 1]))
+        if k in halts:
+            repeats = int(round(seconds / 0.1))
+            frames += [order[k]] * repeats
+            dts += [0.1] * repeats
+    return np.asarray(frames), np.asarray(dts)
 
 
 def play_times(n: int, dt: np.ndarray | None) -> np.ndarray:
@@ -563,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--orders", default="drive,kidnap",
                    help="play orders, comma separated: drive (time order), kidnap (second half first), kidnap@F "
                         "(from fraction F of the drive on first), kidnaps:K (K kidnaps, 1-4), each optionally "
-                        "with a speed ~slow (10 m/s) or ~wave (6-22 m/s); 'calibration' = the third round's 10 "
+                        "with a speed ~slow (10 m/s), ~wave (6-22 m/s) or ~stops (10 m/s, three 10 s stops); "
+                        "'calibration' = the third round's 10 "
                         f"plays ({PLAIN_ORDERS},{STRESS_ORDERS}) (default drive,kidnap)")
     p.add_argument("--size", default="256x320", help="rendered image size HxW (default 256x320, as the demo)")
     p.add_argument("--map-frames", type=int, default=210, help="frames of the map drive, once around (default 210)")

@@ -95,6 +95,14 @@ class Localizer:
         norms = np.maximum(np.linalg.norm(c, axis=1) * np.linalg.norm(q), 1e-12)
         return (c @ q) / norms
 
+    @staticmethod
+    def view_change(a: np.ndarray, b: np.ndarray) -> float:
+        """1 - cosine of two global descriptors: 0 for the same view (the tracker's test for a standing
+        robot, `TrackingConfig.still_view_change`)."""
+        a = np.asarray(a, np.float64).ravel()
+        b = np.asarray(b, np.float64).ravel()
+        return float(1.0 - (a @ b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
+
     def localize_features(self, q_global: np.ndarray, q_local: np.ndarray, rerank: str | None = None,
                           retrieved: np.ndarray | None = None, c_local: np.ndarray | None = None,
                           with_matches: bool = True) -> LocalizationResult:

@@ -64,6 +64,7 @@ STATES = ("global", "tracking", "lost")
 _MODE_HEADING = math.radians(60.0)      # entries facing further away than this are another place
 _OFF_MAP = math.exp(-0.5 * 3.0 ** 2)    # weight of "no entry there": as if one entry sat 3 sigma away
 _PRUNE = 1e-5                           # entries below this fraction of the most probable one are dropped
+_STILL_TURN = 0.2                       # rad: odometry turning more than this is motion, whatever the view
 
 
 def _wrap(angle: np.ndarray) -> np.ndarray:
@@ -306,6 +307,25 @@ class MapBelief:
         self._normalise()
         self._prune()
 
+    def hold(self, since: float, until: float) -> None:
+        """The view has not changed for `until` seconds since the last frame the filter used (`since` of them
+        already held): the robot moved less than about `position_std` in that time, so each speed state v is
+        weighed by exp(-(v t / position_std)^2 / 2) for t = until (in steps: the factor for `since` was applied
+        before). Each entry keeps its probability (standing says nothing about where), only its speed changes;
+        an entry whose every speed is ruled out stands at speed 0."""
+        if until <= since or not len(self.entries):
+            return
+        f = np.exp(-0.5 * self.speeds ** 2 * (until ** 2 - since ** 2) / self.position_std ** 2)
+        before = self.marginal()
+        mass = self.mass * f[None, :]
+        after = mass.sum(1)
+        zero = np.zeros(len(self.speeds))
+        zero[int(np.argmin(np.abs(self.speeds)))] = 1.0
+        ok = after > 1e-12 * np.maximum(before, 1e-300)
+        mass[ok] *= (before[ok] / after[ok])[:, None]
+        mass[~ok] = before[~ok, None] * zero[None, :]
+        self.mass = mass
+
     def _normalise(self) -> None:
         total = float(self.mass.sum()) + self.uniform + self.elsewhere
         if not math.isfinite(total) or total <= 0:
@@ -448,6 +468,7 @@ class TrackedResult:
     speed: float                     # m/s along the heading (filter estimate)
     frame: LocalizationResult | None  # this frame's reranked candidates (matches, markers); None if skipped
     timings_ms: dict[str, float] = field(default_factory=dict)
+    still: bool = False              # the view had not changed: nothing reranked, `frame` is the last used one's
 
 
 class Tracker:
@@ -478,6 +499,9 @@ class Tracker:
         self._last_odom: np.ndarray | None = None
         self._below = 0
         self._last: TrackedResult | None = None
+        self._view: np.ndarray | None = None    # global descriptor of the last frame the filter used
+        self._view_stamp = 0.0                  # ... its stamp
+        self._held = 0.0                        # seconds since then the speed has been held at the view's
 
     def seed(self, pose: np.ndarray, covariance: np.ndarray) -> int:
         """Start from a known pose (7,) in the map frame, of the body the map poses describe, with its 6x6
@@ -524,14 +548,17 @@ class Tracker:
             log.info("tracking: %.1f s since the last frame (max_gap %.1f s): global search", dt, cfg.max_gap)
             self.belief.reset()
             self.state, self._below, dt = "global", 0, None
+            self._view = None
         odometry = None
         if odom_pose is not None:
             odom_pose = np.asarray(odom_pose, np.float64).reshape(-1)
             if odom_pose.shape != (7,) or not np.all(np.isfinite(odom_pose)):
                 log.debug("tracking: odometry pose %r unusable: predicting without odometry", odom_pose)
                 odom_pose = None
-            elif self._last_odom is not None and dt is not None:
-                odometry = planar_increment(self._last_odom, odom_pose)
+        if self._still(q_global, odom_pose):
+            return self._hold(stamp, t0, t, timings)
+        if odom_pose is not None and self._last_odom is not None and dt is not None:
+            odometry = planar_increment(self._last_odom, odom_pose)
         self._last_odom = odom_pose
         if dt is not None:
             self.belief.predict(dt, odometry)
@@ -550,7 +577,41 @@ class Tracker:
         result = self._publish(stamp, frame, len(candidates))
         timings["filter"] = filter_ms + (time.perf_counter() - t) * 1000
         self.last_stamp = stamp
+        self._view, self._view_stamp, self._held = np.array(q_global, np.float32, copy=True), stamp, 0.0
         timings["total"] = (time.perf_counter() - t0) * 1000 + float(decode_ms)
+        result.timings_ms = timings
+        self._last = result
+        return result
+
+    def _still(self, q_global: np.ndarray, odom_pose: np.ndarray | None) -> bool:
+        """The robot stands: a pose is published and the view (and the odometry, when there is one) has not
+        changed since the last frame the filter used (`still_view_change`). While searching every frame is
+        used, so a robot that starts standing still localizes from its repeated view as before."""
+        cfg, last = self.config, self._last
+        if cfg.still_view_change <= 0 or self._view is None or last is None or not last.accepted \
+                or last.frame is None:
+            return False
+        if self.localizer.view_change(self._view, q_global) >= cfg.still_view_change:
+            return False
+        if odom_pose is not None and self._last_odom is not None:
+            dx, dy, dyaw = planar_increment(self._last_odom, odom_pose)
+            if math.hypot(dx, dy) >= 0.5 * getattr(self.belief, "position_std", 1.0) or abs(dyaw) >= _STILL_TURN:
+                return False
+        return True
+
+    def _hold(self, stamp: float, t0: float, t: float, timings: dict[str, float]) -> TrackedResult:
+        """A frame of a standing robot (`_still`): no prediction, no observation, nothing reranked; the speed
+        goes towards zero (`MapBelief.hold`) and the clock moves on, so the time spent standing is not taken
+        for motion later. The odometry reference stays at the last used frame (increments accumulate)."""
+        assert self._last is not None
+        since = stamp - self._view_stamp
+        self.belief.hold(self._held, since)
+        self._held = since
+        self.last_stamp = stamp
+        result = self._publish(stamp, self._last.frame, 0)
+        result.still = True
+        timings["filter"] = (time.perf_counter() - t) * 1000
+        timings["total"] = (time.perf_counter() - t0) * 1000 + timings.get("decode", 0.0)
         result.timings_ms = timings
         self._last = result
         return result

@@ -250,14 +250,25 @@ class TrackingMonitor:
         self.speed = float("nan")
         self.resets = 0
         self.last_reset = ""
+        self.still_frames = 0           # frames of a standing robot: the view unchanged, nothing reranked
+        self._standing_since: float | None = None
+        self.standing_s = 0.0
 
-    def frame(self, state: str, support: int, reranked: int, elsewhere: float, speed: float, used: bool = True) -> None:
+    def frame(self, state: str, support: int, reranked: int, elsewhere: float, speed: float, used: bool = True,
+              still: bool = False, stamp: float = 0.0) -> None:
         with self._lock:
             self.state, self.support, self.elsewhere, self.speed = state, int(support), float(elsewhere), float(speed)
             if used:
                 self.frames += 1
                 self.reranked = int(reranked)
                 self.reranked_total += int(reranked)
+                self.still_frames += int(still)
+                if not still:
+                    self._standing_since, self.standing_s = None, 0.0
+                else:
+                    if self._standing_since is None:
+                        self._standing_since = float(stamp)
+                    self.standing_s = float(stamp) - self._standing_since
             else:
                 self.skipped += 1
 
@@ -277,6 +288,8 @@ class TrackingMonitor:
                       ("tracking_reranked", str(self.reranked)), ("tracking_reranked_mean", f"{mean:.1f}"),
                       ("tracking_frames", str(self.frames)), ("tracking_frames_skipped", str(self.skipped)),
                       ("tracking_elsewhere", f"{self.elsewhere:.3f}"), ("tracking_speed_mps", f"{self.speed:.2f}"),
+                      ("tracking_still_frames", str(self.still_frames)),
+                      ("tracking_standing_s", f"{self.standing_s:.1f}"),
                       ("tracking_resets", str(self.resets)), ("tracking_last_reset", self.last_reset)]
         return Status(OK, "", values)
 

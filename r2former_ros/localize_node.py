@@ -703,7 +703,7 @@ class LocalizeNode(LifecycleNode):
         result = tracker.step(stamp_ns / 1e9, rgb, odom_pose=odom_pose, decode_ms=decode_ms)
         if h is not None:
             h.tracking.frame(result.state, result.support, result.reranked, result.elsewhere, result.speed,
-                             used=result.frame is not None)
+                             used=result.frame is not None, still=result.still, stamp=stamp_ns / 1e9)
         return Outcome.tracking(result)
 
     def _apply_tracker_request(self, tracker: Tracker, request: tuple[str, Any] | None) -> None:
@@ -1074,7 +1074,8 @@ class LocalizeNode(LifecycleNode):
         t = result.tracked
         if t is not None:
             lines.append(f"tracking: {t.state}  support {t.support}  reranked {t.reranked}  "
-                         f"elsewhere {t.elsewhere:.2f}  speed {t.speed:.1f} m/s")
+                         f"elsewhere {t.elsewhere:.2f}  speed {t.speed:.1f} m/s"
+                         f"{'  standing (view unchanged)' if t.still else ''}")
         if best is not None:
             lines.append(f"best #{best.index} {best.name}  score {best.score:.3f}  global {best.global_score:.3f}"
                          f"  rerank {best.rerank_score:.3f}")

@@ -147,6 +147,15 @@ def test_tracking_monitor_reports_the_filter_or_that_tracking_is_off():
     assert (v["tracking_state"], v["tracking_support"], v["tracking_reranked"]) == ("tracking", "40", "30")
     assert v["tracking_reranked_mean"] == "65.0" and v["tracking_frames"] == "2" and v["tracking_frames_skipped"] == "1"
     assert v["tracking_elsewhere"] == "0.050" and v["tracking_speed_mps"] == "9.50"
+    assert v["tracking_still_frames"] == "0" and v["tracking_standing_s"] == "0.0"
+    # a standing robot: its frames are held (nothing reranked) and how long it has stood is shown
+    for k in range(5):
+        t.frame("tracking", 40, 0, 0.05, 0.0, still=True, stamp=10.0 + 0.5 * k)
+    v = dict(t.status().values)
+    assert v["tracking_still_frames"] == "5" and v["tracking_standing_s"] == "2.0" and v["tracking_reranked"] == "0"
+    t.frame("tracking", 40, 30, 0.05, 1.0, stamp=13.0)       # it drives off
+    v = dict(t.status().values)
+    assert v["tracking_still_frames"] == "5" and v["tracking_standing_s"] == "0.0"
     t.reset("initialpose")
     v = dict(t.status().values)
     assert v["tracking_state"] == "global" and v["tracking_resets"] == "1" and v["tracking_last_reset"] == "initialpose"

@@ -4,7 +4,8 @@ topics: a drive along a map of distinct images with wheel odometry on `odom_topi
 One node is shared by the tests of this module (in file order): the filter goes from global search to
 tracking and then reranks fewer candidates than top_k (global search on track_global_candidates of
 them), poses are published with the filter's covariance,
-odometry is used (and its absence reported), /initialpose seeds the filter (the node's own initialpose
+odometry is used (and its absence reported), a standing robot's repeated view is held without reranking,
+/initialpose seeds the filter (the node's own initialpose
 does not), stamps going back restart it, a tracking parameter set live restarts it, deactivate/activate
 restarts it. The tiny random-weight model cannot rerank by appearance, so the node reranks with RANSAC
 (homography inliers of the token matches), which tells an image from the others here.
@@ -183,6 +184,20 @@ def test_global_search_then_tracking_with_fewer_candidates_and_odometry(session,
     assert np.allclose(cov, cov.T) and np.linalg.eigvalsh(cov).min() > 0
     # the node's own initialpose (publish_initialpose) does not seed its tracker
     assert "initialpose at" not in s.node.output()
+
+
+def test_a_standing_robot_is_held_without_reranking(session):
+    """The robot stands at entry 24: the camera repeats its view and the odometry does not move. Once a pose is
+    published, those frames are held (track_still_view_change): nothing reranked, the place published again."""
+    s = session
+    n_poses = len(s.poses)
+    held = [s.frame(24, stamp=s.stamp + 0.1) for _ in range(5)]
+    last = held[-1]
+    assert int(last["tracking_still_frames"]) >= 4 and last["tracking_reranked"] == "0", last
+    assert float(last["tracking_standing_s"]) >= 0.3 and last["tracking_state"] == "tracking", last
+    assert wait_until(lambda: len(s.poses) >= n_poses + 5, 5)
+    standing = s.poses.snapshot()[-4:]
+    assert all(abs(pose_from_msg(p.pose.pose)[0] - SPACING * 24) < 3.0 for p in standing)
 
 
 def test_frames_without_odometry_are_reported(session):

@@ -268,6 +268,10 @@ class TableLocalizer(Localizer):
     def global_scores(self, q_global, indices):
         return self.global_table[int(q_global[0]), np.asarray(indices)]
 
+    def view_change(self, a, b):
+        """Frames of the table are different views unless they are the same frame."""
+        return 0.0 if int(a[0]) == int(b[0]) else 1.0
+
     def localize_features(self, q_global, q_local, rerank=None, retrieved=None, c_local=None, with_matches=True):
         i = int(q_global[0])
         idx = np.asarray(retrieved if retrieved is not None else self.retrieve(q_global)[0])
@@ -429,3 +433,131 @@ def test_published_covariance_is_wider_along_the_drive_only_without_odometry(roa
                 assert cov[0, 0] > 2.0 * cov[1, 1]
             e = r.pose[:2] - road_map.poses[t][:2]
             assert e @ np.linalg.solve(cov, e) <= 5.991
+
+
+# ------------------------------------------------------------------------------------------- standing still
+
+def test_hold_moves_the_speed_to_zero_and_keeps_the_place():
+    cfg = TrackingConfig(max_speed=10.0, speed_resolution=1.0, position_std=1.0, kidnap_rate=0.0)
+    b = MapBelief(road(), SPACING, cfg)
+    concentrate(b, 20)                                        # every speed alike
+    b.entries = np.array([20, 21])
+    b.mass = np.vstack([b.mass[0] * 0.7, np.zeros(len(b.speeds))])
+    b.mass[1, np.argmin(np.abs(b.speeds - 10.0))] = 0.3       # entry 21 only at 10 m/s
+    before = b.marginal().copy()
+    b.hold(0.0, 2.0)                                          # 2 s without moving more than ~1 m
+    assert b.marginal() == pytest.approx(before)              # standing says nothing about where
+    p = b.mass[0] / b.mass[0].sum()
+    assert p @ np.abs(b.speeds) < 1.0                         # was 5.2 m/s on average
+    assert b.mass[1, np.argmin(np.abs(b.speeds))] == pytest.approx(0.3)   # every speed ruled out: at rest
+    # in steps: the same as at once
+    c = MapBelief(road(), SPACING, cfg)
+    concentrate(c, 20)
+    d = MapBelief(road(), SPACING, cfg)
+    concentrate(d, 20)
+    c.hold(0.0, 0.2)
+    c.hold(0.2, 0.6)
+    d.hold(0.0, 0.6)
+    assert c.mass == pytest.approx(d.mass)
+    c.hold(0.6, 0.6)                                          # no time: no change
+    assert c.mass == pytest.approx(d.mass)
+
+
+def stand_and_drive(tracker: Tracker, truth: list[int], stop_at: int, standing: int, odom=None, cruise: float = 10.0,
+                    accel: float = 2.0):
+    """The robot drives `cruise` m/s along `truth` (one entry, 2 m, per frame), brakes at `accel` m/s^2 to a stop
+    at frame `stop_at`, stands there while its camera repeats that view `standing` times at 10 Hz, and starts
+    again at `accel`. Returns the results: moving up to the stop, standing, moving on."""
+    def time_from_stop(d: float) -> float:           # seconds to cover d metres from rest (accelerating, then cruising)
+        d_acc = cruise ** 2 / (2 * accel)
+        return math.sqrt(2 * d / accel) if d <= d_acc else cruise / accel + (d - d_acc) / cruise
+
+    t_stop = 100.0 + time_from_stop(SPACING * stop_at)
+    out = []
+    for k in range(len(truth)):
+        pose = None if odom is None else odom[truth[k]]
+        d = SPACING * abs(k - stop_at)
+        if k < stop_at:
+            out.append(tracker.step(t_stop - time_from_stop(d), features=(np.array([k]), None), with_matches=False,
+                                    odom_pose=pose))
+        elif k == stop_at:
+            for r in range(standing + 1):
+                out.append(tracker.step(t_stop + 0.1 * r, features=(np.array([k]), None), with_matches=False,
+                                        odom_pose=pose))
+        else:
+            out.append(tracker.step(t_stop + 0.1 * standing + time_from_stop(d), features=(np.array([k]), None),
+                                    with_matches=False, odom_pose=pose))
+    return out
+
+
+def test_a_standing_robot_adds_no_evidence_and_reranks_nothing(road_map):
+    """At entry 24 the robot stands for 10 s: its repeated view is not reranked and does not change where the
+    belief is; the speed goes to zero, and tracking goes on when it drives off again. With still_view_change 0
+    every repeat is reranked and counted (as before)."""
+    truth = [5 + k for k in range(40)]
+    rerank, glob = drive_tables(truth, seed=3)
+    cfg = TrackingConfig(max_speed=15.0, track_candidates=6, kidnap_candidates=2)
+    loc = TableLocalizer(road_map, rerank, glob, top_k=20)
+    tracker = Tracker(loc, cfg)
+    out = stand_and_drive(tracker, truth, stop_at=19, standing=100)
+    moving_before, standing, moving_after = out[:20], out[20:120], out[120:]
+    assert moving_before[-5].accepted and moving_before[-5].speed == pytest.approx(10.0, abs=2.5)
+    # the frames at the stop are used until the tracker publishes there; from then on the view is held
+    first = next(k for k, r in enumerate(standing) if r.still)
+    held, last_used = standing[first:], (standing[first - 1] if first else moving_before[-1])
+    assert first <= 5 and last_used.accepted
+    assert all(r.still and r.accepted and r.reranked == 0 for r in held)
+    assert all(r.pose == pytest.approx(last_used.pose) for r in held)
+    assert all(r.confidence == pytest.approx(last_used.confidence) for r in held)
+    assert held[0].frame is last_used.frame                    # the matches shown are the last used frame's
+    assert abs(held[-1].speed) < 1.0
+    assert len(loc.reranked_sets) == 20 + first + len(moving_after)    # nothing reranked while held
+    assert not any(r.still for r in moving_after)
+    errors = [abs(r.pose[0] - SPACING * t) for r, t in zip(moving_after, truth[20:]) if r.accepted]
+    assert len(errors) >= 15 and max(errors) < 3.0
+    assert moving_after[-1].speed == pytest.approx(10.0, abs=2.5)
+    # off: every repeat is a new observation
+    loc_off = TableLocalizer(road_map, rerank, glob, top_k=20)
+    off = stand_and_drive(Tracker(loc_off, TrackingConfig(max_speed=15.0, track_candidates=6, kidnap_candidates=2,
+                                                          still_view_change=0.0)), truth, stop_at=19, standing=100)
+    assert not any(r.still for r in off) and all(r.reranked > 0 for r in off[20:120])
+
+
+def test_a_new_view_while_standing_is_used_and_searching_uses_every_frame(road_map):
+    """A robot carried off while it stood (its view changes) is observed again at once; while the tracker has
+    no published place every frame is used, repeated or not."""
+    truth = [5 + k for k in range(20)] + [50 + k for k in range(20)]
+    rerank, glob = drive_tables(truth, seed=4)
+    loc = TableLocalizer(road_map, rerank, glob, top_k=20)
+    tracker = Tracker(loc, TrackingConfig(max_speed=15.0, track_candidates=6, kidnap_candidates=2))
+    out = [tracker.step(100.0 + 0.2 * k, features=(np.array([k]), None), with_matches=False) for k in range(20)]
+    out += [tracker.step(104.0 + 0.1 * k, features=(np.array([19]), None), with_matches=False) for k in range(20)]
+    assert out[19].accepted and all(r.still for r in out[20:40])
+    carried = tracker.step(106.0, features=(np.array([20]), None), with_matches=False)
+    assert not carried.still and carried.reranked > 0          # the new view: observed
+    # at the start (nothing published yet) a repeated view is reranked every time
+    fresh = Tracker(TableLocalizer(road_map, rerank, glob, top_k=20), TrackingConfig())
+    first = [fresh.step(50.0 + 0.1 * k, features=(np.array([0]), None), with_matches=False) for k in range(5)]
+    assert not any(r.still for r in first) and all(r.reranked > 0 for r in first)
+
+
+def test_odometry_that_moves_overrules_an_unchanged_view(road_map):
+    """With odometry a frame counts as standing only if the odometry has not moved either: a camera that sends
+    the same image while the wheels turn (a frozen driver) is not taken for a standing robot. A standing robot
+    with odometry keeps the odometry reference of the last used frame, so the increments add up."""
+    truth = [5 + k for k in range(30)]
+    rerank, glob = drive_tables(truth, seed=5)
+    cfg = TrackingConfig(max_speed=15.0, track_candidates=6, kidnap_candidates=2)
+    loc = TableLocalizer(road_map, rerank, glob, top_k=20)
+    tracker = Tracker(loc, cfg)
+    for k in range(15):
+        last = tracker.step(100.0 + 0.2 * k, features=(np.array([k]), None), with_matches=False,
+                            odom_pose=road_map.poses[truth[k]])
+    assert last.accepted
+    # the same view, the odometry standing: still
+    still = tracker.step(103.1, features=(np.array([14]), None), with_matches=False, odom_pose=road_map.poses[truth[14]])
+    assert still.still and still.reranked == 0
+    # the same view, the odometry 2 m on: not still
+    moved = tracker.step(103.3, features=(np.array([14]), None), with_matches=False,
+                         odom_pose=road_map.poses[truth[15]])
+    assert not moved.still and moved.reranked > 0
