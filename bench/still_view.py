@@ -84,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             yaw = np.arctan2(tan[:, 1], tan[:, 0])
             t0 = float(k * 7.0)
 
-            def render(i: int, t: float, dyaw: float = 0.0, noise: int = 0) -> np.ndarray:
+            def render(i: int, t: float, dyaw: float = 0.0, noise: int = 0, world=world, conditions=conditions,
+                       xy=xy, yaw=yaw, key=(seed, k)) -> np.ndarray:
                 return world.render(xy[i, 0], xy[i, 1], yaw[i] + math.radians(dyaw), conditions, size,
-                                    rng=np.random.default_rng([seed, k, noise, int(t * 1000)]),
+                                    rng=np.random.default_rng([*key, noise, int(t * 1000)]),
                                     movers=world.traffic("query", conditions, t))
 
             images = [render(0, t0)]

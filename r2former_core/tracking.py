@@ -603,7 +603,7 @@ class Tracker:
         """A frame of a standing robot (`_still`): no prediction, no observation, nothing reranked; the speed
         goes towards zero (`MapBelief.hold`) and the clock moves on, so the time spent standing is not taken
         for motion later. The odometry reference stays at the last used frame (increments accumulate)."""
-        assert self._last is not None
+        assert self._last is not None and self._last.frame is not None      # (`_still` checked both)
         since = stamp - self._view_stamp
         self.belief.hold(self._held, since)
         self._held = since

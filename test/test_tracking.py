@@ -555,7 +555,8 @@ def test_odometry_that_moves_overrules_an_unchanged_view(road_map):
                             odom_pose=road_map.poses[truth[k]])
     assert last.accepted
     # the same view, the odometry standing: still
-    still = tracker.step(103.1, features=(np.array([14]), None), with_matches=False, odom_pose=road_map.poses[truth[14]])
+    still = tracker.step(103.1, features=(np.array([14]), None), with_matches=False,
+                         odom_pose=road_map.poses[truth[14]])
     assert still.still and still.reranked == 0
     # the same view, the odometry 2 m on: not still
     moved = tracker.step(103.3, features=(np.array([14]), None), with_matches=False,
