@@ -34,6 +34,13 @@ map: the observation is explained by no entry). Per frame:
    puts the robot ahead of or behind the place), widened when the place holds less than all of the
    belief. Below `min_mass` nothing is published: a split belief is not a pose.
 
+Standing still: a camera on a robot that stands sends the same view again and again, and counting each
+repeat as a new observation would sharpen the belief on whatever entry that view scores best against
+(at night a neighbour as often as not). While a pose is published, a frame whose global descriptor differs
+from the last frame used by less than `still_view_change` (and whose odometry, if any, has not moved
+either) is held: no prediction, no observation, nothing reranked; the speed goes to zero (`MapBelief.hold`)
+and the place is published again. While searching every frame is used.
+
 States: `global` (no place yet: global search), `tracking` (a place holds at least
 `track_mass`), `lost` (below it for `lost_frames` frames: global search again until a place holds it).
 
