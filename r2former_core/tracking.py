@@ -38,8 +38,8 @@ Standing still: a camera on a robot that stands sends the same view again and ag
 repeat as a new observation would sharpen the belief on whatever entry that view scores best against
 (at night a neighbour as often as not). While a pose is published, a frame whose global descriptor differs
 from the last frame used by less than `still_view_change` (and whose odometry, if any, has not moved
-either) is held: no prediction, no observation, nothing reranked; the speed goes to zero (`MapBelief.hold`)
-and the place is published again. While searching every frame is used.
+either) is held, in every state: no prediction, no observation, nothing reranked; the speed goes to zero
+(`MapBelief.hold`) and the place is published again if it was published.
 
 States: `global` (no place yet: global search), `tracking` (a place holds at least
 `track_mass`), `lost` (below it for `lost_frames` frames: global search again until a place holds it).
@@ -72,6 +72,7 @@ _MODE_HEADING = math.radians(60.0)      # entries facing further away than this 
 _OFF_MAP = math.exp(-0.5 * 3.0 ** 2)    # weight of "no entry there": as if one entry sat 3 sigma away
 _PRUNE = 1e-5                           # entries below this fraction of the most probable one are dropped
 _STILL_TURN = 0.2                       # rad: odometry turning more than this is motion, whatever the view
+_STILL_TIME = 0.5                       # s of an unchanged view after which the robot is taken to stand
 
 
 def _wrap(angle: np.ndarray) -> np.ndarray:
@@ -502,11 +503,13 @@ class Tracker:
         """Forget everything: global search from the next frame on."""
         self.belief.reset()
         self.state = "global"
-        self.last_stamp: float | None = None
+        self.last_stamp: float | None = None    # the newest frame's stamp (order checks)
+        self._clock: float | None = None        # the filter's time: the belief is predicted up to it
         self._last_odom: np.ndarray | None = None
         self._below = 0
         self._last: TrackedResult | None = None
         self._view: np.ndarray | None = None    # global descriptor of the last frame the filter used
+        self._view_frame: LocalizationResult | None = None     # ... and its reranking
         self._view_stamp = 0.0                  # ... its stamp
         self._held = 0.0                        # seconds since then the speed has been held at the view's
 
@@ -550,12 +553,12 @@ class Tracker:
         cfg = self.config
 
         t = time.perf_counter()
-        dt = None if self.last_stamp is None else stamp - self.last_stamp
+        dt = None if self._clock is None else stamp - self._clock
         if dt is not None and dt > cfg.max_gap:
             log.info("tracking: %.1f s since the last frame (max_gap %.1f s): global search", dt, cfg.max_gap)
             self.belief.reset()
             self.state, self._below, dt = "global", 0, None
-            self._view = None
+            self._view = self._view_frame = None
         odometry = None
         if odom_pose is not None:
             odom_pose = np.asarray(odom_pose, np.float64).reshape(-1)
@@ -583,20 +586,21 @@ class Tracker:
         self._observe(q_global, frame, top, top_scores)
         result = self._publish(stamp, frame, len(candidates))
         timings["filter"] = filter_ms + (time.perf_counter() - t) * 1000
-        self.last_stamp = stamp
+        self.last_stamp = self._clock = stamp
         self._view, self._view_stamp, self._held = np.array(q_global, np.float32, copy=True), stamp, 0.0
+        self._view_frame = frame
         timings["total"] = (time.perf_counter() - t0) * 1000 + float(decode_ms)
         result.timings_ms = timings
         self._last = result
         return result
 
     def _still(self, q_global: np.ndarray, odom_pose: np.ndarray | None) -> bool:
-        """The robot stands: a pose is published and the view (and the odometry, when there is one) has not
-        changed since the last frame the filter used (`still_view_change`). While searching every frame is
-        used, so a robot that starts standing still localizes from its repeated view as before."""
-        cfg, last = self.config, self._last
-        if cfg.still_view_change <= 0 or self._view is None or last is None or not last.accepted \
-                or last.frame is None:
+        """The robot stands: the view (and the odometry, when there is one) has not changed since the last
+        frame the filter used (`still_view_change`). In every state: a repeated view is not a new observation,
+        also while searching (counted again and again it locks the belief onto whatever that one view scores
+        best against: measured, docs/TRACKING.md "Standing still")."""
+        cfg = self.config
+        if cfg.still_view_change <= 0 or self._view is None or self._view_frame is None:
             return False
         if self.localizer.view_change(self._view, q_global) >= cfg.still_view_change:
             return False
@@ -607,15 +611,20 @@ class Tracker:
         return True
 
     def _hold(self, stamp: float, t0: float, t: float, timings: dict[str, float]) -> TrackedResult:
-        """A frame of a standing robot (`_still`): no prediction, no observation, nothing reranked; the speed
-        goes towards zero (`MapBelief.hold`) and the clock moves on, so the time spent standing is not taken
-        for motion later. The odometry reference stays at the last used frame (increments accumulate)."""
-        assert self._last is not None and self._last.frame is not None      # (`_still` checked both)
-        since = stamp - self._view_stamp
-        self.belief.hold(self._held, since)
-        self._held = since
+        """A frame with the view of the last used one (`_still`): no observation, nothing reranked, the last
+        result repeated. For the first `_STILL_TIME` seconds nothing else changes (a slow robot, or an
+        uninformative view: the next used frame predicts over the whole time); from then on the robot stands:
+        the speed goes towards zero (`MapBelief.hold`) and the filter's clock follows the frames, so the time
+        spent standing is not taken for motion later. The odometry reference stays at the last used frame
+        (its increments add up)."""
+        assert self._view_frame is not None                                 # (`_still` checked it)
         self.last_stamp = stamp
-        result = self._publish(stamp, self._last.frame, 0)
+        since = stamp - self._view_stamp
+        if since >= _STILL_TIME:
+            self.belief.hold(self._held, since)
+            self._held = since
+            self._clock = stamp
+        result = self._publish(stamp, self._view_frame, 0, count=False)
         result.still = True
         timings["filter"] = (time.perf_counter() - t) * 1000
         timings["total"] = (time.perf_counter() - t0) * 1000 + timings.get("decode", 0.0)
@@ -710,11 +719,14 @@ class Tracker:
         last = self._last
         return last is not None and last.accepted and abs(last.speed) < 0.5
 
-    def _publish(self, stamp: float, frame: LocalizationResult, reranked: int) -> TrackedResult:
+    def _publish(self, stamp: float, frame: LocalizationResult, reranked: int, count: bool = True) -> TrackedResult:
+        """The result of this frame from the belief; `count` False (a held frame): the state stays."""
         cfg = self.config
         place = self.belief.place()
         mass = place.mass if place else 0.0
-        if mass >= cfg.track_mass:
+        if not count:
+            pass
+        elif mass >= cfg.track_mass:
             self.state, self._below = "tracking", 0
         else:
             self._below += 1

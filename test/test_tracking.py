@@ -502,16 +502,16 @@ def test_a_standing_robot_adds_no_evidence_and_reranks_nothing(road_map):
     out = stand_and_drive(tracker, truth, stop_at=19, standing=100)
     moving_before, standing, moving_after = out[:20], out[20:120], out[120:]
     assert moving_before[-5].accepted and moving_before[-5].speed == pytest.approx(10.0, abs=2.5)
-    # the frames at the stop are used until the tracker publishes there; from then on the view is held
-    first = next(k for k, r in enumerate(standing) if r.still)
-    held, last_used = standing[first:], (standing[first - 1] if first else moving_before[-1])
-    assert first <= 5 and last_used.accepted
-    assert all(r.still and r.accepted and r.reranked == 0 for r in held)
+    # from the second frame at the stop on the view is held: the last used result is repeated
+    last_used, held = moving_before[-1], standing
+    assert not last_used.still and last_used.reranked > 0
+    assert all(r.still and r.reranked == 0 for r in held)
+    assert all(r.accepted == last_used.accepted for r in held)
     assert all(r.pose == pytest.approx(last_used.pose) for r in held)
     assert all(r.confidence == pytest.approx(last_used.confidence) for r in held)
     assert held[0].frame is last_used.frame                    # the matches shown are the last used frame's
     assert abs(held[-1].speed) < 1.0
-    assert len(loc.reranked_sets) == 20 + first + len(moving_after)    # nothing reranked while held
+    assert len(loc.reranked_sets) == 20 + len(moving_after)    # nothing reranked while held
     assert not any(r.still for r in moving_after)
     errors = [abs(r.pose[0] - SPACING * t) for r, t in zip(moving_after, truth[20:]) if r.accepted]
     assert len(errors) >= 15 and max(errors) < 3.0
@@ -523,22 +523,28 @@ def test_a_standing_robot_adds_no_evidence_and_reranks_nothing(road_map):
     assert not any(r.still for r in off) and all(r.reranked > 0 for r in off[20:120])
 
 
-def test_a_new_view_while_standing_is_used_and_searching_uses_every_frame(road_map):
-    """A robot carried off while it stood (its view changes) is observed again at once; while the tracker has
-    no published place every frame is used, repeated or not."""
+def test_a_new_view_while_standing_is_used_and_a_repeated_view_is_held_while_searching(road_map):
+    """A robot carried off while it stood (its view changes) is observed again at once. While searching, a
+    repeated view is held as well: counted again and again it would make a place of one view's scores."""
     truth = [5 + k for k in range(20)] + [50 + k for k in range(20)]
     rerank, glob = drive_tables(truth, seed=4)
     loc = TableLocalizer(road_map, rerank, glob, top_k=20)
     tracker = Tracker(loc, TrackingConfig(max_speed=15.0, track_candidates=6, kidnap_candidates=2))
     out = [tracker.step(100.0 + 0.2 * k, features=(np.array([k]), None), with_matches=False) for k in range(20)]
     out += [tracker.step(104.0 + 0.1 * k, features=(np.array([19]), None), with_matches=False) for k in range(20)]
-    assert out[19].accepted and all(r.still for r in out[20:40])
+    assert out[19].accepted and all(r.still and r.accepted for r in out[20:40])
     carried = tracker.step(106.0, features=(np.array([20]), None), with_matches=False)
     assert not carried.still and carried.reranked > 0          # the new view: observed
-    # at the start (nothing published yet) a repeated view is reranked every time
+    # at the start: the first view is used, its repeats are held (nothing published from one view)
     fresh = Tracker(TableLocalizer(road_map, rerank, glob, top_k=20), TrackingConfig())
-    first = [fresh.step(50.0 + 0.1 * k, features=(np.array([0]), None), with_matches=False) for k in range(5)]
-    assert not any(r.still for r in first) and all(r.reranked > 0 for r in first)
+    first = [fresh.step(50.0 + 0.1 * k, features=(np.array([0]), None), with_matches=False) for k in range(30)]
+    assert first[0].reranked > 0 and not first[0].still
+    assert all(r.still and r.reranked == 0 and not r.accepted and r.state == "global" for r in first[1:])
+    assert first[-1].confidence == pytest.approx(first[0].confidence)
+    # with still_view_change 0 the repeats are evidence: the belief sharpens on that one view
+    counted = Tracker(TableLocalizer(road_map, rerank, glob, top_k=20), TrackingConfig(still_view_change=0.0))
+    again = [counted.step(50.0 + 0.1 * k, features=(np.array([0]), None), with_matches=False) for k in range(30)]
+    assert all(r.reranked > 0 for r in again) and again[-1].confidence > first[-1].confidence
 
 
 def test_odometry_that_moves_overrules_an_unchanged_view(road_map):
