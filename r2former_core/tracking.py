@@ -73,6 +73,7 @@ _OFF_MAP = math.exp(-0.5 * 3.0 ** 2)    # weight of "no entry there": as if one 
 _PRUNE = 1e-5                           # entries below this fraction of the most probable one are dropped
 _STILL_TURN = 0.2                       # rad: odometry turning more than this is motion, whatever the view
 _STILL_TIME = 0.5                       # s of an unchanged view after which the robot is taken to stand
+_STANDING_TOLERANCE = 5.0               # x still_view_change: the view change a standing robot's frames may show
 
 
 def _wrap(angle: np.ndarray) -> np.ndarray:
@@ -602,13 +603,26 @@ class Tracker:
         cfg = self.config
         if cfg.still_view_change <= 0 or self._view is None or self._view_frame is None:
             return False
-        if self.localizer.view_change(self._view, q_global) >= cfg.still_view_change:
-            return False
+        # known to stand: the view has been unchanged for _STILL_TIME already, the filter is sure the robot is
+        # slower than half a speed state, or (below) the odometry stands
+        standing = self._held > 0 or self._slow()
         if odom_pose is not None and self._last_odom is not None:
             dx, dy, dyaw = planar_increment(self._last_odom, odom_pose)
             if math.hypot(dx, dy) >= 0.5 * getattr(self.belief, "position_std", 1.0) or abs(dyaw) >= _STILL_TURN:
                 return False
-        return True
+            standing = True              # the odometry stands
+        # a robot known to stand (odometry, or an unchanged view for a while) sees its view change with sensor
+        # noise and passing traffic (by night in fog as much as with half a metre of driving): only a larger
+        # change is news
+        limit = cfg.still_view_change * (_STANDING_TOLERANCE if standing else 1.0)
+        return self.localizer.view_change(self._view, q_global) < limit
+
+    def _slow(self) -> bool:
+        """The belief holds at least half of its mass at the speed state nearest zero."""
+        speeds = getattr(self.belief, "speeds", None)
+        if speeds is None:
+            return False
+        return float(self.belief.speed_distribution()[int(np.argmin(np.abs(speeds)))]) >= 0.5
 
     def _hold(self, stamp: float, t0: float, t: float, timings: dict[str, float]) -> TrackedResult:
         """A frame with the view of the last used one (`_still`): no observation, nothing reranked, the last

@@ -568,3 +568,56 @@ def test_odometry_that_moves_overrules_an_unchanged_view(road_map):
     moved = tracker.step(103.3, features=(np.array([14]), None), with_matches=False,
                          odom_pose=road_map.poses[truth[15]])
     assert not moved.still and moved.reranked > 0
+
+
+class NoisyViews(TableLocalizer):
+    """Frames in `group` are the same place seen with sensor noise: 1 - cosine `noise` between any two of
+    them; `jump` frames differ from everything by `jump_change`."""
+
+    def __init__(self, *args, group: set[int], noise: float, jump: set[int] = frozenset(), jump_change: float = 0.5,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group, self.noise, self.jump, self.jump_change = group, noise, jump, jump_change
+
+    def view_change(self, a, b):
+        i, j = int(a[0]), int(b[0])
+        if i == j:
+            return 0.0
+        if i in self.jump or j in self.jump:
+            return self.jump_change
+        return self.noise if i in self.group and j in self.group else 1.0
+
+
+@pytest.mark.parametrize("odometry", [False, True])
+def test_a_standing_robot_with_a_noisy_view_is_held_until_the_view_changes_for_real(road_map, odometry):
+    """A standing camera's view changes a little with sensor noise (here 0.05, above still_view_change 0.02).
+    Once the robot is known to stand (the odometry stands, or the view has been unchanged for a while and the
+    filter's speed is at zero) changes up to 5 x still_view_change are held; a larger one (0.5) is used."""
+    stop, n_noisy = 19, 30
+    truth = [5 + k for k in range(stop + 1)] + [5 + stop] * (n_noisy + 1)
+    group = set(range(stop, len(truth)))
+    rerank, glob = drive_tables(truth, seed=6)
+    loc = NoisyViews(road_map, rerank, glob, top_k=20, group=group, noise=0.05, jump={len(truth) - 1})
+    tracker = Tracker(loc, TrackingConfig(max_speed=15.0, track_candidates=6, kidnap_candidates=2))
+    odom = (lambda k: road_map.poses[truth[k]]) if odometry else (lambda k: None)
+    out = [tracker.step(100.0 + 0.2 * k, features=(np.array([k]), None), with_matches=False, odom_pose=odom(k))
+           for k in range(stop + 1)]
+    t = 100.0 + 0.2 * stop
+    if not odometry:       # the exact view repeated for 2 s: the filter learns that the robot stands
+        out += [tracker.step(t + 0.1 * r, features=(np.array([stop]), None), with_matches=False)
+                for r in range(1, 21)]
+        assert all(r.still for r in out[-20:]) and abs(out[-1].speed) < 1.0
+        t += 2.0
+    noisy = [tracker.step(t + 0.1 * (r + 1), features=(np.array([k]), None), with_matches=False, odom_pose=odom(k))
+             for r, k in enumerate(range(stop + 1, len(truth) - 1))]
+    assert all(r.still and r.reranked == 0 for r in noisy)
+    jumped = tracker.step(t + 0.1 * (len(noisy) + 1), features=(np.array([len(truth) - 1]), None),
+                          with_matches=False, odom_pose=odom(len(truth) - 1))
+    assert not jumped.still and jumped.reranked > 0
+    # before the robot is known to stand, the same noise is news: the first noisy frame after driving is used
+    fresh = Tracker(NoisyViews(road_map, rerank, glob, top_k=20, group=group, noise=0.05),
+                    TrackingConfig(max_speed=15.0, track_candidates=6, kidnap_candidates=2))
+    for k in range(stop + 1):
+        fresh.step(100.0 + 0.2 * k, features=(np.array([k]), None), with_matches=False)
+    first = fresh.step(100.0 + 0.2 * stop + 0.1, features=(np.array([stop + 1]), None), with_matches=False)
+    assert not first.still and first.reranked > 0
