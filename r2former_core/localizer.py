@@ -37,6 +37,30 @@ def check_compatible(model: R2FormerModel, mapdb: MapDatabase) -> None:
                        f"{cfg.local_tokens}x{cfg.local_values}: rebuild the map with this model")
 
 
+def map_view_scale(mapdb: MapDatabase, max_pairs: int = 5000) -> float:
+    """Median 1 - cosine of the global descriptors of neighbouring map entries (consecutive entries of one
+    session at most 3 keyframe spacings apart; up to `max_pairs` of them, evenly spread): how much the model's
+    view changes from one map image to the next. The scale of the tracker's `still_view_change`, so that one
+    setting fits any model (a random-weight model's descriptors differ by ~0.01, the demo model's by ~0.15)."""
+    n = len(mapdb)
+    if n < 2:
+        return 1.0
+    idx = np.arange(n - 1)
+    if len(idx) > max_pairs:
+        idx = idx[np.linspace(0, len(idx) - 1, max_pairs).astype(np.int64)]
+    poses = np.asarray(mapdb.poses, np.float64)
+    near = np.linalg.norm(poses[idx + 1, :3] - poses[idx, :3], axis=1) <= 3.0 * max(mapdb.keyframe_spacing(), 1e-6)
+    sessions = getattr(mapdb, "sessions", None)
+    if sessions is not None:
+        near &= np.asarray(sessions)[idx] == np.asarray(sessions)[idx + 1]
+    if near.any():
+        idx = idx[near]
+    a = np.asarray(mapdb.global_desc[idx], np.float32)
+    b = np.asarray(mapdb.global_desc[idx + 1], np.float32)
+    cos = np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return float(max(np.median(1.0 - cos), 1e-6))
+
+
 class Localizer:
     def __init__(self, model: R2FormerModel, mapdb: MapDatabase, config: LocalizerConfig = LocalizerConfig()):
         """The model runs at `config.precision` from here on (set on the model itself)."""
@@ -94,6 +118,13 @@ class Localizer:
         q = np.asarray(q_global, dtype=np.float32)
         norms = np.maximum(np.linalg.norm(c, axis=1) * np.linalg.norm(q), 1e-12)
         return (c @ q) / norms
+
+    def view_scale(self) -> float:
+        """`map_view_scale` of this localizer's map (computed once)."""
+        scale = getattr(self, "_view_scale", None)
+        if scale is None:
+            scale = self._view_scale = map_view_scale(self.map)
+        return scale
 
     @staticmethod
     def view_change(a: np.ndarray, b: np.ndarray) -> float:

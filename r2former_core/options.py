@@ -275,8 +275,9 @@ class TrackingConfig:
     max_gap: float = option(5.0, "s, a longer gap between frames restarts global search", min=0.01, max=3600.0)
     reset_jump: float = option(1.0, "s, a frame stamped this much before the last one resets the filter (e.g. a "
                                "replayed bag); older frames within it are ignored", min=0.0, max=3600.0)
-    still_view_change: float = option(0.02, "a frame whose global descriptor differs from the last frame the filter "
-                                      "used by less than this (1 - cosine) shows the robot standing: it is not "
+    still_view_change: float = option(0.13, "a frame whose global descriptor differs from the last frame the filter "
+                                      "used by less than this fraction of the map's median change between "
+                                      "neighbouring entries (1 - cosine) shows the robot standing: it is not "
                                       "reranked and adds no evidence (a repeated view is not a new observation), "
                                       "its result is repeated and, after 0.5 s, the filter's speed goes to zero; "
                                       "with odometry only when it moved < position_std / 2 and turned < 0.2 rad "

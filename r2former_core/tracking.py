@@ -36,10 +36,11 @@ map: the observation is explained by no entry). Per frame:
 
 Standing still: a camera on a robot that stands sends the same view again and again, and counting each
 repeat as a new observation would sharpen the belief on whatever entry that view scores best against
-(at night a neighbour as often as not). While a pose is published, a frame whose global descriptor differs
-from the last frame used by less than `still_view_change` (and whose odometry, if any, has not moved
-either) is held, in every state: no prediction, no observation, nothing reranked; the speed goes to zero
-(`MapBelief.hold`) and the place is published again if it was published.
+(at night a look-alike as often as not). A frame whose global descriptor differs from the last frame used
+by less than `still_view_change` times the map's typical change between neighbouring entries
+(`Localizer.view_scale`), and whose odometry, if any, has not moved either, is held, in every state: no
+observation, nothing reranked, the last result repeated; after 0.5 s the speed goes to zero
+(`MapBelief.hold`) and, once the robot is known to stand, a change up to 5 times that is still held.
 
 States: `global` (no place yet: global search), `tracking` (a place holds at least
 `track_mass`), `lost` (below it for `lost_frames` frames: global search again until a place holds it).
@@ -513,6 +514,8 @@ class Tracker:
         self._view_frame: LocalizationResult | None = None     # ... and its reranking
         self._view_stamp = 0.0                  # ... its stamp
         self._held = 0.0                        # seconds since then the speed has been held at the view's
+        self._rest_view: np.ndarray | None = None     # first view of the current stretch of near-equal views
+        self._rest_since = self._rest_stamp = 0.0       # ... its stamp, and the newest frame's
 
     def seed(self, pose: np.ndarray, covariance: np.ndarray) -> int:
         """Start from a known pose (7,) in the map frame, of the body the map poses describe, with its 6x6
@@ -566,6 +569,7 @@ class Tracker:
             if odom_pose.shape != (7,) or not np.all(np.isfinite(odom_pose)):
                 log.debug("tracking: odometry pose %r unusable: predicting without odometry", odom_pose)
                 odom_pose = None
+        self._track_rest(stamp, q_global)
         if self._still(q_global, odom_pose):
             return self._hold(stamp, t0, t, timings)
         if odom_pose is not None and self._last_odom is not None and dt is not None:
@@ -603,9 +607,10 @@ class Tracker:
         cfg = self.config
         if cfg.still_view_change <= 0 or self._view is None or self._view_frame is None:
             return False
-        # known to stand: the view has been unchanged for _STILL_TIME already, the filter is sure the robot is
-        # slower than half a speed state, or (below) the odometry stands
-        standing = self._held > 0 or self._slow()
+        unit = cfg.still_view_change * self.localizer.view_scale()
+        # known to stand: the view has stayed within the standing tolerance for _STILL_TIME, the filter is sure
+        # the robot is slower than half a speed state, or (below) the odometry stands
+        standing = self._held > 0 or self._resting() or self._slow()
         if odom_pose is not None and self._last_odom is not None:
             dx, dy, dyaw = planar_increment(self._last_odom, odom_pose)
             if math.hypot(dx, dy) >= 0.5 * getattr(self.belief, "position_std", 1.0) or abs(dyaw) >= _STILL_TURN:
@@ -614,8 +619,21 @@ class Tracker:
         # a robot known to stand (odometry, or an unchanged view for a while) sees its view change with sensor
         # noise and passing traffic (by night in fog as much as with half a metre of driving): only a larger
         # change is news
-        limit = cfg.still_view_change * (_STANDING_TOLERANCE if standing else 1.0)
+        limit = unit * (_STANDING_TOLERANCE if standing else 1.0)
         return self.localizer.view_change(self._view, q_global) < limit
+
+    def _track_rest(self, stamp: float, q_global: np.ndarray) -> None:
+        """The stretch of frames whose views all lie within the standing tolerance of its first: a robot that
+        stands sees one such stretch, a moving one leaves it within a metre or so."""
+        limit = self.config.still_view_change * self.localizer.view_scale() * _STANDING_TOLERANCE
+        if limit <= 0:
+            return
+        if self._rest_view is None or self.localizer.view_change(self._rest_view, q_global) >= limit:
+            self._rest_view, self._rest_since = np.array(q_global, np.float32, copy=True), stamp
+        self._rest_stamp = stamp
+
+    def _resting(self) -> bool:
+        return self._rest_view is not None and self._rest_stamp - self._rest_since >= _STILL_TIME
 
     def _slow(self) -> bool:
         """The belief holds at least half of its mass at the speed state nearest zero."""

@@ -268,6 +268,10 @@ class TableLocalizer(Localizer):
     def global_scores(self, q_global, indices):
         return self.global_table[int(q_global[0]), np.asarray(indices)]
 
+    def view_scale(self):
+        """So that the default still_view_change (0.13) is a view change of 0.02."""
+        return 0.02 / TrackingConfig().still_view_change
+
     def view_change(self, a, b):
         """Frames of the table are different views unless they are the same frame."""
         return 0.0 if int(a[0]) == int(b[0]) else 1.0
@@ -621,3 +625,42 @@ def test_a_standing_robot_with_a_noisy_view_is_held_until_the_view_changes_for_r
         fresh.step(100.0 + 0.2 * k, features=(np.array([k]), None), with_matches=False)
     first = fresh.step(100.0 + 0.2 * stop + 0.1, features=(np.array([stop + 1]), None), with_matches=False)
     assert not first.still and first.reranked > 0
+    # ... but once the views have stayed that close for 0.5 s the robot is taken to stand: held from then on
+    rest = [fresh.step(100.0 + 0.2 * stop + 0.1 * (r + 2), features=(np.array([k]), None), with_matches=False)
+            for r, k in enumerate(range(stop + 2, stop + 12))]
+    assert not any(r.still for r in rest[:3]) and all(r.still for r in rest[4:])
+
+
+def test_the_view_scale_is_the_median_change_between_neighbouring_map_entries(tmp_path):
+    """`map_view_scale`: consecutive entries of one session within 3 keyframe spacings; the step between two
+    sessions and far jumps are not neighbours. The tracker's threshold is still_view_change times it."""
+    from r2former_core.localizer import map_view_scale
+    n = 41
+    angles = np.r_[np.arange(20) * 0.1, 5.0 + np.arange(21) * 0.2]     # session 2 turns twice as fast per entry
+    desc = np.stack([np.cos(angles), np.sin(angles), np.zeros(n), np.zeros(n)], 1).astype(np.float32)
+    poses = road(n)
+    poses[20:, 1] = 500.0                                             # session 2 lies elsewhere
+    sessions = np.r_[np.zeros(20), np.ones(21)].astype(np.int32)
+    path = tmp_path / "map"
+    with MapDatabase.create(path, fingerprint="scale", model_config={}, image_size=(8, 8), global_dim=4,
+                            num_local=2, local_values=5) as w:
+        w.add_batch(desc[:20], np.zeros((20, 2, 5), np.float32), poses[:20], np.arange(20.0),
+                    [f"a{i}" for i in range(20)])
+    mapdb = MapDatabase.load(path)
+    assert map_view_scale(mapdb) == pytest.approx(1 - math.cos(0.1), rel=1e-4)
+    # a second session: its own steps count, the jump between the sessions does not
+    steps = np.r_[np.full(19, 1 - math.cos(0.1)), np.full(20, 1 - math.cos(0.2))]
+    assert map_view_scale(_Map(poses, desc, sessions)) == pytest.approx(float(np.median(steps)), rel=1e-4)
+
+
+class _Map:
+    """What map_view_scale reads of a MapDatabase."""
+
+    def __init__(self, poses: np.ndarray, global_desc: np.ndarray, sessions: np.ndarray):
+        self.poses, self.global_desc, self.sessions = poses, global_desc, sessions
+
+    def keyframe_spacing(self) -> float:
+        return SPACING
+
+    def __len__(self) -> int:
+        return len(self.poses)

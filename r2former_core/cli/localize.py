@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 CSV_COLUMNS = ["name", "stamp", "x", "y", "z", "qx", "qy", "qz", "qw", "confidence", "accepted", "best_index",
                "best_name", "var_x", "var_y", "var_z", "var_roll", "var_pitch", "var_yaw", "ms_decode", "ms_extract",
                "ms_search", "ms_rerank", "ms_pose", "ms_total"]
-# with --sequence: the tracker's state, belief size, candidates reranked, "elsewhere" probability, filter time
-SEQUENCE_COLUMNS = CSV_COLUMNS + ["state", "support", "reranked", "elsewhere", "ms_filter"]
+# with --sequence: the tracker's state, belief size, candidates reranked, "elsewhere" probability, filter time,
+# 1 when the frame was held (the view unchanged: a standing robot)
+SEQUENCE_COLUMNS = CSV_COLUMNS + ["state", "support", "reranked", "elsewhere", "ms_filter", "still"]
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -148,7 +149,8 @@ def _write_sequence_rows(path: Path, source, localizer, args, matches_dir: Path 
                                   with_matches=matches_dir is not None)
                 pose, cov, conf, ok, res = tr.pose, tr.covariance, tr.confidence, tr.accepted, tr.frame
                 timings = dict(tr.timings_ms, extract=extract_ms)
-                extra = [tr.state, tr.support, tr.reranked, f"{tr.elsewhere:.4f}", f"{timings.get('filter', 0):.1f}"]
+                extra = [tr.state, tr.support, tr.reranked, f"{tr.elsewhere:.4f}", f"{timings.get('filter', 0):.1f}",
+                         int(tr.still)]
             else:
                 res = localizer.localize_features(*features, with_matches=matches_dir is not None)
                 pose, cov, conf, ok = res.pose, res.covariance, res.confidence, res.accepted
