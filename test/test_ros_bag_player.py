@@ -34,7 +34,7 @@ def test_bag_player_publishes_every_message_with_original_stamps(tmp_path, probe
     got_images = probe.subscribe(Image, "/camera/image_raw")
     got_odom = probe.subscribe(Odometry, "/odom")
     player = NodeProcess("r2former_ros.bag_player",
-                         [str(bag), "--rate", "4", "--wait-for-subscribers", "20", "--start-delay", "0.3"],
+                         [str(bag), "--rate", "1", "--wait-for-subscribers", "20", "--start-delay", "0.3"],
                          tmp_path / "logs")
     try:
         code = player.wait(40)
@@ -47,8 +47,9 @@ def test_bag_player_publishes_every_message_with_original_stamps(tmp_path, probe
         assert (first.height, first.width, first.encoding) == (120, 160, "rgb8")
         assert np.array_equal(np.frombuffer(bytes(first.data), np.uint8).reshape(120, 160, 3), images[0])
         assert [m.pose.pose.position.x for m in got_odom.snapshot()] == list(range(n))
-        # paced at 4x the recorded rate: 7 intervals of 50 ms / 4 ~ 88 ms at least
-        assert got_images.times[-1] - got_images.times[0] >= 0.07
+        # paced at the recorded rate: 7 intervals of 50 ms = 350 ms (a margin for a busy machine, where the
+        # first messages can reach the probe late and together; at --rate 4 the margin was too small)
+        assert got_images.times[-1] - got_images.times[0] >= 0.2
     finally:
         player.stop()
 
