@@ -359,14 +359,19 @@ class MapBelief:
 
     def seed(self, xy: np.ndarray, yaw: float, position_std: float, yaw_std: float) -> int:
         """Put the belief on the entries near a given pose (an operator's initial pose): Gaussian in position
-        (`position_std` m) and heading (`yaw_std` rad) out to 3 sigma, speed unknown (uniform); "elsewhere"
-        keeps its prior. Returns the number of entries seeded; 0 (no entry near it): the belief is the prior."""
+        (`position_std` m) and heading (`yaw_std` rad) out to 3 sigma, speed unknown (uniform). The pose says
+        the robot is on the map, so "elsewhere" starts at half of 1 - `min_mass` (if its prior is higher):
+        the seeded place is published from the first frame, as AMCL publishes an initial pose, also for a
+        robot that stands (its repeated views are no new evidence, and a map entry's score counts only once
+        the entry has been seen a few times); views that disagree take the mass away within a frame or two.
+        Returns the number of entries seeded; 0 (no entry near it): the belief is the prior."""
         self.reset()
         d2 = ((self.xy - np.asarray(xy, np.float64)[:2]) ** 2).sum(1)
         dyaw = _wrap(self.yaw - float(yaw))
         near = np.flatnonzero((d2 <= (3.0 * position_std) ** 2) & (np.abs(dyaw) <= 3.0 * yaw_std))
         if not len(near):
             return 0
+        self.elsewhere = min(self.elsewhere, 0.5 * (1.0 - self.config.min_mass))
         w = np.exp(-0.5 * d2[near] / position_std ** 2 - 0.5 * (dyaw[near] / yaw_std) ** 2)
         nb = len(self.speeds)
         self.entries = near.astype(np.int64)
