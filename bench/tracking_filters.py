@@ -193,7 +193,7 @@ VARIANTS = {
 # ------------------------------------------------------------------------------------------ score tables
 
 def score_table(model, seed: int, cond: str, work: Path, size: tuple[int, int], map_frames: int,
-                query_frames: int) -> Path:
+                query_frames: int, query_spacing: float | None = None) -> Path:
     """npz with every query frame's global cosine and match probability against every map entry, and its global
     descriptor (`query_global`: the tracker's test for an unchanged view)."""
     from r2former_core.data.sources import open_source
@@ -203,14 +203,16 @@ def score_table(model, seed: int, cond: str, work: Path, size: tuple[int, int], 
     from r2former_core.synthetic import write_drive
 
     tag = f"{size[0]}x{size[1]}"
-    out = work / f"table2_{seed}_{cond}_{map_frames}_{query_frames}_{tag}_{model.fingerprint}.npz"
+    gap = "" if query_spacing is None else f"_{query_spacing:g}m"
+    out = work / f"table2_{seed}_{cond}_{map_frames}_{query_frames}{gap}_{tag}_{model.fingerprint}.npz"
     if out.is_file():
         return out
 
-    def drive(kind: str, conditions: str, frames: int) -> Path:
-        d = work / f"{kind}_{seed}_{conditions}_{frames}_{tag}"
+    def drive(kind: str, conditions: str, frames: int, spacing: float | None = None) -> Path:
+        d = work / f"{kind}_{seed}_{conditions}_{frames}{'' if spacing is None else f'_{spacing:g}m'}_{tag}"
         if not (d / "poses.txt").is_file():
-            write_drive(seed, d, kind=kind, conditions=conditions.replace("+", ","), frames=frames, size=size)
+            write_drive(seed, d, kind=kind, conditions=conditions.replace("+", ","), frames=frames, size=size,
+                        spacing=spacing)
         return d
 
     mdir = drive("map", "day", map_frames)
@@ -220,7 +222,7 @@ def score_table(model, seed: int, cond: str, work: Path, size: tuple[int, int], 
     except MapError:
         mapdb = build_map(open_source(images=str(mdir / "images"), poses=str(mdir / "poses.txt")), model, mpath,
                           overwrite=True, progress=False)
-    qdir = drive("query", cond, query_frames)
+    qdir = drive("query", cond, query_frames, query_spacing)
     src = open_source(images=str(qdir / "images"), poses=str(qdir / "poses.txt"))
     c_global = np.asarray(mapdb.global_desc, np.float32)
     c_local = mapdb.local(np.arange(len(mapdb)))
@@ -684,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="256x320", help="rendered image size HxW (default 256x320, as the demo)")
     p.add_argument("--map-frames", type=int, default=210, help="frames of the map drive, once around (default 210)")
     p.add_argument("--query-frames", type=int, default=160, help="frames of each query drive (default 160)")
+    p.add_argument("--query-spacing", type=float, default=None,
+                   help="metres between query frames (default: 2 m, 20 m/s at the plays' 10 Hz); e.g. 0.15 for a "
+                        "ground robot at 1.5 m/s (the ~wave and ~stops speeds assume 2 m)")
     p.add_argument("--particles", type=int, default=2000,
                    help="particles of the particle filter (default 2000; 0 = leave the particle filter out)")
     p.add_argument("--variants", default=",".join(VARIANTS),
@@ -722,11 +727,13 @@ def main(argv: list[str] | None = None) -> int:
             setups[f"entries: {name}"] = (make, config, v.tracker)
     report: dict = {"sets": {}, "meta": {"machine": machine_info(torch.get_num_threads()),
                                         "model": args.model, "size": list(size), "map_frames": args.map_frames,
-                                         "query_frames": args.query_frames, "particles": args.particles,
+                                         "query_frames": args.query_frames, "query_spacing": args.query_spacing,
+                                         "particles": args.particles,
                                          "orders": orders}}
     for item in tqdm(sets.split(","), desc="sets", unit="set", disable=None):
         seed, cond = item.split(":")
-        table = dict(np.load(score_table(model, int(seed), cond, work, size, args.map_frames, args.query_frames)))
+        table = dict(np.load(score_table(model, int(seed), cond, work, size, args.map_frames, args.query_frames,
+                                         args.query_spacing)))
         n = len(table["stamps"])
         rows = {}
         for oname in orders.split(","):
