@@ -183,6 +183,7 @@ VARIANTS = {
     "every frame is evidence (still_view_change 0)": Variant({"still_view_change": 0.0}),
     "speed changes by accel_std's variance": Variant(belief=VarianceKeepingSpeed),
     "a standing camera's view as noisy as at night": Variant(tracker=NightStandingNoise),
+    "still_view_change 0.5 (update about every metre)": Variant({"still_view_change": 0.5}),
     "speed horizon 0.75 s": Variant({"speed_horizon": 0.75}),
     "speed horizon 1.25 s": Variant({"speed_horizon": 1.25}),
     "second-round covariance; publish once the speed is resolved (std <= 3 m/s)": Variant(
