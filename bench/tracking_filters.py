@@ -184,6 +184,8 @@ VARIANTS = {
     "speed changes by accel_std's variance": Variant(belief=VarianceKeepingSpeed),
     "a standing camera's view as noisy as at night": Variant(tracker=NightStandingNoise),
     "still_view_change 0.5 (update about every metre)": Variant({"still_view_change": 0.5}),
+    "ground robot: max_speed 3": Variant({"max_speed": 3.0}),
+    "ground robot: max_speed 3 and position_std 0.3": Variant({"max_speed": 3.0, "position_std": 0.3}),
     "speed horizon 0.75 s": Variant({"speed_horizon": 0.75}),
     "speed horizon 1.25 s": Variant({"speed_horizon": 1.25}),
     "second-round covariance; publish once the speed is resolved (std <= 3 m/s)": Variant(
