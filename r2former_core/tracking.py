@@ -484,6 +484,7 @@ class TrackedResult:
     frame: LocalizationResult | None  # this frame's reranked candidates (matches, markers); None if skipped
     timings_ms: dict[str, float] = field(default_factory=dict)
     still: bool = False              # the view had not changed: nothing reranked, `frame` is the last used one's
+    frozen_view_m: float = 0.0       # metres the odometry has moved while the view did not change (frozen camera?)
 
 
 class Tracker:
@@ -520,6 +521,7 @@ class Tracker:
         self._view_stamp = 0.0                  # ... its stamp
         self._held = 0.0                        # seconds since then the speed has been held at the view's
         self._rest_view: np.ndarray | None = None     # first view of the current stretch of near-equal views
+        self._frozen_m = 0.0                    # odometry distance driven with an unchanged view
         self._rest_since = self._rest_stamp = 0.0       # ... its stamp, and the newest frame's
 
     def seed(self, pose: np.ndarray, covariance: np.ndarray) -> int:
@@ -579,6 +581,7 @@ class Tracker:
             return self._hold(stamp, t0, t, timings)
         if odom_pose is not None and self._last_odom is not None and dt is not None:
             odometry = planar_increment(self._last_odom, odom_pose)
+        self._count_frozen(q_global, odometry)
         self._last_odom = odom_pose
         if dt is not None:
             self.belief.predict(dt, odometry)
@@ -595,6 +598,7 @@ class Tracker:
         t = time.perf_counter()
         self._observe(q_global, frame, top, top_scores)
         result = self._publish(stamp, frame, len(candidates))
+        result.frozen_view_m = self._frozen_m
         timings["filter"] = filter_ms + (time.perf_counter() - t) * 1000
         self.last_stamp = self._clock = stamp
         self._view, self._view_stamp, self._held = np.array(q_global, np.float32, copy=True), stamp, 0.0
@@ -628,6 +632,18 @@ class Tracker:
         limit = unit * (_STANDING_TOLERANCE if standing else 1.0)
         return self.localizer.view_change(self._view, q_global) < limit
 
+    def _count_frozen(self, q_global: np.ndarray, odometry: np.ndarray | None) -> None:
+        """Distance the odometry has driven while the view stayed within `still_view_change` of the last used
+        frame's: a robot that drives sees its view change within a metre or so, a frozen camera (a driver that
+        repeats its last image) does not. The node warns on it (`tracking_frozen_view_m`)."""
+        unit = self.config.still_view_change * self.localizer.view_scale()
+        if unit <= 0 or self._view is None:
+            return
+        if self.localizer.view_change(self._view, q_global) >= unit:
+            self._frozen_m = 0.0
+        elif odometry is not None:
+            self._frozen_m += math.hypot(float(odometry[0]), float(odometry[1]))
+
     def _track_rest(self, stamp: float, q_global: np.ndarray) -> None:
         """The stretch of frames whose views all lie within the standing tolerance of its first: a robot that
         stands sees one such stretch, a moving one leaves it within a metre or so."""
@@ -656,7 +672,7 @@ class Tracker:
             self._held = since
             self._clock = stamp
         result = self._publish(stamp, self._view_frame, 0, count=False)
-        result.still = True
+        result.still, result.frozen_view_m = True, self._frozen_m
         timings["filter"] = (time.perf_counter() - t) * 1000
         timings["total"] = (time.perf_counter() - t0) * 1000 + timings.get("decode", 0.0)
         result.timings_ms = timings

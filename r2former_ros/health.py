@@ -35,6 +35,7 @@ from r2former_core.errors import ConfigError
 OK, WARN, ERROR, STALE = 0, 1, 2, 3
 LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR", STALE: "STALE"}
 MAX_EVENTS = 100_000     # bound on remembered event times (far above any window x rate used here)
+FROZEN_VIEW_WARN_M = 5.0  # odometry metres with an unchanged camera view before diagnostics warn (frozen camera)
 
 
 @dataclass
@@ -251,12 +252,15 @@ class TrackingMonitor:
         self.resets = 0
         self.last_reset = ""
         self.still_frames = 0           # frames of a standing robot: the view unchanged, nothing reranked
+        self.frozen_view_m = 0.0        # odometry distance driven while the camera's view did not change
         self._standing_since: float | None = None
         self.standing_s = 0.0
 
     def frame(self, state: str, support: int, reranked: int, elsewhere: float, speed: float, used: bool = True,
-              still: bool = False, stamp: float = 0.0) -> None:
+              still: bool = False, stamp: float = 0.0, frozen_view_m: float = 0.0) -> None:
         with self._lock:
+            if used:
+                self.frozen_view_m = float(frozen_view_m)
             self.state, self.support, self.elsewhere, self.speed = state, int(support), float(elsewhere), float(speed)
             if used:
                 self.frames += 1
@@ -283,6 +287,7 @@ class TrackingMonitor:
         if not self.enabled:
             return Status(OK, "", [("tracking", "off"), ("tracking_state", "off (every frame on its own)")])
         with self._lock:
+            frozen = self.frozen_view_m
             mean = self.reranked_total / self.frames if self.frames else float("nan")
             values = [("tracking", "on"), ("tracking_state", self.state), ("tracking_support", str(self.support)),
                       ("tracking_reranked", str(self.reranked)), ("tracking_reranked_mean", f"{mean:.1f}"),
@@ -290,7 +295,11 @@ class TrackingMonitor:
                       ("tracking_elsewhere", f"{self.elsewhere:.3f}"), ("tracking_speed_mps", f"{self.speed:.2f}"),
                       ("tracking_still_frames", str(self.still_frames)),
                       ("tracking_standing_s", f"{self.standing_s:.1f}"),
+                      ("tracking_frozen_view_m", f"{self.frozen_view_m:.1f}"),
                       ("tracking_resets", str(self.resets)), ("tracking_last_reset", self.last_reset)]
+        if frozen >= FROZEN_VIEW_WARN_M:
+            return Status(WARN, f"the camera's view has not changed while the odometry moved {frozen:.0f} m "
+                                f"(a frozen camera or driver?)", values)
         return Status(OK, "", values)
 
 

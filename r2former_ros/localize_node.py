@@ -703,7 +703,8 @@ class LocalizeNode(LifecycleNode):
         result = tracker.step(stamp_ns / 1e9, rgb, odom_pose=odom_pose, decode_ms=decode_ms)
         if h is not None:
             h.tracking.frame(result.state, result.support, result.reranked, result.elsewhere, result.speed,
-                             used=result.frame is not None, still=result.still, stamp=stamp_ns / 1e9)
+                             used=result.frame is not None, still=result.still, stamp=stamp_ns / 1e9,
+                             frozen_view_m=result.frozen_view_m)
         return Outcome.tracking(result)
 
     def _apply_tracker_request(self, tracker: Tracker, request: tuple[str, Any] | None) -> None:
@@ -1190,6 +1191,8 @@ class LocalizeNode(LifecycleNode):
             parts.append(health.Status(health.WARN, f"{tf_failures} TF lookups failed in the last {window}"))
         if odometry.level > health.OK:
             parts.append(health.Status(odometry.level, odometry.message))
+        if tracking.level > health.OK:
+            parts.append(health.Status(tracking.level, tracking.message))
         if images.level >= health.ERROR:
             parts.append(health.Status(images.level, images.message))
         summary = health.merge(parts)

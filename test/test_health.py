@@ -156,6 +156,14 @@ def test_tracking_monitor_reports_the_filter_or_that_tracking_is_off():
     t.frame("tracking", 40, 30, 0.05, 1.0, stamp=13.0)       # it drives off
     v = dict(t.status().values)
     assert v["tracking_still_frames"] == "5" and v["tracking_standing_s"] == "0.0"
+    # the odometry moves while the view stays the same: a frozen camera, WARN from 5 m on
+    t.frame("tracking", 40, 30, 0.05, 1.0, stamp=13.2, frozen_view_m=4.0)
+    assert t.status().level == OK and dict(t.status().values)["tracking_frozen_view_m"] == "4.0"
+    t.frame("tracking", 40, 30, 0.05, 1.0, stamp=13.4, frozen_view_m=6.0)
+    s = t.status()
+    assert s.level == WARN and "frozen camera" in s.message and "6 m" in s.message
+    t.frame("tracking", 40, 30, 0.05, 1.0, stamp=13.6, frozen_view_m=0.0)
+    assert t.status().level == OK
     t.reset("initialpose")
     v = dict(t.status().values)
     assert v["tracking_state"] == "global" and v["tracking_resets"] == "1" and v["tracking_last_reset"] == "initialpose"

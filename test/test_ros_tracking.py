@@ -4,7 +4,8 @@ topics: a drive along a map of distinct images with wheel odometry on `odom_topi
 One node is shared by the tests of this module (in file order): the filter goes from global search to
 tracking and then reranks fewer candidates than top_k (global search on track_global_candidates of
 them), poses are published with the filter's covariance,
-odometry is used (and its absence reported), a standing robot's repeated view is held without reranking,
+odometry is used (and its absence reported), a standing robot's repeated view is held without reranking, a
+frozen camera (one image while the odometry moves) is reported,
 /initialpose seeds the filter (the node's own initialpose
 does not), stamps going back restart it, a tracking parameter set live restarts it, deactivate/activate
 restarts it. The tiny random-weight model cannot rerank by appearance, so the node reranks with RANSAC
@@ -93,9 +94,11 @@ class Session:
     def ready(self) -> bool:
         return self.probe.wait_for_subscriber("/cam/image", 60) and self.state.wait(1, 20)
 
-    def frame(self, k: int, odometry: bool = True, stamp: float | None = None) -> dict[str, str]:
-        """Drive to map entry k: odometry (base_link in odom) and the image at the next stamp; waits until the
-        frame is processed and returns the first diagnostics that include it."""
+    def frame(self, k: int, odometry: bool = True, stamp: float | None = None,
+              image: int | None = None) -> dict[str, str]:
+        """Drive to map entry k: odometry (base_link in odom) and the image at the next stamp (the image of
+        entry `image` instead: a frozen camera); waits until the frame is processed and returns the first
+        diagnostics that include it."""
         self.stamp = self.stamp + DT if stamp is None else stamp
         stamp_ns = stamp_to_ns(sec_to_stamp(self.stamp))
         self.sent[stamp_ns] = k
@@ -105,7 +108,7 @@ class Session:
             odom.header.frame_id, odom.child_frame_id = "odom", "base_link"
             odom.pose.pose = pose_msg(compose_poses(invert_poses(ODOM_IN_MAP), self.assets["poses"][k]))
             self.odom_pub.publish(odom)
-        msg = rgb_to_image_msg(self.assets["images"][k])
+        msg = rgb_to_image_msg(self.assets["images"][k if image is None else image])
         msg.header.stamp = sec_to_stamp(self.stamp)
         msg.header.frame_id = "camera"
         n_diag = len(self.diagnostics)
@@ -263,3 +266,19 @@ def test_deactivate_and_activate_restart_the_filter(session):
     d = s.frame(33)
     assert d["tracking_state"] == "global" and d["tracking_reranked"] == str(TOP_K), d
     assert s.node.alive() and "Traceback" not in s.node.output()
+
+
+def test_a_frozen_camera_is_reported(session):
+    """The camera driver repeats one image while the odometry drives on: diagnostics warn once the robot has
+    driven 5 m with an unchanged view (health.FROZEN_VIEW_WARN_M), and stop when the view changes again."""
+    s = session
+    for k in range(34, 36):
+        s.frame(k)
+    for k in range(36, 40):                   # 2 m per frame with the image of entry 35
+        s.frame(k, image=35)
+    d = s.diag(lambda v: float(v.get("tracking_frozen_view_m", "0")) >= 5.0)
+    assert float(d["tracking_frozen_view_m"]) >= 5.0 and d["_level"] == 1, d
+    assert "frozen camera" in d["_message"], d
+    s.frame(38)                               # a new view
+    d = s.diag(lambda v: float(v.get("tracking_frozen_view_m", "9")) == 0.0)
+    assert d["tracking_frozen_view_m"] == "0.0" and "frozen camera" not in d["_message"], d

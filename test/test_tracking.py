@@ -664,3 +664,22 @@ class _Map:
 
     def __len__(self) -> int:
         return len(self.poses)
+
+
+def test_a_frozen_camera_is_noticed_when_the_odometry_moves(road_map):
+    """The camera driver repeats its last image while the robot drives (odometry 2 m per frame): the frames are
+    used (the odometry moves) and the distance driven with an unchanged view is reported; a new view resets it."""
+    truth = [5 + k for k in range(20)]
+    rerank, glob = drive_tables(truth, seed=7)
+    tracker = Tracker(TableLocalizer(road_map, rerank, glob, top_k=20), TrackingConfig(max_speed=15.0))
+    for k in range(10):
+        r = tracker.step(100.0 + 0.2 * k, features=(np.array([k]), None), with_matches=False,
+                         odom_pose=road_map.poses[truth[k]])
+        assert r.frozen_view_m == 0.0
+    frozen = [tracker.step(102.0 + 0.2 * j, features=(np.array([9]), None), with_matches=False,
+                           odom_pose=road_map.poses[truth[10 + j]]) for j in range(4)]
+    assert all(not r.still and r.reranked > 0 for r in frozen)
+    assert [r.frozen_view_m for r in frozen] == pytest.approx([2.0, 4.0, 6.0, 8.0], abs=1e-6)
+    fresh = tracker.step(102.8, features=(np.array([14]), None), with_matches=False,
+                         odom_pose=road_map.poses[truth[14]])
+    assert fresh.frozen_view_m == 0.0
