@@ -35,6 +35,7 @@ issue's calibration band and gross-error bound one by one, and for each filter t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import sys
@@ -76,6 +77,27 @@ class UniformSpeedBirth(MapBelief):
 
     def speed_distribution(self) -> np.ndarray:
         return np.full(len(self.speeds), 1.0 / len(self.speeds))
+
+
+class KidnapPerDistance(MapBelief):
+    """The return to the prior (`kidnap_rate`, per second) scaled by the speed over 20 m/s: per metre driven
+    rather than per second, so a slower robot does not leak more per frame of the same road (the speed from
+    the odometry, or the belief's mean |speed|)."""
+
+    def predict(self, dt: float, odometry=None) -> None:
+        if dt > 0:
+            if odometry is not None:
+                speed = math.hypot(float(odometry[0]), float(odometry[1])) / dt
+            else:
+                speed = float(self.speed_distribution() @ np.abs(self.speeds))
+            original = self.config
+            self.config = dataclasses.replace(original, kidnap_rate=original.kidnap_rate * min(1.0, speed / 20.0))
+            try:
+                super().predict(dt, odometry)
+            finally:
+                self.config = original
+            return
+        super().predict(dt, odometry)
 
 
 class VarianceKeepingSpeed(MapBelief):
@@ -216,6 +238,7 @@ VARIANTS = {
     "no speed term": Variant({"speed_horizon": 0.0}),
     "every frame is evidence (still_view_change 0)": Variant({"still_view_change": 0.0}),
     "speed changes by accel_std's variance": Variant(belief=VarianceKeepingSpeed),
+    "kidnap rate per metre (20 m/s reference)": Variant(belief=KidnapPerDistance),
     "a standing camera's view as noisy as at night": Variant(tracker=NightStandingNoise),
     "still_view_change 0.5 (update about every metre)": Variant({"still_view_change": 0.5}),
     "ground robot: max_speed 3": Variant({"max_speed": 3.0}),
