@@ -165,14 +165,13 @@ class NoveltyWeightedNoise(NoveltyWeighted):
     """NoveltyWeighted, and the prediction's position noise per novelty too: position_std x sqrt(novelty)
     (noise per metre driven rather than per frame)."""
 
-    def _still(self, q_global, odom_pose):
+    def _still(self, stamp, change, odom_pose):
         base = getattr(self, "_base_position_std", None)
         if base is None:
             base = self._base_position_std = self.belief.position_std
-        w = 1.0 if self._view is None else min(
-            1.0, self.localizer.view_change(self._view, q_global) / self.localizer.view_scale())
+        w = 1.0 if change is None else min(1.0, change / self.localizer.view_scale())
         self.belief.position_std = base * math.sqrt(max(w, 0.05))
-        return super()._still(q_global, odom_pose)
+        return super()._still(stamp, change, odom_pose)
 
 
 class BeliefFirstGlobalSearch(Tracker):

@@ -522,7 +522,7 @@ class Tracker:
         self._held = 0.0                        # seconds since then the speed has been held at the view's
         self._rest_view: np.ndarray | None = None     # first view of the current stretch of near-equal views
         self._frozen_m = 0.0                    # odometry distance driven with an unchanged view
-        self._rest_since = self._rest_stamp = 0.0       # ... its stamp, and the newest frame's
+        self._rest_since = 0.0                  # ... its stamp
 
     def seed(self, pose: np.ndarray, covariance: np.ndarray) -> int:
         """Start from a known pose (7,) in the map frame, of the body the map poses describe, with its 6x6
@@ -576,12 +576,13 @@ class Tracker:
             if odom_pose.shape != (7,) or not np.all(np.isfinite(odom_pose)):
                 log.debug("tracking: odometry pose %r unusable: predicting without odometry", odom_pose)
                 odom_pose = None
+        change = None if self._view is None else self.localizer.view_change(self._view, q_global)
         self._track_rest(stamp, q_global)
-        if self._still(q_global, odom_pose):
+        if self._still(stamp, change, odom_pose):
             return self._hold(stamp, t0, t, timings)
         if odom_pose is not None and self._last_odom is not None and dt is not None:
             odometry = planar_increment(self._last_odom, odom_pose)
-        self._count_frozen(q_global, odometry)
+        self._count_frozen(change, odometry)
         self._last_odom = odom_pose
         if dt is not None:
             self.belief.predict(dt, odometry)
@@ -608,19 +609,21 @@ class Tracker:
         self._last = result
         return result
 
-    def _still(self, q_global: np.ndarray, odom_pose: np.ndarray | None) -> bool:
-        """The robot stands: the view (and the odometry, when there is one) has not changed since the last
-        frame the filter used (`still_view_change`). In every state: a repeated view is not a new observation,
-        also while searching (counted again and again it locks the belief onto whatever that one view scores
-        best against: measured, docs/TRACKING.md "Standing still")."""
-        cfg = self.config
-        if cfg.still_view_change <= 0 or self._view is None or self._view_frame is None:
+    def _view_unit(self) -> float:
+        """The view change below which a frame shows nothing new: `still_view_change` x the map's scale."""
+        return self.config.still_view_change * self.localizer.view_scale()
+
+    def _still(self, stamp: float, change: float | None, odom_pose: np.ndarray | None) -> bool:
+        """The robot stands: the view (`change` since the last frame the filter used; and the odometry, when
+        there is one) has not changed (`still_view_change`). In every state: a repeated view is not a new
+        observation, also while searching (counted again and again it locks the belief onto whatever that one
+        view scores best against: measured, docs/TRACKING.md "Standing still")."""
+        if self.config.still_view_change <= 0 or change is None or self._view_frame is None:
             return False
-        unit = cfg.still_view_change * self.localizer.view_scale()
         # known to stand: the view has stayed within the standing tolerance for _STILL_TIME, or (below) the
         # odometry stands. (Not the filter's speed: its zero state spans +-1.25 m/s by default, a ground
         # robot's whole speed range; taking that for standing held a robot driving 1.5 m/s: measured.)
-        standing = self._held > 0 or self._resting()
+        standing = self._held > 0 or (self._rest_view is not None and stamp - self._rest_since >= _STILL_TIME)
         if odom_pose is not None and self._last_odom is not None:
             dx, dy, dyaw = planar_increment(self._last_odom, odom_pose)
             if math.hypot(dx, dy) >= 0.5 * getattr(self.belief, "position_std", 1.0) or abs(dyaw) >= _STILL_TURN:
@@ -629,17 +632,16 @@ class Tracker:
         # a robot known to stand (odometry, or an unchanged view for a while) sees its view change with sensor
         # noise and passing traffic (by night in fog as much as with half a metre of driving): only a larger
         # change is news
-        limit = unit * (_STANDING_TOLERANCE if standing else 1.0)
-        return self.localizer.view_change(self._view, q_global) < limit
+        return change < self._view_unit() * (_STANDING_TOLERANCE if standing else 1.0)
 
-    def _count_frozen(self, q_global: np.ndarray, odometry: np.ndarray | None) -> None:
-        """Distance the odometry has driven while the view stayed within `still_view_change` of the last used
-        frame's: a robot that drives sees its view change within a metre or so, a frozen camera (a driver that
-        repeats its last image) does not. The node warns on it (`tracking_frozen_view_m`)."""
-        unit = self.config.still_view_change * self.localizer.view_scale()
-        if unit <= 0 or self._view is None:
+    def _count_frozen(self, change: float | None, odometry: np.ndarray | None) -> None:
+        """Distance the odometry has driven while the view (`change` since the last used frame) stayed within
+        `still_view_change`: a robot that drives sees its view change within a metre or so, a frozen camera (a
+        driver that repeats its last image) does not. The node warns on it (`tracking_frozen_view_m`)."""
+        unit = self._view_unit()
+        if unit <= 0 or change is None:
             return
-        if self.localizer.view_change(self._view, q_global) >= unit:
+        if change >= unit:
             self._frozen_m = 0.0
         elif odometry is not None:
             self._frozen_m += math.hypot(float(odometry[0]), float(odometry[1]))
@@ -647,15 +649,11 @@ class Tracker:
     def _track_rest(self, stamp: float, q_global: np.ndarray) -> None:
         """The stretch of frames whose views all lie within the standing tolerance of its first: a robot that
         stands sees one such stretch, a moving one leaves it within a metre or so."""
-        limit = self.config.still_view_change * self.localizer.view_scale() * _STANDING_TOLERANCE
+        limit = self._view_unit() * _STANDING_TOLERANCE
         if limit <= 0:
             return
         if self._rest_view is None or self.localizer.view_change(self._rest_view, q_global) >= limit:
             self._rest_view, self._rest_since = np.array(q_global, np.float32, copy=True), stamp
-        self._rest_stamp = stamp
-
-    def _resting(self) -> bool:
-        return self._rest_view is not None and self._rest_stamp - self._rest_since >= _STILL_TIME
 
     def _hold(self, stamp: float, t0: float, t: float, timings: dict[str, float]) -> TrackedResult:
         """A frame with the view of the last used one (`_still`): no observation, nothing reranked, the last
@@ -771,11 +769,9 @@ class Tracker:
         cfg = self.config
         place = self.belief.place()
         mass = place.mass if place else 0.0
-        if not count:
-            pass
-        elif mass >= cfg.track_mass:
+        if count and mass >= cfg.track_mass:
             self.state, self._below = "tracking", 0
-        else:
+        elif count:
             self._below += 1
             if self.state == "tracking" and self._below >= cfg.lost_frames:
                 log.info("tracking lost: the most probable place held < %.2f for %d frames: global search",

@@ -259,10 +259,9 @@ class TrackingMonitor:
     def frame(self, state: str, support: int, reranked: int, elsewhere: float, speed: float, used: bool = True,
               still: bool = False, stamp: float = 0.0, frozen_view_m: float = 0.0) -> None:
         with self._lock:
-            if used:
-                self.frozen_view_m = float(frozen_view_m)
             self.state, self.support, self.elsewhere, self.speed = state, int(support), float(elsewhere), float(speed)
             if used:
+                self.frozen_view_m = float(frozen_view_m)
                 self.frames += 1
                 self.reranked = int(reranked)
                 self.reranked_total += int(reranked)
