@@ -50,9 +50,8 @@ def map_view_scale(mapdb: MapDatabase, max_pairs: int = 5000) -> float:
         idx = idx[np.linspace(0, len(idx) - 1, max_pairs).astype(np.int64)]
     poses = np.asarray(mapdb.poses, np.float64)
     near = np.linalg.norm(poses[idx + 1, :3] - poses[idx, :3], axis=1) <= 3.0 * max(mapdb.keyframe_spacing(), 1e-6)
-    sessions = getattr(mapdb, "sessions", None)
-    if sessions is not None:
-        near &= np.asarray(sessions)[idx] == np.asarray(sessions)[idx + 1]
+    sessions = np.asarray(mapdb.sessions)
+    near &= sessions[idx] == sessions[idx + 1]
     if near.any():
         idx = idx[near]
     a = np.asarray(mapdb.global_desc[idx], np.float32)
