@@ -244,6 +244,21 @@ VARIANTS = {
     "evidence weighed by the view's novelty": Variant(tracker=NoveltyWeighted),
     "evidence and position noise weighed by the view's novelty": Variant(tracker=NoveltyWeightedNoise),
     "ground robot: max_speed 3 and position_std 0.3": Variant({"max_speed": 3.0, "position_std": 0.3}),
+    "update every 0.5 keyframe spacing": Variant({"update_spacing": 0.5}),
+    "update every 0.75 keyframe spacing": Variant({"update_spacing": 0.75}),
+    "update every keyframe spacing": Variant({"update_spacing": 1.0}),
+    "update every 0.75 keyframe spacing or 2 s": Variant({"update_spacing": 0.75,
+                                                                      "max_update_interval": 2.0}),
+    "update every 0.5 keyframe spacing + kidnap rate per metre": Variant({"update_spacing": 0.5},
+                                                                        belief=KidnapPerDistance),
+    "update every 0.75 keyframe spacing + kidnap rate per metre": Variant({"update_spacing": 0.75},
+                                                                         belief=KidnapPerDistance),
+    "update every keyframe spacing + kidnap rate per metre": Variant({"update_spacing": 1.0},
+                                                                    belief=KidnapPerDistance),
+    "update every 0.75 keyframe spacing + kidnap rate per metre + max_speed 3": Variant(
+        {"update_spacing": 0.75, "max_speed": 3.0}, belief=KidnapPerDistance),
+    "update every keyframe spacing + kidnap rate per metre + max_speed 3": Variant(
+        {"update_spacing": 1.0, "max_speed": 3.0}, belief=KidnapPerDistance),
     "speed horizon 0.75 s": Variant({"speed_horizon": 0.75}),
     "speed horizon 1.25 s": Variant({"speed_horizon": 1.25}),
     "second-round covariance; publish once the speed is resolved (std <= 3 m/s)": Variant(
@@ -594,7 +609,7 @@ def run(table, order: np.ndarray, make_belief, cfg: TrackingConfig, odometry: np
     tracker = tracker_cls(loc, cfg, belief=make_belief(loc) if make_belief else None)
     res = SequenceResult()
     stamps = table["stamps"][0] + play_times(len(order), dt)
-    filter_ms, reranked, still, standing_published, standing_gross = [], [], 0, 0, 0
+    filter_ms, reranked, still, coasted, standing_published, standing_gross = [], [], 0, 0, 0, 0
     for k, i in enumerate(order):
         t = time.perf_counter()
         r = tracker.step(stamps[k], features=(np.array([i]), None),
@@ -602,6 +617,7 @@ def run(table, order: np.ndarray, make_belief, cfg: TrackingConfig, odometry: np
         filter_ms.append((time.perf_counter() - t) * 1000)
         reranked.append(r.reranked)
         still += int(r.still)
+        coasted += int(r.coasted)
         if k and order[k - 1] == i:
             if r.accepted:
                 standing_published += 1
@@ -613,6 +629,7 @@ def run(table, order: np.ndarray, make_belief, cfg: TrackingConfig, odometry: np
     out["filter_ms"] = float(np.mean(filter_ms))
     out["standing_frames"] = len(order) - out["frames"]
     out["standing_still"] = still
+    out["coasted_frames"] = coasted
     out["standing_published"], out["standing_gross"] = standing_published, standing_gross
     out["reranked_per_frame_all"] = float(np.mean(reranked))
     err, m2 = np.asarray(res.errors_m), np.asarray(res.mahalanobis2)

@@ -280,9 +280,19 @@ class TrackingConfig:
                                       "neighbouring entries (1 - cosine) shows the robot standing: it is not "
                                       "reranked and adds no evidence (a repeated view is not a new observation), "
                                       "its result is repeated and, after 0.5 s, the filter's speed goes to zero; "
-                                      "with odometry only when it moved < position_std / 2 and turned < 0.2 rad "
+                                      "with odometry only when it moved < 5 cm and turned < 0.2 rad "
                                       "as well; 0 = every frame is evidence",
                                       min=0.0, max=1.0)
+    update_spacing: float = option(0.0, "a moving robot's frame is used by the filter only once it has moved this "
+                                   "fraction of the map's keyframe spacing since the last used frame (by odometry; "
+                                   "without odometry: once its view differs by this fraction of the map's median "
+                                   "change between neighbouring entries), or after max_update_interval; the frames "
+                                   "between are coasted (not reranked, no evidence; the last result republished, "
+                                   "moved by the odometry since): evidence per metre, not per frame, for robots "
+                                   "that move less than a keyframe spacing per frame; 0 = every frame",
+                                   min=0.0, max=10.0)
+    max_update_interval: float = option(1.0, "s, the longest a moving robot's frames are coasted (update_spacing)",
+                                        min=0.01, max=60.0)
 
     def validate(self) -> TrackingConfig:
         check_config(self)

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data.poses import compose_poses, invert_poses, yaw_from_quat
+from .data.poses import compose_poses, invert_poses, normalize_quat, quat_from_yaw, quat_multiply, yaw_from_quat
 from .localizer import Localizer
 from .options import TrackingConfig
 from .pose import normalised_scores
@@ -72,6 +72,7 @@ STATES = ("global", "tracking", "lost")
 _MODE_HEADING = math.radians(60.0)      # entries facing further away than this are another place
 _OFF_MAP = math.exp(-0.5 * 3.0 ** 2)    # weight of "no entry there": as if one entry sat 3 sigma away
 _PRUNE = 1e-5                           # entries below this fraction of the most probable one are dropped
+_STILL_ODOM_M = 0.05                    # m: odometry moving more than this is motion, whatever the view
 _STILL_TURN = 0.2                       # rad: odometry turning more than this is motion, whatever the view
 _STILL_TIME = 0.5                       # s of an unchanged view after which the robot is taken to stand
 _STANDING_TOLERANCE = 5.0               # x still_view_change: the view change a standing robot's frames may show
@@ -95,6 +96,24 @@ def planar_increment(previous: np.ndarray, current: np.ndarray) -> np.ndarray:
     """(forward, left, turn) motion from pose `previous` to pose `current` (7,), in the previous pose's frame."""
     rel = compose_poses(invert_poses(np.asarray(previous, np.float64)), np.asarray(current, np.float64))
     return np.array([rel[0], rel[1], float(yaw_from_quat(rel[3:]))])
+
+
+def _dead_reckon(pose: np.ndarray, covariance: np.ndarray, increment: np.ndarray,
+                 odom_noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """`pose` (7,) moved by a planar odometry `increment` (forward, left, turn in the robot frame); the
+    covariance grows by (odom_noise x distance)^2 in x and y (and the turn's share in yaw)."""
+    forward, left, turn = (float(v) for v in increment)
+    out = np.array(pose, np.float64, copy=True)
+    yaw = float(yaw_from_quat(out[3:]))               # planar, as the filter's prediction (MapBelief.predict)
+    out[0] += forward * math.cos(yaw) - left * math.sin(yaw)
+    out[1] += forward * math.sin(yaw) + left * math.cos(yaw)
+    out[3:] = normalize_quat(quat_multiply(quat_from_yaw(turn), out[3:]))
+    cov = np.array(covariance, np.float64, copy=True)
+    grow = (odom_noise * math.hypot(forward, left)) ** 2
+    cov[0, 0] += grow
+    cov[1, 1] += grow
+    cov[5, 5] += (odom_noise * turn) ** 2
+    return out, cov
 
 
 class _Grid:
@@ -484,6 +503,8 @@ class TrackedResult:
     frame: LocalizationResult | None  # this frame's reranked candidates (matches, markers); None if skipped
     timings_ms: dict[str, float] = field(default_factory=dict)
     still: bool = False              # the view had not changed: nothing reranked, `frame` is the last used one's
+    coasted: bool = False            # moved less than update_spacing since the last used frame: not used, the last
+                                     # result republished (moved by the odometry since); `frame` the last used one's
     frozen_view_m: float = 0.0       # metres the odometry has moved while the view did not change (frozen camera?)
 
 
@@ -580,6 +601,8 @@ class Tracker:
         self._track_rest(stamp, q_global)
         if self._still(stamp, change, odom_pose):
             return self._hold(stamp, t0, t, timings)
+        if self._too_near(stamp, change, odom_pose):
+            return self._coast(stamp, odom_pose, t0, t, timings)
         if odom_pose is not None and self._last_odom is not None and dt is not None:
             odometry = planar_increment(self._last_odom, odom_pose)
         self._count_frozen(change, odometry)
@@ -626,13 +649,47 @@ class Tracker:
         standing = self._held > 0 or (self._rest_view is not None and stamp - self._rest_since >= _STILL_TIME)
         if odom_pose is not None and self._last_odom is not None:
             dx, dy, dyaw = planar_increment(self._last_odom, odom_pose)
-            if math.hypot(dx, dy) >= 0.5 * getattr(self.belief, "position_std", 1.0) or abs(dyaw) >= _STILL_TURN:
+            if math.hypot(dx, dy) >= _STILL_ODOM_M or abs(dyaw) >= _STILL_TURN:
                 return False
             standing = True              # the odometry stands
         # a robot known to stand (odometry, or an unchanged view for a while) sees its view change with sensor
         # noise and passing traffic (by night in fog as much as with half a metre of driving): only a larger
         # change is news
         return change < self._view_unit() * (_STANDING_TOLERANCE if standing else 1.0)
+
+    def _too_near(self, stamp: float, change: float | None, odom_pose: np.ndarray | None) -> bool:
+        """The robot has moved less than `update_spacing` map keyframe spacings since the last frame the filter
+        used (by odometry, else by the view's change against the map's neighbour change), and for less than
+        `max_update_interval`: its frame is coasted. Frames closer than a keyframe spacing are not independent
+        observations of the map; counted one by one, a slow robot's belief becomes over-confident on whatever
+        its first frames at a place favoured (docs/TRACKING.md "Ground-robot speeds")."""
+        cfg = self.config
+        if cfg.update_spacing <= 0 or self._view_frame is None or stamp - self._view_stamp >= cfg.max_update_interval:
+            return False
+        if odom_pose is not None and self._last_odom is not None:
+            dx, dy, dyaw = planar_increment(self._last_odom, odom_pose)
+            spacing = float(getattr(self.belief, "spacing", 1.0))
+            return math.hypot(dx, dy) < cfg.update_spacing * spacing and abs(dyaw) < _STILL_TURN
+        return change is not None and change < cfg.update_spacing * self.localizer.view_scale()
+
+    def _coast(self, stamp: float, odom_pose: np.ndarray | None, t0: float, t: float,
+               timings: dict[str, float]) -> TrackedResult:
+        """A frame too near the last used one (`_too_near`): no observation, nothing reranked, the filter
+        unchanged (the next used frame predicts over the whole time, the odometry's increments add up); the
+        last result is republished, moved by the odometry since the last used frame when there is one."""
+        assert self._view_frame is not None                                 # (`_too_near` checked it)
+        self.last_stamp = stamp
+        result = self._publish(stamp, self._view_frame, 0, count=False)
+        if odom_pose is not None and self._last_odom is not None and np.all(np.isfinite(result.pose)):
+            result.pose, result.covariance = _dead_reckon(result.pose, result.covariance,
+                                                          planar_increment(self._last_odom, odom_pose),
+                                                          self.config.odom_noise)
+        result.coasted, result.frozen_view_m = True, self._frozen_m
+        timings["filter"] = (time.perf_counter() - t) * 1000
+        timings["total"] = (time.perf_counter() - t0) * 1000 + timings.get("decode", 0.0)
+        result.timings_ms = timings
+        self._last = result
+        return result
 
     def _count_frozen(self, change: float | None, odometry: np.ndarray | None) -> None:
         """Distance the odometry has driven while the view (`change` since the last used frame) stayed within

@@ -252,12 +252,13 @@ class TrackingMonitor:
         self.resets = 0
         self.last_reset = ""
         self.still_frames = 0           # frames of a standing robot: the view unchanged, nothing reranked
+        self.coasted_frames = 0         # frames too near the last used one (update_spacing): nothing reranked
         self.frozen_view_m = 0.0        # odometry distance driven while the camera's view did not change
         self._standing_since: float | None = None
         self.standing_s = 0.0
 
     def frame(self, state: str, support: int, reranked: int, elsewhere: float, speed: float, used: bool = True,
-              still: bool = False, stamp: float = 0.0, frozen_view_m: float = 0.0) -> None:
+              still: bool = False, stamp: float = 0.0, frozen_view_m: float = 0.0, coasted: bool = False) -> None:
         with self._lock:
             self.state, self.support, self.elsewhere, self.speed = state, int(support), float(elsewhere), float(speed)
             if used:
@@ -266,6 +267,7 @@ class TrackingMonitor:
                 self.reranked = int(reranked)
                 self.reranked_total += int(reranked)
                 self.still_frames += int(still)
+                self.coasted_frames += int(coasted)
                 if not still:
                     self._standing_since, self.standing_s = None, 0.0
                 else:
@@ -293,6 +295,7 @@ class TrackingMonitor:
                       ("tracking_frames", str(self.frames)), ("tracking_frames_skipped", str(self.skipped)),
                       ("tracking_elsewhere", f"{self.elsewhere:.3f}"), ("tracking_speed_mps", f"{self.speed:.2f}"),
                       ("tracking_still_frames", str(self.still_frames)),
+                      ("tracking_coasted_frames", str(self.coasted_frames)),
                       ("tracking_standing_s", f"{self.standing_s:.1f}"),
                       ("tracking_frozen_view_m", f"{self.frozen_view_m:.1f}"),
                       ("tracking_resets", str(self.resets)), ("tracking_last_reset", self.last_reset)]

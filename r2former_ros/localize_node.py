@@ -704,7 +704,7 @@ class LocalizeNode(LifecycleNode):
         if h is not None:
             h.tracking.frame(result.state, result.support, result.reranked, result.elsewhere, result.speed,
                              used=result.frame is not None, still=result.still, stamp=stamp_ns / 1e9,
-                             frozen_view_m=result.frozen_view_m)
+                             frozen_view_m=result.frozen_view_m, coasted=result.coasted)
         return Outcome.tracking(result)
 
     def _apply_tracker_request(self, tracker: Tracker, request: tuple[str, Any] | None) -> None:
@@ -1076,7 +1076,8 @@ class LocalizeNode(LifecycleNode):
         if t is not None:
             lines.append(f"tracking: {t.state}  support {t.support}  reranked {t.reranked}  "
                          f"elsewhere {t.elsewhere:.2f}  speed {t.speed:.1f} m/s"
-                         f"{'  standing (view unchanged)' if t.still else ''}")
+                         f"{'  standing (view unchanged)' if t.still else ''}"
+                         f"{'  coasting (moved < update_spacing)' if t.coasted else ''}")
         if best is not None:
             lines.append(f"best #{best.index} {best.name}  score {best.score:.3f}  global {best.global_score:.3f}"
                          f"  rerank {best.rerank_score:.3f}")

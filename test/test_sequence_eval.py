@@ -66,7 +66,7 @@ def test_localize_sequence_writes_the_tracker_state(drive, tmp_path):
     assert len(rows) == 24
     stamps = [float(r["stamp"]) for r in rows]
     assert stamps == sorted(stamps)
-    assert {"state", "support", "reranked", "elsewhere", "ms_filter", "still"} <= set(rows[0])
+    assert {"state", "support", "reranked", "elsewhere", "ms_filter", "still", "coasted"} <= set(rows[0])
     assert int(rows[0]["reranked"]) == 20                 # global search first (whole top_k) ...
     assert int(rows[-1]["reranked"]) <= 9                 # ... then the belief's entries and 3 global ones
     assert sum(r["state"] == "tracking" for r in rows) >= 18

@@ -683,3 +683,76 @@ def test_a_frozen_camera_is_noticed_when_the_odometry_moves(road_map):
     fresh = tracker.step(102.8, features=(np.array([14]), None), with_matches=False,
                          odom_pose=road_map.poses[truth[14]])
     assert fresh.frozen_view_m == 0.0
+
+
+# ------------------------------------------------------------------------------------ a slow robot: coasting
+
+class ViewsAlongTheRoad(TableLocalizer):
+    """Frame k is seen at x[k] on the road: the view changes in proportion to the distance between two frames,
+    by the map's neighbour change (view_scale) per keyframe spacing."""
+
+    def __init__(self, *args, x: np.ndarray, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.x = np.asarray(x, np.float64)
+
+    def view_change(self, a, b):
+        return self.view_scale() * abs(self.x[int(a[0])] - self.x[int(b[0])]) / SPACING
+
+
+def slow_drive(road_map, step: float, n: int, cfg: TrackingConfig, dt: float = 0.1, odometry: bool = False,
+               seed: int = 11):
+    """A robot driving `step` metres per frame from x = 10 m; scores of the nearest map entry."""
+    x = 10.0 + step * np.arange(n)
+    truth = [int(round(v / SPACING)) for v in x]
+    rerank, glob = drive_tables(truth, seed=seed)
+    loc = ViewsAlongTheRoad(road_map, rerank, glob, top_k=20, x=x)
+    tracker = Tracker(loc, cfg)
+    out = []
+    for k in range(n):
+        odom = None
+        if odometry:
+            odom = road(1)[0]
+            odom[0] = x[k]
+        out.append(tracker.step(100.0 + dt * k, features=(np.array([k]), None), odom_pose=odom, with_matches=False))
+    return x, out
+
+
+def test_a_slow_robot_with_odometry_is_observed_once_per_update_spacing_and_dead_reckoned_between(road_map):
+    """0.25 m per frame, update_spacing 1 (2 m): every 8th frame is used; the frames between are coasted
+    (nothing reranked, no evidence) and publish the last used frame's place moved by the odometry since."""
+    cfg = TrackingConfig(max_speed=15.0, track_candidates=6, kidnap_candidates=2, update_spacing=1.0,
+                         max_update_interval=5.0)
+    x, out = slow_drive(road_map, 0.25, 80, cfg, odometry=True)
+    used = [k for k, r in enumerate(out) if not r.coasted]
+    assert used == list(range(0, 80, 8))
+    assert all(r.reranked == 0 and not r.still for r in out if r.coasted)
+    assert all(r.reranked > 0 for k, r in enumerate(out) if k in used)
+    late = out[40:]
+    assert all(r.accepted for r in late)
+    assert max(abs(r.pose[0] - v) for r, v in zip(late, x[40:])) < 2.5
+    for k in range(41, 48):                     # dead reckoning: the last used place + the odometry since
+        assert out[k].pose[0] - out[40].pose[0] == pytest.approx(x[k] - x[40], abs=1e-6)
+        assert out[k].covariance[0, 0] > out[40].covariance[0, 0]
+    # every frame is evidence without update_spacing
+    _, every = slow_drive(road_map, 0.25, 24, TrackingConfig(max_speed=15.0, update_spacing=0.0), odometry=True)
+    assert not any(r.coasted for r in every) and all(r.reranked > 0 for r in every)
+
+
+@pytest.mark.parametrize("interval, period", [(5.0, 4), (0.25, 3)])
+def test_a_slow_robot_without_odometry_is_observed_when_its_view_has_moved_or_the_interval_passed(
+        road_map, interval, period):
+    """0.5 m per frame, no odometry: a frame is used once its view has changed by update_spacing x the map's
+    neighbour change (here 2 m: every 4th frame), or max_update_interval after the last used frame; the coasted
+    frames republish the last result as it was and leave the filter unchanged."""
+    cfg = TrackingConfig(max_speed=15.0, track_candidates=6, kidnap_candidates=2, update_spacing=1.0,
+                         max_update_interval=interval)
+    x, out = slow_drive(road_map, 0.5, 60, cfg)
+    used = [k for k, r in enumerate(out) if not r.coasted]
+    assert used == list(range(0, 60, period))
+    for k, r in enumerate(out):
+        if r.coasted:
+            last = out[max(u for u in used if u < k)]
+            assert r.reranked == 0 and np.array_equal(r.pose, last.pose, equal_nan=True)
+            assert r.confidence == last.confidence and r.support == last.support
+    assert all(r.accepted for r in out[30:])
+    assert max(abs(r.pose[0] - v) for r, v in zip(out[30:], x[30:])) < 4.0

@@ -20,7 +20,7 @@ CSV_COLUMNS = ["name", "stamp", "x", "y", "z", "qx", "qy", "qz", "qw", "confiden
                "ms_search", "ms_rerank", "ms_pose", "ms_total"]
 # with --sequence: the tracker's state, belief size, candidates reranked, "elsewhere" probability, filter time,
 # 1 when the frame was held (the view unchanged: a standing robot)
-SEQUENCE_COLUMNS = CSV_COLUMNS + ["state", "support", "reranked", "elsewhere", "ms_filter", "still"]
+SEQUENCE_COLUMNS = CSV_COLUMNS + ["state", "support", "reranked", "elsewhere", "ms_filter", "still", "coasted"]
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -150,12 +150,12 @@ def _write_sequence_rows(path: Path, source, localizer, args, matches_dir: Path 
                 pose, cov, conf, ok, res = tr.pose, tr.covariance, tr.confidence, tr.accepted, tr.frame
                 timings = dict(tr.timings_ms, extract=extract_ms)
                 extra = [tr.state, tr.support, tr.reranked, f"{tr.elsewhere:.4f}", f"{timings.get('filter', 0):.1f}",
-                         int(tr.still)]
+                         int(tr.still), int(tr.coasted)]
             else:
                 res = localizer.localize_features(*features, with_matches=matches_dir is not None)
                 pose, cov, conf, ok = res.pose, res.covariance, res.confidence, res.accepted
                 timings = dict(res.timings_ms, extract=extract_ms)
-                extra = ["single", 0, len(res.candidates), "", ""]
+                extra = ["single", 0, len(res.candidates), "", "", 0, 0]
             # extracted here, or beforehand when the source had to be reordered
             timings["total"] = (time.perf_counter() - t) * 1000 + (fr.extract_ms if fr.features is not None else 0.0)
             best = res.best if res is not None else None
