@@ -174,6 +174,43 @@ class NoveltyWeightedNoise(NoveltyWeighted):
         return super()._still(stamp, change, odom_pose)
 
 
+class LongerStillTime(Tracker):
+    """The robot is taken to stand after `still_time` s of an unchanged view instead of 0.5 s (a slow robot's
+    view changes little in half a second: at 1.5 m/s by night about as much as a standing robot's)."""
+
+    still_time = 1.5
+
+    def step(self, *args, **kwargs):
+        from r2former_core import tracking
+        saved, tracking._STILL_TIME = tracking._STILL_TIME, self.still_time
+        try:
+            return super().step(*args, **kwargs)
+        finally:
+            tracking._STILL_TIME = saved
+
+
+class HalfViewThreshold(Tracker):
+    """Without odometry, a frame is coasted only while its view has changed by less than half of
+    update_spacing x the map's neighbour change (by day one keyframe spacing changes the view by less than
+    0.75 of the median for a third of the frames)."""
+
+    def _too_near(self, stamp, change, odom_pose):
+        if (odom_pose is None or self._last_odom is None) and change is not None \
+                and change >= 0.5 * self.config.update_spacing * self.localizer.view_scale():
+            return False
+        return super()._too_near(stamp, change, odom_pose)
+
+
+class CoastOnlyWhileTracking(Tracker):
+    """Without odometry, frames are coasted (update_spacing) only while tracking: every frame is used while
+    searching (global, lost), where the filter's speed cannot tell a fast robot from a slow one."""
+
+    def _too_near(self, stamp, change, odom_pose):
+        if (odom_pose is None or self._last_odom is None) and self.state != "tracking":
+            return False
+        return super()._too_near(stamp, change, odom_pose)
+
+
 class BeliefFirstGlobalSearch(Tracker):
     """Global search reranks the belief's most probable entries first (half of global_candidates), then the
     global top: the belief chooses what may confirm it."""
@@ -244,21 +281,27 @@ VARIANTS = {
     "evidence weighed by the view's novelty": Variant(tracker=NoveltyWeighted),
     "evidence and position noise weighed by the view's novelty": Variant(tracker=NoveltyWeightedNoise),
     "ground robot: max_speed 3 and position_std 0.3": Variant({"max_speed": 3.0, "position_std": 0.3}),
-    "update every 0.5 keyframe spacing": Variant({"update_spacing": 0.5}),
-    "update every 0.75 keyframe spacing": Variant({"update_spacing": 0.75}),
-    "update every keyframe spacing": Variant({"update_spacing": 1.0}),
-    "update every 0.75 keyframe spacing or 2 s": Variant({"update_spacing": 0.75,
-                                                                      "max_update_interval": 2.0}),
-    "update every 0.5 keyframe spacing + kidnap rate per metre": Variant({"update_spacing": 0.5},
-                                                                        belief=KidnapPerDistance),
-    "update every 0.75 keyframe spacing + kidnap rate per metre": Variant({"update_spacing": 0.75},
-                                                                         belief=KidnapPerDistance),
-    "update every keyframe spacing + kidnap rate per metre": Variant({"update_spacing": 1.0},
-                                                                    belief=KidnapPerDistance),
-    "update every 0.75 keyframe spacing + kidnap rate per metre + max_speed 3": Variant(
-        {"update_spacing": 0.75, "max_speed": 3.0}, belief=KidnapPerDistance),
-    "update every keyframe spacing + kidnap rate per metre + max_speed 3": Variant(
-        {"update_spacing": 1.0, "max_speed": 3.0}, belief=KidnapPerDistance),
+    **{f"update every {u:g} keyframe spacing{'' if not k else f' + kidnap rate per metre ({k:g} m/s)'}": Variant(
+        {"update_spacing": u, "kidnap_speed": float(k)}) for u in (0.5, 0.75, 1.0) for k in (0, 10, 20)},
+    "kidnap rate per metre (10 m/s)": Variant({"kidnap_speed": 10.0}),
+    "kidnap rate per metre (20 m/s)": Variant({"kidnap_speed": 20.0}),
+    "update every 0.75 keyframe spacing + kidnap rate per metre (10 m/s) + standing after 1.5 s": Variant(
+        {"update_spacing": 0.75, "kidnap_speed": 10.0}, tracker=LongerStillTime),
+    "update every 0.5 keyframe spacing + kidnap rate per metre (10 m/s) + standing after 1.5 s": Variant(
+        {"update_spacing": 0.5, "kidnap_speed": 10.0}, tracker=LongerStillTime),
+    "update every 0.75 keyframe spacing + kidnap rate per metre (20 m/s) + standing after 1.5 s": Variant(
+        {"update_spacing": 0.75, "kidnap_speed": 20.0}, tracker=LongerStillTime),
+    "update every 0.5 keyframe spacing + kidnap rate per metre (20 m/s) + standing after 1.5 s": Variant(
+        {"update_spacing": 0.5, "kidnap_speed": 20.0}, tracker=LongerStillTime),
+    **{f"ground robot: update every {u:g} keyframe spacing + kidnap rate per metre (20 m/s) + max_speed 3"
+       f"{f' + accel_std {a:g}' if a != 4 else ''}": Variant(
+           {"update_spacing": u, "kidnap_speed": 20.0, "max_speed": 3.0, "accel_std": a})
+       for u in (0.5, 0.75, 1.0) for a in (4.0, 1.0)},
+    "without odometry coasted only while tracking": Variant(tracker=CoastOnlyWhileTracking),
+    "view-based coasting at 0.5 keyframe spacing": Variant(tracker=HalfViewThreshold),
+    "update every 0.75 keyframe spacing or 2 s": Variant({"update_spacing": 0.75, "max_update_interval": 2.0}),
+    "update every 0.75 keyframe spacing + kidnap rate per metre (20 m/s) + max_speed 3": Variant(
+        {"update_spacing": 0.75, "max_speed": 3.0, "kidnap_speed": 20.0}),
     "speed horizon 0.75 s": Variant({"speed_horizon": 0.75}),
     "speed horizon 1.25 s": Variant({"speed_horizon": 1.25}),
     "second-round covariance; publish once the speed is resolved (std <= 3 m/s)": Variant(

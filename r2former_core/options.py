@@ -235,6 +235,10 @@ class TrackingConfig:
     kidnap_rate: float = option(0.2, "1/s, rate at which the belief is mixed with the prior (anywhere on the map "
                                 "or elsewhere): how fast a new place can take over after a kidnap", min=0.0,
                                 max=100.0)
+    kidnap_speed: float = option(20.0, "m/s; > 0: below this speed the return to the prior is proportionally "
+                                 "slower, kidnap_rate / kidnap_speed per metre driven (the speed from the odometry, "
+                                 "else the filter's), so that a slow robot does not lose its place by the second; "
+                                 "0 = kidnap_rate per second at any speed", min=0.0, max=100.0)
     elsewhere_prior: float = option(0.2, "prior probability that the robot is not on the map (its observations "
                                     "are explained by no map entry)", min=0.001, max=0.999)
     min_mass: float = option(0.9, "publish only when the most probable place holds at least this probability; "
@@ -279,11 +283,11 @@ class TrackingConfig:
                                       "used by less than this fraction of the map's median change between "
                                       "neighbouring entries (1 - cosine) shows the robot standing: it is not "
                                       "reranked and adds no evidence (a repeated view is not a new observation), "
-                                      "its result is repeated and, after 0.5 s, the filter's speed goes to zero; "
+                                      "its result is repeated and, after 1.5 s, the filter's speed goes to zero; "
                                       "with odometry only when it moved < 5 cm and turned < 0.2 rad "
                                       "as well; 0 = every frame is evidence",
                                       min=0.0, max=1.0)
-    update_spacing: float = option(0.0, "a moving robot's frame is used by the filter only once it has moved this "
+    update_spacing: float = option(0.75, "a moving robot's frame is used by the filter only once it has moved this "
                                    "fraction of the map's keyframe spacing since the last used frame (by odometry; "
                                    "without odometry: once its view differs by this fraction of the map's median "
                                    "change between neighbouring entries), or after max_update_interval; the frames "

@@ -39,8 +39,15 @@ repeat as a new observation would sharpen the belief on whatever entry that view
 (at night a look-alike as often as not). A frame whose global descriptor differs from the last frame used
 by less than `still_view_change` times the map's typical change between neighbouring entries
 (`Localizer.view_scale`), and whose odometry, if any, has not moved either, is held, in every state: no
-observation, nothing reranked, the last result repeated; after 0.5 s the speed goes to zero
+observation, nothing reranked, the last result repeated; after 1.5 s the speed goes to zero
 (`MapBelief.hold`) and, once the robot is known to stand, a change up to 5 times that is still held.
+
+A slow robot (`update_spacing`): frames nearer than that fraction of the map's keyframe spacing to the last
+used frame (by odometry; without it, by the view's change and the filter's speed) are coasted for up to
+`max_update_interval` s: no observation, nothing reranked, the last result republished (moved by the
+odometry since). The calibration was fitted on frames about a keyframe spacing apart; observed every
+0.15 m, the same view counted a dozen times and made the belief sure of whatever it first favoured.
+The return to the prior is per metre below `kidnap_speed` for the same reason.
 
 States: `global` (no place yet: global search), `tracking` (a place holds at least
 `track_mass`), `lost` (below it for `lost_frames` frames: global search again until a place holds it).
@@ -74,7 +81,7 @@ _OFF_MAP = math.exp(-0.5 * 3.0 ** 2)    # weight of "no entry there": as if one 
 _PRUNE = 1e-5                           # entries below this fraction of the most probable one are dropped
 _STILL_ODOM_M = 0.05                    # m: odometry moving more than this is motion, whatever the view
 _STILL_TURN = 0.2                       # rad: odometry turning more than this is motion, whatever the view
-_STILL_TIME = 0.5                       # s of an unchanged view after which the robot is taken to stand
+_STILL_TIME = 1.5                       # s of an unchanged view after which the robot is taken to stand
 _STANDING_TOLERANCE = 5.0               # x still_view_change: the view change a standing robot's frames may show
 
 
@@ -162,6 +169,7 @@ class Place:
     mass: float               # probability that the robot is there
     entries: np.ndarray       # map entries forming the place
     speed: float              # m/s along the heading (mean over the place)
+    speed_std: float = 0.0    # m/s, its standard deviation
 
 
 class MapBelief:
@@ -257,7 +265,7 @@ class MapBelief:
         cfg = self.config
         if dt <= 0:
             return
-        keep = math.exp(-cfg.kidnap_rate * dt)
+        keep = math.exp(-cfg.kidnap_rate * dt * self._kidnap_share(dt, odometry))
         leaked = 0.0
         self.odometry_predicted = odometry is not None
         if len(self.entries):
@@ -306,6 +314,18 @@ class MapBelief:
         self._normalise()
 
     # ------------------------------------------------------------------ update
+    def _kidnap_share(self, dt: float, odometry: np.ndarray | None) -> float:
+        """The share of `kidnap_rate` for a step: 1, or with `kidnap_speed` the speed over it (at most 1), the
+        speed from the odometry or else the belief's mean |speed|: a rate per metre driven below it."""
+        ref = self.config.kidnap_speed
+        if ref <= 0:
+            return 1.0
+        if odometry is not None:
+            speed = math.hypot(float(odometry[0]), float(odometry[1])) / dt
+        else:
+            speed = float(self.speed_distribution() @ np.abs(self.speeds))
+        return min(1.0, speed / ref)
+
     def update(self, entries: np.ndarray, log_lr: np.ndarray, rest_log_lr: float) -> None:
         """Bayes update with per-entry log likelihood ratios (against "elsewhere").
 
@@ -422,15 +442,16 @@ class MapBelief:
         spread = (w[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0)
         speeds = (self.mass[near] / mass).sum(0)          # the place's speed distribution
         speed = float(speeds @ self.speeds)
+        speed_var = float(speeds @ (self.speeds - speed) ** 2)
         cov = np.zeros((6, 6))
         cov[:3, :3] = self.config.spread_weight * spread + floor * np.eye(3)
         if not self.odometry_predicted:
-            cov[:3, :3] += self._along_track(b, float(speeds @ (self.speeds - speed) ** 2))
+            cov[:3, :3] += self._along_track(b, speed_var)
         cov[3, 3] = cov[4, 4] = self.roll_pitch_std ** 2
         cov[5, 5] = float(w @ _wrap(self.yaw[ent] - self.yaw[b]) ** 2) + self.min_yaw_std ** 2
         cov[:3, :3] /= max(mass, 0.05)
         cov = 0.5 * (cov + cov.T)
-        return Place(pose=pose, covariance=cov, mass=mass, entries=ent, speed=speed)
+        return Place(pose=pose, covariance=cov, mass=mass, entries=ent, speed=speed, speed_std=math.sqrt(speed_var))
 
     def _along_track(self, entry: int, speed_variance: float) -> np.ndarray:
         """(3, 3) position variance along the entry's heading from the speed's uncertainty: without odometry the
@@ -544,6 +565,7 @@ class Tracker:
         self._rest_view: np.ndarray | None = None     # first view of the current stretch of near-equal views
         self._frozen_m = 0.0                    # odometry distance driven with an unchanged view
         self._rest_since = 0.0                  # ... its stamp
+        self._speed_high = math.inf             # m/s, the published place's speed + its std (coasting)
 
     def seed(self, pose: np.ndarray, covariance: np.ndarray) -> int:
         """Start from a known pose (7,) in the map frame, of the body the map poses describe, with its 6x6
@@ -666,11 +688,19 @@ class Tracker:
         cfg = self.config
         if cfg.update_spacing <= 0 or self._view_frame is None or stamp - self._view_stamp >= cfg.max_update_interval:
             return False
+        near = cfg.update_spacing * float(getattr(self.belief, "spacing", 1.0))
         if odom_pose is not None and self._last_odom is not None:
             dx, dy, dyaw = planar_increment(self._last_odom, odom_pose)
-            spacing = float(getattr(self.belief, "spacing", 1.0))
-            return math.hypot(dx, dy) < cfg.update_spacing * spacing and abs(dyaw) < _STILL_TURN
-        return change is not None and change < cfg.update_spacing * self.localizer.view_scale()
+            return math.hypot(dx, dy) < near and abs(dyaw) < _STILL_TURN
+        # without odometry only while tracking: while searching there is no speed to tell a slow robot from a
+        # fast one on a stretch that looks alike (by day a keyframe spacing changes the view by less than 0.75
+        # of the map's median for a third of the frames), and the search needs every frame
+        if change is None or self.state != "tracking" or change >= cfg.update_spacing * self.localizer.view_scale():
+            return False
+        # the view has changed little: but the filter's speed may say the robot has moved on (by night a fast
+        # robot's view can change less than the map's neighbour change from one frame to the next)
+        # (the place's speed plus its standard deviation: coasted only when the robot is surely near)
+        return self._speed_high * (stamp - self._view_stamp) < near
 
     def _coast(self, stamp: float, odom_pose: np.ndarray | None, t0: float, t: float,
                timings: dict[str, float]) -> TrackedResult:
@@ -843,6 +873,7 @@ class Tracker:
             reason = f"belief split: the most probable place holds {mass:.2f} < min_mass {cfg.min_mass:.2f}"
         pose = place.pose if place else np.full(7, np.nan)
         cov = place.covariance if place else np.eye(6) * 1e6
+        self._speed_high = abs(place.speed) + getattr(place, "speed_std", 0.0) if place else math.inf
         return TrackedResult(stamp=stamp, pose=pose, covariance=cov, confidence=mass, accepted=not reason,
                              reason=reason, state=self.state, support=len(self.belief), reranked=reranked,
                              elsewhere=self.belief.elsewhere, speed=place.speed if place else 0.0, frame=frame)
