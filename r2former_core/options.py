@@ -289,12 +289,12 @@ class TrackingConfig:
                                       min=0.0, max=1.0)
     update_spacing: float = option(0.75, "a moving robot's frame is used by the filter only once it has moved this "
                                    "fraction of the map's keyframe spacing since the last used frame (by odometry; "
-                                   "without odometry: once its view differs by this fraction of the map's median "
-                                   "change between neighbouring entries), or after max_update_interval; the frames "
-                                   "between are coasted (not reranked, no evidence; the last result republished, "
-                                   "moved by the odometry since): evidence per metre, not per frame, for robots "
-                                   "that move less than a keyframe spacing per frame; 0 = every frame",
-                                   min=0.0, max=10.0)
+                                   "without odometry, while tracking: once its view differs by this fraction of the "
+                                   "map's median change between neighbouring entries or the filter's speed says it "
+                                   "may have moved that far), or after max_update_interval; the frames between are "
+                                   "coasted (not reranked, no evidence; the last result republished, moved by the "
+                                   "odometry since): evidence per metre, not per frame, for robots that move less "
+                                   "than a keyframe spacing per frame; 0 = every frame", min=0.0, max=10.0)
     max_update_interval: float = option(1.0, "s, the longest a moving robot's frames are coasted (update_spacing)",
                                         min=0.01, max=60.0)
 

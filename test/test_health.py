@@ -156,6 +156,12 @@ def test_tracking_monitor_reports_the_filter_or_that_tracking_is_off():
     t.frame("tracking", 40, 30, 0.05, 1.0, stamp=13.0)       # it drives off
     v = dict(t.status().values)
     assert v["tracking_still_frames"] == "5" and v["tracking_standing_s"] == "0.0"
+    assert v["tracking_coasted_frames"] == "0"
+    # a slow robot: frames nearer than update_spacing to the last used one are coasted (nothing reranked)
+    t.frame("tracking", 40, 0, 0.05, 1.0, stamp=13.05, coasted=True)
+    t.frame("tracking", 40, 0, 0.05, 1.0, stamp=13.1, coasted=True)
+    v = dict(t.status().values)
+    assert v["tracking_coasted_frames"] == "2" and v["tracking_reranked"] == "0" and v["tracking_standing_s"] == "0.0"
     # the odometry moves while the view stays the same: a frozen camera, WARN from 5 m on
     t.frame("tracking", 40, 30, 0.05, 1.0, stamp=13.2, frozen_view_m=4.0)
     assert t.status().level == OK and dict(t.status().values)["tracking_frozen_view_m"] == "4.0"

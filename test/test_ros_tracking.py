@@ -95,10 +95,10 @@ class Session:
         return self.probe.wait_for_subscriber("/cam/image", 60) and self.state.wait(1, 20)
 
     def frame(self, k: int, odometry: bool = True, stamp: float | None = None,
-              image: int | None = None) -> dict[str, str]:
-        """Drive to map entry k: odometry (base_link in odom) and the image at the next stamp (the image of
-        entry `image` instead: a frozen camera); waits until the frame is processed and returns the first
-        diagnostics that include it."""
+              image: int | None = None, odom_ahead: float = 0.0) -> dict[str, str]:
+        """Drive to map entry k: odometry (base_link in odom; `odom_ahead` metres further along the road) and
+        the image at the next stamp (the image of entry `image` instead: a frozen camera); waits until the
+        frame is processed and returns the first diagnostics that include it."""
         self.stamp = self.stamp + DT if stamp is None else stamp
         stamp_ns = stamp_to_ns(sec_to_stamp(self.stamp))
         self.sent[stamp_ns] = k
@@ -106,7 +106,9 @@ class Session:
             odom = Odometry()
             odom.header.stamp = sec_to_stamp(self.stamp)
             odom.header.frame_id, odom.child_frame_id = "odom", "base_link"
-            odom.pose.pose = pose_msg(compose_poses(invert_poses(ODOM_IN_MAP), self.assets["poses"][k]))
+            base = self.assets["poses"][k].copy()
+            base[0] += odom_ahead                                     # (the road runs along the map's x axis)
+            odom.pose.pose = pose_msg(compose_poses(invert_poses(ODOM_IN_MAP), base))
             self.odom_pub.publish(odom)
         msg = rgb_to_image_msg(self.assets["images"][k if image is None else image])
         msg.header.stamp = sec_to_stamp(self.stamp)
@@ -282,3 +284,37 @@ def test_a_frozen_camera_is_reported(session):
     s.frame(38)                               # a new view
     d = s.diag(lambda v: float(v.get("tracking_frozen_view_m", "9")) == 0.0)
     assert d["tracking_frozen_view_m"] == "0.0" and "frozen camera" not in d["_message"], d
+
+
+def test_a_slow_robot_is_coasted_between_keyframes(session, assets):
+    """The odometry moves 0.4 m per frame (a slow robot; the test map has images at its 2 m entries only, so
+    the camera shows entry 39 throughout): frames nearer than track_update_spacing (0.75 x 2 m) to the last
+    used one are coasted: nothing reranked, counted in the diagnostics, the last result republished moved
+    by the odometry since the last used frame; at 1.6 m the next frame is used again."""
+    s = session
+    msg = PoseWithCovarianceStamped()            # start from a known place (the camera test left it unsure)
+    msg.header.frame_id = "map"
+    msg.pose.pose = pose_msg(assets["poses"][36])
+    msg.pose.covariance = np.diag([1.0, 1.0, 1.0, 0.1, 0.1, 0.1]).reshape(-1).tolist()
+    s.initialpose_pub.publish(msg)
+    assert wait_until(lambda: "initialpose at x=72.00" in s.node.output(), 5), s.node.output()
+    for k in (37, 38):
+        s.frame(k)
+    n_poses = len(s.poses)
+    used = s.frame(39)
+    assert used["tracking_state"] == "tracking", used
+    n_coasted = int(used["tracking_coasted_frames"])
+    coasted = [s.frame(39, odom_ahead=0.4 * (j + 1), stamp=s.stamp + 0.1) for j in range(3)]
+    last = coasted[-1]
+    assert int(last["tracking_coasted_frames"]) == n_coasted + 3 and last["tracking_reranked"] == "0", last
+    assert all(d["tracking_reranked"] == "0" for d in coasted), coasted
+    again = s.frame(39, odom_ahead=1.6, stamp=s.stamp + 0.1)
+    assert int(again["tracking_coasted_frames"]) == n_coasted + 3 and int(again["tracking_reranked"]) > 0, again
+    published = s.poses.snapshot()[n_poses:]
+    by_stamp = {stamp_to_ns(p.header.stamp): pose_from_msg(p.pose.pose)[0] for p in published}
+    stamps = list(s.sent)[-5:]                # the used frame, three coasted ones, the next used one
+    # the used frame was published, and the coasted ones after it, each moved 0.4 m on by the odometry
+    xs = [by_stamp.get(t) for t in stamps[:4]]
+    assert None not in xs, (by_stamp, stamps)
+    assert np.diff(xs) == pytest.approx([0.4, 0.4, 0.4], abs=0.05)
+    assert s.node.alive() and "Traceback" not in s.node.output()
