@@ -714,12 +714,8 @@ class Tracker:
             result.pose, result.covariance = _dead_reckon(result.pose, result.covariance,
                                                           planar_increment(self._last_odom, odom_pose),
                                                           self.config.odom_noise)
-        result.coasted, result.frozen_view_m = True, self._frozen_m
-        timings["filter"] = (time.perf_counter() - t) * 1000
-        timings["total"] = (time.perf_counter() - t0) * 1000 + timings.get("decode", 0.0)
-        result.timings_ms = timings
-        self._last = result
-        return result
+        result.coasted = True
+        return self._unused(result, t0, t, timings)
 
     def _count_frozen(self, change: float | None, odometry: np.ndarray | None) -> None:
         """Distance the odometry has driven while the view (`change` since the last used frame) stayed within
@@ -757,7 +753,12 @@ class Tracker:
             self._held = since
             self._clock = stamp
         result = self._publish(stamp, self._view_frame, 0, count=False)
-        result.still, result.frozen_view_m = True, self._frozen_m
+        result.still = True
+        return self._unused(result, t0, t, timings)
+
+    def _unused(self, result: TrackedResult, t0: float, t: float, timings: dict[str, float]) -> TrackedResult:
+        """The end of a frame the filter held or coasted: the frozen-camera distance, timings, the last result."""
+        result.frozen_view_m = self._frozen_m
         timings["filter"] = (time.perf_counter() - t) * 1000
         timings["total"] = (time.perf_counter() - t0) * 1000 + timings.get("decode", 0.0)
         result.timings_ms = timings
