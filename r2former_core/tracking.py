@@ -598,14 +598,9 @@ class Tracker:
         if skipped is not None:
             return skipped
         timings = {"decode": float(decode_ms)}
-        if features is None:
-            if image is None:
-                raise ValueError("Tracker.step needs an image or its features")
-            features = self.localizer.extract(image)
-            timings["extract"] = (time.perf_counter() - t0) * 1000
-        q_global, q_local = features
+        if features is None and image is None:
+            raise ValueError("Tracker.step needs an image or its features")
         cfg = self.config
-
         t = time.perf_counter()
         dt = None if self._clock is None else stamp - self._clock
         if dt is not None and dt > cfg.max_gap:
@@ -619,6 +614,17 @@ class Tracker:
             if odom_pose.shape != (7,) or not np.all(np.isfinite(odom_pose)):
                 log.debug("tracking: odometry pose %r unusable: predicting without odometry", odom_pose)
                 odom_pose = None
+        if features is None and self._odometry_coasts(stamp, odom_pose):
+            # the odometry alone says the robot drives (so it does not stand, whatever the view) and is still
+            # nearer than update_spacing to the last used frame: coasted without running the network
+            self._rest_view = None
+            return self._coast(stamp, odom_pose, t0, t, timings)
+        if features is None:
+            assert image is not None                                        # (checked above)
+            features = self.localizer.extract(image)
+            timings["extract"] = (time.perf_counter() - t) * 1000
+            t = time.perf_counter()
+        q_global, q_local = features
         change = None if self._view is None else self.localizer.view_change(self._view, q_global)
         self._track_rest(stamp, q_global)
         if self._still(stamp, change, odom_pose):
@@ -678,6 +684,20 @@ class Tracker:
         # noise and passing traffic (by night in fog as much as with half a metre of driving): only a larger
         # change is news
         return change < self._view_unit() * (_STANDING_TOLERANCE if standing else 1.0)
+
+    def _odometry_coasts(self, stamp: float, odom_pose: np.ndarray | None) -> bool:
+        """A frame that `_still` and `_too_near` would coast on the odometry alone: it moved at least the 5 cm
+        of a standing robot and less than update_spacing (turning less than 0.2 rad), within
+        max_update_interval of the last used frame. The view cannot change that outcome, so the frame's
+        features are not needed."""
+        cfg = self.config
+        if (cfg.update_spacing <= 0 or odom_pose is None or self._last_odom is None or self._view_frame is None
+                or stamp - self._view_stamp >= cfg.max_update_interval):
+            return False
+        dx, dy, dyaw = planar_increment(self._last_odom, odom_pose)
+        moved = math.hypot(dx, dy)
+        near = cfg.update_spacing * float(getattr(self.belief, "spacing", 1.0))
+        return _STILL_ODOM_M <= moved < near and abs(dyaw) < _STILL_TURN
 
     def _too_near(self, stamp: float, change: float | None, odom_pose: np.ndarray | None) -> bool:
         """The robot has moved less than `update_spacing` map keyframe spacings since the last frame the filter

@@ -791,3 +791,44 @@ def test_a_slow_robot_without_odometry_is_observed_when_its_view_has_moved_or_th
             assert r.confidence == last.confidence and r.support == last.support
     assert all(r.accepted for r in out[30:])
     assert max(abs(r.pose[0] - v) for r, v in zip(out[30:], x[30:])) < 4.0
+
+
+class CountingExtract(ViewsAlongTheRoad):
+    """`extract` of an "image" that is the frame number, counting its calls (the network's forward pass)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extracted: list[int] = []
+
+    def extract(self, image):
+        self.extracted.append(int(image[0]))
+        return np.array([int(image[0])]), None
+
+
+def test_frames_the_odometry_coasts_are_not_run_through_the_network(road_map):
+    """With odometry, a frame that moved more than a standing robot's 5 cm and less than update_spacing is
+    coasted whatever its view: given an image, the tracker does not extract its features. The results are
+    those of the same frames given as features."""
+    x = 10.0 + 0.25 * np.arange(64)
+    truth = [int(round(v / SPACING)) for v in x]
+    rerank, glob = drive_tables(truth, seed=12)
+    cfg = TrackingConfig(max_speed=15.0, track_candidates=6, kidnap_candidates=2, max_update_interval=5.0)
+    runs = {}
+    for mode in ("image", "features"):
+        loc = CountingExtract(road_map, rerank, glob, top_k=20, x=x)
+        tracker = Tracker(loc, cfg)
+        out = []
+        for k in range(len(x)):
+            odom = road(1)[0]
+            odom[0] = x[k]
+            kwargs = {"image": np.array([k])} if mode == "image" else {"features": (np.array([k]), None)}
+            out.append(tracker.step(100.0 + 0.1 * k, odom_pose=odom, with_matches=False, **kwargs))
+        runs[mode] = (out, loc.extracted)
+    out, extracted = runs["image"]
+    used = [k for k, r in enumerate(out) if not r.coasted]
+    assert extracted == used and len(used) <= len(x) // 5          # one frame in 6 (1.5 m / 0.25 m) needs the network
+    assert all("extract" not in r.timings_ms for r in out if r.coasted)
+    assert runs["features"][1] == []
+    for a, b in zip(out, runs["features"][0]):
+        assert a.coasted == b.coasted and a.accepted == b.accepted
+        assert np.array_equal(a.pose, b.pose, equal_nan=True)
