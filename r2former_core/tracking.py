@@ -313,7 +313,6 @@ class MapBelief:
         self.elsewhere = (self.elsewhere + leaked) * keep + (1.0 - keep) * prior_else
         self._normalise()
 
-    # ------------------------------------------------------------------ update
     def _kidnap_share(self, dt: float, odometry: np.ndarray | None) -> float:
         """The share of `kidnap_rate` for a step: 1, or with `kidnap_speed` the speed over it (at most 1), the
         speed from the odometry or else the belief's mean |speed|: a rate per metre driven below it."""
@@ -326,6 +325,7 @@ class MapBelief:
             speed = float(self.speed_distribution() @ np.abs(self.speeds))
         return min(1.0, speed / ref)
 
+    # ------------------------------------------------------------------ update
     def update(self, entries: np.ndarray, log_lr: np.ndarray, rest_log_lr: float) -> None:
         """Bayes update with per-entry log likelihood ratios (against "elsewhere").
 
@@ -614,11 +614,14 @@ class Tracker:
             if odom_pose.shape != (7,) or not np.all(np.isfinite(odom_pose)):
                 log.debug("tracking: odometry pose %r unusable: predicting without odometry", odom_pose)
                 odom_pose = None
-        if features is None and self._odometry_coasts(stamp, odom_pose):
+        # planar motion since the last used frame (None without odometry): one increment for every test below
+        increment = None if odom_pose is None or self._last_odom is None else planar_increment(self._last_odom,
+                                                                                                odom_pose)
+        if features is None and self._odometry_coasts(stamp, increment):
             # the odometry alone says the robot drives (so it does not stand, whatever the view) and is still
             # nearer than update_spacing to the last used frame: coasted without running the network
             self._rest_view = None
-            return self._coast(stamp, odom_pose, t0, t, timings)
+            return self._coast(stamp, increment, t0, t, timings)
         if features is None:
             assert image is not None                                        # (checked above)
             features = self.localizer.extract(image)
@@ -627,12 +630,12 @@ class Tracker:
         q_global, q_local = features
         change = None if self._view is None else self.localizer.view_change(self._view, q_global)
         self._track_rest(stamp, q_global)
-        if self._still(stamp, change, odom_pose):
+        if self._still(stamp, change, increment):
             return self._hold(stamp, t0, t, timings)
-        if self._too_near(stamp, change, odom_pose):
-            return self._coast(stamp, odom_pose, t0, t, timings)
-        if odom_pose is not None and self._last_odom is not None and dt is not None:
-            odometry = planar_increment(self._last_odom, odom_pose)
+        if self._too_near(stamp, change, increment):
+            return self._coast(stamp, increment, t0, t, timings)
+        if dt is not None:
+            odometry = increment
         self._count_frozen(change, odometry)
         self._last_odom = odom_pose
         if dt is not None:
@@ -664,7 +667,7 @@ class Tracker:
         """The view change below which a frame shows nothing new: `still_view_change` x the map's scale."""
         return self.config.still_view_change * self.localizer.view_scale()
 
-    def _still(self, stamp: float, change: float | None, odom_pose: np.ndarray | None) -> bool:
+    def _still(self, stamp: float, change: float | None, increment: np.ndarray | None) -> bool:
         """The robot stands: the view (`change` since the last frame the filter used; and the odometry, when
         there is one) has not changed (`still_view_change`). In every state: a repeated view is not a new
         observation, also while searching (counted again and again it locks the belief onto whatever that one
@@ -675,8 +678,8 @@ class Tracker:
         # odometry stands. (Not the filter's speed: its zero state spans +-1.25 m/s by default, a ground
         # robot's whole speed range; taking that for standing held a robot driving 1.5 m/s: measured.)
         standing = self._held > 0 or (self._rest_view is not None and stamp - self._rest_since >= _STILL_TIME)
-        if odom_pose is not None and self._last_odom is not None:
-            dx, dy, dyaw = planar_increment(self._last_odom, odom_pose)
+        if increment is not None:
+            dx, dy, dyaw = increment
             if math.hypot(dx, dy) >= _STILL_ODOM_M or abs(dyaw) >= _STILL_TURN:
                 return False
             standing = True              # the odometry stands
@@ -685,44 +688,48 @@ class Tracker:
         # change is news
         return change < self._view_unit() * (_STANDING_TOLERANCE if standing else 1.0)
 
-    def _odometry_coasts(self, stamp: float, odom_pose: np.ndarray | None) -> bool:
+    def _coast_distance(self, stamp: float) -> float | None:
+        """Metres below which a moving robot's frame is coasted (`update_spacing` x the map's keyframe spacing),
+        or None when no frame may be: coasting off, no used frame yet, or `max_update_interval` passed."""
+        cfg = self.config
+        if cfg.update_spacing <= 0 or self._view_frame is None or stamp - self._view_stamp >= cfg.max_update_interval:
+            return None
+        return cfg.update_spacing * float(getattr(self.belief, "spacing", 1.0))
+
+    def _odometry_coasts(self, stamp: float, increment: np.ndarray | None) -> bool:
         """A frame that `_still` and `_too_near` would coast on the odometry alone: it moved at least the 5 cm
         of a standing robot and less than update_spacing (turning less than 0.2 rad), within
         max_update_interval of the last used frame. The view cannot change that outcome, so the frame's
         features are not needed."""
-        cfg = self.config
-        if (cfg.update_spacing <= 0 or odom_pose is None or self._last_odom is None or self._view_frame is None
-                or stamp - self._view_stamp >= cfg.max_update_interval):
+        near = self._coast_distance(stamp)
+        if near is None or increment is None:
             return False
-        dx, dy, dyaw = planar_increment(self._last_odom, odom_pose)
-        moved = math.hypot(dx, dy)
-        near = cfg.update_spacing * float(getattr(self.belief, "spacing", 1.0))
-        return _STILL_ODOM_M <= moved < near and abs(dyaw) < _STILL_TURN
+        return _STILL_ODOM_M <= math.hypot(increment[0], increment[1]) < near and abs(increment[2]) < _STILL_TURN
 
-    def _too_near(self, stamp: float, change: float | None, odom_pose: np.ndarray | None) -> bool:
+    def _too_near(self, stamp: float, change: float | None, increment: np.ndarray | None) -> bool:
         """The robot has moved less than `update_spacing` map keyframe spacings since the last frame the filter
         used (by odometry, else by the view's change against the map's neighbour change), and for less than
         `max_update_interval`: its frame is coasted. Frames closer than a keyframe spacing are not independent
         observations of the map; counted one by one, a slow robot's belief becomes over-confident on whatever
         its first frames at a place favoured (docs/TRACKING.md "Ground-robot speeds")."""
-        cfg = self.config
-        if cfg.update_spacing <= 0 or self._view_frame is None or stamp - self._view_stamp >= cfg.max_update_interval:
+        near = self._coast_distance(stamp)
+        if near is None:
             return False
-        near = cfg.update_spacing * float(getattr(self.belief, "spacing", 1.0))
-        if odom_pose is not None and self._last_odom is not None:
-            dx, dy, dyaw = planar_increment(self._last_odom, odom_pose)
-            return math.hypot(dx, dy) < near and abs(dyaw) < _STILL_TURN
+        if increment is not None:
+            return math.hypot(increment[0], increment[1]) < near and abs(increment[2]) < _STILL_TURN
         # without odometry only while tracking: while searching there is no speed to tell a slow robot from a
         # fast one on a stretch that looks alike (by day a keyframe spacing changes the view by less than 0.75
         # of the map's median for a third of the frames), and the search needs every frame
-        if change is None or self.state != "tracking" or change >= cfg.update_spacing * self.localizer.view_scale():
+        if change is None or self.state != "tracking":
             return False
-        # the view has changed little: but the filter's speed may say the robot has moved on (by night a fast
-        # robot's view can change less than the map's neighbour change from one frame to the next)
-        # (the place's speed plus its standard deviation: coasted only when the robot is surely near)
+        if change >= self.config.update_spacing * self.localizer.view_scale():
+            return False
+        # the view has changed little: but the place's speed plus its standard deviation may say the robot has
+        # moved on (by night a fast robot's view can change less than the map's neighbour change from one frame
+        # to the next): coasted only when the robot is surely near
         return self._speed_high * (stamp - self._view_stamp) < near
 
-    def _coast(self, stamp: float, odom_pose: np.ndarray | None, t0: float, t: float,
+    def _coast(self, stamp: float, increment: np.ndarray | None, t0: float, t: float,
                timings: dict[str, float]) -> TrackedResult:
         """A frame too near the last used one (`_too_near`): no observation, nothing reranked, the filter
         unchanged (the next used frame predicts over the whole time, the odometry's increments add up); the
@@ -730,9 +737,8 @@ class Tracker:
         assert self._view_frame is not None                                 # (`_too_near` checked it)
         self.last_stamp = stamp
         result = self._publish(stamp, self._view_frame, 0, count=False)
-        if odom_pose is not None and self._last_odom is not None and np.all(np.isfinite(result.pose)):
-            result.pose, result.covariance = _dead_reckon(result.pose, result.covariance,
-                                                          planar_increment(self._last_odom, odom_pose),
+        if increment is not None and np.all(np.isfinite(result.pose)):
+            result.pose, result.covariance = _dead_reckon(result.pose, result.covariance, increment,
                                                           self.config.odom_noise)
         result.coasted = True
         return self._unused(result, t0, t, timings)
@@ -894,7 +900,7 @@ class Tracker:
             reason = f"belief split: the most probable place holds {mass:.2f} < min_mass {cfg.min_mass:.2f}"
         pose = place.pose if place else np.full(7, np.nan)
         cov = place.covariance if place else np.eye(6) * 1e6
-        self._speed_high = abs(place.speed) + getattr(place, "speed_std", 0.0) if place else math.inf
+        self._speed_high = abs(place.speed) + place.speed_std if place else math.inf
         return TrackedResult(stamp=stamp, pose=pose, covariance=cov, confidence=mass, accepted=not reason,
                              reason=reason, state=self.state, support=len(self.belief), reranked=reranked,
                              elsewhere=self.belief.elsewhere, speed=place.speed if place else 0.0, frame=frame)
