@@ -177,6 +177,17 @@ class HalfViewThreshold(Tracker):
         return super()._too_near(stamp, change, increment)
 
 
+class StandingOdometryCoasts(Tracker):
+    """Odometry under 5 cm coasts a frame whatever its view (before the fifth round): the frame of a kidnap,
+    across which the odometry shows no motion, was republished at the old place."""
+
+    def _too_near(self, stamp, change, increment):
+        near = self._coast_distance(stamp)
+        if near is not None and increment is not None:
+            return math.hypot(increment[0], increment[1]) < near and abs(increment[2]) < 0.2
+        return super()._too_near(stamp, change, increment)
+
+
 class BeliefFirstGlobalSearch(Tracker):
     """Global search reranks the belief's most probable entries first (half of global_candidates), then the
     global top: the belief chooses what may confirm it."""
@@ -259,6 +270,7 @@ VARIANTS = {
            {"update_spacing": u, "kidnap_speed": 20.0, "max_speed": 3.0, "accel_std": a})
        for u in (0.5, 0.75, 1.0) for a in (4.0, 1.0)},
     "view-based coasting at 0.5 keyframe spacing": Variant(tracker=HalfViewThreshold),
+    "standing odometry coasts whatever the view (before the fifth round)": Variant(tracker=StandingOdometryCoasts),
     "update every 0.75 keyframe spacing or 2 s": Variant({"update_spacing": 0.75, "max_update_interval": 2.0}),
     "speed horizon 0.75 s": Variant({"speed_horizon": 0.75}),
     "speed horizon 1.25 s": Variant({"speed_horizon": 1.25}),

@@ -47,7 +47,9 @@ used frame (by odometry; without it, by the view's change and the filter's speed
 `max_update_interval` s: no observation, nothing reranked, the last result republished (moved by the
 odometry since). The calibration was fitted on frames about a keyframe spacing apart; observed every
 0.15 m, the same view counted a dozen times and made the belief sure of whatever it first favoured.
-The return to the prior is per metre below `kidnap_speed` for the same reason.
+The return to the prior is per metre below `kidnap_speed` for the same reason. Odometry that stands
+(under 5 cm) under a view that changed more than a standing robot's may is not "near": the robot was
+carried (a kidnap shows no odometry), and the frame is used.
 
 States: `global` (no place yet: global search), `tracking` (a place holds at least
 `track_mass`), `lost` (below it for `lost_frames` frames: global search again until a place holds it).
@@ -617,7 +619,7 @@ class Tracker:
         # planar motion since the last used frame (None without odometry): one increment for every test below
         increment = None if odom_pose is None or self._last_odom is None else planar_increment(self._last_odom,
                                                                                                 odom_pose)
-        if features is None and self._odometry_coasts(stamp, increment):
+        if self._odometry_coasts(stamp, increment):
             # the odometry alone says the robot drives (so it does not stand, whatever the view) and is still
             # nearer than update_spacing to the last used frame: coasted without running the network
             self._rest_view = None
@@ -697,26 +699,30 @@ class Tracker:
         return cfg.update_spacing * float(getattr(self.belief, "spacing", 1.0))
 
     def _odometry_coasts(self, stamp: float, increment: np.ndarray | None) -> bool:
-        """A frame that `_still` and `_too_near` would coast on the odometry alone: it moved at least the 5 cm
-        of a standing robot and less than update_spacing (turning less than 0.2 rad), within
-        max_update_interval of the last used frame. The view cannot change that outcome, so the frame's
-        features are not needed."""
+        """A frame coasted on the odometry alone: it moved at least the 5 cm of a standing robot and less than
+        `update_spacing` (turning less than 0.2 rad), within `max_update_interval` of the last used frame. The
+        view cannot change that outcome (`_still` holds no frame whose odometry moved), so the frame's features
+        are not needed. Odometry under 5 cm is standing: `_still` decides by the view whether the frame is held,
+        and a frame it does not hold is used (a robot carried away shows no odometry)."""
         near = self._coast_distance(stamp)
         if near is None or increment is None:
             return False
         return _STILL_ODOM_M <= math.hypot(increment[0], increment[1]) < near and abs(increment[2]) < _STILL_TURN
 
     def _too_near(self, stamp: float, change: float | None, increment: np.ndarray | None) -> bool:
-        """The robot has moved less than `update_spacing` map keyframe spacings since the last frame the filter
-        used (by odometry, else by the view's change against the map's neighbour change), and for less than
-        `max_update_interval`: its frame is coasted. Frames closer than a keyframe spacing are not independent
-        observations of the map; counted one by one, a slow robot's belief becomes over-confident on whatever
-        its first frames at a place favoured (docs/TRACKING.md "Ground-robot speeds")."""
+        """Without odometry: the robot has moved less than `update_spacing` map keyframe spacings since the last
+        frame the filter used (by the view's change against the map's neighbour change, and the place's speed),
+        for less than `max_update_interval`: its frame is coasted (with odometry: `_odometry_coasts`). Frames
+        closer than a keyframe spacing are not independent observations of the map; counted one by one, a slow
+        robot's belief becomes over-confident on whatever its first frames at a place favoured
+        (docs/TRACKING.md "Ground-robot speeds")."""
         near = self._coast_distance(stamp)
-        if near is None:
+        if near is None or increment is not None:
+            # with odometry `_odometry_coasts` has decided: a robot that drove less than update_spacing was
+            # coasted there, and one whose odometry stands (under 5 cm) reaches this point only with a view
+            # that changed more than a standing robot's may (`_still`): it was carried, or its wheels slip or
+            # stall (a kidnap: the odometry shows no motion across it); that frame is news, not a near one
             return False
-        if increment is not None:
-            return math.hypot(increment[0], increment[1]) < near and abs(increment[2]) < _STILL_TURN
         # without odometry only while tracking: while searching there is no speed to tell a slow robot from a
         # fast one on a stretch that looks alike (by day a keyframe spacing changes the view by less than 0.75
         # of the map's median for a third of the frames), and the search needs every frame

@@ -832,3 +832,33 @@ def test_frames_the_odometry_coasts_are_not_run_through_the_network(road_map):
     for a, b in zip(out, runs["features"][0]):
         assert a.coasted == b.coasted and a.accepted == b.accepted
         assert np.array_equal(a.pose, b.pose, equal_nan=True)
+
+
+def test_a_robot_carried_away_with_odometry_standing_is_observed_not_coasted(road_map):
+    """A kidnap with odometry: the robot is carried from entry 69 to entry 2 and the odometry shows no motion
+    across it. Under 5 cm the odometry stands, and a view that changed more than a standing robot's may is news:
+    the frame is used (reranked, an observation), not coasted as "nearer than update_spacing" at the old place.
+    Then the tracker recovers as without odometry; a standing robot's unchanged view is still held."""
+    truth = [40 + k for k in range(30)] + [2 + k for k in range(30)]
+    hints = ["strong"] * 30 + ["none"] * 10 + ["weak"] * 20
+    rerank, glob = drive_tables(truth, seed=1, global_hint=hints)
+    loc = TableLocalizer(road_map, rerank, glob, top_k=20)
+    cfg = TrackingConfig(max_speed=15.0, lost_frames=3, track_candidates=6, kidnap_candidates=2)
+    tracker = Tracker(loc, cfg)
+    odom_x = [2.0 * t for t in truth[:30]] + [2.0 * (truth[29] + k) for k in range(30)]   # frame 30: no motion
+    out = []
+    for k in range(len(truth)):
+        odom = road(1)[0]
+        odom[0] = odom_x[k]
+        out.append(tracker.step(100.0 + 0.2 * k, features=(np.array([k]), None), odom_pose=odom,
+                                with_matches=False))
+    assert out[29].state == "tracking" and abs(out[29].pose[0] - 2 * 69) < 3
+    assert not out[30].coasted and not out[30].still and out[30].reranked > 0
+    assert not any(r.coasted or r.still for r in out)          # 2 m per frame: every frame is used
+    after = out[30:]
+    wrong = [k for k, r in enumerate(after) if r.accepted and abs(r.pose[0] - 2 * truth[30 + k]) > 5]
+    assert len(wrong) <= 7
+    assert all(r.accepted and abs(r.pose[0] - 2 * truth[30 + k]) < 3 for k, r in enumerate(after) if k >= 25)
+    # the same frame 30 repeated (the view unchanged) with the odometry standing is held, not used
+    again = tracker.step(100.0 + 0.2 * 60, features=(np.array([59]), None), odom_pose=odom, with_matches=False)
+    assert again.still and again.reranked == 0
