@@ -188,6 +188,22 @@ class StandingOdometryCoasts(Tracker):
         return super()._too_near(stamp, change, increment)
 
 
+class NoNormalisingAtSlowPlaces(Tracker):
+    """The entries' typical scores are not learned at the published place while its speed is under 0.5 m/s
+    (before the fifth round; now only while the tracker holds the robot for standing): a belief stuck at a
+    look-alike place with no speed kept its entries' scores from looking typical there."""
+
+    def _observe(self, q_global, frame, top, top_scores):
+        last = self._last
+        saved = self._held
+        if last is not None and last.accepted and abs(last.speed) < 0.5:
+            self._held = max(self._held, 1e-9)
+        try:
+            super()._observe(q_global, frame, top, top_scores)
+        finally:
+            self._held = saved
+
+
 class BeliefFirstGlobalSearch(Tracker):
     """Global search reranks the belief's most probable entries first (half of global_candidates), then the
     global top: the belief chooses what may confirm it."""
@@ -271,6 +287,7 @@ VARIANTS = {
        for u in (0.5, 0.75, 1.0) for a in (4.0, 1.0)},
     "view-based coasting at 0.5 keyframe spacing": Variant(tracker=HalfViewThreshold),
     "standing odometry coasts whatever the view (before the fifth round)": Variant(tracker=StandingOdometryCoasts),
+    "no typical scores learned at a slow place (before the fifth round)": Variant(tracker=NoNormalisingAtSlowPlaces),
     "update every 0.75 keyframe spacing or 2 s": Variant({"update_spacing": 0.75, "max_update_interval": 2.0}),
     "speed horizon 0.75 s": Variant({"speed_horizon": 0.75}),
     "speed horizon 1.25 s": Variant({"speed_horizon": 1.25}),

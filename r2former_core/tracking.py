@@ -866,9 +866,9 @@ class Tracker:
         bound = cfg.max_log_lr
         log_lr = np.clip(log_lr, -bound, bound)
         self.belief.update(entries, log_lr, float(np.clip(rest, -bound, bound)))
-        # learn each entry's typical score; while the robot stands still, not from its place's entries (they
-        # would come to look typical)
-        if place is not None and self._standing():
+        # learn each entry's typical score; while the robot is held for standing, not from its place's entries
+        # (they would come to look typical)
+        if place is not None and self._held > 0:
             self._global_norm.add(*self._outside(place, entries, cos))
             self._rerank_norm.add(*self._outside(place, reranked, logit))
         else:
@@ -880,9 +880,6 @@ class Tracker:
         keep = ~np.isin(entries, place.entries)
         return entries[keep], values[keep]
 
-    def _standing(self) -> bool:
-        last = self._last
-        return last is not None and last.accepted and abs(last.speed) < 0.5
 
     def _publish(self, stamp: float, frame: LocalizationResult, reranked: int, count: bool = True) -> TrackedResult:
         """The result of this frame from the belief; `count` False (a held frame): the state stays."""

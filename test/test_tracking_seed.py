@@ -49,7 +49,9 @@ def test_tracker_seed_tracks_from_the_pose_and_a_wrong_seed_is_left(road_map):  
     out = [tracker.step(60.0 + 0.2 * k, features=(np.array([k]), None), with_matches=False) for k in range(1, 25)]
     assert any(r.state == "lost" for r in out)
     wrong = [k for k, r in enumerate(out) if r.accepted and abs(r.pose[0] - 2 * truth[k + 1]) > 5]
-    assert wrong in ([], [0], [0, 1])      # one or two frames (<= 4 m: the return to the prior is per metre)
+    # the first frames (<= 6 m at 10 m/s): the return to the prior is per metre, and the seeded entries' low
+    # scores are learned as their typical ones from the first frame on (docs/TRACKING.md "Fifth round")
+    assert wrong in ([], [0], [0, 1], [0, 1, 2])
     assert all(r.accepted and abs(r.pose[0] - 2 * truth[k + 1]) < 3 for k, r in enumerate(out) if k >= 18)
     # no map entry near the pose: global search
     assert tracker.seed(pose_at(40.0, 200.0), cov) == 0 and tracker.state == "global"
