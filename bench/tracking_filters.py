@@ -204,6 +204,10 @@ class NoNormalisingAtSlowPlaces(Tracker):
             self._held = saved
 
 
+class FourthRound(StandingOdometryCoasts, NoNormalisingAtSlowPlaces):
+    """The tracker of the fourth round: both of the above."""
+
+
 class BeliefFirstGlobalSearch(Tracker):
     """Global search reranks the belief's most probable entries first (half of global_candidates), then the
     global top: the belief chooses what may confirm it."""
@@ -288,6 +292,7 @@ VARIANTS = {
     "view-based coasting at 0.5 keyframe spacing": Variant(tracker=HalfViewThreshold),
     "standing odometry coasts whatever the view (before the fifth round)": Variant(tracker=StandingOdometryCoasts),
     "no typical scores learned at a slow place (before the fifth round)": Variant(tracker=NoNormalisingAtSlowPlaces),
+    "fourth round (both of the above)": Variant(tracker=FourthRound),
     "update every 0.75 keyframe spacing or 2 s": Variant({"update_spacing": 0.75, "max_update_interval": 2.0}),
     "speed horizon 0.75 s": Variant({"speed_horizon": 0.75}),
     "speed horizon 1.25 s": Variant({"speed_horizon": 1.25}),
