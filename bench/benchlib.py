@@ -1,4 +1,4 @@
-"""What every benchmark under bench/ records and how it writes its results.
+"""What every benchmark under bench/ records and how it writes its results, and the synthetic worlds they share.
 
 Speed figures are only compared inside one run and one machine class (docs/BENCHMARKS.md), so every result
 file names the machine the same way: the CPU model, the instruction-set extensions that decide the fast paths
@@ -84,3 +84,54 @@ def write_report(path: str | os.PathLike, report: dict[str, Any], indent: int = 
         tmp.unlink(missing_ok=True)
     print(f"wrote {out}")
     return out
+
+
+# ------------------------------------------------------------------ synthetic worlds (rendered once, reused)
+
+def rendered_drive(path: str | os.PathLike, seed: int, kind: str, conditions: str, frames: int,
+                   size: tuple[int, int], spacing: float | None = None) -> Path:
+    """The synthetic drive at `path` (images/, poses.txt), rendered on first use and reused after; `conditions`
+    joined by "," or "+" ("night+fog"), `spacing` in metres (None: the drive's own)."""
+    from r2former_core.synthetic import write_drive
+    out = Path(path)
+    if not (out / "poses.txt").is_file():
+        write_drive(seed, out, kind=kind, conditions=conditions.replace("+", ","), frames=frames, size=size,
+                    spacing=spacing)
+    return out
+
+
+def tracking_drive(work: Path, seed: int, kind: str, conditions: str, frames: int, size: tuple[int, int],
+                   spacing: float | None = None) -> Path:
+    """`rendered_drive` under the names the tracking benches share (tracking_eval, tracking_filters):
+    work/{kind}_{seed}_{conditions}_{frames}[_{spacing}m]_{H}x{W}."""
+    gap = "" if spacing is None else f"_{spacing:g}m"
+    return rendered_drive(work / f"{kind}_{seed}_{conditions}_{frames}{gap}_{size[0]}x{size[1]}", seed, kind,
+                          conditions, frames, size, spacing)
+
+
+def drive_source(path: str | os.PathLike):
+    """The frames of a rendered drive (r2former_core.data.sources), in stamp order."""
+    from r2former_core.data.sources import open_source
+    return open_source(images=str(Path(path) / "images"), poses=str(Path(path) / "poses.txt"))
+
+
+def built_map(model, path: str | os.PathLike, drive: str | os.PathLike, **build_kwargs):
+    """The map at `path` when it was built with `model` (same fingerprint), else built from the rendered drive
+    `drive` (replacing whatever was there); `build_kwargs` go to r2former_core.mapping.build_map."""
+    from r2former_core.mapdb import MapDatabase, MapError
+    from r2former_core.mapping import build_map
+    try:
+        return MapDatabase.load(path, expected_fingerprint=model.fingerprint)
+    except MapError:
+        return build_map(drive_source(drive), model, path, overwrite=True, progress=False, **build_kwargs)
+
+
+def odometry_in_play_order(truth, order, seed: int):
+    """Noisy wheel odometry (r2former_core.odometry, seeded) of a drive with poses `truth`, chained in play
+    `order`; a jump in the order (a kidnap: the robot is carried) is a zero increment. (n, 7) poses."""
+    import numpy as np
+
+    from r2former_core.odometry import chain_increments, planar_increments, simulate_odometry
+    inc = planar_increments(simulate_odometry(truth, seed))
+    steps = [inc[a] if b == a + 1 else np.zeros(3) for a, b in zip(order[:-1], order[1:])]
+    return chain_increments(np.array(steps).reshape(-1, 3))

@@ -22,17 +22,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import machine_info, write_report  # noqa: E402
+from benchlib import built_map, drive_source, machine_info, rendered_drive, write_report  # noqa: E402
 
-from r2former_core.data.sources import open_source  # noqa: E402
-from r2former_core.errors import MapError  # noqa: E402
 from r2former_core.localizer import Localizer  # noqa: E402
-from r2former_core.mapdb import MapDatabase  # noqa: E402
-from r2former_core.mapping import build_map  # noqa: E402
 from r2former_core.model import load_model  # noqa: E402
 from r2former_core.odometry import simulate_odometry  # noqa: E402
 from r2former_core.options import LocalizerConfig, TrackingConfig  # noqa: E402
-from r2former_core.synthetic import write_drive  # noqa: E402
 from r2former_core.tracking import Tracker  # noqa: E402
 
 
@@ -51,19 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model)
-    mdir, qdir = work / f"map_{args.seed}", work / f"query_{args.seed}_{args.frames}"
-    if not (mdir / "poses.txt").is_file():
-        write_drive(args.seed, mdir, kind="map", conditions="day", frames=210, size=size)
-    if not (qdir / "poses.txt").is_file():
-        write_drive(args.seed, qdir, kind="query", conditions="night,fog", frames=args.frames, size=size,
-                    spacing=0.3)
-    mpath = work / f"map_{args.seed}_{model.fingerprint}"
-    try:
-        mapdb = MapDatabase.load(mpath, expected_fingerprint=model.fingerprint)
-    except MapError:
-        mapdb = build_map(open_source(images=str(mdir / "images"), poses=str(mdir / "poses.txt")),
-                          model, mpath, overwrite=True, progress=False)
-    frames = list(open_source(images=str(qdir / "images"), poses=str(qdir / "poses.txt")))
+    mdir = rendered_drive(work / f"map_{args.seed}", args.seed, "map", "day", 210, size)
+    qdir = rendered_drive(work / f"query_{args.seed}_{args.frames}", args.seed, "query", "night,fog", args.frames,
+                          size, spacing=0.3)
+    mapdb = built_map(model, work / f"map_{args.seed}_{model.fingerprint}", mdir)
+    frames = list(drive_source(qdir))
     odometry = simulate_odometry(np.array([f.pose for f in frames]), args.seed)
     localizer = Localizer(model, mapdb, LocalizerConfig(device="cpu"))
     localizer.extract(frames[0].image)                                          # warm-up

@@ -19,9 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchlib import machine_info, write_report
-
-from r2former_core.synthetic import write_drive
+from benchlib import built_map, machine_info, rendered_drive, write_report
 
 DEFAULT_SETS = "950:dusk,950:night,951:fog,951:rain,952:winter,952:autumn"
 
@@ -29,23 +27,13 @@ DEFAULT_SETS = "950:dusk,950:night,951:fog,951:rain,952:winter,952:autumn"
 def render_drive(work: Path, seed: int, kind: str, cond: str, frames: int, size: tuple[int, int],
                  spacing: float) -> Path:
     """The rendered drive folder (images/, poses.txt), rendered on first use."""
-    d = work / f"{kind}_{seed}_{cond.replace(',', '+')}_{frames}_{size[0]}x{size[1]}_sp{spacing:g}"
-    if not (d / "poses.txt").is_file():
-        write_drive(seed, d, kind=kind, conditions=cond, frames=frames, size=size, spacing=spacing)
-    return d
+    return rendered_drive(work / f"{kind}_{seed}_{cond.replace(',', '+')}_{frames}_{size[0]}x{size[1]}_sp{spacing:g}",
+                          seed, kind, cond, frames, size, spacing)
 
 
 def map_for(work: Path, seed: int, model, drive_dir: Path, tag: str = ""):
     """The map of `drive_dir` built with `model` (reused while the fingerprint and `tag` match)."""
-    from r2former_core.data.sources import open_source
-    from r2former_core.mapdb import MapDatabase, MapError
-    from r2former_core.mapping import build_map
-    mpath = work / f"map_{seed}_{model.fingerprint}{tag}"
-    try:
-        return MapDatabase.load(mpath, expected_fingerprint=model.fingerprint)
-    except MapError:
-        src = open_source(images=str(drive_dir / "images"), poses=str(drive_dir / "poses.txt"))
-        return build_map(src, model, mpath, overwrite=True, progress=False)
+    return built_map(model, work / f"map_{seed}_{model.fingerprint}{tag}", drive_dir)
 
 
 def parse_sets(text: str) -> list[tuple[int, str]]:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from benchlib import machine_info, write_report  # noqa: E402
+from benchlib import built_map, drive_source, machine_info, rendered_drive, write_report  # noqa: E402
 
 DEFAULT_SEEDS = "950,951,952"
 DEFAULT_QUERIES = "dusk,night,fog,rain"
@@ -56,14 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results/multisession_eval.json", help="JSON report path")
     args = p.parse_args(argv)
 
-    from r2former_core.data.sources import open_source
     from r2former_core.evaluation import ModeResult
     from r2former_core.localizer import Localizer, LocalizerConfig
     from r2former_core.mapdb import MapDatabase, MapError
     from r2former_core.mapops import merge_maps
-    from r2former_core.mapping import build_map
     from r2former_core.model import load_model
-    from r2former_core.synthetic import write_drive
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -76,21 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
 
     def drive(seed: int, kind: str, cond: str, frames: int) -> Path:
-        d = work / f"{kind}_{seed}_{cond}_{frames}_{size[0]}x{size[1]}_sp{args.spacing:g}"
-        if not (d / "poses.txt").is_file():
-            write_drive(seed, d, kind=kind, conditions=cond, frames=frames, size=size, spacing=args.spacing)
-        return d
-
-    def source(d: Path):
-        return open_source(images=str(d / "images"), poses=str(d / "poses.txt"))
+        return rendered_drive(work / f"{kind}_{seed}_{cond}_{frames}_{size[0]}x{size[1]}_sp{args.spacing:g}",
+                              seed, kind, cond, frames, size, args.spacing)
 
     def session_map(seed: int, cond: str) -> Path:
         path = work / f"map_{seed}_{cond}_{model.fingerprint}"
-        try:
-            MapDatabase.load(path, expected_fingerprint=model.fingerprint).close()
-        except MapError:
-            build_map(source(drive(seed, "map", cond, args.map_frames)), model, path, overwrite=True,
-                      progress=False, session_name=cond, conditions=[cond])
+        built_map(model, path, drive(seed, "map", cond, args.map_frames), session_name=cond,
+                  conditions=[cond]).close()
         return path
 
     results: dict[str, dict[str, ModeResult]] = {label: {m: ModeResult() for m in modes} for label in MAPS}
@@ -108,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         for cond in conditions:
             name = f"{seed}_{cond}"
             res = {label: {m: ModeResult() for m in modes} for label in MAPS}
-            for rec in source(drive(seed, "query", cond, args.query_frames)):
+            for rec in drive_source(drive(seed, "query", cond, args.query_frames)):
                 q_global, q_local = localizers["day"].extract(rec.image)
                 for label, loc in localizers.items():
                     localize(loc, q_global, q_local, rec.pose, modes, args.threshold_m, res[label],

@@ -41,24 +41,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import machine_info, write_report  # noqa: E402
+from benchlib import built_map, drive_source, machine_info, odometry_in_play_order, tracking_drive, write_report  # noqa: E402
 
 from r2former_core.evaluation import SequenceFrame, SequenceResult, evaluate_sequence, plot_sequence  # noqa: E402
-from r2former_core.odometry import chain_increments, planar_increments, simulate_odometry  # noqa: E402
 from r2former_core.options import TrackingConfig  # noqa: E402
 
 HARDEST = "night+fog"
 DEFAULT_SETS = ("950:night+fog,951:night+fog,952:night+fog,7:night+fog,"
                 "950:dusk,950:night,951:fog,951:rain,952:winter,952:autumn")
 RUNS = ("drive", "kidnap", "drive/odometry", "kidnap/odometry")
-
-
-def odometry_in_play_order(truth: np.ndarray, order: np.ndarray, seed: int) -> np.ndarray:
-    """Noisy wheel odometry of the drive chained in play order; a jump in the order (the kidnap: the robot is
-    carried) is a zero increment."""
-    inc = planar_increments(simulate_odometry(truth, seed))
-    steps = [inc[a] if b == a + 1 else np.zeros(3) for a, b in zip(order[:-1], order[1:])]
-    return chain_increments(np.array(steps).reshape(-1, 3))
 
 
 def pooled(results: list[SequenceResult]) -> SequenceResult:
@@ -88,12 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results/tracking_eval.json", help="JSON report path")
     args = p.parse_args(argv)
 
-    from r2former_core.data.sources import open_source
     from r2former_core.localizer import Localizer, LocalizerConfig
-    from r2former_core.mapdb import MapDatabase, MapError
-    from r2former_core.mapping import build_map
     from r2former_core.model import load_model
-    from r2former_core.synthetic import write_drive
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -106,12 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrackingConfig()
     t_start = time.time()
 
-    def drive(seed: int, kind: str, cond: str, frames: int) -> Path:
-        d = work / f"{kind}_{seed}_{cond}_{frames}_{tag}"
-        if not (d / "poses.txt").is_file():
-            write_drive(seed, d, kind=kind, conditions=cond.replace("+", ","), frames=frames, size=size)
-        return d
-
     report: dict = {"sets": {}, "meta": {
         "model": args.model, "fingerprint": model.fingerprint, "size": list(size), "map_frames": args.map_frames,
         "query_frames": args.query_frames, "top_k": args.top_k, "tracking_config": asdict(cfg),
@@ -122,17 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.sets.split(","):
         seed_text, cond = item.split(":")
         seed = int(seed_text)
-        mdir = drive(seed, "map", "day", args.map_frames)
-        mpath = work / f"map_{seed}_{args.map_frames}_{tag}_{model.fingerprint}"
-        try:
-            mapdb = MapDatabase.load(mpath, expected_fingerprint=model.fingerprint)
-        except MapError:
-            mapdb = build_map(open_source(images=str(mdir / "images"), poses=str(mdir / "poses.txt")), model, mpath,
-                              overwrite=True, progress=False)
-        qdir = drive(seed, "query", cond, args.query_frames)
+        mdir = tracking_drive(work, seed, "map", "day", args.map_frames, size)
+        mapdb = built_map(model, work / f"map_{seed}_{args.map_frames}_{tag}_{model.fingerprint}", mdir)
+        qdir = tracking_drive(work, seed, "query", cond, args.query_frames, size)
         localizer = Localizer(model, mapdb, LocalizerConfig(top_k=args.top_k, device="cpu"))
         frames = []
-        for rec in open_source(images=str(qdir / "images"), poses=str(qdir / "poses.txt")):
+        for rec in drive_source(qdir):
             t = time.perf_counter()
             features = localizer.extract(rec.image)
             frames.append(SequenceFrame(rec.name, rec.stamp, rec.pose, features=features,

@@ -48,10 +48,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import machine_info, write_report  # noqa: E402
+from benchlib import built_map, drive_source, machine_info, odometry_in_play_order, tracking_drive, write_report  # noqa: E402
 
 from r2former_core.localizer import Localizer  # noqa: E402
-from r2former_core.odometry import chain_increments, planar_increments, simulate_odometry  # noqa: E402
 from r2former_core.options import LocalizerConfig, TrackingConfig  # noqa: E402
 from r2former_core.pose import estimate_pose  # noqa: E402
 from r2former_core.results import Candidate, LocalizationResult, TokenMatches  # noqa: E402
@@ -307,34 +306,16 @@ def score_table(model, seed: int, cond: str, work: Path, size: tuple[int, int], 
                 query_frames: int, query_spacing: float | None = None) -> Path:
     """npz with every query frame's global cosine and match probability against every map entry, and its global
     descriptor (`query_global`: the tracker's test for an unchanged view)."""
-    from r2former_core.data.sources import open_source
     from r2former_core.features import extract_image
-    from r2former_core.mapdb import MapDatabase, MapError
-    from r2former_core.mapping import build_map
-    from r2former_core.synthetic import write_drive
 
     tag = f"{size[0]}x{size[1]}"
     gap = "" if query_spacing is None else f"_{query_spacing:g}m"
     out = work / f"table2_{seed}_{cond}_{map_frames}_{query_frames}{gap}_{tag}_{model.fingerprint}.npz"
     if out.is_file():
         return out
-
-    def drive(kind: str, conditions: str, frames: int, spacing: float | None = None) -> Path:
-        d = work / f"{kind}_{seed}_{conditions}_{frames}{'' if spacing is None else f'_{spacing:g}m'}_{tag}"
-        if not (d / "poses.txt").is_file():
-            write_drive(seed, d, kind=kind, conditions=conditions.replace("+", ","), frames=frames, size=size,
-                        spacing=spacing)
-        return d
-
-    mdir = drive("map", "day", map_frames)
-    mpath = work / f"map_{seed}_{map_frames}_{tag}_{model.fingerprint}"
-    try:
-        mapdb = MapDatabase.load(mpath, expected_fingerprint=model.fingerprint)
-    except MapError:
-        mapdb = build_map(open_source(images=str(mdir / "images"), poses=str(mdir / "poses.txt")), model, mpath,
-                          overwrite=True, progress=False)
-    qdir = drive("query", cond, query_frames, query_spacing)
-    src = open_source(images=str(qdir / "images"), poses=str(qdir / "poses.txt"))
+    mdir = tracking_drive(work, seed, "map", "day", map_frames, size)
+    mapdb = built_map(model, work / f"map_{seed}_{map_frames}_{tag}_{model.fingerprint}", mdir)
+    src = drive_source(tracking_drive(work, seed, "query", cond, query_frames, size, query_spacing))
     c_global = np.asarray(mapdb.global_desc, np.float32)
     c_local = mapdb.local(np.arange(len(mapdb)))
     glob, rerank, poses, stamps, descs = [], [], [], [], []
@@ -624,14 +605,6 @@ class ParticleBelief:
 
 
 # ------------------------------------------------------------------------------------------ runs
-
-def odometry_in_play_order(truth: np.ndarray, order: np.ndarray, seed: int) -> np.ndarray:
-    """Noisy odometry of the drive, chained in play order; a jump in the order (a kidnap: the robot is
-    carried) is a zero increment."""
-    inc = planar_increments(simulate_odometry(truth, seed))
-    steps = [inc[a] if b == a + 1 else np.zeros(3) for a, b in zip(order[:-1], order[1:])]
-    return chain_increments(np.array(steps).reshape(-1, 3))
-
 
 def run(table, order: np.ndarray, make_belief, cfg: TrackingConfig, odometry: np.ndarray | None,
         tracker_cls: type[Tracker] = Tracker, dt: np.ndarray | None = None) -> dict:
