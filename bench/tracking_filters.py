@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchlib import built_map, drive_source, machine_info, odometry_in_play_order, tracking_drive, write_report  # noqa: E402
 
+from r2former_core.data.poses import yaw_from_quat  # noqa: E402
 from r2former_core.localizer import Localizer  # noqa: E402
 from r2former_core.options import LocalizerConfig, TrackingConfig  # noqa: E402
 from r2former_core.pose import estimate_pose  # noqa: E402
@@ -95,6 +96,28 @@ class VarianceKeepingSpeed(MapBelief):
         p[0, 0] += q                                     # the bounds: stay
         p[nb - 1, nb - 1] += q
         return p
+
+
+class OdometrySpreadAlong(MapBelief):
+    """With odometry, the published covariance takes in the place's spread along its heading (the belief over
+    entries a keyframe or two ahead or behind), which the speed term covers without odometry; x `weight`."""
+    weight = 1.0
+
+    def place(self):
+        p = super().place()
+        if p is None or not self.odometry_predicted:
+            return p
+        m = self.marginal()[np.searchsorted(self.entries, p.entries)]
+        w = m / m.sum()
+        yaw = float(yaw_from_quat(p.pose[3:]))
+        h = np.array([math.cos(yaw), math.sin(yaw)])
+        along = (self.xy[p.entries] - p.pose[:2]) @ h
+        p.covariance[:2, :2] += self.weight * float(w @ along ** 2) * np.outer(h, h) / max(p.mass, 0.05)
+        return p
+
+
+class OdometryHalfSpreadAlong(OdometrySpreadAlong):
+    weight = 0.5
 
 
 class NightStandingNoise(Tracker):
@@ -292,6 +315,9 @@ VARIANTS = {
     "standing odometry coasts whatever the view (before the fifth round)": Variant(tracker=StandingOdometryCoasts),
     "no typical scores learned at a slow place (before the fifth round)": Variant(tracker=NoNormalisingAtSlowPlaces),
     "fourth round (both of the above)": Variant(tracker=FourthRound),
+    "odometry: the place's spread along the heading in the covariance": Variant(belief=OdometrySpreadAlong),
+    "odometry: half of the place's spread along the heading in the covariance": Variant(
+        belief=OdometryHalfSpreadAlong),
     "update every 0.75 keyframe spacing or 2 s": Variant({"update_spacing": 0.75, "max_update_interval": 2.0}),
     "speed horizon 0.75 s": Variant({"speed_horizon": 0.75}),
     "speed horizon 1.25 s": Variant({"speed_horizon": 1.25}),
