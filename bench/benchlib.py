@@ -86,6 +86,21 @@ def write_report(path: str | os.PathLike, report: dict[str, Any], indent: int = 
     return out
 
 
+
+def pool_summaries(summaries: list[dict], keys: tuple[str, ...]) -> dict:
+    """Figures of several sequence runs (SequenceResult summaries) over all their frames: each of `keys` that
+    every summary has, weighted by its frames, and `calibration` (the share of published poses inside their
+    95 % ellipse) weighted by its published poses."""
+    frames = sum(s["frames"] for s in summaries)
+    published = sum(s["published"] * s["frames"] for s in summaries)
+    inside = sum((s["calibration"] or 0.0) * s["published"] * s["frames"] for s in summaries)
+    out: dict = {"frames": frames}
+    for key in keys:
+        if all(key in s for s in summaries):
+            out[key] = sum(s[key] * s["frames"] for s in summaries) / frames
+    out["calibration"] = inside / published if published else None
+    return out
+
 # ------------------------------------------------------------------ synthetic worlds (rendered once, reused)
 
 def rendered_drive(path: str | os.PathLike, seed: int, kind: str, conditions: str, frames: int,

@@ -16,22 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchlib import pool_summaries  # noqa: E402
 from tracking_eval import table, targets  # noqa: E402
 
 _PER_FRAME = ("within_5m", "gross_error_rate", "published", "reranked_per_frame", "ms_per_frame",
               "single_ms_per_frame_same_pass")
-
-
-def pool(summaries: list[dict]) -> dict:
-    frames = sum(s["frames"] for s in summaries)
-    out: dict = {"frames": frames}
-    for key in _PER_FRAME:
-        if all(key in s for s in summaries):
-            out[key] = sum(s[key] * s["frames"] for s in summaries) / frames
-    published = sum(s["published"] * s["frames"] for s in summaries)
-    inside = sum((s["calibration"] or 0.0) * s["published"] * s["frames"] for s in summaries)
-    out["calibration"] = inside / published if published else None
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"no hardest sets in {', '.join(missing)}")
     runs = list(reports[0]["hardest_pooled"])
-    pooled = {run: pool([r["hardest_pooled"][run] for r in reports]) for run in runs}
+    pooled = {run: pool_summaries([r["hardest_pooled"][run] for r in reports], _PER_FRAME) for run in runs}
     result = {"sets": sets, "pooled": pooled, "targets": targets(pooled)}
     print(f"== pooled over {len(sets)} sets: {', '.join(sets)}")
     print(table(pooled))

@@ -48,7 +48,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import built_map, drive_source, machine_info, odometry_in_play_order, tracking_drive, write_report  # noqa: E402
+from benchlib import (  # noqa: E402
+    built_map,
+    drive_source,
+    machine_info,
+    odometry_in_play_order,
+    pool_summaries,
+    tracking_drive,
+    write_report,
+)
 
 from r2former_core.data.poses import yaw_from_quat  # noqa: E402
 from r2former_core.localizer import Localizer  # noqa: E402
@@ -766,14 +774,8 @@ def play_times(n: int, dt: np.ndarray | None) -> np.ndarray:
 
 def pool(summaries: list[dict]) -> dict:
     """Figures over all frames of several runs (from their summaries)."""
-    frames = sum(s["frames"] for s in summaries)
-    published = sum(s["published"] * s["frames"] for s in summaries)
-    inside = sum((s["calibration"] or 0.0) * s["published"] * s["frames"] for s in summaries)
-    out = {k: sum(s[k] * s["frames"] for s in summaries) / frames
-           for k in ("within_5m", "gross_error_rate", "reranked_per_frame", "published")}
-    out["frames"] = frames
-    out["gross_frames"] = int(round(out["gross_error_rate"] * frames))
-    out["calibration"] = inside / published if published else None
+    out = pool_summaries(summaries, ("within_5m", "gross_error_rate", "reranked_per_frame", "published"))
+    out["gross_frames"] = int(round(out["gross_error_rate"] * out["frames"]))
     # the issue's calibration band, world by world
     out["worlds_calibrated"] = sum(1 for s in summaries if s["calibration"] is not None
                                    and 0.90 <= s["calibration"] <= 0.98)

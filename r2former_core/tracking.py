@@ -880,7 +880,6 @@ class Tracker:
         keep = ~np.isin(entries, place.entries)
         return entries[keep], values[keep]
 
-
     def _publish(self, stamp: float, frame: LocalizationResult, reranked: int, count: bool = True) -> TrackedResult:
         """The result of this frame from the belief; `count` False (a held frame): the state stays."""
         cfg = self.config
