@@ -2,7 +2,8 @@
 
     bag_player BAG [--topics /camera/image_raw /odom] [--rate 2.0] [--loop] [--start-delay 1.0]
                [--wait-for-subscribers 5 [--subscribers /camera/image_raw=2]]
-               [--qos-reliability reliable|best_effort] [--qos-depth 10] [--clock]
+               [--qos-reliability reliable|best_effort] [--qos-depth 10]
+               [--qos-durability volatile|transient_local] [--ack-timeout 10] [--clock]
 
 Messages keep their recorded bytes, so header stamps are the original ones; they are sent at the
 recorded pace (bag receive time) divided by `--rate`. Message types are taken from the bag and
@@ -15,6 +16,12 @@ processes with Fast DDS' default UDP transport. To publish them best-effort (wha
 do), give this process a Fast DDS profile with a big shared-memory segment:
 
     FASTDDS_DEFAULT_PROFILES_FILE=config/fastdds_shm.xml bag_player BAG --qos-reliability best_effort
+
+Nothing lost to late discovery: `--wait-for-subscribers` starts once this process sees the subscribers,
+but a subscriber may see this publisher later (DDS discovery, seconds on a busy machine), and a volatile
+subscriber drops what was sent before. With `--qos-durability transient_local` (and a transient_local,
+reliable subscriber, e.g. build_map's `qos_durability`) the publisher's history (`--qos-depth`) reaches
+it once matched, and the player stays until every reliable subscriber acknowledged (`--ack-timeout`).
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ from rclpy.publisher import Publisher
 from rclpy.serialization import deserialize_message
 from rclpy.utilities import remove_ros_args
 
-from .qos import RELIABILITY_CHOICES, stream_qos
+from .qos import DURABILITY_CHOICES, RELIABILITY_CHOICES, stream_qos
 
 NODE_NAME = "r2former_bag_player"
 
@@ -97,7 +104,7 @@ class BagPlayer(Node):
         if missing:
             raise BagPlayerError(f"topics {', '.join(missing)} are not in the bag; it has: "
                                  + ", ".join(f"{n} ({t})" for n, t in sorted(available.items())))
-        qos = stream_qos(args.qos_reliability, args.qos_depth)
+        qos = stream_qos(args.qos_reliability, args.qos_depth, args.qos_durability)
         self.topics: dict[str, TopicPlayback] = {}
         for name in wanted:
             try:
@@ -117,7 +124,7 @@ class BagPlayer(Node):
             self.clock_pub = self.create_publisher(Clock, "/clock", 10)
         self.get_logger().info(
             f"playing {args.bag}: " + ", ".join(f"{t.topic} ({t.msgtype})" for t in self.topics.values())
-            + f" at rate {args.rate:g}, qos {args.qos_reliability}/{args.qos_depth}")
+            + f" at rate {args.rate:g}, qos {args.qos_reliability}/{args.qos_depth}/{args.qos_durability}")
 
     def _sleep_until(self, deadline: float) -> bool:
         while rclpy.ok(context=self.context):
@@ -191,8 +198,27 @@ class BagPlayer(Node):
             self.get_logger().info(f"pass {loops}: published {count} messages")
             if not self.args.loop or count == 0:
                 break
+        if rclpy.ok(context=self.context) and self.args.qos_reliability == "reliable" and self.args.ack_timeout > 0:
+            self.wait_for_acks(self.args.ack_timeout)
         if rclpy.ok(context=self.context) and self.args.linger > 0:
-            self._sleep_until(time.monotonic() + self.args.linger)   # let reliable writers deliver
+            self._sleep_until(time.monotonic() + self.args.linger)
+
+    def wait_for_acks(self, timeout: float) -> bool:
+        """Wait up to `timeout` s in all until every matched subscriber acknowledged every message (reliable
+        QoS); False, with a warning naming the topics, on timeout."""
+        from rclpy.duration import Duration
+        deadline = time.monotonic() + timeout
+        waiting = list(self.topics.values())
+        while waiting and rclpy.ok(context=self.context):    # short waits: Ctrl-C stays responsive
+            slice_ns = int(min(0.1, max(0.0, deadline - time.monotonic())) * 1e9)
+            waiting = [t for t in waiting if not t.publisher.wait_for_all_acked(Duration(nanoseconds=slice_ns))]
+            if time.monotonic() >= deadline:
+                break
+        late = [t.topic for t in waiting]
+        if late:
+            self.get_logger().warning(f"not every subscriber acknowledged every message within {timeout:g} s on "
+                                      f"{', '.join(late)}")
+        return not late
 
     def close(self) -> None:
         self.reader.close()
@@ -224,10 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "localizer and an evaluator on the camera topic: /camera/image_raw=2); repeatable")
     p.add_argument("--qos-reliability", choices=RELIABILITY_CHOICES, default="reliable",
                    help="reliable (default; large images arrive without a shared-memory profile) or best_effort")
-    p.add_argument("--qos-depth", type=int, default=10, help="publisher history depth (default 10)")
+    p.add_argument("--qos-depth", type=int, default=10,
+                   help="publisher history depth (default 10); with transient_local, what a late subscriber gets")
+    p.add_argument("--qos-durability", choices=DURABILITY_CHOICES, default="volatile",
+                   help="volatile (default; matches every subscriber) or transient_local (a transient_local "
+                        "subscriber that discovers this publisher late still gets the history)")
+    p.add_argument("--ack-timeout", type=float, default=10.0, metavar="SEC",
+                   help="with reliable QoS: after the last message, wait up to SEC s until every subscriber "
+                        "acknowledged every message (default 10; 0 = do not wait)")
     p.add_argument("--clock", action="store_true", help="also publish /clock with the bag time")
     p.add_argument("--linger", type=float, default=0.5, metavar="SEC",
-                   help="wait after the last message before exiting, so reliable subscribers get it (default 0.5)")
+                   help="then wait SEC s more before exiting (default 0.5; best-effort subscribers get the last "
+                        "messages)")
     return p
 
 
@@ -236,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(remove_ros_args(argv)[1:])
     if args.rate <= 0:
         print("bag_player: error: --rate must be > 0", file=sys.stderr)
+        return 2
+    if min(args.ack_timeout, args.linger, args.start_delay, args.wait_for_subscribers) < 0 or args.qos_depth < 1:
+        print("bag_player: error: --ack-timeout, --linger, --start-delay and --wait-for-subscribers must be >= 0, "
+              "--qos-depth >= 1", file=sys.stderr)
         return 2
     rclpy.init(args=argv)
     player: BagPlayer | None = None

@@ -77,7 +77,7 @@ from r2former_core.resources import resolve_model_path
 from .conversions import msg_to_rgb, pose_from_msg, stamp_to_ns
 from .parameters import ParamSpec, declare_parameters
 from .pose_buffer import PoseBuffer, PoseLookup
-from .qos import RELIABILITY_CHOICES, stream_qos
+from .qos import DURABILITY_CHOICES, RELIABILITY_CHOICES, stream_qos
 
 NODE_NAME = "r2former_map_builder"
 POSE_TYPES: dict[str, type] = {"odometry": Odometry, "pose_stamped": PoseStamped,
@@ -126,6 +126,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               choices=RELIABILITY_CHOICES, read_only=True),
     ParamSpec("qos_depth", 10, "history depth of the image and pose subscriptions", min=1, max=1000,
               read_only=True),
+    ParamSpec("qos_durability", "volatile", "durability of the image and pose subscriptions: volatile (matches "
+              "every publisher) or transient_local (with reliable: also receives what a transient_local publisher, "
+              "e.g. a bag player, sent before this node discovered it; does not match volatile publishers)",
+              choices=DURABILITY_CHOICES, read_only=True),
     ParamSpec("pose_frames", "", "PARENT:CHILD, the frames of the poses, recorded in the map: the child of "
               "pose_stamped / pose_with_covariance messages (which name only the parent, header.frame_id), or both "
               "when the messages leave header.frame_id empty; empty = from the messages. A frame that differs from "
@@ -195,7 +199,7 @@ class MapBuilderNode(Node):
         self._last_key: np.ndarray | None = None
         self.done = False
 
-        qos = stream_qos(v["qos_reliability"], v["qos_depth"])
+        qos = stream_qos(v["qos_reliability"], v["qos_depth"], v["qos_durability"])
         if v["image_transport"] == "compressed":
             self.create_subscription(CompressedImage, f"{v['image_topic']}/compressed", self._on_image, qos)
         else:

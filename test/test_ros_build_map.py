@@ -189,3 +189,56 @@ def test_build_map_max_image_pixels_offline_option_and_live_parameter(tmp_path, 
     assert build_map_node.parameter_overrides(args) == []         # left out: the parameter (params file) decides
     spec = next(s for s in build_map_node.PARAMETERS if s.name == "max_image_pixels")
     assert (spec.default, spec.min, spec.max) == (DEFAULT_MAX_IMAGE_PIXELS, 1, 2 ** 30)
+
+
+@pytest.mark.parametrize("durability", ["transient_local", "volatile"])
+def test_live_build_map_joining_late_gets_the_history_only_when_transient_local(tmp_path, model_file, durability):
+    """The bag is played completely before the map builder starts (the player stays up). A transient_local,
+    reliable builder still receives every image and pose (the player's history, depth 100): nothing is lost to
+    a subscriber that discovers the publisher late. A volatile builder receives nothing (the DDS contract the
+    transient_local option exists for). The two topics' histories may arrive seconds apart (each is resent
+    after the reader's acknack), hence a longer pose_wait."""
+    from bagtools import write_image_pose_bag
+
+    from r2former_core.mapdb import MapDatabase
+    n = 10
+    stamps = [10.0 + 0.1 * i for i in range(n)]
+    poses = np.zeros((n, 7))
+    poses[:, 0] = 2.0 * np.arange(n)
+    poses[:, 6] = 1
+    bag = write_image_pose_bag(tmp_path / "bag", synthetic_images(n, seed=3), stamps, poses=poses,
+                               pose_stamps=stamps, storage="mcap")
+    player = NodeProcess("r2former_ros.bag_player",
+                         [str(bag), "--rate", "10", "--qos-depth", "100", "--qos-durability", "transient_local",
+                          "--linger", "120"], tmp_path / "logs")
+    out = tmp_path / "maps" / "late"
+    out.parent.mkdir()
+    node = None
+    try:
+        deadline = time.monotonic() + 60
+        while "pass 1: published" not in player.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f"published {2 * n} messages" in player.output(), player.output()
+        node = NodeProcess("r2former_ros.build_map_node",
+                           ["--live", "--image-topic", "/camera/image_raw", "--pose-topic", "/odom", "--out",
+                            str(out), "--model", str(model_file), "--device", "cpu", "--min-distance", "0",
+                            "--min-angle", "0", "--ros-args", "-p",
+                            "qos_reliability:=reliable", "-p", "qos_depth:=100", "-p", "max_pending:=100",
+                            "-p", f"qos_durability:={durability}", "-p", "pose_wait:=10.0"], tmp_path / "logs")
+        deadline = time.monotonic() + (60 if durability == "transient_local" else 5)
+        while time.monotonic() < deadline and f"keyframe {n - 1}:" not in node.output():
+            time.sleep(0.05)
+        code, _ = node.interrupt(30.0)
+        output = node.output()
+    finally:
+        if node is not None:
+            node.stop()
+        player.stop()
+    if durability == "transient_local":
+        assert code == 0, output
+        db = MapDatabase.load(out)
+        assert db.poses[:, 0].tolist() == poses[:, 0].tolist(), output
+        db.close()
+    else:
+        assert code == 1 and "no keyframes" in output and "0 images" in output, output
+        assert not out.exists()

@@ -342,18 +342,20 @@ def live_inputs(tmp_path_factory, tiny_model):
 
 
 def player_args(inputs: dict) -> list[str]:
-    """The bag at 10x, reliable, once the node's two subscriptions are matched. The player sees a match when
-    its writer has discovered the reader; the reader may discover the writer a little later on a busy machine
-    (seen once in 20 runs: 40 poses and no image arrived), so the writer keeps every image (depth 100 >= 40)
-    for the reliable protocol to deliver once both sides are matched."""
+    """The bag at 10x, reliable and transient_local, once the node's two subscriptions are matched. The player
+    sees a match when its writer has discovered the reader; the reader may discover the writer seconds later on
+    a busy machine (seen twice: 40 poses and no image arrived, with a volatile reader, which drops what was
+    sent before it matched). A transient_local reader gets the writer's history (depth 100 >= 40) once
+    matched, and the player waits until every message is acknowledged (--ack-timeout)."""
     return [str(inputs["bag"]), "--rate", "10", "--wait-for-subscribers", "60", "--qos-depth", "100",
-            "--start-delay", "0.5"]
+            "--qos-durability", "transient_local", "--ack-timeout", "30"]
 
 
 def _live_argv(inputs: dict, out: Path) -> list[str]:
     return ["--live", "--image-topic", "/live/image", "--pose-topic", "/live/odom", "--out", str(out),
             "--model", inputs["model"], "--device", "cpu", "--min-distance", "0", "--min-angle", "0", "--overwrite",
-            "--ros-args", "-p", "qos_reliability:=reliable", "-p", "max_pending:=100", "-p", "qos_depth:=100"]
+            "--ros-args", "-p", "qos_reliability:=reliable", "-p", "max_pending:=100", "-p", "qos_depth:=100",
+            "-p", "qos_durability:=transient_local", "-p", "pose_wait:=10.0"]
 
 
 def _check_loadable_is_complete(out: Path, xs: np.ndarray) -> int:
