@@ -218,7 +218,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
                           "lost_after apply with tracking off"),
     ParamSpec("odom_topic", "", "nav_msgs/Odometry of base_frame in the odometry frame for the tracker's "
               "prediction, interpolated at each image stamp (e.g. /odom or robot_localization's "
-              "/odometry/filtered); empty = no odometry (the filter estimates the speed)", read_only=True),
+              "/odometry/filtered); empty = no odometry (the filter estimates the speed: fine at vehicle speeds, "
+              "too many wrong places for a ground robot, which should give odometry)", read_only=True),
     *(ParamSpec.from_config(TrackingConfig, name, param=TRACK_PREFIX + name)
       for name in config_options(TrackingConfig) if name != "enabled"),
 )
@@ -818,7 +819,8 @@ class LocalizeNode(LifecycleNode):
         searching = min(cfg.global_candidates or top_k, top_k)
         return (f"tracking on ({cfg.track_candidates} + {cfg.kidnap_candidates} candidates while tracking, "
                 f"{searching} while searching, min_mass {cfg.min_mass:g}); "
-                f"{'odometry from ' + odom if odom else 'no odometry'}")
+                f"{'odometry from ' + odom if odom else 'no odometry (the filter estimates the speed; measured at '}"
+                f"{'' if odom else 'vehicle speeds: a ground robot needs odom_topic, docs/TRACKING.md)'}")
 
     def _decode(self, msg: Image | CompressedImage) -> tuple[np.ndarray | None, float]:
         """The RGB image, or None for a malformed one (counted, logged). The size limit is checked from the
