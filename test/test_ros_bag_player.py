@@ -108,3 +108,12 @@ def test_bag_player_waits_for_the_number_of_subscribers_asked(tmp_path, probe):
         assert bad.wait(30) == 2 and "TOPIC=N" in bad.output()
     finally:
         bad.stop()
+
+
+@pytest.mark.parametrize("option", [["--ack-timeout", "-1"], ["--linger", "-0.5"], ["--start-delay", "-1"],
+                                    ["--wait-for-subscribers", "-2"], ["--qos-depth", "0"], ["--rate", "0"]])
+def test_bag_player_refuses_negative_times_and_depth(tmp_path, capsys, option):
+    from r2former_ros.bag_player import main
+    bag = write_image_pose_bag(tmp_path / "bag", synthetic_images(1, seed=1), [1.0], storage="mcap")
+    assert main(["bag_player", str(bag), *option]) == 2
+    assert "bag_player: error:" in capsys.readouterr().err
