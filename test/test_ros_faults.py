@@ -347,7 +347,7 @@ def player_args(inputs: dict) -> list[str]:
     a busy machine (seen twice: 40 poses and no image arrived, with a volatile reader, which drops what was
     sent before it matched). A transient_local reader gets the writer's history (depth 100 >= 40) once
     matched, and the player waits until every message is acknowledged (--ack-timeout)."""
-    return [str(inputs["bag"]), "--rate", "10", "--wait-for-subscribers", "60", "--qos-depth", "100",
+    return [str(inputs["bag"]), "--rate", "10", "--wait-for-subscribers", "30", "--qos-depth", "100",
             "--qos-durability", "transient_local", "--ack-timeout", "30"]
 
 
@@ -432,16 +432,26 @@ def test_live_build_map_killed_at_seeded_points_never_leaves_a_half_map(live_inp
                 with pytest.raises(MapError, match="does not exist"):
                     MapDatabase.load(out)
         leftovers = sorted(p.name for p in out.parent.iterdir() if p.name != "m")
-        # a rerun, played to the end and interrupted (Ctrl-C), completes and leaves only the map
-        pid = zygote.start("build_map", _live_argv(inputs, out), logs / "rerun.log")
-        player = NodeProcess("r2former_ros.bag_player", player_args(inputs), logs)
-        try:
-            assert player.wait(120) == 0, player.output()[-2000:]
-            time.sleep(1.5)                   # the last image waits for its pose (pose_wait) and is extracted
-            os.kill(pid, signal.SIGINT)
-            assert zygote.wait(pid) == 0, (logs / "rerun.log").read_text()[-3000:]
-        finally:
-            player.stop()
+        # a rerun, played to the end and interrupted (Ctrl-C), completes and leaves only the map. After 20
+        # SIGKILLed participants Fast DDS (3.2.3) sometimes never discovers one of the new builder's two
+        # readers (CI, twice: the player saw no /live/image subscriber in 60 s, 40 poses arrived, no image).
+        # That is the middleware's state after the kills, not the map's: a builder whose reader was never
+        # discovered is stopped (it writes nothing) and started again, at most three times.
+        for attempt in range(3):
+            pid = zygote.start("build_map", _live_argv(inputs, out), logs / f"rerun{attempt}.log")
+            player = NodeProcess("r2former_ros.bag_player", player_args(inputs), logs)
+            try:
+                assert player.wait(120) == 0, player.output()[-2000:]
+                undiscovered = "too few subscribers" in player.output()
+                time.sleep(1.5)               # the last image waits for its pose (pose_wait) and is extracted
+                os.kill(pid, signal.SIGINT)
+                status = zygote.wait(pid)
+            finally:
+                player.stop()
+            if not undiscovered:
+                break
+            assert status in (0, 1), (logs / f"rerun{attempt}.log").read_text()[-3000:]
+        assert status == 0, (logs / f"rerun{attempt}.log").read_text()[-3000:]
         count = _check_loadable_is_complete(out, inputs["xs"])
         assert sorted(p.name for p in out.parent.iterdir()) == ["m"], "the rerun removes the dead writers' leftovers"
     finally:
