@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import rclpy
+from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.publisher import Publisher
@@ -206,7 +207,6 @@ class BagPlayer(Node):
     def wait_for_acks(self, timeout: float) -> bool:
         """Wait up to `timeout` s in all until every matched subscriber acknowledged every message (reliable
         QoS); False, with a warning naming the topics, on timeout."""
-        from rclpy.duration import Duration
         deadline = time.monotonic() + timeout
         waiting = list(self.topics.values())
         while waiting and rclpy.ok(context=self.context):    # short waits: Ctrl-C stays responsive

@@ -817,10 +817,10 @@ class LocalizeNode(LifecycleNode):
         cfg = tracker.config
         top_k = tracker.localizer.config.top_k
         searching = min(cfg.global_candidates or top_k, top_k)
+        odometry = (f"odometry from {odom}" if odom else "no odometry (the filter estimates the speed; measured "
+                    "at vehicle speeds: a ground robot needs odom_topic, docs/TRACKING.md)")
         return (f"tracking on ({cfg.track_candidates} + {cfg.kidnap_candidates} candidates while tracking, "
-                f"{searching} while searching, min_mass {cfg.min_mass:g}); "
-                f"{'odometry from ' + odom if odom else 'no odometry (the filter estimates the speed; measured at '}"
-                f"{'' if odom else 'vehicle speeds: a ground robot needs odom_topic, docs/TRACKING.md)'}")
+                f"{searching} while searching, min_mass {cfg.min_mass:g}); {odometry}")
 
     def _decode(self, msg: Image | CompressedImage) -> tuple[np.ndarray | None, float]:
         """The RGB image, or None for a malformed one (counted, logged). The size limit is checked from the
